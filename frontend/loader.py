@@ -1,0 +1,62 @@
+"""Weight loading: build the model on the meta device, then fill each parameter from the
+checkpoint's safetensors (memory-mapped, one tensor at a time) or `.bin` files."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def checkpoint_files(path: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        files = sorted(f for f in glob.glob(os.path.join(path, "*.bin")) if not f.endswith("training_args.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors or *.bin) in model directory {path!r}")
+    return files
+
+
+def iterate_weights(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    files = checkpoint_files(path)
+    for file in tqdm(files, desc="Loading weights", unit="file", disable=not progress or len(files) < 2):
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: torch.dtype, device: torch.device,
+               path: str, max_positions: int, progress: bool = True) -> nn.Module:
+    with torch.device("meta"):
+        model = model_cls(config, architecture, max_positions).to(dtype)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    ignored = getattr(model, "ignored_weights", ())
+    loaded: set[str] = set()
+    for name, tensor in iterate_weights(path, progress):
+        if name.endswith(ignored) or (name == "lm_head.weight" and name not in params):
+            continue  # a tied head saved anyway, or a table kiln recomputes
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"checkpoint weight {name!r} has no place in {model_cls.__name__} ({architecture})")
+        if param.shape != tensor.shape:
+            raise ValueError(f"checkpoint weight {name!r} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint at {path!r} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    return model.eval()

@@ -1,0 +1,222 @@
+"""The op vocabulary: every kiln model is written with these ops and plain tensor code.
+
+Each op is a `torch.library.custom_op` in the `kiln` namespace with a reference implementation in
+plain torch (the ground truth on every device, and what runs on CPU and with enforce_eager) and a
+fake implementation for tracing. Token tensors are flattened over the batch: `T` is the number of
+tokens scheduled in the step, `H`/`Hkv` the query/key-value heads, `D` the head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.ir.context import get_forward_context
+
+# ---------------------------------------------------------------- embedding, linear, logits
+
+
+@torch.library.custom_op("kiln::embedding", mutates_args=())
+def embedding(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """input_ids [T] int64, weight [V, E] -> [T, E] in weight's dtype."""
+    return F.embedding(input_ids, weight)
+
+
+@embedding.register_fake
+def _(input_ids, weight):
+    return weight.new_empty((*input_ids.shape, weight.shape[1]))
+
+
+@torch.library.custom_op("kiln::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K], weight [N, K], bias [N] or None -> [..., N]."""
+    return F.linear(x, weight, bias)
+
+
+@linear.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("kiln::logits", mutates_args=())
+def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """hidden [N, E], lm_head [V, E] -> float32 logits [N, V] (matmul in the model dtype, as HF)."""
+    return F.linear(hidden, lm_head).float()
+
+
+@logits.register_fake
+def _(hidden, lm_head):
+    return hidden.new_empty((hidden.shape[0], lm_head.shape[0]), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- norms and activations
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Statistics in float32, scale in the input dtype: the order HF's LlamaRMSNorm uses.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@torch.library.custom_op("kiln::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., E], weight [E] -> [..., E]."""
+    return _rms_norm(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kiln::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: returns (rms_norm(x + residual), x + residual), both [..., E]."""
+    summed = x + residual
+    return _rms_norm(summed, weight, eps), summed
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("kiln::silu_and_mul", mutates_args=())
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2F] holding (gate, up) -> silu(gate) * up, [..., F]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@silu_and_mul.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+# ---------------------------------------------------------------- rotary position embedding
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    rot_dim = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    if is_neox:  # halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        x1, x2 = x_rot.chunk(2, dim=-1)
+    else:  # gpt-j: interleaved pairs
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    out = torch.cat((o1, o2), dim=-1) if is_neox else torch.stack((o1, o2), dim=-1).flatten(-2)
+    return torch.cat((out, x_pass), dim=-1)
+
+
+@torch.library.custom_op("kiln::rotary", mutates_args=())
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [T, H, D] and k [T, Hkv, D] at positions [T].
+
+    cos_sin_cache [max_positions, rotary_dim] float32 holds (cos | sin) of each position, each
+    rotary_dim/2 wide, with the rope-scaling variant and its attention factor already applied.
+    Only the first rotary_dim dims of each head rotate (partial rotary).
+    """
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, rotary_dim/2]
+    cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)
+    return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
+
+
+@rotary.register_fake
+def _(q, k, positions, cos_sin_cache, is_neox):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _seq_kv(kv: torch.Tensor, cache: torch.Tensor | None, block_row: torch.Tensor, start: int, end: int, seq_len: int):
+    """Keys (or values) of one sequence, [seq_len, Hkv, D]: from the paged cache when there is one."""
+    if cache is None:
+        return kv[start:end]
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    return cache[block_row[:num_blocks]].flatten(0, 1)[:seq_len]
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, sliding_window: int) -> torch.Tensor:
+    """Boolean [.., Q, K] mask: True where query at q_pos may attend key at k_pos."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    allowed = diff >= 0 if causal else torch.ones_like(diff, dtype=torch.bool)
+    if sliding_window > 0:  # HF semantics: a window of W keeps keys with q_pos - k_pos < W
+        allowed = allowed & (diff < sliding_window)
+    return allowed
+
+
+@torch.library.custom_op("kiln::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    scale: float,
+    sliding_window: int = 0,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention of this step's queries over each sequence's context.
+
+    q [T, H, D], k and v [T, Hkv, D] (H a multiple of Hkv: grouped-query attention) -> [T, H, D].
+    Reads the batch layout from the forward context; when it holds a KV cache, first writes this
+    step's k/v into `kv_caches[layer]` at `slot_mapping` (the only op that touches the cache),
+    then attends over the cached context. `sliding_window` 0 means full attention.
+    """
+    ctx = get_forward_context()
+    md = ctx.attn
+    k_cache = v_cache = None
+    if ctx.kv_caches is not None:
+        k_cache, v_cache = ctx.kv_caches[layer]
+        k_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
+        v_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
+
+    out = torch.empty_like(q)
+    decode_rows, decode_seqs = [], []
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(md.query_lens, md.seq_lens)):
+        end = start + q_len
+        if q_len == 1 and k_cache is not None:
+            decode_rows.append(start)
+            decode_seqs.append(i)
+        else:
+            ks = _seq_kv(k, k_cache, md.block_tables[i], start, end, seq_len)
+            vs = _seq_kv(v, v_cache, md.block_tables[i], start, end, seq_len)
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = _mask(q_pos, torch.arange(seq_len, device=q.device), causal, sliding_window)
+            out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale)[0]
+        start = end
+    if decode_seqs:
+        out[decode_rows] = _decode_attention(q[decode_rows], k_cache, v_cache, md, decode_seqs, scale, sliding_window)
+    return out
+
+
+def _sdpa(q, k, v, mask, scale):
+    """q [B, Q, H, D], k/v [B, K, Hkv, D], mask [B or 1, Q, K] bool -> [B, Q, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1),
+        scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window):
+    """One query per sequence, batched: gather each sequence's blocks, mask the padding."""
+    seq_lens = torch.tensor([md.seq_lens[i] for i in seqs], device=q.device)
+    max_blocks = -(-int(seq_lens.max()) // k_cache.shape[1])
+    tables = md.block_tables[seqs, :max_blocks]
+    ks, vs = k_cache[tables].flatten(1, 2), v_cache[tables].flatten(1, 2)  # [B, max_blocks*bs, Hkv, D]
+    k_pos = torch.arange(ks.shape[1], device=q.device)
+    mask = _mask((seq_lens - 1)[:, None], k_pos[None, :], True, sliding_window) & (k_pos[None, :] < seq_lens[:, None])[:, None, :]
+    return _sdpa(q.unsqueeze(1), ks, vs, mask, scale)[:, 0]
+
+
+@attention.register_fake
+def _(q, k, v, layer, scale, sliding_window=0, causal=True):
+    return torch.empty_like(q)

@@ -1,0 +1,60 @@
+"""The shared layer set: thin modules that hold HF-named parameters and call kiln ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.ir import ops
+from kiln.models.rope import rope_cos_sin_cache
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return ops.embedding(input_ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: rms_norm(x). With it: (rms_norm(x + residual), x + residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin table of a HF config's rope variant; `reset_buffers` fills it after the
+    model is materialised from the meta device (the table is not in the checkpoint)."""
+
+    def __init__(self, config, head_dim: int, max_positions: int, is_neox: bool = True):
+        super().__init__()
+        self.config, self.head_dim, self.max_positions, self.is_neox = config, head_dim, max_positions, is_neox
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        if not self.cos_sin_cache.is_meta:
+            self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        device = self.cos_sin_cache.device
+        self.cos_sin_cache = rope_cos_sin_cache(self.config, self.head_dim, self.max_positions).to(device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        return ops.rotary(q, k, positions, self.cos_sin_cache, self.is_neox)

@@ -1,0 +1,1 @@
+"""passes: arrives with the compiler issue (see DESIGN.md)."""

@@ -1,0 +1,294 @@
+"""LLMEngine: requests in, one scheduler step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.frontend import load_hf_config, load_model, resolve_dtype, resolve_model_path
+from kiln.models import resolve_architecture
+from kiln.runtime.block_manager import BlockManager
+from kiln.runtime.config import EngineConfig
+from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from kiln.runtime.request import Request, RequestStatus
+from kiln.runtime.sampler import Sampler
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import Scheduler
+
+logger = logging.getLogger("kiln")
+
+_DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
+
+
+@dataclass
+class _Parent:
+    """A user request; with n > 1 it fans out into n child `Request`s that sample independently."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        path = resolve_model_path(config.model, config.revision)
+        self.hf_config = load_hf_config(path, config.hf_overrides, config.trust_remote_code)
+        self.architecture, model_cls = resolve_architecture(getattr(self.hf_config, "architectures", None), config.runner)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config)
+        max_positions = self.hf_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or max_positions
+        if self.max_model_len > max_positions:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_positions}")
+        self.vocab_size = self.hf_config.vocab_size
+        logger.info("kiln: %s (%s) in %s on %s, native implementation", path, self.architecture, self.dtype, self.device)
+        if not config.enforce_eager:
+            logger.info("kiln: the compiled path is not built yet; running eager (reference ops)")
+
+        torch.manual_seed(config.seed)
+        self.model = load_model(model_cls, self.hf_config, self.architecture, self.dtype, self.device, path, self.max_model_len)
+        self.tokenizer = None
+        if not config.skip_tokenizer_init:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                config.tokenizer or path, trust_remote_code=config.trust_remote_code, revision=config.revision)
+        self.eos_token_ids = self._eos_token_ids(path)
+
+        block_size = config.block_size
+        num_blocks = self._num_kv_blocks(block_size)
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len={self.max_model_len}: "
+                "lower max_model_len or give the cache more memory (kv_cache_memory / gpu_memory_utilization)")
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        max_batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
+        if not config.enable_chunked_prefill:
+            max_batched = max(max_batched, self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill)
+        self.sampler = Sampler()
+        self.parents: dict[str, _Parent] = {}
+        self.requests: dict[str, Request] = {}  # child id -> request, while unfinished
+        self.log_steps = os.environ.get("KILN_LOG_STEPS") == "1"
+
+    # ------------------------------------------------------------ setup helpers
+
+    def _eos_token_ids(self, path: str) -> frozenset[int]:
+        ids: set[int] = set()
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass  # no generation_config.json
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if not ids and getattr(self.hf_config, "eos_token_id", None) is not None:
+            eos = self.hf_config.eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos])
+        return frozenset(ids)
+
+    def _num_kv_blocks(self, block_size: int) -> int:
+        if self.config.num_gpu_blocks_override is not None:
+            return self.config.num_gpu_blocks_override
+        per_block = ModelRunner.bytes_per_block(self.model, block_size, self.dtype)
+        if self.device.type == "cuda" and self.config.kv_cache_memory is None:
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
+        else:
+            budget = self.config.kv_cache_memory or _DEFAULT_CPU_KV_CACHE_MEMORY
+        # never more than every sequence at full length needs (plus room for the prefix cache)
+        useful = 2 * self.config.max_num_seqs * -(-self.max_model_len // block_size)
+        return max(min(budget // per_block, useful), 0)
+
+    # ------------------------------------------------------------ requests
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt as the API takes it (a string or {"prompt_token_ids": [...]} / {"prompt": ...})
+        -> (text, token ids), validated."""
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            text = prompt
+        else:
+            raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+        if text is not None:
+            if not isinstance(text, str):
+                raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: pass prompt_token_ids when skip_tokenizer_init=True")
+            ids = self.tokenizer(text).input_ids
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room to generate "
+                             f"(the prompt must be shorter than max_model_len)")
+        return text, list(ids)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams, priority: int = 0) -> None:
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be < vocab size {self.vocab_size}")
+        text, ids = self.tokenize(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        params = params.clone(_eos_token_ids=self.eos_token_ids)
+        children = [
+            Request(request_id if params.n == 1 else f"{i}_{request_id}", ids,
+                    params if params.seed is None else params.clone(seed=params.seed + i), max_tokens, priority)
+            for i in range(params.n)
+        ]
+        parent = _Parent(request_id, text, ids, children)
+        for child in children:
+            detok = None
+            if self.tokenizer is not None and params.detokenize:
+                detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                               params.spaces_between_special_tokens)
+            child.parent, child.index = parent, len(parent.detokenizers)
+            parent.detokenizers.append(detok)
+            self.requests[child.request_id] = child
+            self.scheduler.add(child)
+        self.parents[request_id] = parent
+
+    def abort_request(self, request_ids) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self.parents.pop(rid, None)
+            for child in parent.children if parent else []:
+                if not child.is_finished:
+                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                self.requests.pop(child.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return an output for every user request that progressed."""
+        step = self.scheduler.schedule()
+        if self.log_steps:
+            logger.info("%s | free blocks %d/%d", step, self.block_manager.num_free_blocks, self.block_manager.num_blocks)
+        if not step.scheduled:
+            return []
+        try:
+            hidden, rows = self.runner.execute(step)
+            logit_rows = [row for _, row in rows.sample] + [row for _, rs, _ in rows.prompt for row in rs]
+            logits = self.runner.compute_logits(hidden, logit_rows) if logit_rows else None
+            sampled = self.sampler(logits[:len(rows.sample)], [r for r, _ in rows.sample]) if rows.sample else None
+        except Exception as e:
+            # The step's requests fail; the engine and every other request go on.
+            for req, _ in step.scheduled:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            failed = {req.parent.request_id for req, _ in step.scheduled}
+            for rid in failed:
+                self.abort_request(rid)
+            raise RuntimeError(f"model step failed for requests {sorted(failed)}: {e}") from e
+
+        for req, n in step.scheduled:
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+        if rows.prompt:
+            self._record_prompt_logprobs(logits[len(rows.sample):], rows.prompt)
+        progressed = {}
+        for i, (req, _) in enumerate(rows.sample):
+            self._append_token(req, i, sampled)
+            progressed[req.parent.request_id] = req.parent
+        return [self._output(p) for p in progressed.values()]
+
+    def _append_token(self, req: Request, i: int, sampled) -> None:
+        token = sampled.token_ids[i]
+        req.output_token_ids.append(token)
+        if req.logprobs is not None:
+            req.cumulative_logprob += sampled.logprobs[i]
+            entry = {token: Logprob(sampled.logprobs[i], sampled.ranks[i], self._decode(token))}
+            for rank, (tid, lp) in enumerate(sampled.topk[i], start=1):
+                entry.setdefault(tid, Logprob(lp, rank, self._decode(tid)))
+            req.logprobs.append(entry)
+        parent, p = req.parent, req.params
+        detok = parent.detokenizers[req.index]
+        delta = detok.add(token) if detok is not None else ""
+        status = None
+        num_out = len(req.output_token_ids)
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in p._eos_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif token in p.stop_token_ids:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+            elif p.stop and detok is not None and delta:
+                hit = find_stop(detok.text, len(delta), p.stop, p.include_stop_str_in_output)
+                if hit is not None:
+                    detok.text, req.stop_reason = hit
+                    status = RequestStatus.FINISHED_STOPPED
+        if status is None and (num_out >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(req, status)
+            self.requests.pop(req.request_id, None)
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> None:
+        logprobs = logits.log_softmax(-1)
+        offset = 0
+        for req, rs, predicted in prompt_rows:
+            lp = logprobs[offset:offset + len(rs)]
+            offset += len(rs)
+            targets = torch.tensor([req.prompt_token_ids[p] for p in predicted], device=lp.device)
+            chosen = lp.gather(1, targets[:, None])
+            ranks = ((lp > chosen).sum(-1) + 1).tolist()
+            k = req.params.prompt_logprobs
+            top = lp.topk(k, dim=-1) if k else None
+            for j, tid in enumerate(targets.tolist()):
+                entry = {tid: Logprob(chosen[j, 0].item(), ranks[j], self._decode(tid))}
+                if top is not None:
+                    for rank, (t, v) in enumerate(zip(top.indices[j].tolist(), top.values[j].tolist()), start=1):
+                        entry.setdefault(t, Logprob(v, rank, self._decode(t)))
+                req.prompt_logprobs.append(entry)
+
+    def _decode(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+    def _output(self, parent: _Parent) -> RequestOutput:
+        outputs = []
+        for child, detok in zip(parent.children, parent.detokenizers):
+            outputs.append(CompletionOutput(
+                index=child.index, text=detok.text if detok is not None else "",
+                token_ids=list(child.output_token_ids),
+                cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
+                logprobs=child.logprobs,
+                finish_reason=child.status.value if child.is_finished else None,
+                stop_reason=child.stop_reason))
+        finished = parent.finished
+        if finished:
+            self.parents.pop(parent.request_id, None)
+        first = parent.children[0]
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, first.prompt_logprobs,
+                             outputs, finished)

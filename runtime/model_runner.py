@@ -1,0 +1,73 @@
+"""The model runner: owns the model and its KV cache, turns a scheduled step into one flattened
+forward pass (no padding between sequences), and returns the hidden states the engine needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+from kiln.runtime.request import Request
+from kiln.runtime.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepRows:
+    """Which rows of the step's hidden states to turn into logits."""
+
+    sample: list[tuple[Request, int]]  # (request, row of its last token) for requests that sample now
+    prompt: list[tuple[Request, list[int], list[int]]]  # (request, rows, positions they predict) for prompt logprobs
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        self.model, self.block_size, self.device = model, block_size, device
+        num_layers = len(model.model.layers)
+        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * len(model.model.layers) * block_size * model.num_kv_heads * model.head_dim * itemsize
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, StepRows]:
+        bs = self.block_size
+        input_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
+        rows = StepRows([], [])
+        for req, n in step.scheduled:
+            start, tokens, offset = req.num_computed_tokens, req.all_token_ids, len(input_ids)
+            pos = range(start, start + n)
+            input_ids.extend(tokens[start:start + n])
+            positions.extend(pos)
+            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in pos)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            if start + n == req.num_tokens:
+                rows.sample.append((req, offset + n - 1))
+            if req.prompt_logprobs is not None:
+                # logits at position p predict prompt token p + 1; skip what an earlier run (before a
+                # preemption) already recorded
+                first, end = max(start, len(req.prompt_logprobs) - 1), min(start + n, req.num_prompt_tokens - 1)
+                if first < end:
+                    rows.prompt.append((req, [offset + p - start for p in range(first, end)], list(range(first + 1, end + 1))))
+        max_blocks = max(len(r.block_ids) for r, _ in step.scheduled)
+        block_tables = torch.zeros((len(step.scheduled), max_blocks), dtype=torch.long)
+        for i, (req, _) in enumerate(step.scheduled):
+            block_tables[i, :len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.long)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs)
+        with set_forward_context(ForwardContext(metadata, self.kv_caches)):
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
+                                torch.tensor(positions, dtype=torch.long, device=self.device))
+        return hidden, rows
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)])

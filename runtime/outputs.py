@@ -1,0 +1,41 @@
+"""Output objects with vLLM's names: RequestOutput, CompletionOutput, Logprob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# A position's logprobs: {token_id: Logprob}, the chosen token first, then the top-k.
+SampleLogprobs = list[dict[int, "Logprob"]]
+PromptLogprobs = list["dict[int, Logprob] | None"]
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict = field(default_factory=dict, repr=False)

@@ -1,0 +1,120 @@
+"""The sampler: from a batch of logits to one token per request, vectorised over the batch.
+
+Order (as vLLM): min_tokens masking, repetition/frequency/presence penalties, then greedy rows take
+the argmax; the others are divided by their temperature, filtered by min_p, top_k and top_p, and
+sampled. Sampling is an exponential race (argmax of p / q, q ~ Exp(1)), which lets seeded rows
+draw their noise from their own generator while the rest share one draw.
+Logprobs are the model's raw log-softmax (before penalties and temperature), as vLLM returns them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.runtime.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None  # raw logprob of each sampled token, when any request asked
+    ranks: list[int] | None
+    topk: list[list[tuple[int, float]]] | None  # per row, the params.logprobs most likely (id, logprob)
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                    repetition: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; penalties [B]. Repetition (HF/vLLM: divide positive logits, multiply negative
+    ones) counts prompt and output tokens; frequency and presence count output tokens only."""
+    B, V = logits.shape
+    out_counts = _token_counts(output_ids, B, V, logits.device)
+    seen = (_token_counts(prompt_ids, B, V, logits.device) + out_counts) > 0
+    rep = repetition[:, None].expand(B, V)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - frequency[:, None] * out_counts
+    return logits - presence[:, None] * (out_counts > 0).float()
+
+
+def _token_counts(ids: list[list[int]], B: int, V: int, device) -> torch.Tensor:
+    width = max((len(x) for x in ids), default=0)
+    padded = torch.full((B, width + 1), V, dtype=torch.long)  # V: a padding bin dropped below
+    for i, x in enumerate(ids):
+        padded[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    counts = torch.zeros(B, V + 1, device=device)
+    counts.scatter_add_(1, padded.to(device), torch.ones_like(padded, dtype=torch.float, device=device))
+    return counts[:, :V]
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Set filtered-out logits to -inf. top_k [B] long (0 = off), top_p [B] in (0, 1], min_p [B]."""
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    ranks = torch.arange(V, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, V)[:, None]
+    drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # keep a token while the mass above it is < top_p
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop[:, 0] = False  # the most likely token always survives
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits [B, V] float32, one row per request."""
+        B, V = logits.shape
+        device = logits.device
+        want_logprobs = any(r.logprobs is not None for r in requests)
+        raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+        params = [r.params for r in requests]
+
+        logits = logits.clone()
+        for i, r in enumerate(requests):  # min_tokens: no stopping token before then
+            if len(r.output_token_ids) < r.params.min_tokens:
+                stops = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.params._eos_token_ids))
+                if stops:
+                    logits[i, [t for t in stops if t < V]] = float("-inf")
+
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+            logits = apply_penalties(
+                logits, [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests],
+                torch.tensor([p.repetition_penalty for p in params], device=device),
+                torch.tensor([p.frequency_penalty for p in params], device=device),
+                torch.tensor([p.presence_penalty for p in params], device=device))
+
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        tokens = logits.argmax(-1)
+        if not bool(greedy.all()):
+            temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+            scaled = apply_top_k_top_p_min_p(
+                logits / temperature[:, None],
+                torch.tensor([p.top_k for p in params], device=device),
+                torch.tensor([p.top_p for p in params], device=device),
+                torch.tensor([p.min_p for p in params], device=device))
+            probs = scaled.softmax(-1)
+            noise = torch.empty_like(probs).exponential_()
+            for i, r in enumerate(requests):
+                if r.generator is not None and not params[i].greedy:
+                    noise[i] = torch.empty(V).exponential_(generator=r.generator).to(device)
+            tokens = torch.where(greedy, tokens, (probs / noise).argmax(-1))
+
+        token_list = tokens.tolist()
+        if raw_logprobs is None:
+            return SamplerOutput(token_list, None, None, None)
+        chosen = raw_logprobs.gather(1, tokens[:, None])
+        ranks = (raw_logprobs > chosen).sum(-1) + 1
+        max_k = max((r.params.logprobs or 0) for r in requests)
+        topk = [[] for _ in requests]
+        if max_k > 0:
+            values, ids = raw_logprobs.topk(max_k, dim=-1)
+            for i, r in enumerate(requests):
+                k = r.params.logprobs or 0
+                topk[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
+        return SamplerOutput(token_list, chosen[:, 0].tolist(), ranks.tolist(), topk)
