@@ -291,4 +291,4 @@ class LLMEngine:
             self.parents.pop(parent.request_id, None)
         first = parent.children[0]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, first.prompt_logprobs,
-                             outputs, finished)
+                             outputs, finished, num_cached_tokens=first.num_cached_tokens)

@@ -45,6 +45,7 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of this request's full blocks, in order
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         # the user request this one belongs to (n > 1 fans out), and its index among the n
         self.parent = None
         self.index = 0

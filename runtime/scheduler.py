@@ -40,6 +40,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # over the engine's life, for tests and metrics
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -80,6 +81,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.num_computed_tokens += len(cached) * bm.block_size
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append((req, num_new))
@@ -90,6 +93,7 @@ class Scheduler:
         self.block_manager.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
 
