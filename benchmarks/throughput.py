@@ -16,8 +16,10 @@ ids drawn from the vocabulary minus the special ids 0..5), each with its own out
   early). Only the L tokens each prompt asked for count as useful output: the extra tokens the
   shorter requests of a batch are dragged through are the cost of padded static batching.
 
-Each side gets one short warm-up, then --repeats timed runs (time.perf_counter, synchronised on
-CUDA); the median is reported as output tokens/s and total (prompt + output) tokens/s.
+Each side gets one short warm-up (every prompt once, 2 output tokens each), then
+--repeats timed runs, alternating kiln and HF (time.perf_counter, synchronised on CUDA); the median
+is reported as output tokens/s and total (prompt + output) tokens/s. Both sides count the same
+tokens, so the two ratios are equal.
 
     python benchmarks/throughput.py                    # tiny model, defaults sized for a small CPU
     python benchmarks/throughput.py --device cuda --hidden-size 2048 --num-layers 16 --num-heads 16 \\
@@ -101,15 +103,12 @@ def run_hf(model, work, batch_size: int, pad_id: int, device: torch.device) -> i
     return useful
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, int]:
-    times, tokens = [], 0
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        tokens = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), tokens
+def timed(fn, device: torch.device) -> tuple[float, int]:
+    sync(device)
+    t0 = time.perf_counter()
+    tokens = fn()
+    sync(device)
+    return time.perf_counter() - t0, tokens
 
 
 def main() -> None:
@@ -128,23 +127,29 @@ def main() -> None:
             max_position_embeddings=max(512, args.max_input + args.max_output))
     config = AutoConfig.from_pretrained(path)
     work = make_workload(args, config.vocab_size, random.Random(args.seed))
-    warmup = [(ids[:16], 4) for ids, _ in work[:min(4, len(work))]]
+    warmup = [(ids, 2) for ids, _ in work]  # every prompt shape once, 2 tokens each
     prompt_tokens = sum(len(ids) for ids, _ in work)
 
     llm = LLM(path, dtype=dtype, max_num_seqs=args.max_num_seqs, seed=args.seed, device=device.type,
               enable_prefix_caching=False)
-    run_kiln(llm, warmup)
-    kiln_s, kiln_out = timed(lambda: run_kiln(llm, work), device, args.repeats)
-
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    run_hf(hf, warmup, args.hf_batch_size, pad_id, device)
-    hf_s, hf_out = timed(lambda: run_hf(hf, work, args.hf_batch_size, pad_id, device), device, args.repeats)
+    sides = {"kiln": lambda w: run_kiln(llm, w), "hf": lambda w: run_hf(hf, w, args.hf_batch_size, pad_id, device)}
+    for run in sides.values():
+        run(warmup)
+    # alternate the sides, so that a noisy spell on the machine hits both rather than one
+    times, useful = {name: [] for name in sides}, {}
+    for _ in range(args.repeats):
+        for name, run in sides.items():
+            secs, useful[name] = timed(lambda: run(work), device)
+            times[name].append(secs)
+    kiln_out, hf_out = useful["kiln"], useful["hf"]
     assert kiln_out == hf_out, f"useful output tokens differ: kiln {kiln_out}, HF {hf_out}"
+    kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"])
 
     params = sum(p.numel() for p in hf.parameters())
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
-          f" | torch {torch.__version__} | transformers {transformers.__version__} | dtype {dtype}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}) | torch {torch.__version__} | transformers {transformers.__version__} | dtype {dtype}")
     print(f"model {'random Llama' if args.model is None else path}: hidden {config.hidden_size}, layers "
           f"{config.num_hidden_layers}, heads {config.num_attention_heads}, kv heads {config.num_key_value_heads}, "
           f"intermediate {config.intermediate_size}, vocab {config.vocab_size}, {params / 1e6:.2f}M params")
@@ -156,6 +161,8 @@ def main() -> None:
     for name, secs in rows:
         print(f"{name:28}{secs:10.2f}{kiln_out / secs:16.1f}{(prompt_tokens + kiln_out) / secs:16.1f}")
     print(f"{'ratio kiln/HF':28}{'':10}{hf_s / kiln_s:16.2f}{hf_s / kiln_s:16.2f}")
+    if args.repeats > 1:
+        print("runs s: " + ", ".join(f"{n} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
     if tmp is not None:
         tmp.cleanup()
 

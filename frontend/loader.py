@@ -22,16 +22,29 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def iterate_weights(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    files = checkpoint_files(path)
-    for file in tqdm(files, desc="Loading weights", unit="file", disable=not progress or len(files) < 2):
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
+    """(name, tensor) of every checkpoint weight, one at a time: safetensors are memory-mapped and
+    each tensor read when asked for; pickled `.bin` files load only with `weights_only=True`."""
+    from safetensors import safe_open
 
+    files = checkpoint_files(path)
+    safetensors = files[0].endswith(".safetensors")
+    total = None
+    if safetensors:  # headers only: cheap, and gives the bar its length
+        total = 0
+        for file in files:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        else:
-            yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+                total += len(f.keys())
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        for file in files:
+            if safetensors:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+                        bar.update(1)
+            else:
+                for name, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+                    yield name, tensor
+                    bar.update(1)
 
 
 def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: torch.dtype, device: torch.device,

@@ -157,6 +157,9 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be < vocab size {self.vocab_size}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.vocab_size:
+                raise ValueError(f"SamplingParams.{name}={getattr(params, name)} exceeds the vocabulary size {self.vocab_size}")
         text, ids = self.tokenize(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
@@ -165,7 +168,7 @@ class LLMEngine:
         params = params.clone(_eos_token_ids=self.eos_token_ids)
         children = [
             Request(request_id if params.n == 1 else f"{i}_{request_id}", ids,
-                    params if params.seed is None else params.clone(seed=params.seed + i), max_tokens, priority)
+                    params if params.seed is None else params.clone(seed=(params.seed + i) % 2**63), max_tokens, priority)
             for i in range(params.n)
         ]
         parent = _Parent(request_id, text, ids, children)

@@ -75,8 +75,8 @@ class SamplingParams:
             bad("stop", self.stop, "a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", self.seed, "None or an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            bad("seed", self.seed, "None or an integer in [0, 2**63)")
 
     @property
     def greedy(self) -> bool:

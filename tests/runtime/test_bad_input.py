@@ -57,9 +57,13 @@ def test_bad_sampling_params(llm, kwargs, field):
     ok(llm)
 
 
-def test_stop_token_id_outside_vocab(llm):
-    with pytest.raises(ValueError, match="stop_token_ids"):
-        llm.generate("hi", SamplingParams(stop_token_ids=[10**6]), use_tqdm=False)
+@pytest.mark.parametrize("kwargs, field", [
+    ({"stop_token_ids": [10**6]}, "stop_token_ids"), ({"logprobs": 10**6}, "logprobs"),
+    ({"prompt_logprobs": 10**6}, "prompt_logprobs"),
+])
+def test_vocabulary_bounded_params(llm, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        llm.generate("hi", SamplingParams(**kwargs), use_tqdm=False)
     ok(llm)
 
 
