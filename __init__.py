@@ -4,8 +4,12 @@
 """
 
 from kiln.runtime.llm import LLM
-from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from kiln.runtime.outputs import (ClassificationRequestOutput, CompletionOutput, EmbeddingRequestOutput, Logprob,
+                                  PoolingRequestOutput, RequestOutput, ScoringRequestOutput)
+from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "PoolerConfig", "RequestOutput", "CompletionOutput", "Logprob",
+           "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput", "ScoringRequestOutput",
+           "__version__"]

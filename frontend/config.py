@@ -87,3 +87,34 @@ def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig) -> torch.d
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use 'auto', {', '.join(repr(d) for d in _DTYPES)}")
     return _DTYPES[dtype]
+
+
+_ST_POOLING_MODES = {"pooling_mode_cls_token": "CLS", "pooling_mode_mean_tokens": "MEAN",
+                     "pooling_mode_lasttoken": "LAST"}
+
+
+def sentence_transformers_pooling(path: str) -> dict:
+    """What a sentence-transformers checkpoint says about pooling: {"pooling_type", "normalize"}
+    from `modules.json` and its Pooling module's config (empty when the checkpoint has none)."""
+    modules_file = os.path.join(path, "modules.json")
+    if not os.path.isfile(modules_file):
+        return {}
+    with open(modules_file) as f:
+        modules = json.load(f)
+    found: dict = {"normalize": any(m.get("type", "").endswith(".Normalize") for m in modules)}
+    for module in modules:
+        if not module.get("type", "").endswith(".Pooling"):
+            continue
+        pooling_file = os.path.join(path, module.get("path", ""), "config.json")
+        if not os.path.isfile(pooling_file):
+            continue
+        with open(pooling_file) as f:
+            pooling = json.load(f)
+        modes = [kind for key, kind in _ST_POOLING_MODES.items() if pooling.get(key)]
+        unsupported = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v and k not in _ST_POOLING_MODES]
+        if unsupported or len(modes) > 1:
+            raise ValueError(f"sentence-transformers pooling {unsupported or modes} in {pooling_file} is not supported; "
+                             "pass pooler_config={'pooling_type': ...} to choose one of CLS, MEAN, LAST")
+        if modes:
+            found["pooling_type"] = modes[0]
+    return found

@@ -53,11 +53,19 @@ def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: tor
         model = model_cls(config, architecture, max_positions).to(dtype)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
+    # Name mapping is data on the model class: checkpoint prefixes to rewrite (a base model saved
+    # under "bert." loaded into BertModel, say) and weights kiln has no use for (an MLM head, a
+    # saved rope table); each matched as a substring of the checkpoint name.
+    prefix_map = getattr(model, "weight_prefix_map", {})
     ignored = getattr(model, "ignored_weights", ())
     loaded: set[str] = set()
     for name, tensor in iterate_weights(path, progress):
-        if name.endswith(ignored) or (name == "lm_head.weight" and name not in params):
-            continue  # a tied head saved anyway, or a table kiln recomputes
+        for old, new in prefix_map.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if any(s in name for s in ignored) or (name == "lm_head.weight" and name not in params):
+            continue  # a tied head saved anyway, or a weight kiln does not use
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint weight {name!r} has no place in {model_cls.__name__} ({architecture})")

@@ -84,6 +84,53 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
+@torch.library.custom_op("kiln::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x [..., E], weight [E], bias [E] or None -> [..., E] (statistics over the last dim)."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+# HF `hidden_act` names -> kiln activation kinds
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "relu": "relu", "silu": "silu", "swish": "silu", "tanh": "tanh"}
+
+
+@torch.library.custom_op("kiln::activation", mutates_args=())
+def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Elementwise activation; kind one of gelu (erf), gelu_tanh, relu, silu, tanh, sigmoid."""
+    return _ACTIVATIONS[kind](x)
+
+
+@activation.register_fake
+def _(x, kind):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kiln::gelu_and_mul", mutates_args=())
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """x [..., 2F] holding (input, gate) -> gelu(input) * gate, [..., F] (GeGLU)."""
+    a, gate = x.chunk(2, dim=-1)
+    return F.gelu(a, approximate=approximate) * gate
+
+
+@gelu_and_mul.register_fake
+def _(x, approximate="none"):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
 @torch.library.custom_op("kiln::silu_and_mul", mutates_args=())
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2F] holding (gate, up) -> silu(gate) * up, [..., F]."""
@@ -146,7 +193,11 @@ def _seq_kv(kv: torch.Tensor, cache: torch.Tensor | None, block_row: torch.Tenso
 def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, sliding_window: int) -> torch.Tensor:
     """Boolean [.., Q, K] mask: True where query at q_pos may attend key at k_pos."""
     diff = q_pos[..., :, None] - k_pos[..., None, :]
-    allowed = diff >= 0 if causal else torch.ones_like(diff, dtype=torch.bool)
+    if not causal:  # bidirectional window, centred on the query (ModernBERT's local attention)
+        if sliding_window > 0:
+            return diff.abs() <= sliding_window // 2
+        return torch.ones_like(diff, dtype=torch.bool)
+    allowed = diff >= 0
     if sliding_window > 0:  # HF semantics: a window of W keeps keys with q_pos - k_pos < W
         allowed = allowed & (diff < sliding_window)
     return allowed
@@ -167,7 +218,10 @@ def attention(
     q [T, H, D], k and v [T, Hkv, D] (H a multiple of Hkv: grouped-query attention) -> [T, H, D].
     Reads the batch layout from the forward context; when it holds a KV cache, first writes this
     step's k/v into `kv_caches[layer]` at `slot_mapping` (the only op that touches the cache),
-    then attends over the cached context. `sliding_window` 0 means full attention.
+    then attends over the cached context. `sliding_window` 0 means full attention; a window W
+    keeps, for causal attention, the keys with 0 <= q_pos - k_pos < W (HF's `sliding_window`) and,
+    for bidirectional attention (causal=False), those with |q_pos - k_pos| <= W // 2: W is the
+    whole window around the query, as ModernBERT's `local_attention`.
     """
     ctx = get_forward_context()
     md = ctx.attn

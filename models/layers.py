@@ -41,20 +41,33 @@ class RMSNorm(nn.Module):
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(dim), requires_grad=False) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class RotaryEmbedding(nn.Module):
     """Holds the cos/sin table of a HF config's rope variant; `reset_buffers` fills it after the
-    model is materialised from the meta device (the table is not in the checkpoint)."""
+    model is materialised from the meta device (the table is not in the checkpoint). `layer_type`
+    selects per-layer-type rope parameters (ModernBERT: "full_attention" / "sliding_attention")."""
 
-    def __init__(self, config, head_dim: int, max_positions: int, is_neox: bool = True):
+    def __init__(self, config, head_dim: int, max_positions: int, is_neox: bool = True, layer_type: str | None = None):
         super().__init__()
         self.config, self.head_dim, self.max_positions, self.is_neox = config, head_dim, max_positions, is_neox
+        self.layer_type = layer_type
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
         if not self.cos_sin_cache.is_meta:
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
         device = self.cos_sin_cache.device
-        self.cos_sin_cache = rope_cos_sin_cache(self.config, self.head_dim, self.max_positions).to(device)
+        self.cos_sin_cache = rope_cos_sin_cache(self.config, self.head_dim, self.max_positions, self.layer_type).to(device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         return ops.rotary(q, k, positions, self.cos_sin_cache, self.is_neox)

@@ -150,3 +150,27 @@ class LlamaForCausalLM(nn.Module):
 
     # Checkpoint names that carry no weight kiln needs (old checkpoints saved the rope table).
     ignored_weights = ("rotary_emb.inv_freq",)
+
+
+class Qwen2ForRewardModel(LlamaForCausalLM):
+    """Qwen2.5-Math-RM/PRM: the decoder and a two-layer `score` head (linear, ReLU, linear) giving
+    `num_labels` values per token; the RM reads all tokens, the PRM the step tags (softmax of 2)."""
+
+    is_causal = True
+    default_pooling_type = "ALL"
+    ignored_weights = LlamaForCausalLM.ignored_weights + ("lm_head.",)
+
+    def __init__(self, config, architecture: str = "Qwen2ForRewardModel", max_positions: int | None = None):
+        super().__init__(config, architecture, max_positions)
+        if hasattr(self, "lm_head"):
+            del self.lm_head
+        self.num_labels = config.num_labels
+        self.score = nn.ModuleDict({"0": Linear(config.hidden_size, config.hidden_size, bias=True),
+                                    "2": Linear(config.hidden_size, self.num_labels, bias=True)})
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.score["2"](ops.activation(self.score["0"](pooled), "relu"))
+
+
+class Qwen2ForProcessRewardModel(Qwen2ForRewardModel):
+    default_pooling_type = "STEP"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_RUNNERS = ("generate",)
+_RUNNERS = ("generate", "pooling")
 
 
 @dataclass
@@ -14,6 +14,8 @@ class EngineConfig:
     tokenizer: str | None = None
     revision: str | None = None
     runner: str = "generate"
+    convert: str = "auto"
+    pooler_config: Any = None  # PoolerConfig or dict
     dtype: Any = "auto"
     seed: int = 0
     max_model_len: int | None = None
@@ -33,7 +35,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.runner not in _RUNNERS:
-            raise ValueError(f"runner={self.runner!r} is not supported yet; supported: {', '.join(_RUNNERS)}")
+            raise ValueError(f"runner={self.runner!r} is not supported; supported: {', '.join(_RUNNERS)}")
         for name in ("max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -9,16 +9,19 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.frontend import load_hf_config, load_model, resolve_dtype, resolve_model_path
+from kiln.frontend.config import sentence_transformers_pooling
 from kiln.models import resolve_architecture
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
 from kiln.runtime.model_runner import ModelRunner
-from kiln.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from kiln.runtime.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
+from kiln.runtime.pooler import HEAD_TASKS, finish, pool_rows
+from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.scheduler import PoolingScheduler, Scheduler
 
 logger = logging.getLogger("kiln")
 
@@ -46,14 +49,18 @@ class LLMEngine:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
         path = resolve_model_path(config.model, config.revision)
         self.hf_config = load_hf_config(path, config.hf_overrides, config.trust_remote_code)
-        self.architecture, model_cls = resolve_architecture(getattr(self.hf_config, "architectures", None), config.runner)
+        self.architecture, model_cls, self.tasks = resolve_architecture(
+            getattr(self.hf_config, "architectures", None), config.runner, config.convert)
+        self.is_pooling = config.runner == "pooling"
         self.dtype = resolve_dtype(config.dtype, self.hf_config)
-        max_positions = self.hf_config.max_position_embeddings
+        # a model may use fewer positions than its table has (RoBERTa starts counting after the pad id)
+        max_positions = getattr(model_cls, "usable_positions", lambda c: c.max_position_embeddings)(self.hf_config)
         self.max_model_len = config.max_model_len or max_positions
         if self.max_model_len > max_positions:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_positions}")
         self.vocab_size = self.hf_config.vocab_size
-        logger.info("kiln: %s (%s) in %s on %s, native implementation", path, self.architecture, self.dtype, self.device)
+        logger.info("kiln: %s (%s as %s, tasks %s) in %s on %s, native implementation", path, self.architecture,
+                    model_cls.__name__, "/".join(self.tasks), self.dtype, self.device)
         if not config.enforce_eager:
             logger.info("kiln: the compiled path is not built yet; running eager (reference ops)")
 
@@ -66,6 +73,19 @@ class LLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 config.tokenizer or path, trust_remote_code=config.trust_remote_code, revision=config.revision)
         self.eos_token_ids = self._eos_token_ids(path)
+        if hasattr(self.model, "convert_from_tokens"):
+            self.model.convert_from_tokens(self.tokenizer)
+        self.parents: dict[str, _Parent] = {}
+        self.requests: dict[str, Request] = {}  # child id -> request, while unfinished
+        self.log_steps = os.environ.get("KILN_LOG_STEPS") == "1"
+        self.sampler = Sampler()
+        max_batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
+        if self.is_pooling:
+            self.pooler_config = self._pooler_config(config.pooler_config, path)
+            self.runner = ModelRunner(self.model, 0, config.block_size, self.dtype, self.device)
+            self.block_manager = None
+            self.scheduler = PoolingScheduler(config.max_num_seqs, max_batched)
+            return
 
         block_size = config.block_size
         num_blocks = self._num_kv_blocks(block_size)
@@ -75,14 +95,9 @@ class LLMEngine:
                 "lower max_model_len or give the cache more memory (kv_cache_memory / gpu_memory_utilization)")
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-        max_batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
         if not config.enable_chunked_prefill:
             max_batched = max(max_batched, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill)
-        self.sampler = Sampler()
-        self.parents: dict[str, _Parent] = {}
-        self.requests: dict[str, Request] = {}  # child id -> request, while unfinished
-        self.log_steps = os.environ.get("KILN_LOG_STEPS") == "1"
 
     # ------------------------------------------------------------ setup helpers
 
@@ -102,6 +117,17 @@ class LLMEngine:
             ids.update(eos if isinstance(eos, list) else [eos])
         return frozenset(ids)
 
+    def _pooler_config(self, user, path: str) -> PoolerConfig:
+        """The user's PoolerConfig, its gaps filled from the checkpoint's sentence-transformers
+        config, then from the model's defaults."""
+        config = PoolerConfig.coerce(user)
+        st = sentence_transformers_pooling(path)
+        if config.pooling_type is None:
+            config.pooling_type = st.get("pooling_type") or self.model.default_pooling_type
+        if config.normalize is None and "normalize" in st:
+            config.normalize = st["normalize"]
+        return config
+
     def _num_kv_blocks(self, block_size: int) -> int:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
@@ -117,11 +143,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
 
-    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        """A prompt as the API takes it (a string or {"prompt_token_ids": [...]} / {"prompt": ...})
-        -> (text, token ids), validated."""
-        text = None
+    def tokenize(self, prompt, pooling: bool = False, truncate: int | None = None):
+        """A prompt as the API takes it (a string, or a dict with "prompt" or "prompt_token_ids" and
+        optionally "token_type_ids") -> (text, token ids, token type ids or None), validated.
+        `truncate` (pooling): keep at most that many tokens, -1 meaning max_model_len."""
+        text, token_types = None, None
         if isinstance(prompt, dict):
+            token_types = prompt.get("token_type_ids")
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
             elif "prompt" in prompt:
@@ -132,12 +160,18 @@ class LLMEngine:
             text = prompt
         else:
             raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+        limit = self.max_model_len if truncate == -1 else truncate
         if text is not None:
             if not isinstance(text, str):
                 raise ValueError(f"prompt must be a string, got {type(text).__name__}")
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer: pass prompt_token_ids when skip_tokenizer_init=True")
-            ids = self.tokenizer(text).input_ids
+            if limit is not None:  # the tokenizer's own truncation keeps its special tokens in place
+                ids = self.tokenizer(text, truncation=True, max_length=limit).input_ids
+            else:
+                ids = self.tokenizer(text).input_ids
+        elif limit is not None and isinstance(ids, (list, tuple)):
+            ids, token_types = ids[:limit], token_types[:limit] if token_types is not None else None
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ValueError("prompt_token_ids must be a list of integers")
         if len(ids) == 0:
@@ -145,14 +179,22 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
+        if pooling and len(ids) > self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}; "
+                             "pass truncate_prompt_tokens to truncate it")
+        if not pooling and len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room to generate "
                              f"(the prompt must be shorter than max_model_len)")
-        return text, list(ids)
+        if token_types is not None and len(token_types) != len(ids):
+            raise ValueError(f"token_type_ids has {len(token_types)} entries for {len(ids)} tokens")
+        return text, list(ids), (list(token_types) if token_types is not None else None)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams, priority: int = 0) -> None:
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self.is_pooling:
+            raise ValueError(f"this is a pooling model ({self.architecture}, tasks {'/'.join(self.tasks)}): "
+                             "use embed/classify/score/reward/encode, or load it with runner='generate'")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
@@ -160,7 +202,7 @@ class LLMEngine:
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > self.vocab_size:
                 raise ValueError(f"SamplingParams.{name}={getattr(params, name)} exceeds the vocabulary size {self.vocab_size}")
-        text, ids = self.tokenize(prompt)
+        text, ids, _ = self.tokenize(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
         room = self.max_model_len - len(ids)
@@ -183,6 +225,24 @@ class LLMEngine:
             self.scheduler.add(child)
         self.parents[request_id] = parent
 
+    def add_pooling_request(self, request_id: str, prompt, params: PoolingParams) -> None:
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not self.is_pooling:
+            raise ValueError(f"{self.architecture} is loaded for generation: pass runner='pooling' to "
+                             f"{params.task or 'encode'} with it")
+        task = params.task or self.tasks[0]
+        if task not in self.tasks and not (task == "encode"):
+            raise ValueError(f"{self.architecture} serves {'/'.join(self.tasks)}, not {task!r}"
+                             + (" (try convert='classify' or 'embed')" if task in ("embed", "classify") else ""))
+        text, ids, token_types = self.tokenize(prompt, pooling=True, truncate=params.truncate_prompt_tokens)
+        req = Request(request_id, ids, None, 0, pooling_params=params.clone(task=task), token_type_ids=token_types)
+        parent = _Parent(request_id, text, ids, [req], [None])
+        req.parent = parent
+        self.requests[request_id] = req
+        self.parents[request_id] = parent
+        self.scheduler.add(req)
+
     def abort_request(self, request_ids) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
             parent = self.parents.pop(rid, None)
@@ -198,6 +258,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return an output for every user request that progressed."""
+        if self.is_pooling:
+            return self._pooling_step()
         step = self.scheduler.schedule()
         if self.log_steps:
             logger.info("%s | free blocks %d/%d", step, self.block_manager.num_free_blocks, self.block_manager.num_blocks)
@@ -227,6 +289,48 @@ class LLMEngine:
             self._append_token(req, i, sampled)
             progressed[req.parent.request_id] = req.parent
         return [self._output(p) for p in progressed.values()]
+
+    def _pooling_step(self) -> list[PoolingRequestOutput]:
+        step = self.scheduler.schedule()
+        if not step.scheduled:
+            return []
+        try:
+            hidden, _ = self.runner.execute(step)
+            data = self._pool(hidden, step.scheduled)
+        except Exception as e:
+            for req, _ in step.scheduled:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self.abort_request(req.request_id)
+            raise RuntimeError(f"pooling step failed for requests {[r.request_id for r, _ in step.scheduled]}: {e}") from e
+        outputs = []
+        for (req, _), out in zip(step.scheduled, data):
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            self.requests.pop(req.request_id, None)
+            parent = self.parents.pop(req.request_id)
+            outputs.append(PoolingRequestOutput(req.request_id, PoolingOutput(out), req.prompt_token_ids, True, parent.prompt))
+        return outputs
+
+    @torch.inference_mode()
+    def _pool(self, hidden: torch.Tensor, scheduled) -> list[torch.Tensor]:
+        """Each request's pooled rows, through the model's head where its task has one (one batched
+        call for all of them), post-processed for its task."""
+        config, model = self.pooler_config, self.model
+        pooled, types, start = [], [], 0
+        for req, n in scheduled:
+            task = req.pooling_params.task
+            ptype = "ALL" if task == "token_classify" else config.pooling_type
+            pooled.append(pool_rows(hidden[start:start + n], req.prompt_token_ids, ptype, config.step_tag_id))
+            types.append(ptype)
+            start += n
+        uses_head = [hasattr(model, "head") and r.pooling_params.task in HEAD_TASKS for r, _ in scheduled]
+        if any(uses_head):
+            rows = [p if p.dim() == 2 else p[None] for p, h in zip(pooled, uses_head) if h]
+            heads = model.head(torch.cat(rows)).split([r.shape[0] for r in rows])
+            it = iter(heads)
+            pooled = [(next(it) if p.dim() == 2 else next(it)[0]) if h else p for p, h in zip(pooled, uses_head)]
+        num_labels = getattr(model, "num_labels", None)
+        return [finish(p, r.pooling_params.task, r.pooling_params, config, t, num_labels)
+                for p, (r, _), t in zip(pooled, scheduled, types)]
 
     def _append_token(self, req: Request, i: int, sampled) -> None:
         token = sampled.token_ids[i]

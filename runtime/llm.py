@@ -6,11 +6,16 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.engine import LLMEngine
-from kiln.runtime.outputs import RequestOutput
+from kiln.runtime import score_templates
+from kiln.runtime.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                                  EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
+                                  ScoringRequestOutput)
+from kiln.runtime.pooling_params import PoolingParams
 from kiln.runtime.sampling_params import SamplingParams
 
 
@@ -27,12 +32,13 @@ class LLM:
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
                  enforce_eager: bool = False, hf_overrides: dict | Callable | None = None,
                  trust_remote_code: bool = False, skip_tokenizer_init: bool = False, runner: str = "generate",
-                 **kwargs: Any):
+                 convert: str = "auto", pooler_config: Any = None, **kwargs: Any):
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, hf_overrides=hf_overrides,
-            trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init, runner=runner, **kwargs))
+            trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init, runner=runner,
+            convert=convert, pooler_config=pooler_config, **kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -50,6 +56,9 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         engine = self.llm_engine
+        if engine.is_pooling:
+            raise ValueError(f"{engine.architecture} is loaded as a pooling model (runner='pooling'): use "
+                             "embed/classify/score/reward/encode, or load it with runner='generate'")
         for prompt in prompts:  # validate everything before queueing anything
             engine.tokenize(prompt)
         ids = [str(next(self._ids)) for _ in prompts]
@@ -79,6 +88,115 @@ class LLM:
                 continue_final_message=continue_final_message, return_dict=False, **(chat_template_kwargs or {}))
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    # ------------------------------------------------------------ pooling
+
+    def encode(self, prompts, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+               use_tqdm: bool = True, pooling_task: str | None = None,
+               truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """The model's raw pooled output per prompt (`outputs.data`, a tensor): for token
+        classification and reward models one row per token (or per step tag)."""
+        return self._pool(prompts, pooling_params, pooling_task or "encode", use_tqdm, truncate_prompt_tokens)
+
+    def embed(self, prompts, pooling_params=None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
+        outs = self._pool(prompts, pooling_params, "embed", use_tqdm, truncate_prompt_tokens)
+        return [EmbeddingRequestOutput(o.request_id, EmbeddingOutput(o.outputs.data.tolist()), o.prompt_token_ids)
+                for o in outs]
+
+    def classify(self, prompts, pooling_params=None, use_tqdm: bool = True,
+                 truncate_prompt_tokens: int | None = None) -> list[ClassificationRequestOutput]:
+        outs = self._pool(prompts, pooling_params, "classify", use_tqdm, truncate_prompt_tokens)
+        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(o.outputs.data.tolist()),
+                                            o.prompt_token_ids) for o in outs]
+
+    def reward(self, prompts, pooling_params=None, use_tqdm: bool = True,
+               truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        return self._pool(prompts, pooling_params, "reward", use_tqdm, truncate_prompt_tokens)
+
+    def score(self, data_1, data_2, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
+              pooling_params: PoolingParams | None = None, chat_template: str | None = None) -> list[ScoringRequestOutput]:
+        """Relevance of each (data_1, data_2) pair: one text against many (1:N) or pairwise (N:N).
+        Cross-encoders and rerankers score the pair as one input (the tokenizer's sentence-pair
+        encoding, or a score template); embedding models give the cosine of the two embeddings."""
+        engine = self.llm_engine
+        first = [data_1] if isinstance(data_1, str) else list(data_1)
+        second = [data_2] if isinstance(data_2, str) else list(data_2)
+        if not first or not second:
+            raise ValueError("score needs at least one text on each side")
+        if len(first) == 1:
+            first = first * len(second)
+        if len(first) != len(second):
+            raise ValueError(f"score: data_1 has {len(first)} texts and data_2 {len(second)}; "
+                             "give one text against many, or two lists of the same length")
+        if not all(isinstance(t, str) for t in first + second):
+            raise ValueError("score takes strings")
+        if "classify" in engine.tasks:
+            return self._cross_encode(first, second, truncate_prompt_tokens, use_tqdm, pooling_params, chat_template)
+        if "embed" not in engine.tasks:
+            raise ValueError(f"{engine.architecture} serves {'/'.join(engine.tasks)}: score needs an embedding or "
+                             "a cross-encoder model")
+        embeddings = self._pool(first + second, pooling_params, "embed", use_tqdm, truncate_prompt_tokens)
+        n = len(first)
+        outs = []
+        for i, (a, b) in enumerate(zip(embeddings[:n], embeddings[n:])):
+            cosine = float(torch.nn.functional.cosine_similarity(a.outputs.data, b.outputs.data, dim=-1))
+            outs.append(ScoringRequestOutput(str(i), ScoringOutput(cosine), a.prompt_token_ids + b.prompt_token_ids))
+        return outs
+
+    def _cross_encode(self, first, second, truncate, use_tqdm, pooling_params, chat_template):
+        engine, tokenizer = self.llm_engine, self.llm_engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("score needs a tokenizer (skip_tokenizer_init=True was given)")
+        if getattr(engine.model, "num_labels", 1) != 1:
+            raise ValueError(f"score needs a model with one output label; {engine.architecture} has "
+                             f"{engine.model.num_labels}: use classify")
+        template = chat_template or score_templates.default_score_template(engine.hf_config)
+        prompts = []
+        for a, b in zip(first, second):
+            if template is not None:
+                prompts.append(score_templates.render(template, a, b))
+            else:
+                enc = tokenizer(a, b, truncation=truncate is not None,
+                                max_length=(engine.max_model_len if truncate == -1 else truncate))
+                prompt = {"prompt_token_ids": enc["input_ids"]}
+                if "token_type_ids" in enc:
+                    prompt["token_type_ids"] = enc["token_type_ids"]
+                prompts.append(prompt)
+        outs = self._pool(prompts, pooling_params, "score", use_tqdm, None if template is None else truncate)
+        return [ScoringRequestOutput(o.request_id, ScoringOutput(float(o.outputs.data.reshape(-1)[0])), o.prompt_token_ids)
+                for o in outs]
+
+    def _pool(self, prompts, pooling_params, task: str, use_tqdm: bool, truncate: int | None) -> list[PoolingRequestOutput]:
+        engine = self.llm_engine
+        if not engine.is_pooling:
+            raise ValueError(f"{engine.architecture} is loaded for generation; pass runner='pooling' (and convert=...) "
+                             f"to {task} with it")
+        if not isinstance(prompts, (list, tuple)):
+            prompts = [prompts]
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        params = [pooling_params] * len(prompts) if isinstance(pooling_params, PoolingParams) else list(pooling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} pooling params")
+        if truncate is not None:
+            params = [p.clone(truncate_prompt_tokens=truncate) for p in params]
+        params = [p.clone(task=task) for p in params]
+        for prompt, p in zip(prompts, params):  # validate everything before queueing anything
+            engine.tokenize(prompt, pooling=True, truncate=p.truncate_prompt_tokens)
+            if task not in engine.tasks and task != "encode":
+                raise ValueError(f"{engine.architecture} serves {'/'.join(engine.tasks)}, not {task!r}"
+                                 + (" (load it with convert='classify' or 'embed')" if task in ("embed", "classify") else ""))
+            if p.dimensions is not None and task != "embed":
+                raise ValueError("PoolingParams.dimensions applies to embeddings only")
+        ids = [str(next(self._ids)) for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                engine.add_pooling_request(rid, prompt, p)
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            engine.abort_request([rid for rid in ids if rid in engine.parents])
+            raise
 
     def apply_model(self, func: Callable) -> list:
         """Call func(model) on each worker's model (one worker today) and return the results."""

@@ -23,12 +23,14 @@ class StepRows:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        """num_blocks 0: no KV cache (pooling models compute each sequence whole in one step)."""
         self.model, self.block_size, self.device = model, block_size, device
-        num_layers = len(model.model.layers)
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(num_layers)]
+        self.kv_caches = None
+        if num_blocks > 0:
+            shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+            # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN
+            self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                              for _ in range(len(model.model.layers))]
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -45,7 +47,8 @@ class ModelRunner:
             pos = range(start, start + n)
             input_ids.extend(tokens[start:start + n])
             positions.extend(pos)
-            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in pos)
+            if self.kv_caches is not None:
+                slots.extend(req.block_ids[p // bs] * bs + p % bs for p in pos)
             query_lens.append(n)
             seq_lens.append(start + n)
             if start + n == req.num_tokens:
@@ -56,16 +59,21 @@ class ModelRunner:
                 first, end = max(start, len(req.prompt_logprobs) - 1), min(start + n, req.num_prompt_tokens - 1)
                 if first < end:
                     rows.prompt.append((req, [offset + p - start for p in range(first, end)], list(range(first + 1, end + 1))))
-        max_blocks = max(len(r.block_ids) for r, _ in step.scheduled)
+        max_blocks = max(1, max(len(r.block_ids) for r, _ in step.scheduled))
         block_tables = torch.zeros((len(step.scheduled), max_blocks), dtype=torch.long)
         for i, (req, _) in enumerate(step.scheduled):
             block_tables[i, :len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.long)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs)
+        extra = {}
+        if any(r.token_type_ids is not None for r, _ in step.scheduled):
+            types = [t for r, n in step.scheduled
+                     for t in (r.token_type_ids or [0] * r.num_tokens)[r.num_computed_tokens:r.num_computed_tokens + n]]
+            extra["token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
         with set_forward_context(ForwardContext(metadata, self.kv_caches)):
             hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                                torch.tensor(positions, dtype=torch.long, device=self.device))
+                                torch.tensor(positions, dtype=torch.long, device=self.device), **extra)
         return hidden, rows
 
     @torch.inference_mode()

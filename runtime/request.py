@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from kiln.runtime.pooling_params import PoolingParams
 from kiln.runtime.sampling_params import SamplingParams
 
 
@@ -29,11 +30,14 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_tokens: int,
-                 priority: int = 0, arrival_time: float | None = None):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, max_tokens: int,
+                 priority: int = 0, arrival_time: float | None = None, pooling_params: PoolingParams | None = None,
+                 token_type_ids: list[int] | None = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
+        self.pooling_params = pooling_params
+        self.token_type_ids = token_type_ids  # segment ids of a sentence pair (cross-encoders)
         self.max_tokens = max_tokens
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -50,10 +54,12 @@ class Request:
         self.parent = None
         self.index = 0
         # sampling state
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seed = params.seed if params is not None else None
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.cumulative_logprob = 0.0
-        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
-        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.logprobs: list[dict] | None = [] if params is not None and params.logprobs is not None else None
+        self.prompt_logprobs: list[dict | None] | None = (
+            [None] if params is not None and params.prompt_logprobs is not None else None)
 
     @property
     def all_token_ids(self) -> list[int]:

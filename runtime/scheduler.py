@@ -105,3 +105,37 @@ class Scheduler:
             self.waiting.remove(req)
         self.block_manager.free(req)
         req.status = status
+
+
+class PoolingScheduler:
+    """Pooling requests have no decode and keep no KV cache: each step packs whole prompts, first
+    come first served, up to the token budget (a prompt longer than the budget runs alone)."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int):
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # always empty between steps
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting)
+
+    def schedule(self) -> SchedulerOutput:
+        out, budget = SchedulerOutput(), self.max_num_batched_tokens
+        while self.waiting and len(out.scheduled) < self.max_num_seqs:
+            n = self.waiting[0].num_tokens
+            if out.scheduled and n > budget:
+                break
+            req = self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            out.scheduled.append((req, n))
+            budget -= n
+        return out
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
