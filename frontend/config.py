@@ -94,14 +94,21 @@ _ST_POOLING_MODES = {"pooling_mode_cls_token": "CLS", "pooling_mode_mean_tokens"
 
 
 def sentence_transformers_pooling(path: str) -> dict:
-    """What a sentence-transformers checkpoint says about pooling: {"pooling_type", "normalize"}
-    from `modules.json` and its Pooling module's config (empty when the checkpoint has none)."""
+    """What a sentence-transformers checkpoint says: {"pooling_type", "normalize", "max_seq_length"}
+    from `modules.json`, its Pooling module's config and `sentence_bert_config.json` (empty when
+    the checkpoint has none)."""
     modules_file = os.path.join(path, "modules.json")
     if not os.path.isfile(modules_file):
         return {}
     with open(modules_file) as f:
         modules = json.load(f)
     found: dict = {"normalize": any(m.get("type", "").endswith(".Normalize") for m in modules)}
+    bert_config = os.path.join(path, "sentence_bert_config.json")
+    if os.path.isfile(bert_config):
+        with open(bert_config) as f:
+            max_seq_length = json.load(f).get("max_seq_length")
+        if max_seq_length:
+            found["max_seq_length"] = int(max_seq_length)
     for module in modules:
         if not module.get("type", "").endswith(".Pooling"):
             continue

@@ -55,7 +55,9 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.hf_config)
         # a model may use fewer positions than its table has (RoBERTa starts counting after the pad id)
         max_positions = getattr(model_cls, "usable_positions", lambda c: c.max_position_embeddings)(self.hf_config)
-        self.max_model_len = config.max_model_len or max_positions
+        # a sentence-transformers checkpoint names the length it was trained for
+        st_len = sentence_transformers_pooling(path).get("max_seq_length") if self.is_pooling else None
+        self.max_model_len = config.max_model_len or min(st_len or max_positions, max_positions)
         if self.max_model_len > max_positions:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_positions}")
         self.vocab_size = self.hf_config.vocab_size
