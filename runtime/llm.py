@@ -59,8 +59,7 @@ class LLM:
         if engine.is_pooling:
             raise ValueError(f"{engine.architecture} is loaded as a pooling model (runner='pooling'): use "
                              "embed/classify/score/reward/encode, or load it with runner='generate'")
-        for prompt in prompts:  # validate everything before queueing anything
-            engine.tokenize(prompt)
+        prompts = engine.prepare_prompts(prompts)  # validates everything before queueing anything
         ids = [str(next(self._ids)) for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):
@@ -182,11 +181,12 @@ class LLM:
         if truncate is not None:
             params = [p.clone(truncate_prompt_tokens=truncate) for p in params]
         params = [p.clone(task=task) for p in params]
-        for prompt, p in zip(prompts, params):  # validate everything before queueing anything
-            engine.tokenize(prompt, pooling=True, truncate=p.truncate_prompt_tokens)
-            if task not in engine.tasks and task != "encode":
-                raise ValueError(f"{engine.architecture} serves {'/'.join(engine.tasks)}, not {task!r}"
-                                 + (" (load it with convert='classify' or 'embed')" if task in ("embed", "classify") else ""))
+        if task not in engine.tasks and task != "encode":
+            raise ValueError(f"{engine.architecture} serves {'/'.join(engine.tasks)}, not {task!r}"
+                             + (" (load it with convert='classify' or 'embed')" if task in ("embed", "classify") else ""))
+        # validate everything before queueing anything
+        prompts = engine.prepare_prompts(prompts, pooling=True, truncates=[p.truncate_prompt_tokens for p in params])
+        for p in params:
             if p.dimensions is not None and task != "embed":
                 raise ValueError("PoolingParams.dimensions applies to embeddings only")
         ids = [str(next(self._ids)) for _ in prompts]

@@ -32,7 +32,7 @@ def pool_rows(hidden: torch.Tensor, token_ids: list[int], pooling_type: str, ste
 
 def finish(data: torch.Tensor, task: str, params: PoolingParams, config: PoolerConfig, pooling_type: str,
            num_labels: int | None) -> torch.Tensor:
-    """Post-process one request's pooled (and head-applied) output for its task; float32 on CPU."""
+    """Post-process one request's pooled (and head-applied) output for its task; float32."""
     data = data.float()
     if task == "embed":
         if params.dimensions is not None:
@@ -51,4 +51,12 @@ def finish(data: torch.Tensor, task: str, params: PoolingParams, config: PoolerC
             data = data[..., config.returned_token_ids]
         if config.softmax is not False:
             data = data.softmax(-1)
-    return data.cpu()
+    return data
+
+
+def to_cpu(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Move a step's outputs to the host in one copy (one sync) rather than one per request."""
+    if not outputs or outputs[0].device.type == "cpu":
+        return outputs
+    flat = torch.cat([o.reshape(-1) for o in outputs]).cpu()
+    return [chunk.view(o.shape) for chunk, o in zip(flat.split([o.numel() for o in outputs]), outputs)]
