@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kiln.frontend import load_hf_config, load_model, resolve_dtype, resolve_model_path
@@ -16,7 +17,7 @@ from kiln.runtime.config import EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
-from kiln.runtime.pooler import HEAD_TASKS, finish, pool_rows, to_cpu
+from kiln.runtime.pooler import pool_step
 from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import Sampler
@@ -174,13 +175,14 @@ class LLMEngine:
                 ids = self.tokenizer(text).input_ids
         elif limit is not None and isinstance(ids, (list, tuple)):
             ids, token_types = ids[:limit], token_types[:limit] if token_types is not None else None
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        array = np.asarray(ids) if isinstance(ids, (list, tuple)) else None
+        if array is None or (len(ids) and (array.ndim != 1 or array.dtype.kind not in "iu")):
             raise ValueError("prompt_token_ids must be a list of integers")
         if len(ids) == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if array.min() < 0 or array.max() >= self.vocab_size:
+            bad = int(array.min()) if array.min() < 0 else int(array.max())
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if pooling and len(ids) > self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}; "
                              "pass truncate_prompt_tokens to truncate it")
@@ -326,7 +328,9 @@ class LLMEngine:
             return []
         try:
             hidden, _ = self.runner.execute(step)
-            data = self._pool(hidden, step.scheduled)
+            with torch.inference_mode():
+                data = pool_step(hidden, [r.prompt_token_ids for r, _ in step.scheduled],
+                                 [r.pooling_params for r, _ in step.scheduled], self.pooler_config, self.model)
         except Exception as e:
             for req, _ in step.scheduled:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
@@ -339,28 +343,6 @@ class LLMEngine:
             parent = self.parents.pop(req.request_id)
             outputs.append(PoolingRequestOutput(req.request_id, PoolingOutput(out), req.prompt_token_ids, True, parent.prompt))
         return outputs
-
-    @torch.inference_mode()
-    def _pool(self, hidden: torch.Tensor, scheduled) -> list[torch.Tensor]:
-        """Each request's pooled rows, through the model's head where its task has one (one batched
-        call for all of them), post-processed for its task."""
-        config, model = self.pooler_config, self.model
-        pooled, types, start = [], [], 0
-        for req, n in scheduled:
-            task = req.pooling_params.task
-            ptype = "ALL" if task == "token_classify" else config.pooling_type
-            pooled.append(pool_rows(hidden[start:start + n], req.prompt_token_ids, ptype, config.step_tag_id))
-            types.append(ptype)
-            start += n
-        uses_head = [hasattr(model, "head") and r.pooling_params.task in HEAD_TASKS for r, _ in scheduled]
-        if any(uses_head):
-            rows = [p if p.dim() == 2 else p[None] for p, h in zip(pooled, uses_head) if h]
-            heads = model.head(torch.cat(rows)).split([r.shape[0] for r in rows])
-            it = iter(heads)
-            pooled = [(next(it) if p.dim() == 2 else next(it)[0]) if h else p for p, h in zip(pooled, uses_head)]
-        num_labels = getattr(model, "num_labels", None)
-        return to_cpu([finish(p, r.pooling_params.task, r.pooling_params, config, t, num_labels)
-                       for p, (r, _), t in zip(pooled, scheduled, types)])
 
     def _append_token(self, req: Request, i: int, sampled) -> None:
         token = sampled.token_ids[i]
