@@ -268,7 +268,8 @@ class LLMEngine:
             raise ValueError(f"{self.architecture} serves {'/'.join(self.tasks)}, not {task!r}"
                              + (" (try convert='classify' or 'embed')" if task in ("embed", "classify") else ""))
         text, ids, token_types = self.tokenize(prompt, pooling=True, truncate=params.truncate_prompt_tokens)
-        req = Request(request_id, ids, None, 0, pooling_params=params.clone(task=task), token_type_ids=token_types)
+        params = params if params.task == task else params.clone(task=task)
+        req = Request(request_id, ids, None, 0, pooling_params=params, token_type_ids=token_types)
         parent = _Parent(request_id, text, ids, [req], [None])
         req.parent = parent
         self.requests[request_id] = req

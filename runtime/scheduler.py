@@ -136,6 +136,6 @@ class PoolingScheduler:
         return out
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        if req in self.waiting:
+        if req.status == RequestStatus.WAITING:  # (a scheduled request has already left the queue)
             self.waiting.remove(req)
         req.status = status

@@ -21,7 +21,22 @@ from kiln.ir import AttentionMetadata, ForwardContext, ops, set_forward_context
 ])
 def test_opcheck(op, args):
     """Schema, fake implementation and autograd registration are consistent (torch's own checker)."""
-    torch.library.opcheck(op, args(), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op.op, args(), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_ops_are_registered_custom_ops_that_trace_as_one_node():
+    """Eager calls skip the dispatcher; under torch.compile the op is one opaque kiln node."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, w = torch.randn(3, 4), torch.randn(6, 4)
+    out = torch.compile(lambda a, b: ops.silu_and_mul(ops.linear(a, b)), backend=backend, fullgraph=True)(x, w)
+    torch.testing.assert_close(out, ops.silu_and_mul(ops.linear(x, w)))
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets == ["kiln.linear.default", "kiln.silu_and_mul.default"]
 
 
 def test_norms_match_hf():
