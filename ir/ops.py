@@ -239,6 +239,7 @@ def attention(
     scale: float,
     sliding_window: int = 0,
     causal: bool = True,
+    soft_cap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of this step's queries over each sequence's context.
 
@@ -248,7 +249,8 @@ def attention(
     then attends over the cached context. `sliding_window` 0 means full attention; a window W
     keeps, for causal attention, the keys with 0 <= q_pos - k_pos < W (HF's `sliding_window`) and,
     for bidirectional attention (causal=False), those with |q_pos - k_pos| <= W // 2: W is the
-    whole window around the query, as ModernBERT's `local_attention`.
+    whole window around the query, as ModernBERT's `local_attention`. `soft_cap` > 0 caps the
+    scores as cap * tanh(score / cap) before the softmax (Gemma 2).
     """
     ctx = get_forward_context()
     md = ctx.attn
@@ -259,7 +261,7 @@ def attention(
         v_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
 
     if k_cache is None and md.num_seqs > 1:
-        return _padded_attention(q, k, v, md, scale, sliding_window, causal)
+        return _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap)
     out = torch.empty_like(q)
     decode_rows, decode_seqs = [], []
     start = 0
@@ -273,15 +275,22 @@ def attention(
             vs = _seq_kv(v, v_cache, md.block_tables[i], start, end, seq_len)
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = _mask(q_pos, torch.arange(seq_len, device=q.device), causal, sliding_window)
-            out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale)[0]
+            out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale, soft_cap)[0]
         start = end
     if decode_seqs:
-        out[decode_rows] = _decode_attention(q[decode_rows], k_cache, v_cache, md, decode_seqs, scale, sliding_window)
+        out[decode_rows] = _decode_attention(q[decode_rows], k_cache, v_cache, md, decode_seqs, scale, sliding_window,
+                                             soft_cap)
     return out
 
 
-def _sdpa(q, k, v, mask, scale):
+def _sdpa(q, k, v, mask, scale, soft_cap=0.0):
     """q [B, Q, H, D], k/v [B, K, Hkv, D], mask [B or 1, Q, K] bool -> [B, Q, H, D]."""
+    if soft_cap > 0:  # SDPA cannot cap scores: spell the attention out
+        group = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        scores = (soft_cap * torch.tanh(scores / soft_cap)).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1),
         scale=scale, enable_gqa=q.shape[2] != k.shape[2],
@@ -289,16 +298,16 @@ def _sdpa(q, k, v, mask, scale):
     return out.transpose(1, 2)
 
 
-def _padded_attention(q, k, v, md, scale, sliding_window, causal):
+def _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap):
     """Whole sequences and no cache (a pooling step): pad each to the longest and attend in one
     batched call, instead of one call per sequence."""
     rows, valid = md.padded_layout(q.device)  # [B, L] token row of each padded position, and which are real
     pos = torch.arange(rows.shape[1], device=q.device)
     mask = _mask(pos, pos, causal, sliding_window)[None] & valid[:, None, :]
-    return _sdpa(q[rows], k[rows], v[rows], mask, scale)[valid]
+    return _sdpa(q[rows], k[rows], v[rows], mask, scale, soft_cap)[valid]
 
 
-def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window):
+def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft_cap):
     """One query per sequence, batched: gather each sequence's blocks, mask the padding."""
     seq_lens = torch.tensor([md.seq_lens[i] for i in seqs], device=q.device)
     max_blocks = -(-int(seq_lens.max()) // k_cache.shape[1])
@@ -306,9 +315,9 @@ def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window):
     ks, vs = k_cache[tables].flatten(1, 2), v_cache[tables].flatten(1, 2)  # [B, max_blocks*bs, Hkv, D]
     k_pos = torch.arange(ks.shape[1], device=q.device)
     mask = _mask((seq_lens - 1)[:, None], k_pos[None, :], True, sliding_window) & (k_pos[None, :] < seq_lens[:, None])[:, None, :]
-    return _sdpa(q.unsqueeze(1), ks, vs, mask, scale)[:, 0]
+    return _sdpa(q.unsqueeze(1), ks, vs, mask, scale, soft_cap)[:, 0]
 
 
 @attention.register_fake
-def _(q, k, v, layer, scale, sliding_window=0, causal=True):
+def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0):
     return torch.empty_like(q)

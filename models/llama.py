@@ -132,13 +132,10 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
-    @property
-    def num_kv_heads(self) -> int:
-        return self.model.layers[0].self_attn.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.model.layers[0].self_attn.head_dim
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head dim): the shape of the paged KV cache the runner allocates."""
+        attn = self.model.layers[0].self_attn
+        return len(self.model.layers), attn.num_kv_heads, attn.head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

@@ -68,12 +68,37 @@ def _tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
     return tasks + ("score",) if "embed" in tasks and "score" not in tasks else tasks  # score: cosine of embeddings
 
 
-def resolve_architecture(architectures: list[str] | None, runner: str = "generate",
-                         convert: str = "auto") -> tuple[str, type, tuple[str, ...]]:
+def resolve_architecture(architectures: list[str] | None, runner: str = "generate", convert: str = "auto",
+                         model_impl: str = "auto", config=None) -> tuple[str, type, tuple[str, ...]]:
     """The first of `architectures` kiln serves for `runner` (and `convert`): its name, class and
-    tasks. Otherwise a ValueError naming what was asked and listing what is supported."""
+    tasks. model_impl "kiln" takes only native implementations, "transformers" only the
+    Transformers backend, "auto" a native one when there is one, else the backend. Otherwise a
+    ValueError naming what was asked and listing what is supported."""
     if convert not in ("auto", "none") + CONVERTS:
         raise ValueError(f"convert={convert!r} is not supported; use 'auto', {', '.join(repr(c) for c in CONVERTS)}")
+    if model_impl not in ("auto", "kiln", "transformers"):
+        raise ValueError(f"model_impl={model_impl!r} is not supported; use 'auto', 'kiln' or 'transformers'")
+    if model_impl != "transformers":
+        found = _resolve_native(architectures, runner, convert)
+        if found is not None:
+            return found
+    if model_impl != "kiln" and config is not None:
+        from kiln.models import transformers_backend as backend
+
+        for arch in architectures or []:
+            if backend.serves(config, arch, runner):
+                cls, tasks = backend.backend_class(arch, runner, convert)
+                return arch, cls, tasks
+    supported = ", ".join(f"{a} ({'/'.join(e.tasks)})" for a, e in sorted(_MODELS.items()))
+    raise ValueError(
+        f"Model architectures {architectures or []} are not supported for runner={runner!r}"
+        f"{'' if runner == 'generate' else f', convert={convert!r}'}"
+        f"{'' if model_impl == 'auto' else f', model_impl={model_impl!r}'}. Natively supported architectures: "
+        f"{supported}; any other architecture that the installed transformers ships runs on the Transformers backend."
+    )
+
+
+def _resolve_native(architectures, runner: str, convert: str):
     for arch in architectures or []:
         entry = _MODELS.get(arch)
         if entry is None:
@@ -88,8 +113,4 @@ def resolve_architecture(architectures: list[str] | None, runner: str = "generat
             target = "embed" if convert == "auto" else convert
             tasks = {"embed": ("embed",), "classify": ("classify", "score"), "reward": ("reward",)}[target]
             return arch, _load(entry, target), _tasks(tasks)
-    supported = ", ".join(f"{a} ({'/'.join(e.tasks)})" for a, e in sorted(_MODELS.items()))
-    raise ValueError(
-        f"Model architectures {architectures or []} are not supported for runner={runner!r}"
-        f"{'' if runner == 'generate' else f', convert={convert!r}'}. Supported architectures: {supported}"
-    )
+    return None

@@ -15,6 +15,7 @@ class EngineConfig:
     revision: str | None = None
     runner: str = "generate"
     convert: str = "auto"
+    model_impl: str = "auto"  # "kiln" (native), "transformers" (the Transformers backend) or "auto"
     pooler_config: Any = None  # PoolerConfig or dict
     dtype: Any = "auto"
     seed: int = 0

@@ -51,7 +51,9 @@ class LLMEngine:
         path = resolve_model_path(config.model, config.revision)
         self.hf_config = load_hf_config(path, config.hf_overrides, config.trust_remote_code)
         self.architecture, model_cls, self.tasks = resolve_architecture(
-            getattr(self.hf_config, "architectures", None), config.runner, config.convert)
+            getattr(self.hf_config, "architectures", None), config.runner, config.convert, config.model_impl,
+            self.hf_config)
+        self.model_impl = "transformers" if hasattr(model_cls, "load") else "kiln"
         self.is_pooling = config.runner == "pooling"
         self.dtype = resolve_dtype(config.dtype, self.hf_config)
         # a model may use fewer positions than its table has (RoBERTa starts counting after the pad id)
@@ -62,13 +64,19 @@ class LLMEngine:
         if self.max_model_len > max_positions:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings={max_positions}")
         self.vocab_size = self.hf_config.vocab_size
-        logger.info("kiln: %s (%s as %s, tasks %s) in %s on %s, native implementation", path, self.architecture,
-                    model_cls.__name__, "/".join(self.tasks), self.dtype, self.device)
+        logger.info("kiln: %s (%s as %s, tasks %s) in %s on %s, %s", path, self.architecture, model_cls.__name__,
+                    "/".join(self.tasks), self.dtype, self.device,
+                    "Transformers modeling backend" if self.model_impl == "transformers" else "native implementation")
         if not config.enforce_eager:
             logger.info("kiln: the compiled path is not built yet; running eager (reference ops)")
 
         torch.manual_seed(config.seed)
-        self.model = load_model(model_cls, self.hf_config, self.architecture, self.dtype, self.device, path, self.max_model_len)
+        if self.model_impl == "transformers":  # transformers loads its own weights
+            self.model = model_cls.load(path, self.hf_config, self.architecture, self.dtype, self.device,
+                                        config.trust_remote_code)
+        else:
+            self.model = load_model(model_cls, self.hf_config, self.architecture, self.dtype, self.device, path,
+                                    self.max_model_len)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             from transformers import AutoTokenizer

@@ -32,13 +32,13 @@ class LLM:
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
                  enforce_eager: bool = False, hf_overrides: dict | Callable | None = None,
                  trust_remote_code: bool = False, skip_tokenizer_init: bool = False, runner: str = "generate",
-                 convert: str = "auto", pooler_config: Any = None, **kwargs: Any):
+                 convert: str = "auto", pooler_config: Any = None, model_impl: str = "auto", **kwargs: Any):
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, hf_overrides=hf_overrides,
             trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init, runner=runner,
-            convert=convert, pooler_config=pooler_config, **kwargs))
+            convert=convert, pooler_config=pooler_config, model_impl=model_impl, **kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

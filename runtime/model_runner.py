@@ -27,15 +27,17 @@ class ModelRunner:
         self.model, self.block_size, self.device = model, block_size, device
         self.kv_caches = None
         if num_blocks > 0:
-            shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+            num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
+            shape = (num_blocks, block_size, num_kv_heads, head_dim)
             # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN
             self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                              for _ in range(len(model.model.layers))]
+                              for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * len(model.model.layers) * block_size * model.num_kv_heads * model.head_dim * itemsize
+        num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, StepRows]:

@@ -101,6 +101,6 @@ def test_encoder_bad_input(tmp_path, wordpiece):
     assert len(llm.embed(" ".join(["word"] * 100), truncate_prompt_tokens=-1, use_tqdm=False)[0].prompt_token_ids) == 64
     with pytest.raises(ValueError, match="not 'classify'"):
         llm.classify("hello", use_tqdm=False)
-    with pytest.raises(ValueError, match="not supported for runner='generate'"):
+    with pytest.raises(ValueError, match="not supported for runner='generate'"):  # BertModel cannot generate
         LLM(path)
     assert len(llm.embed(TEXTS, use_tqdm=False)) == 3

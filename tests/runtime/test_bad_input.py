@@ -72,7 +72,7 @@ def test_unknown_architecture_names_it_and_lists_supported(llama_path, tmp_path)
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = ["FancyNewForCausalLM"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"FancyNewForCausalLM.*Supported architectures: .*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"FancyNewForCausalLM.*Natively supported architectures: .*LlamaForCausalLM"):
         LLM(str(path))
 
 
