@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--model", default=None, help="an existing checkpoint instead of a random one")
+    p.add_argument("--model-impl", choices=["kiln", "transformers"], default="kiln",
+                   help="transformers: also time kiln's Transformers modeling backend against the native model")
     return p.parse_args()
 
 
@@ -131,10 +133,14 @@ def main() -> None:
     prompt_tokens = sum(len(ids) for ids, _ in work)
 
     llm = LLM(path, dtype=dtype, max_num_seqs=args.max_num_seqs, seed=args.seed, device=device.type,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, model_impl="kiln")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     sides = {"kiln": lambda w: run_kiln(llm, w), "hf": lambda w: run_hf(hf, w, args.hf_batch_size, pad_id, device)}
+    if args.model_impl == "transformers":
+        backend = LLM(path, dtype=dtype, max_num_seqs=args.max_num_seqs, seed=args.seed, device=device.type,
+                      enable_prefix_caching=False, model_impl="transformers")
+        sides["kiln-transformers"] = lambda w: run_kiln(backend, w)
     for run in sides.values():
         run(warmup)
     # alternate the sides, so that a noisy spell on the machine hits both rather than one
@@ -144,7 +150,7 @@ def main() -> None:
             secs, useful[name] = timed(lambda: run(work), device)
             times[name].append(secs)
     kiln_out, hf_out = useful["kiln"], useful["hf"]
-    assert kiln_out == hf_out, f"useful output tokens differ: kiln {kiln_out}, HF {hf_out}"
+    assert len(set(useful.values())) == 1, f"useful output tokens differ: {useful}"
     kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"])
 
     params = sum(p.numel() for p in hf.parameters())
@@ -157,10 +163,15 @@ def main() -> None:
           f"useful output tokens kiln {kiln_out}, HF {hf_out} (len {args.min_output}..{args.max_output}) | "
           f"HF batch {args.hf_batch_size} | median of {args.repeats}")
     rows = [("kiln LLM.generate", kiln_s), (f"HF generate (bs={args.hf_batch_size})", hf_s)]
+    if "kiln-transformers" in times:
+        rows.insert(1, ("kiln, Transformers backend", statistics.median(times["kiln-transformers"])))
     print(f"{'':28}{'time s':>10}{'output tok/s':>16}{'total tok/s':>16}")
     for name, secs in rows:
         print(f"{name:28}{secs:10.2f}{kiln_out / secs:16.1f}{(prompt_tokens + kiln_out) / secs:16.1f}")
     print(f"{'ratio kiln/HF':28}{'':10}{hf_s / kiln_s:16.2f}{hf_s / kiln_s:16.2f}")
+    if "kiln-transformers" in times:
+        ratio = kiln_s / statistics.median(times["kiln-transformers"])
+        print(f"{'ratio backend/native':28}{'':10}{ratio:16.2f}{ratio:16.2f}")
     if args.repeats > 1:
         print("runs s: " + ", ".join(f"{n} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
     if tmp is not None:
