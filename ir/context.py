@@ -23,6 +23,8 @@ class AttentionMetadata:
     query_lens: list[int]  # per sequence, tokens computed this step
     seq_lens: list[int]  # per sequence, context length after this step
     block_size: int
+    # encoder-decoder models: per sequence, its slot in the cross-attention cache
+    cross_slots: list[int] | None = None
     _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -48,6 +50,9 @@ class ForwardContext:
     # kv_caches[layer] = (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim];
     # None for models that keep no cache (encoders run the whole sequence in one step).
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None
+    # cross_kv_caches[layer] = (keys, values), each [num_slots, encoder_len, num_kv_heads, head_dim]:
+    # an encoder-decoder request's encoder output projected once, read by `cross_attention`.
+    cross_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 _current: ForwardContext | None = None

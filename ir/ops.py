@@ -284,15 +284,17 @@ def attention(
 
 
 def _sdpa(q, k, v, mask, scale, soft_cap=0.0):
-    """q [B, Q, H, D], k/v [B, K, Hkv, D], mask [B or 1, Q, K] bool -> [B, Q, H, D]."""
+    """q [B, Q, H, D], k/v [B, K, Hkv, D], mask [B or 1, Q, K] bool or None (attend to all) -> [B, Q, H, D]."""
     if soft_cap > 0:  # SDPA cannot cap scores: spell the attention out
         group = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-        scores = (soft_cap * torch.tanh(scores / soft_cap)).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1),
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1) if mask is not None else None,
         scale=scale, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
@@ -316,6 +318,30 @@ def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft
     k_pos = torch.arange(ks.shape[1], device=q.device)
     mask = _mask((seq_lens - 1)[:, None], k_pos[None, :], True, sliding_window) & (k_pos[None, :] < seq_lens[:, None])[:, None, :]
     return _sdpa(q.unsqueeze(1), ks, vs, mask, scale, soft_cap)[:, 0]
+
+
+@kiln_op("cross_attention")
+def cross_attention(q: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """Encoder-decoder attention: q [T, H, D] of this step's decoder tokens over each sequence's
+    encoder output, whose keys and values were projected once and stored in the forward
+    context's `cross_kv_caches[layer]` at the sequence's `cross_slots` entry -> [T, H, D].
+    Every decoder token sees the whole encoder output (no mask)."""
+    ctx = get_forward_context()
+    md = ctx.attn
+    k_cache, v_cache = ctx.cross_kv_caches[layer]
+    if all(n == 1 for n in md.query_lens):  # decode: one query per sequence, batched
+        slots = torch.tensor(md.cross_slots, device=q.device)
+        return _sdpa(q.unsqueeze(1), k_cache[slots], v_cache[slots], None, scale)[:, 0]
+    out, start = torch.empty_like(q), 0
+    for n, slot in zip(md.query_lens, md.cross_slots):
+        out[start:start + n] = _sdpa(q[start:start + n][None], k_cache[slot][None], v_cache[slot][None], None, scale)[0]
+        start += n
+    return out
+
+
+@cross_attention.register_fake
+def _(q, layer, scale):
+    return torch.empty_like(q)
 
 
 @attention.register_fake

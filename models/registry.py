@@ -45,6 +45,7 @@ _MODELS: dict[str, ModelEntry] = {
        for family in ("Llama", "Mistral", "Qwen2", "Qwen3")},
     **{f"{family}ForSequenceClassification": ModelEntry("llama", "LlamaForCausalLM", ("classify", "score"), "classify")
        for family in ("Llama", "Mistral", "Qwen2", "Qwen3")},
+    "WhisperForConditionalGeneration": ModelEntry("whisper", "WhisperForConditionalGeneration", ("generate", "transcribe")),
     "Qwen2ForRewardModel": ModelEntry("llama", "Qwen2ForRewardModel", ("reward",)),
     "Qwen2ForProcessRewardModel": ModelEntry("llama", "Qwen2ForProcessRewardModel", ("reward",)),
 }

@@ -22,7 +22,7 @@ from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.scheduler import PoolingScheduler, Scheduler
+from kiln.runtime.scheduler import CrossSlots, PoolingScheduler, Scheduler
 
 logger = logging.getLogger("kiln")
 
@@ -84,6 +84,7 @@ class LLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 config.tokenizer or path, trust_remote_code=config.trust_remote_code, revision=config.revision)
         self.eos_token_ids = self._eos_token_ids(path)
+        self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
         if hasattr(self.model, "convert_from_tokens"):
             self.model.convert_from_tokens(self.tokenizer)
         self.parents: dict[str, _Parent] = {}
@@ -99,16 +100,22 @@ class LLMEngine:
             return
 
         block_size = config.block_size
-        num_blocks = self._num_kv_blocks(block_size)
+        num_blocks, num_cross_slots = self._plan_caches(block_size)
+        if self.is_encoder_decoder and num_cross_slots < 1:
+            raise ValueError("the cache budget holds no cross-attention slot: give the cache more memory")
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len={self.max_model_len}: "
                 "lower max_model_len or give the cache more memory (kv_cache_memory / gpu_memory_utilization)")
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device, num_cross_slots)
+        # a decoder's self-attention KV depends on its encoder input too: no prefix sharing across audio
+        self.block_manager = BlockManager(num_blocks, block_size,
+                                          config.enable_prefix_caching and not self.is_encoder_decoder)
         if not config.enable_chunked_prefill:
             max_batched = max(max_batched, self.max_model_len)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill,
+                                   CrossSlots(num_cross_slots) if self.is_encoder_decoder else None)
+        self.feature_extractor = self._feature_extractor(path) if self.is_encoder_decoder else None
 
     # ------------------------------------------------------------ setup helpers
 
@@ -139,18 +146,33 @@ class LLMEngine:
             config.normalize = st["normalize"]
         return config
 
-    def _num_kv_blocks(self, block_size: int) -> int:
-        if self.config.num_gpu_blocks_override is not None:
-            return self.config.num_gpu_blocks_override
-        per_block = ModelRunner.bytes_per_block(self.model, block_size, self.dtype)
+    def _plan_caches(self, block_size: int) -> tuple[int, int]:
+        """(KV blocks, cross-attention slots) from the memory budget: free device memory times
+        gpu_memory_utilization on CUDA, `kv_cache_memory` (default 1 GiB) on CPU. An
+        encoder-decoder model gives up to half the budget to cross slots (one per running request)."""
         if self.device.type == "cuda" and self.config.kv_cache_memory is None:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * self.config.gpu_memory_utilization) - (total - free)
         else:
             budget = self.config.kv_cache_memory or _DEFAULT_CPU_KV_CACHE_MEMORY
+        num_cross_slots = 0
+        if self.is_encoder_decoder:
+            per_slot = ModelRunner.bytes_per_cross_slot(self.model, self.dtype)
+            num_cross_slots = min(self.config.max_num_seqs, budget // 2 // per_slot)
+            budget -= num_cross_slots * per_slot
+        if self.config.num_gpu_blocks_override is not None:
+            return self.config.num_gpu_blocks_override, num_cross_slots
+        per_block = ModelRunner.bytes_per_block(self.model, block_size, self.dtype)
         # never more than every sequence at full length needs (plus room for the prefix cache)
         useful = 2 * self.config.max_num_seqs * -(-self.max_model_len // block_size)
-        return max(min(budget // per_block, useful), 0)
+        return max(min(budget // per_block, useful), 0), num_cross_slots
+
+    def _feature_extractor(self, path: str):
+        from transformers import WhisperFeatureExtractor
+
+        if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+            return WhisperFeatureExtractor.from_pretrained(path)
+        return WhisperFeatureExtractor(feature_size=self.hf_config.num_mel_bins)
 
     # ------------------------------------------------------------ requests
 
@@ -177,10 +199,10 @@ class LLMEngine:
                 raise ValueError(f"prompt must be a string, got {type(text).__name__}")
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer: pass prompt_token_ids when skip_tokenizer_init=True")
-            if limit is not None:  # the tokenizer's own truncation keeps its special tokens in place
-                ids = self.tokenizer(text, truncation=True, max_length=limit).input_ids
-            else:
-                ids = self.tokenizer(text).input_ids
+            # the tokenizer's own truncation keeps its special tokens in place; a decoder prompt of an
+            # encoder-decoder model is spelled out token by token (Whisper's tokenizer would add its own)
+            kwargs = {"truncation": True, "max_length": limit} if limit is not None else {}
+            ids = self.tokenizer(text, add_special_tokens=not self.is_encoder_decoder, **kwargs).input_ids
         elif limit is not None and isinstance(ids, (list, tuple)):
             ids, token_types = ids[:limit], token_types[:limit] if token_types is not None else None
         array = np.asarray(ids) if isinstance(ids, (list, tuple)) else None
@@ -206,6 +228,10 @@ class LLMEngine:
         per truncation length; -> {"prompt", "prompt_token_ids", "token_type_ids"?} dicts that
         add_request / add_pooling_request take without tokenizing again."""
         truncates = truncates or [None] * len(prompts)
+        audio = [None] * len(prompts)
+        if self.is_encoder_decoder:
+            split = [self.encoder_decoder_prompt(p) for p in prompts]
+            prompts, audio = [d for d, _ in split], [f for _, f in split]
         texts: dict[int | None, list[int]] = {}
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt_token_ids" not in prompt
@@ -217,6 +243,7 @@ class LLMEngine:
                 batch = [prompts[i] if isinstance(prompts[i], str) else prompts[i]["prompt"] for i in idx]
                 limit = self.max_model_len if truncate == -1 else truncate
                 kwargs = {"truncation": True, "max_length": limit} if limit is not None else {}
+                kwargs["add_special_tokens"] = not self.is_encoder_decoder
                 for i, ids in zip(idx, self.tokenizer(batch, **kwargs).input_ids):
                     encoded[i] = ids
         prepared = []
@@ -226,8 +253,32 @@ class LLMEngine:
                 prompt = {**(prompt if isinstance(prompt, dict) else {}), "prompt": text, "prompt_token_ids": encoded[i]}
             text, ids, types = self.tokenize(prompt, pooling, truncates[i])
             prepared.append({"prompt": text, "prompt_token_ids": ids}
-                            | ({"token_type_ids": types} if types is not None else {}))
+                            | ({"token_type_ids": types} if types is not None else {})
+                            | ({"encoder_input": audio[i]} if audio[i] is not None else {}))
         return prepared
+
+    def encoder_decoder_prompt(self, prompt) -> tuple[dict | str, torch.Tensor]:
+        """An encoder-decoder prompt, as vLLM takes it -> (decoder prompt, encoder features):
+        {"prompt": decoder text, "multi_modal_data": {"audio": (waveform, sample_rate)}} or
+        {"encoder_prompt": {"prompt": "", "multi_modal_data": {...}}, "decoder_prompt": ...}."""
+        from kiln.runtime.audio import load_audio, log_mel
+
+        if isinstance(prompt, dict) and "encoder_input" in prompt:
+            return prompt, prompt["encoder_input"]
+        if isinstance(prompt, dict) and "encoder_prompt" in prompt:
+            encoder, decoder = prompt["encoder_prompt"], prompt.get("decoder_prompt")
+            data = encoder.get("multi_modal_data") if isinstance(encoder, dict) else None
+        elif isinstance(prompt, dict) and "multi_modal_data" in prompt:
+            data = prompt["multi_modal_data"]
+            decoder = {k: v for k, v in prompt.items() if k in ("prompt", "prompt_token_ids")}
+        else:
+            data = decoder = None
+        if not isinstance(data, dict) or data.get("audio") is None:
+            raise ValueError(f"{self.architecture} transcribes audio: pass {{'prompt': ..., 'multi_modal_data': "
+                             "{'audio': (waveform, sample_rate)}}, or use LLM.transcribe")
+        if decoder is None or decoder == {}:
+            decoder = "<|startoftranscript|>"
+        return decoder, log_mel(self.feature_extractor, load_audio(data["audio"]))
 
     def add_request(self, request_id: str, prompt, params: SamplingParams, priority: int = 0) -> None:
         if request_id in self.parents:
@@ -242,6 +293,9 @@ class LLMEngine:
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > self.vocab_size:
                 raise ValueError(f"SamplingParams.{name}={getattr(params, name)} exceeds the vocabulary size {self.vocab_size}")
+        encoder_input = None
+        if self.is_encoder_decoder:
+            prompt, encoder_input = self.encoder_decoder_prompt(prompt)
         text, ids, _ = self.tokenize(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
@@ -255,6 +309,7 @@ class LLMEngine:
         ]
         parent = _Parent(request_id, text, ids, children)
         for child in children:
+            child.encoder_input = encoder_input
             detok = None
             if self.tokenizer is not None and params.detokenize:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
@@ -307,6 +362,9 @@ class LLMEngine:
         if not step.scheduled:
             return []
         try:
+            to_encode = [r for r, _ in step.scheduled if r.encoder_input is not None and not r.encoded]
+            if to_encode:  # encoder runs of newly admitted requests, batched, before the decoder step
+                self.runner.encode(to_encode)
             hidden, rows = self.runner.execute(step)
             logit_rows = [row for _, row in rows.sample] + [row for _, rs, _ in rows.prompt for row in rs]
             logits = self.runner.compute_logits(hidden, logit_rows) if logit_rows else None

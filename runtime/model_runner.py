@@ -22,10 +22,17 @@ class StepRows:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        """num_blocks 0: no KV cache (pooling models compute each sequence whole in one step)."""
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 num_cross_slots: int = 0):
+        """num_blocks 0: no KV cache (pooling models compute each sequence whole in one step).
+        num_cross_slots: encoder-decoder models' cross-attention cache, one slot per request."""
         self.model, self.block_size, self.device = model, block_size, device
-        self.kv_caches = None
+        self.kv_caches = self.cross_kv_caches = None
+        if num_cross_slots:
+            num_layers, heads, head_dim = model.kv_cache_spec()
+            shape = (num_cross_slots, model.encoder_len, heads, head_dim)
+            self.cross_kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                                     torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
         if num_blocks > 0:
             num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
             shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -38,6 +45,23 @@ class ModelRunner:
         itemsize = torch.empty((), dtype=dtype).element_size()
         num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    @staticmethod
+    def bytes_per_cross_slot(model: nn.Module, dtype: torch.dtype) -> int:
+        num_layers, heads, head_dim = model.kv_cache_spec()
+        return 2 * num_layers * model.encoder_len * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @torch.inference_mode()
+    def encode(self, requests: list[Request]) -> None:
+        """Run the encoder once over these requests' inputs, batched, and write each decoder
+        layer's cross keys and values into the requests' cross-cache slots."""
+        dtype = self.cross_kv_caches[0][0].dtype
+        features = torch.stack([r.encoder_input for r in requests]).to(self.device, dtype)
+        slots = torch.tensor([r.cross_slot for r in requests], device=self.device)
+        for (k_cache, v_cache), (k, v) in zip(self.cross_kv_caches, self.model.encode(features)):
+            k_cache[slots], v_cache[slots] = k.to(dtype), v.to(dtype)
+        for r in requests:
+            r.encoded = True
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, StepRows]:
@@ -67,13 +91,14 @@ class ModelRunner:
             block_tables[i, :len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.long)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs)
+            block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs,
+            cross_slots=[r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None)
         extra = {}
         if any(r.token_type_ids is not None for r, _ in step.scheduled):
             types = [t for r, n in step.scheduled
                      for t in (r.token_type_ids or [0] * r.num_tokens)[r.num_computed_tokens:r.num_computed_tokens + n]]
             extra["token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
-        with set_forward_context(ForwardContext(metadata, self.kv_caches)):
+        with set_forward_context(ForwardContext(metadata, self.kv_caches, self.cross_kv_caches)):
             hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                                 torch.tensor(positions, dtype=torch.long, device=self.device), **extra)
         return hidden, rows

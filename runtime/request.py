@@ -38,6 +38,11 @@ class Request:
         self.params = params
         self.pooling_params = pooling_params
         self.token_type_ids = token_type_ids  # segment ids of a sentence pair (cross-encoders)
+        # encoder-decoder requests: the encoder's input (e.g. log-mel features [80, 3000]), the
+        # cross-attention cache slot holding its projected output, and whether it is written yet
+        self.encoder_input: torch.Tensor | None = None
+        self.cross_slot: int | None = None
+        self.encoded = False
         self.max_tokens = max_tokens
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time

@@ -33,8 +33,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, cross_slots: "CrossSlots | None" = None):
         self.block_manager = block_manager
+        self.cross_slots = cross_slots  # encoder-decoder models: a request holds one from admission to finish
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -77,8 +78,13 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
+            needs_slot = req.encoder_input is not None and req.cross_slot is None
+            if needs_slot and not self.cross_slots.num_free:
+                break
             if not bm.allocate(req, num_new, cached):
                 break
+            if needs_slot:
+                self.cross_slots.allocate(req)
             self.waiting.popleft()
             req.num_computed_tokens += len(cached) * bm.block_size
             if req.num_preemptions == 0:
@@ -104,7 +110,30 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.block_manager.free(req)
+        if self.cross_slots is not None:
+            self.cross_slots.free(req)
         req.status = status
+
+
+class CrossSlots:
+    """The cross-attention cache's slots: an encoder-decoder request takes one when admitted (its
+    encoder output's keys and values are written there once) and gives it back when it finishes.
+    A preempted request keeps its slot: recomputing its decoder tokens needs no second encoder run."""
+
+    def __init__(self, num_slots: int):
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_slots)
+
+    def allocate(self, req: Request) -> None:
+        req.cross_slot, req.encoded = self.free_slots.pop(), False
+
+    def free(self, req: Request) -> None:
+        if req.cross_slot is not None:
+            self.free_slots.append(req.cross_slot)
+            req.cross_slot = None
 
 
 class PoolingScheduler:

@@ -14,7 +14,7 @@ from kiln.models import supported_architectures
 from kiln.runtime.demo import build_checkpoint, tiny_config
 
 TEXTS = ["Hello, my name is", "The capital of France is a city that", "Once upon a time there was a small engine"]
-FAMILIES = sorted(a for a, e in supported_architectures().items() if "generate" in e.tasks)
+FAMILIES = sorted(a for a, e in supported_architectures().items() if e.tasks == ("generate",))
 
 
 def ids_of(tokenizer, text) -> torch.Tensor:
