@@ -57,6 +57,56 @@ def train_wordpiece_tokenizer(vocab_size: int = 256):
                              cls_token="[CLS]", mask_token="[MASK]")
 
 
+WHISPER_LANGUAGES = ("en", "de", "fr", "es")
+
+
+def train_whisper_tokenizer():
+    """A byte-level BPE tokenizer with Whisper's special tokens: <|endoftext|>, <|startoftranscript|>,
+    language tokens, <|translate|>, <|transcribe|>, <|notimestamps|> and the 1501 timestamps
+    <|0.00|> .. <|30.00|> (last, so every id from <|0.00|> up is a timestamp, as in Whisper)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in WHISPER_LANGUAGES]
+                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+                   "<|notimestamps|>"])
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+    return fast
+
+
+def build_whisper_checkpoint(path: str, seed: int = 0, tokenizer=None, **overrides) -> str:
+    """A tiny random WhisperForConditionalGeneration (80 mel bins, the real 30-second window)."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    tokenizer = tokenizer or train_whisper_tokenizer()
+    fields = dict(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+                  max_source_positions=1500, max_target_positions=128, init_std=0.2,
+                  decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.eos_token_id, architectures=["WhisperForConditionalGeneration"])
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(WhisperConfig(**fields))
+    model.generation_config.forced_decoder_ids = None
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    from transformers import WhisperFeatureExtractor
+
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+    return path
+
+
 def tiny_config(architecture: str = "LlamaForCausalLM", vocab_size: int = 384, **overrides):
     """A shrunk HF config of one of the served families."""
     from transformers import AutoConfig

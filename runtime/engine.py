@@ -288,8 +288,8 @@ class LLMEngine:
                              "use embed/classify/score/reward/encode, or load it with runner='generate'")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if any(t >= self.vocab_size for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be < vocab size {self.vocab_size}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids + (params.allowed_token_ids or [])):
+            raise ValueError(f"stop_token_ids and allowed_token_ids must be < vocab size {self.vocab_size}")
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > self.vocab_size:
                 raise ValueError(f"SamplingParams.{name}={getattr(params, name)} exceeds the vocabulary size {self.vocab_size}")

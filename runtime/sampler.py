@@ -76,6 +76,11 @@ class Sampler:
         params = [r.params for r in requests]
 
         logits = logits.clone()
+        for i, p in enumerate(params):
+            if p.allowed_token_ids is not None:
+                allowed = torch.full((V,), float("-inf"), device=device)
+                allowed[p.allowed_token_ids] = 0.0
+                logits[i] += allowed
         for i, r in enumerate(requests):  # min_tokens: no stopping token before then
             if len(r.output_token_ids) < r.params.min_tokens:
                 stops = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(r.params._eos_token_ids))

@@ -29,6 +29,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None  # sample only among these
     # Filled by the engine: the tokenizer's EOS id(s) that end a request unless ignore_eos.
     _eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
 
@@ -75,6 +76,9 @@ class SamplingParams:
             bad("stop", self.stop, "a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):
+            bad("allowed_token_ids", self.allowed_token_ids, "None or a non-empty list of token ids >= 0")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             bad("seed", self.seed, "None or an integer in [0, 2**63)")
 
