@@ -80,4 +80,26 @@ def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: tor
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
+    lay_out_adjacent(model)
     return model.eval()
+
+
+def lay_out_adjacent(model: nn.Module) -> None:
+    """Put the weights of sibling linears (a model's `adjacent_weights`, e.g. q/k/v and gate/up)
+    back to back in one storage, so that the merge_linears pass's single matmul reads them as one
+    matrix with no copy. Same values; the parameters become views of the shared storage."""
+    groups = getattr(model, "adjacent_weights", ())
+    for module in model.modules():
+        for names in groups:
+            linears = [getattr(module, n, None) for n in names]
+            if any(lin is None for lin in linears):
+                continue
+            for attr in ("weight", "bias"):
+                params = [getattr(lin, attr, None) for lin in linears]
+                if any(p is None for p in params):
+                    continue
+                merged = torch.cat([p.detach() for p in params], dim=0)
+                start = 0
+                for p in params:
+                    p.data = merged[start:start + p.shape[0]]
+                    start += p.shape[0]

@@ -65,6 +65,32 @@ def _(x, weight, bias=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@kiln_op("merged_linear")
+def merged_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """Sibling linears on one input as one matmul: x [..., K], weights [N_i, K], biases [N_i] (or [])
+    -> [..., sum N_i], the outputs side by side. Produced by the merge_linears pass, which lays the
+    weights out back to back in one storage, so they are read as one matrix without a copy."""
+    return F.linear(x, _adjacent(weights), _adjacent(biases) if biases else None)
+
+
+def _adjacent(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """cat(tensors, 0) — as a view when they already lie back to back in one storage."""
+    first = tensors[0]
+    end = first.storage_offset()
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.storage_offset() != end
+                or not t.is_contiguous() or t.shape[1:] != first.shape[1:]):
+            return torch.cat(tensors, 0)
+        end += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+@merged_linear.register_fake
+def _(x, weights, biases):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
 @kiln_op("logits")
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
     """hidden [N, E], lm_head [V, E] -> float32 logits [N, V] (matmul in the model dtype, as HF)."""
@@ -240,17 +266,21 @@ def attention(
     sliding_window: int = 0,
     causal: bool = True,
     soft_cap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of this step's queries over each sequence's context.
 
-    q [T, H, D], k and v [T, Hkv, D] (H a multiple of Hkv: grouped-query attention) -> [T, H, D].
+    q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] (H a multiple of Hkv: grouped-query attention; Dv
+    may differ from D, as in multi-head latent attention) -> [T, H, Dv].
     Reads the batch layout from the forward context; when it holds a KV cache, first writes this
     step's k/v into `kv_caches[layer]` at `slot_mapping` (the only op that touches the cache),
     then attends over the cached context. `sliding_window` 0 means full attention; a window W
     keeps, for causal attention, the keys with 0 <= q_pos - k_pos < W (HF's `sliding_window`) and,
     for bidirectional attention (causal=False), those with |q_pos - k_pos| <= W // 2: W is the
     whole window around the query, as ModernBERT's `local_attention`. `soft_cap` > 0 caps the
-    scores as cap * tanh(score / cap) before the softmax (Gemma 2).
+    scores as cap * tanh(score / cap) before the softmax (Gemma 2). `sinks` [H] float32, when
+    given, are attention sinks: one learned logit per head that joins each query's softmax as an
+    extra key with no value, so the weights over the real keys sum to less than one (GPT-OSS).
     """
     ctx = get_forward_context()
     md = ctx.attn
@@ -261,8 +291,8 @@ def attention(
         v_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
 
     if k_cache is None and md.num_seqs > 1:
-        return _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap)
-    out = torch.empty_like(q)
+        return _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     decode_rows, decode_seqs = [], []
     start = 0
     for i, (q_len, seq_len) in enumerate(zip(md.query_lens, md.seq_lens)):
@@ -275,24 +305,32 @@ def attention(
             vs = _seq_kv(v, v_cache, md.block_tables[i], start, end, seq_len)
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = _mask(q_pos, torch.arange(seq_len, device=q.device), causal, sliding_window)
-            out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale, soft_cap)[0]
+            out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale, soft_cap,
+                                   sinks)[0]
         start = end
     if decode_seqs:
         out[decode_rows] = _decode_attention(q[decode_rows], k_cache, v_cache, md, decode_seqs, scale, sliding_window,
-                                             soft_cap)
+                                             soft_cap, sinks)
     return out
 
 
-def _sdpa(q, k, v, mask, scale, soft_cap=0.0):
-    """q [B, Q, H, D], k/v [B, K, Hkv, D], mask [B or 1, Q, K] bool or None (attend to all) -> [B, Q, H, D]."""
-    if soft_cap > 0:  # SDPA cannot cap scores: spell the attention out
+def _sdpa(q, k, v, mask, scale, soft_cap=0.0, sinks=None):
+    """q [B, Q, H, D], k [B, K, Hkv, D], v [B, K, Hkv, Dv], mask [B or 1, Q, K] bool or None (attend
+    to all), sinks [H] or None -> [B, Q, H, Dv]."""
+    if soft_cap > 0 or sinks is not None:  # SDPA can neither cap scores nor add sinks: spell the attention out
         group = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-        scores = soft_cap * torch.tanh(scores / soft_cap)
+        if soft_cap > 0:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
+        if sinks is None:
+            weights = scores.softmax(-1)
+        else:  # the sink is one more logit in each row's softmax; its weight is dropped
+            sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+            weights = torch.cat((scores, sink), -1).softmax(-1)[..., :-1]
+        return torch.einsum("bhqk,bkhd->bqhd", weights, v.float()).to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1) if mask is not None else None,
         scale=scale, enable_gqa=q.shape[2] != k.shape[2],
@@ -300,24 +338,24 @@ def _sdpa(q, k, v, mask, scale, soft_cap=0.0):
     return out.transpose(1, 2)
 
 
-def _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap):
+def _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks):
     """Whole sequences and no cache (a pooling step): pad each to the longest and attend in one
     batched call, instead of one call per sequence."""
     rows, valid = md.padded_layout(q.device)  # [B, L] token row of each padded position, and which are real
     pos = torch.arange(rows.shape[1], device=q.device)
     mask = _mask(pos, pos, causal, sliding_window)[None] & valid[:, None, :]
-    return _sdpa(q[rows], k[rows], v[rows], mask, scale, soft_cap)[valid]
+    return _sdpa(q[rows], k[rows], v[rows], mask, scale, soft_cap, sinks)[valid]
 
 
-def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft_cap):
+def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft_cap, sinks):
     """One query per sequence, batched: gather each sequence's blocks, mask the padding."""
     seq_lens = torch.tensor([md.seq_lens[i] for i in seqs], device=q.device)
     max_blocks = -(-int(seq_lens.max()) // k_cache.shape[1])
     tables = md.block_tables[seqs, :max_blocks]
-    ks, vs = k_cache[tables].flatten(1, 2), v_cache[tables].flatten(1, 2)  # [B, max_blocks*bs, Hkv, D]
+    ks, vs = k_cache[tables].flatten(1, 2), v_cache[tables].flatten(1, 2)  # [B, max_blocks*bs, Hkv, D or Dv]
     k_pos = torch.arange(ks.shape[1], device=q.device)
     mask = _mask((seq_lens - 1)[:, None], k_pos[None, :], True, sliding_window) & (k_pos[None, :] < seq_lens[:, None])[:, None, :]
-    return _sdpa(q.unsqueeze(1), ks, vs, mask, scale, soft_cap)[:, 0]
+    return _sdpa(q.unsqueeze(1), ks, vs, mask, scale, soft_cap, sinks)[:, 0]
 
 
 @kiln_op("cross_attention")
@@ -345,5 +383,5 @@ def _(q, layer, scale):
 
 
 @attention.register_fake
-def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0):
-    return torch.empty_like(q)
+def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0, sinks=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

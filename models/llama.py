@@ -147,6 +147,8 @@ class LlamaForCausalLM(nn.Module):
 
     # Checkpoint names that carry no weight kiln needs (old checkpoints saved the rope table).
     ignored_weights = ("rotary_emb.inv_freq",)
+    # Sibling projections the loader lays out back to back, for the merge_linears pass.
+    adjacent_weights = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class Qwen2ForRewardModel(LlamaForCausalLM):

@@ -28,7 +28,10 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    enforce_eager: bool = False
+    # None: compile on CUDA, run eager on CPU (where compiling costs more than it saves for small
+    # models); False compiles everywhere; True never compiles
+    enforce_eager: bool | None = None
+    compilation_config: dict | None = None  # {"passes": [...], "backend": "inductor"|"eager", "dump_ir": dir}
     hf_overrides: dict | Callable | None = None
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False

@@ -67,8 +67,6 @@ class LLMEngine:
         logger.info("kiln: %s (%s as %s, tasks %s) in %s on %s, %s", path, self.architecture, model_cls.__name__,
                     "/".join(self.tasks), self.dtype, self.device,
                     "Transformers modeling backend" if self.model_impl == "transformers" else "native implementation")
-        if not config.enforce_eager:
-            logger.info("kiln: the compiled path is not built yet; running eager (reference ops)")
 
         torch.manual_seed(config.seed)
         if self.model_impl == "transformers":  # transformers loads its own weights
@@ -97,6 +95,7 @@ class LLMEngine:
             self.runner = ModelRunner(self.model, 0, config.block_size, self.dtype, self.device)
             self.block_manager = None
             self.scheduler = PoolingScheduler(config.max_num_seqs, max_batched)
+            self._compile(path)
             return
 
         block_size = config.block_size
@@ -116,6 +115,39 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill,
                                    CrossSlots(num_cross_slots) if self.is_encoder_decoder else None)
         self.feature_extractor = self._feature_extractor(path) if self.is_encoder_decoder else None
+        self._compile(path)
+
+    def _compile(self, path: str) -> None:
+        """Unless eager: trace the model's forward into kiln's IR, run the passes, lower with
+        Inductor (kiln ops call their device implementation), cached on disk per model build."""
+        eager = self.config.enforce_eager
+        if eager is None:
+            eager = self.device.type != "cuda"
+        self.compiled = not eager
+        if eager:
+            return
+        from kiln import __version__
+        from kiln.codegen import compile_cache_dir, lower
+        from kiln.frontend.trace import trace
+        from kiln.passes import PIPELINE, run_passes
+
+        options = dict(self.config.compilation_config or {})
+        unknown = set(options) - {"passes", "backend", "dump_ir"}
+        if unknown:
+            raise ValueError(f"compilation_config: unknown keys {sorted(unknown)}; known: passes, backend, dump_ir")
+        passes = list(options.get("passes", PIPELINE))
+        backend = options.get("backend", "inductor")
+        dump_dir = options.get("dump_ir")
+        compile_cache_dir(self.hf_config.to_dict(), self.dtype, passes, str(self.device), __version__)
+        counter = iter(range(1000))
+
+        def lower_graph(graph):
+            folder = os.path.join(dump_dir, f"graph{next(counter)}") if dump_dir else None
+            return lower(run_passes(graph, passes, folder), backend)
+
+        self.runner.forward = trace(self.model, lower_graph, strict=self.model_impl == "kiln")
+        logger.info("kiln: compiling with passes %s, backend %s (cache: %s)", passes, backend,
+                    os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
     # ------------------------------------------------------------ setup helpers
 

@@ -30,15 +30,17 @@ class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, *, dtype: Any = "auto", seed: int = 0,
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enforce_eager: bool = False, hf_overrides: dict | Callable | None = None,
+                 enforce_eager: bool | None = None, hf_overrides: dict | Callable | None = None,
                  trust_remote_code: bool = False, skip_tokenizer_init: bool = False, runner: str = "generate",
-                 convert: str = "auto", pooler_config: Any = None, model_impl: str = "auto", **kwargs: Any):
+                 convert: str = "auto", pooler_config: Any = None, model_impl: str = "auto",
+                 compilation_config: dict | None = None, **kwargs: Any):
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, hf_overrides=hf_overrides,
             trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init, runner=runner,
-            convert=convert, pooler_config=pooler_config, model_impl=model_impl, **kwargs))
+            convert=convert, pooler_config=pooler_config, model_impl=model_impl,
+            compilation_config=compilation_config, **kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

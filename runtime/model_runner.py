@@ -21,12 +21,23 @@ class StepRows:
     prompt: list[tuple[Request, list[int], list[int]]]  # (request, rows, positions they predict) for prompt logprobs
 
 
+def kv_cache_layers(model: nn.Module) -> list[tuple[int, int, int]]:
+    """Per layer of KV cache: (num_kv_heads, key head dim, value head dim). A model whose layers
+    differ (the Transformers backend measures its own) says so with `kv_cache_layers()`; the
+    others give one `kv_cache_spec()` (num_layers, num_kv_heads, head_dim) for every layer."""
+    if hasattr(model, "kv_cache_layers"):
+        return model.kv_cache_layers()
+    num_layers, heads, head_dim = model.kv_cache_spec()
+    return [(heads, head_dim, head_dim)] * num_layers
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  num_cross_slots: int = 0):
         """num_blocks 0: no KV cache (pooling models compute each sequence whole in one step).
         num_cross_slots: encoder-decoder models' cross-attention cache, one slot per request."""
         self.model, self.block_size, self.device = model, block_size, device
+        self.forward = model  # replaced by the compiled forward when the engine compiles
         self.kv_caches = self.cross_kv_caches = None
         if num_cross_slots:
             num_layers, heads, head_dim = model.kv_cache_spec()
@@ -34,17 +45,15 @@ class ModelRunner:
             self.cross_kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                                      torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
         if num_blocks > 0:
-            num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
-            shape = (num_blocks, block_size, num_kv_heads, head_dim)
             # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN
-            self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                              for _ in range(num_layers)]
+            self.kv_caches = [(torch.zeros((num_blocks, block_size, heads, k_dim), dtype=dtype, device=device),
+                               torch.zeros((num_blocks, block_size, heads, v_dim), dtype=dtype, device=device))
+                              for heads, k_dim, v_dim in kv_cache_layers(model)]
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+        return sum(block_size * heads * (k_dim + v_dim) * itemsize for heads, k_dim, v_dim in kv_cache_layers(model))
 
     @staticmethod
     def bytes_per_cross_slot(model: nn.Module, dtype: torch.dtype) -> int:
@@ -99,7 +108,7 @@ class ModelRunner:
                      for t in (r.token_type_ids or [0] * r.num_tokens)[r.num_computed_tokens:r.num_computed_tokens + n]]
             extra["token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
         with set_forward_context(ForwardContext(metadata, self.kv_caches, self.cross_kv_caches)):
-            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            hidden = self.forward(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                                 torch.tensor(positions, dtype=torch.long, device=self.device), **extra)
         return hidden, rows
 

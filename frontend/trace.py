@@ -1,0 +1,49 @@
+"""Tracing: `torch.compile` of a model's forward with kiln's backend, the token dimension dynamic.
+
+The backend receives each FX graph torch.compile captures, wraps it as kiln's IR (`Graph`),
+verifies it against the op vocabulary, and hands it to `lower` — the passes and codegen, which the
+runtime supplies (stages to the right of the frontend are not imported here). What `lower`
+returns is what runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kiln.ir.graph import Graph
+from kiln.ir.verify import VocabularyError, verify
+
+
+class KilnBackend:
+    def __init__(self, lower: Callable[[Graph], Callable], strict: bool = True):
+        self.lower = lower
+        self.strict = strict  # native models must stay inside the vocabulary; HF models traced by the backend may not
+        self.graphs: list[Graph] = []  # every graph seen, for inspection
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graph = Graph(gm, example_inputs)
+        if self.strict:
+            verify(graph)
+        self.graphs.append(graph)
+        return self.lower(graph)
+
+
+def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = True) -> Callable:
+    """The model's forward, compiled through kiln's backend. The first call traces; sizes along the
+    token dimension are symbolic, so batches of any size reuse the graph (1 is specialised once)."""
+    backend = KilnBackend(lower, strict)
+    compiled = torch.compile(model.forward, backend=backend, dynamic=True, fullgraph=strict)
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            if isinstance(e.inner_exception, VocabularyError):  # the model's fault: say so plainly
+                raise e.inner_exception from None
+            raise
+
+    forward.kiln_backend = backend
+    return forward
