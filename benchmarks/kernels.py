@@ -1,0 +1,259 @@
+"""kiln's Triton kernels against the reference ops: correctness and time, at model sizes.
+
+For each kernel and size: the relative error ||out - ref|| / ||ref|| against the reference op run
+in float32 on upcast inputs; the median time (`triton.testing.do_bench`, which flushes L2 between
+runs) of the reference op and of the Triton launcher called eagerly, which at small sizes is mostly
+Python launch cost, and of the launcher captured in a CUDA graph (as the decode step runs), which
+is the device time; and the bandwidth the kernel achieves (from the graph time) over the fewest
+bytes it must move (each input read once, each output written once), next to the
+device-to-device copy bandwidth measured in the same run (bytes read plus written). Prefill
+attention is compute-bound: its row also gives TFLOP/s (causal: 2 * 2 * q * k * D / 2 per head).
+'x' is the reference's time over the kernel's device time (graph ms where there is one).
+Sizes follow Llama-3.2-1B (hidden 2048, 32 heads, 8 kv heads, head dim 64, intermediate 8192) and
+an 8B-like hidden 4096 / head dim 128; decode attention runs batch 1..256 at 1K and 4K context
+over a paged cache of 16-token blocks with scattered block tables.
+
+    python benchmarks/kernels.py                 # everything, bfloat16
+    python benchmarks/kernels.py --only attention --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from kiln.ir import AttentionMetadata, ForwardContext, ops, set_forward_context
+
+
+def rel_error(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Table:
+    def __init__(self, copy_gbs: float):
+        self.copy_gbs = copy_gbs
+        self.rows = []
+        print(f"{'kernel':<22} {'shape':<30} {'MB':>8} {'ref ms':>8} {'triton ms':>9} {'graph ms':>8} {'x':>6} "
+              f"{'GB/s':>6} {'%copy':>5} {'TFLOP/s':>7} {'rel err':>8}", flush=True)
+
+    def add(self, name, shape, bytes_moved, ref_ms, ms, err, flops=None, graph=None):
+        """graph: the time of the launcher captured in a CUDA graph; None when it cannot be captured
+        (the kiln::attention op builds its length tensors from Python lists)."""
+        device_ms = graph if graph is not None else ms
+        gbs = bytes_moved / device_ms / 1e6
+        tflops = f"{flops / device_ms / 1e9:7.1f}" if flops else f"{'':>7}"
+        graph_col = f"{graph:8.4f}" if graph is not None else f"{'-':>8}"
+        line = (f"{name:<22} {shape:<30} {bytes_moved / 1e6:8.2f} {ref_ms:8.4f} {ms:9.4f} {graph_col} "
+                f"{ref_ms / device_ms:6.1f} {gbs:6.0f} {100 * gbs / self.copy_gbs:4.0f}% {tflops} {err:8.1e}")
+        self.rows.append(line)
+        print(line, flush=True)
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_graph(fn) -> float:
+    """Median time of fn captured in a CUDA graph (after a warm-up call that compiles it)."""
+    from triton.testing import do_bench
+
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def timed(fn) -> tuple[float, float]:
+    """(eager ms, graph ms) of a Triton launcher."""
+    return bench(fn), bench_graph(fn)
+
+
+def copy_bandwidth(device) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def bench_norms(table, dtype, device, K):
+    for T in (1, 256, 4096):
+        for E in (2048, 4096):
+            x, r = (torch.randn(T, E, device=device, dtype=dtype) for _ in range(2))
+            w = torch.randn(E, device=device, dtype=dtype)
+            out = K.rms_norm(x, w, 1e-6)
+            err = rel_error(out, ops.rms_norm(x.float(), w.float(), 1e-6))
+            ms, graph = timed(lambda: K.rms_norm(x, w, 1e-6))
+            table.add("rms_norm", f"T={T} E={E}", nbytes(x, w, out), bench(lambda: ops.rms_norm(x, w, 1e-6)), ms, err,
+                      graph=graph)
+            out, summed = K.add_rms_norm(x, r, w, 1e-6)
+            ref_out, _ = ops.add_rms_norm(x.float(), r.float(), w.float(), 1e-6)
+            ms, graph = timed(lambda: K.add_rms_norm(x, r, w, 1e-6))
+            table.add("add_rms_norm", f"T={T} E={E}", nbytes(x, r, w, out, summed),
+                      bench(lambda: ops.add_rms_norm(x, r, w, 1e-6)), ms, rel_error(out, ref_out), graph=graph)
+
+
+def bench_activations(table, dtype, device, K):
+    for T in (1, 256, 4096):
+        for F in (8192, 14336):
+            x = torch.randn(T, 2 * F, device=device, dtype=dtype)
+            out = K.silu_and_mul(x)
+            ms, graph = timed(lambda: K.silu_and_mul(x))
+            table.add("silu_and_mul", f"T={T} F={F}", nbytes(x, out), bench(lambda: ops.silu_and_mul(x)), ms,
+                      rel_error(out, ops.silu_and_mul(x.float())), graph=graph)
+        x = torch.randn(T, 2 * 8192, device=device, dtype=dtype)
+        for approx in ("none", "tanh"):
+            out = K.gelu_and_mul(x, approx)
+            ms, graph = timed(lambda: K.gelu_and_mul(x, approx))
+            table.add(f"gelu_and_mul[{approx}]", f"T={T} F=8192", nbytes(x, out),
+                      bench(lambda: ops.gelu_and_mul(x, approx)), ms,
+                      rel_error(out, ops.gelu_and_mul(x.float(), approx)), graph=graph)
+
+
+def bench_rotary(table, dtype, device, K):
+    for H, HKV, D in ((32, 8, 64), (32, 8, 128)):
+        inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2, device=device).float() / D))
+        freqs = torch.arange(8192, device=device).float()[:, None] * inv_freq
+        cache = torch.cat((freqs.cos(), freqs.sin()), -1)
+        for T in (1, 256, 4096):
+            q = torch.randn(T, H, D, device=device, dtype=dtype)
+            k, v = (torch.randn(T, HKV, D, device=device, dtype=dtype) for _ in range(2))
+            pos = torch.randint(0, 8192, (T,), device=device)
+            oq, ok = K.rotary(q, k, pos, cache, True)
+            rq, rk = ops.rotary(q.float(), k.float(), pos, cache, True)
+            err = max(rel_error(oq, rq), rel_error(ok, rk))
+            moved = 2 * nbytes(q, k) + nbytes(pos) + T * D * 4
+            ms, graph = timed(lambda: K.rotary(q, k, pos, cache, True))
+            table.add("rotary", f"T={T} H={H}/{HKV} D={D}", moved, bench(lambda: ops.rotary(q, k, pos, cache, True)),
+                      ms, err, graph=graph)
+            block_size = 16
+            num_blocks = triton_cdiv(T, block_size) + 8
+            k_cache, v_cache = (torch.zeros(num_blocks, block_size, HKV, D, device=device, dtype=dtype)
+                                for _ in range(2))
+            slots = torch.randperm(num_blocks * block_size, device=device)[:T]
+
+            def reference():
+                rq, rk = ops.rotary(q, k, pos, cache, True)
+                k_cache.flatten(0, 1).index_copy_(0, slots, rk)
+                v_cache.flatten(0, 1).index_copy_(0, slots, v)
+                return rq, rk
+
+            oq, ok = K.rotary_kv_cache(q, k, v, pos, cache, True, k_cache, v_cache, slots)
+            err = max(rel_error(oq, rq), rel_error(ok, rk), rel_error(k_cache.flatten(0, 1)[slots], rk))
+            moved = 2 * nbytes(q, k) + 2 * nbytes(k, v) + nbytes(pos, slots) + T * D * 4
+            ms, graph = timed(lambda: K.rotary_kv_cache(q, k, v, pos, cache, True, k_cache, v_cache, slots))
+            table.add("rotary_kv_cache", f"T={T} H={H}/{HKV} D={D}", moved, bench(reference), ms, err, graph=graph)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def paged_batch(query_lens, seq_lens, H, HKV, D, block_size, dtype, device):
+    """Metadata and caches of one step: scattered blocks, random cache contents."""
+    blocks_each = [triton_cdiv(n, block_size) for n in seq_lens]
+    num_blocks = sum(blocks_each) + 16
+    pool = torch.randperm(num_blocks)
+    tables = torch.zeros(len(seq_lens), max(blocks_each), dtype=torch.long)
+    slots, used = [], 0
+    for i, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        row = pool[used:used + blocks_each[i]]
+        used += blocks_each[i]
+        tables[i, :len(row)] = row
+        pos = torch.arange(seq_len - q_len, seq_len)
+        slots.append(row[pos // block_size] * block_size + pos % block_size)
+    md = AttentionMetadata(slot_mapping=torch.cat(slots).to(device), block_tables=tables.to(device),
+                           query_lens=list(query_lens), seq_lens=list(seq_lens), block_size=block_size)
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, HKV, D, device=device, dtype=dtype) for _ in range(2))
+    T = sum(query_lens)
+    q = torch.randn(T, H, D, device=device, dtype=dtype)
+    k, v = (torch.randn(T, HKV, D, device=device, dtype=dtype) for _ in range(2))
+    return md, k_cache, v_cache, q, k, v
+
+
+def bench_attention(table, dtype, device, K, triton_ops):
+    H, HKV, D, block_size = 32, 8, 64, 16
+    scale = D ** -0.5
+    for ctx_len in (1024, 4096):
+        for B in (1, 8, 32, 64, 128, 256):
+            md, k_cache, v_cache, q, k, v = paged_batch([1] * B, [ctx_len] * B, H, HKV, D, block_size, dtype, device)
+            caches = [(k_cache, v_cache)]
+            seq_lens = torch.tensor(md.seq_lens, dtype=torch.int32, device=device)
+            with set_forward_context(ForwardContext(md, [(k_cache.float(), v_cache.float())])):
+                ref = ops.attention(q.float(), k.float(), v.float(), 0, scale)
+            with set_forward_context(ForwardContext(md, caches)):
+                ops.attention(q, k, v, 0, scale)  # this step's k/v into the cache, for the kernel's read
+                out = K.decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale)
+                ref_ms = bench(lambda: ops.attention(q, k, v, 0, scale))
+                ms, graph = timed(lambda: K.decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale))
+                op_ms = bench(lambda: triton_ops.attention(q, k, v, 0, scale))
+            kv_bytes = 2 * B * ctx_len * HKV * D * k_cache.element_size()
+            moved = kv_bytes + nbytes(q, out, seq_lens) + 8 * B * (ctx_len // block_size)  # + block tables
+            shape = f"B={B} ctx={ctx_len} H={H}/{HKV}"
+            table.add("decode_attention", shape, moved, ref_ms, ms, rel_error(out, ref), graph=graph)
+            table.add("  kiln::attention op", shape, moved + nbytes(k, v) * 2, ref_ms, op_ms, rel_error(out, ref))
+            del md, k_cache, v_cache, caches
+    for B, q_len in ((1, 1024), (1, 4096), (4, 2048), (16, 512)):
+        md, k_cache, v_cache, q, k, v = paged_batch([q_len] * B, [q_len] * B, H, HKV, D, block_size, dtype, device)
+        with set_forward_context(ForwardContext(md, [(k_cache, v_cache)])):
+            ref_ms = bench(lambda: ops.attention(q, k, v, 0, scale))
+            ms = bench(lambda: triton_ops.attention(q, k, v, 0, scale))
+            out = triton_ops.attention(q, k, v, 0, scale)
+        with set_forward_context(ForwardContext(md, [(k_cache.float(), v_cache.float())])):
+            ref = ops.attention(q.float(), k.float(), v.float(), 0, scale)
+        moved = nbytes(q, out) + 2 * nbytes(k, v)
+        flops = B * H * 4 * q_len * q_len * D / 2
+        qsl = torch.arange(0, B * q_len + 1, q_len, dtype=torch.int32, device=device)
+        seq_lens = torch.full((B,), q_len, dtype=torch.int32, device=device)
+        graph = bench_graph(lambda: K.prefill_attention(q, k_cache, v_cache, qsl, seq_lens, q_len, scale,
+                                                        md.block_tables))
+        table.add("prefill (kiln::attn)", f"B={B} q={q_len} H={H}/{HKV}", moved, ref_ms, ms, rel_error(out, ref), flops,
+                  graph=graph)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--only", choices=["norm", "activation", "rotary", "attention"], default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py times Triton kernels on a CUDA device; none is available here.")
+        return 1
+    import triton
+
+    from kiln.codegen import kernels as K
+    from kiln.codegen import triton_ops
+
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    props = torch.cuda.get_device_properties(device)
+    print(f"device {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+          f"triton {triton.__version__}, dtype {args.dtype}")
+    copy_gbs = copy_bandwidth(device)
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written); '%copy' is against it\n")
+    table = Table(copy_gbs)
+    sections = {"norm": bench_norms, "activation": bench_activations, "rotary": bench_rotary}
+    for name, fn in sections.items():
+        if args.only in (None, name):
+            fn(table, dtype, device, K)
+    if args.only in (None, "attention"):
+        bench_attention(table, dtype, device, K, triton_ops)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

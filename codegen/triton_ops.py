@@ -1,0 +1,95 @@
+"""Triton kernels as the CUDA implementations of kiln's custom ops.
+
+`register_cuda_kernels()` registers each kernel in `kiln.codegen.kernels` as the "cuda" kernel of
+the matching `kiln::` op, so a traced graph's kiln nodes run Triton on CUDA tensors while CPU
+tensors keep the reference implementation. Idempotent; a no-op (returning False) when triton
+cannot be imported.
+
+`kiln::attention` reads its batch layout from the forward context: `attention` below writes this
+step's k/v into the layer's cache at slot_mapping, then runs the decode kernel when every query
+length is 1 and the prefill kernel otherwise (or, with no cache, the prefill kernel over this
+step's k/v). The per-sequence lengths go to the device as tensors once per step and are shared by
+every layer. A runner that captures CUDA graphs must hand them over already on the device, as
+`md.query_start_loc` [B+1] int32 and `md.seq_lens_tensor` [B] int32 (vLLM's names), since building
+them from the Python lists is a host-to-device copy that a graph cannot hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+from kiln.ir import ops  # noqa: F401  (the kiln:: ops must exist before kernels are registered on them)
+from kiln.ir.context import AttentionMetadata, get_forward_context
+
+_registered = False
+# (metadata, device) of the last step and its device tensors: every layer of a step shares them.
+_batch_cache: tuple[weakref.ref, torch.device, tuple] | None = None
+
+
+def _batch_tensors(md: AttentionMetadata, device: torch.device, paged: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(query_start_loc [B+1] int32, seq_lens [B] int32, max_query_len) on `device`. Without a cache
+    the keys are this step's own tokens, so each sequence's length is its query length."""
+    global _batch_cache
+    hit = _batch_cache
+    if hit is not None and hit[0]() is md and hit[1] == device:
+        qsl, seq_lens, query_lens, max_query_len = hit[2]
+    else:
+        max_query_len = max(md.query_lens, default=0)
+        qsl, seq_lens = getattr(md, "query_start_loc", None), getattr(md, "seq_lens_tensor", None)
+        if not (isinstance(qsl, torch.Tensor) and isinstance(seq_lens, torch.Tensor)):
+            qsl = torch.tensor([0, *itertools.accumulate(md.query_lens)], dtype=torch.int32, device=device)
+            seq_lens = torch.tensor(md.seq_lens, dtype=torch.int32, device=device)
+        query_lens = qsl[1:] - qsl[:-1]
+        _batch_cache = (weakref.ref(md), device, (qsl, seq_lens, query_lens, max_query_len))
+    return qsl, (seq_lens if paged else query_lens), max_query_len
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, sliding_window: int = 0,
+    causal: bool = True, soft_cap: float = 0.0, sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`kiln::attention` on Triton: same arguments and result as the reference (q [T, H, D],
+    k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv])."""
+    from kiln.codegen.kernels import decode_attention, prefill_attention, write_kv_cache
+
+    ctx = get_forward_context()
+    md = ctx.attn
+    if ctx.kv_caches is None:
+        qsl, lens, max_q = _batch_tensors(md, q.device, paged=False)
+        return prefill_attention(q, k, v, qsl, lens, max_q, scale, None, causal, sliding_window, soft_cap, sinks)
+    k_cache, v_cache = ctx.kv_caches[layer]
+    write_kv_cache(k, v, k_cache, v_cache, md.slot_mapping)
+    qsl, seq_lens, max_q = _batch_tensors(md, q.device, paged=True)
+    if max_q == 1:  # pure decode; like the reference, one query at the end of its context is causal
+        return decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale, sliding_window, soft_cap, sinks)
+    return prefill_attention(q, k_cache, v_cache, qsl, seq_lens, max_q, scale, md.block_tables, causal,
+                             sliding_window, soft_cap, sinks)
+
+
+def register_cuda_kernels() -> bool:
+    """Make the Triton kernels the CUDA implementations of the kiln ops they implement.
+    Returns whether they are registered (False when triton is unavailable)."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        import triton  # noqa: F401
+
+        from kiln.codegen import kernels
+    except ImportError:
+        return False
+    impls = {
+        "kiln::rms_norm": kernels.rms_norm,
+        "kiln::add_rms_norm": kernels.add_rms_norm,
+        "kiln::silu_and_mul": kernels.silu_and_mul,
+        "kiln::gelu_and_mul": kernels.gelu_and_mul,
+        "kiln::rotary": kernels.rotary,
+        "kiln::attention": attention,
+    }
+    for name, fn in impls.items():
+        torch.library.register_kernel(name, "cuda", fn)
+    _registered = True
+    return True
