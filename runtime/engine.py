@@ -132,9 +132,14 @@ class LLMEngine:
         from kiln.passes import PIPELINE, run_passes
 
         options = dict(self.config.compilation_config or {})
-        unknown = set(options) - {"passes", "backend", "dump_ir"}
+        unknown = set(options) - {"passes", "backend", "dump_ir", "cudagraph"}
         if unknown:
-            raise ValueError(f"compilation_config: unknown keys {sorted(unknown)}; known: passes, backend, dump_ir")
+            raise ValueError(f"compilation_config: unknown keys {sorted(unknown)}; known: passes, backend, dump_ir, "
+                             "cudagraph")
+        if self.device.type == "cuda":
+            from kiln.codegen.triton_ops import register_cuda_kernels
+
+            register_cuda_kernels()
         passes = list(options.get("passes", PIPELINE))
         backend = options.get("backend", "inductor")
         dump_dir = options.get("dump_ir")
@@ -148,6 +153,16 @@ class LLMEngine:
         self.runner.forward = trace(self.model, lower_graph, strict=self.model_impl == "kiln")
         logger.info("kiln: compiling with passes %s, backend %s (cache: %s)", passes, backend,
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        if (self.device.type == "cuda" and options.get("cudagraph", True) and self.runner.kv_caches is not None
+                and not self.is_encoder_decoder):
+            from kiln.runtime.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(self.runner.forward, self.runner.kv_caches, self.config.block_size,
+                                  -(-self.max_model_len // self.config.block_size), self.runner.num_blocks,
+                                  self.config.max_num_seqs, self.device)
+            graphs.capture()
+            self.runner.decode_graphs = graphs
+            logger.info("kiln: captured decode CUDA graphs for batch sizes %s", graphs.sizes)
 
     # ------------------------------------------------------------ setup helpers
 

@@ -38,6 +38,8 @@ class ModelRunner:
         num_cross_slots: encoder-decoder models' cross-attention cache, one slot per request."""
         self.model, self.block_size, self.device = model, block_size, device
         self.forward = model  # replaced by the compiled forward when the engine compiles
+        self.decode_graphs = None  # CUDA graphs of the decode step, when the engine captures them
+        self.num_blocks = num_blocks
         self.kv_caches = self.cross_kv_caches = None
         if num_cross_slots:
             num_layers, heads, head_dim = model.kv_cache_spec()
@@ -45,9 +47,10 @@ class ModelRunner:
             self.cross_kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                                      torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
         if num_blocks > 0:
-            # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN
-            self.kv_caches = [(torch.zeros((num_blocks, block_size, heads, k_dim), dtype=dtype, device=device),
-                               torch.zeros((num_blocks, block_size, heads, v_dim), dtype=dtype, device=device))
+            # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
+            # One block more than the block manager hands out: a scratch block for CUDA-graph padding rows.
+            self.kv_caches = [(torch.zeros((num_blocks + 1, block_size, heads, k_dim), dtype=dtype, device=device),
+                               torch.zeros((num_blocks + 1, block_size, heads, v_dim), dtype=dtype, device=device))
                               for heads, k_dim, v_dim in kv_cache_layers(model)]
 
     @staticmethod
@@ -102,6 +105,10 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs,
             cross_slots=[r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None)
+        if (self.decode_graphs is not None and not rows.prompt and len(query_lens) == len(input_ids)
+                and self.cross_kv_caches is None and self.decode_graphs.fits(len(input_ids))):
+            tables = [r.block_ids for r, _ in step.scheduled]
+            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens), rows
         extra = {}
         if any(r.token_type_ids is not None for r, _ in step.scheduled):
             types = [t for r, n in step.scheduled

@@ -1,0 +1,83 @@
+"""CUDA graphs of the decode step, one per batch-size bucket (1, 2, 4, 8, 16, 32, ... up to
+max_num_seqs). Each is captured once, with static input buffers; a decode step of B sequences pads
+to the next bucket, fills the buffers and replays, so the step costs its kernels and nothing else.
+
+Padding rows compute garbage that nobody reads: they write their key and value into a scratch
+block the block manager never hands out, and attend over it alone (length 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, forward: Callable, kv_caches, block_size: int, max_blocks_per_seq: int, scratch_block: int,
+                 max_num_seqs: int, device: torch.device):
+        self.forward, self.kv_caches, self.block_size = forward, kv_caches, block_size
+        self.sizes = bucket_sizes(max_num_seqs)
+        n = self.sizes[-1]
+        self.scratch_slot = scratch_block * block_size
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.long, device=device)
+        self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _context(self, b: int) -> ForwardContext:
+        md = AttentionMetadata(slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
+                               query_lens=[1] * b, seq_lens=[1] * b, block_size=self.block_size)
+        md.query_start_loc, md.seq_lens_tensor = self.query_start_loc[:b + 1], self.seq_lens[:b]
+        return ForwardContext(md, self.kv_caches)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            with set_forward_context(self._context(b)):
+                for _ in range(2):  # warm up: compile for this size, let the allocator settle
+                    self.forward(self.input_ids[:b], self.positions[:b])
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[b] = self.forward(self.input_ids[:b], self.positions[:b])
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[b] = graph
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    @torch.inference_mode()
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+            seq_lens: list[int]) -> torch.Tensor:
+        """One decode step of len(input_ids) sequences -> hidden states [B, hidden]."""
+        b = len(input_ids)
+        padded = next(s for s in self.sizes if s >= b)
+        pad = padded - b
+        self.input_ids[:padded].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
+        self.positions[:padded].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping[:padded].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
+        self.seq_lens[:padded].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        width = max(len(t) for t in block_tables)
+        rows = torch.full((padded, width), self.scratch_slot // self.block_size)
+        for i, t in enumerate(block_tables):
+            rows[i, :len(t)] = torch.tensor(t)
+        self.block_tables[:padded, :width].copy_(rows, non_blocking=True)
+        self.graphs[padded].replay()
+        return self.outputs[padded][:b]
