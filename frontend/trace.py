@@ -35,6 +35,12 @@ def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = T
     """The model's forward, compiled through kiln's backend. The first call traces; sizes along the
     token dimension are symbolic, so batches of any size reuse the graph (1 is specialised once)."""
     backend = KilnBackend(lower, strict)
+    # torch.compile caches per code object: every model instance of a class shares one budget of
+    # recompiles (8 by default), and each instance compiles twice (one token, and any number)
+    config = torch._dynamo.config
+    for name, floor in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), floor))
     compiled = torch.compile(model.forward, backend=backend, dynamic=True, fullgraph=strict)
 
     def forward(*args, **kwargs):

@@ -28,7 +28,9 @@ class DecodeGraphs:
                  max_num_seqs: int, device: torch.device):
         self.forward, self.kv_caches, self.block_size = forward, kv_caches, block_size
         self.sizes = bucket_sizes(max_num_seqs)
-        n = self.sizes[-1]
+        # one row more than the largest bucket: a graph's inputs are then always strict slices of
+        # the buffers, so torch.compile sees the same kind of view for every size (no recompiles)
+        n = self.sizes[-1] + 1
         self.scratch_slot = scratch_block * block_size
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)

@@ -130,7 +130,7 @@ def build_checkpoint(path: str, architecture: str = "LlamaForCausalLM", seed: in
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or train_tokenizer()
-    config = tiny_config(architecture, vocab_size=len(tokenizer), **config_overrides)
+    config = tiny_config(architecture, **{"vocab_size": len(tokenizer), **config_overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     os.makedirs(path, exist_ok=True)
