@@ -1,9 +1,11 @@
-"""The `kiln` command line: `kiln generate`, `kiln models`."""
+"""The `kiln` command line: `kiln serve`, `kiln generate`, `kiln bench`, `kiln models`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import runpy
 import sys
 
 DEMO_PROMPTS = ["Hello, my name is", "The capital of France is"]
@@ -38,6 +40,61 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from kiln.runtime.async_engine import AsyncLLM
+    from kiln.runtime.config import EngineConfig
+    from kiln.runtime.server import serve
+
+    if args.demo == (args.model is not None):
+        print("kiln serve: give a MODEL or --demo", file=sys.stderr)
+        return 2
+    model = args.model
+    if args.demo:
+        from kiln.runtime.demo import demo_checkpoint
+
+        model = demo_checkpoint()
+        print(f"demo: a tiny random Llama with a locally trained tokenizer at {model} (its text is noise)")
+    config = EngineConfig(
+        model=model, tokenizer=args.tokenizer, runner=args.runner, convert=args.convert, model_impl=args.model_impl,
+        dtype=args.dtype,
+        seed=args.seed, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        trust_remote_code=args.trust_remote_code, device=args.device)
+    llm = AsyncLLM.from_config(config, max_pending_requests=args.max_pending_requests)
+    names = args.served_model_name or ["demo" if args.demo else model]
+    serve(llm, names, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("KILN_API_KEY"),
+          max_body_bytes=args.max_body_bytes, model_path=model, log_level=args.log_level)
+    return 0
+
+
+BENCHMARKS = ("throughput", "latency", "serve")
+
+
+def benchmark_path(name: str) -> str:
+    """benchmarks/<name>.py: not a Python package, it sits in the repository root beside runtime/."""
+    import kiln
+
+    return os.path.join(os.path.dirname(os.path.abspath(kiln.__file__)), "benchmarks", f"{name}.py")
+
+
+def _bench(args) -> int:
+    path = benchmark_path(args.benchmark)
+    if not os.path.isfile(path):
+        print(f"kiln bench: {path} not found (the benchmarks ship with a source checkout, not with a wheel)",
+              file=sys.stderr)
+        return 1
+    argv = sys.argv
+    sys.argv = [path] + list(args.args)
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:  # argparse --help or an error inside the script
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return 0
+
+
 def _models(args) -> int:
     from kiln.models import supported_architectures
 
@@ -63,6 +120,40 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--trust-remote-code", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per output line")
     gen.set_defaults(func=_generate)
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    srv.add_argument("model", nargs="?", help="a local checkpoint directory or a hub id")
+    srv.add_argument("--demo", action="store_true", help="serve the tiny local demo checkpoint")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $KILN_API_KEY; "
+                     "unset: no key)")
+    srv.add_argument("--served-model-name", nargs="+", help="the name(s) clients pass as `model` (default: MODEL)")
+    srv.add_argument("--runner", choices=["generate", "pooling"], default="generate")
+    srv.add_argument("--convert", default="auto", help="pooling: auto, embed, classify or reward")
+    srv.add_argument("--model-impl", default="auto", choices=["auto", "kiln", "transformers"],
+                     help="native kiln model, the Transformers backend, or auto (native when there is one)")
+    srv.add_argument("--tokenizer")
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--max-model-len", type=int)
+    srv.add_argument("--max-num-seqs", type=int, default=256)
+    srv.add_argument("--max-num-batched-tokens", type=int)
+    srv.add_argument("--kv-cache-memory", type=int, help="KV cache bytes (CPU; default 1 GiB)")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--enforce-eager", action="store_true", default=None,
+                     help="run the reference ops, no compilation (default: eager on CPU, compiled on CUDA)")
+    srv.add_argument("--trust-remote-code", action="store_true")
+    srv.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
+    srv.add_argument("--max-pending-requests", type=int, help="more requests in flight get 429 (default: no limit)")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(func=_serve)
+    bench = sub.add_parser("bench", help="run a benchmark (benchmarks/<name>.py); arguments after the name go to it",
+                           description="Run benchmarks/throughput.py, latency.py or serve.py; "
+                           "`kiln bench NAME --help` lists a benchmark's options.")
+    bench.add_argument("benchmark", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
     models = sub.add_parser("models", help="list the supported architectures")
     models.set_defaults(func=_models)
     args = parser.parse_args(argv)

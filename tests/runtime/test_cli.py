@@ -1,0 +1,56 @@
+"""The `kiln` command line: `kiln serve` in a subprocess answers the openai client; `kiln bench`
+finds the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kiln.runtime.cli import BENCHMARKS, benchmark_path, main
+
+
+def test_kiln_serve(llama_path, tmp_path):
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kiln.runtime.cli", "serve", llama_path, "--port", str(port), "--served-model-name",
+           "cli-model", "--api-key", "secret", "--max-model-len", "64", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "KILN_CACHE_DIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "kiln serve did not become healthy"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["cli-model"]
+        out = client.completions.create(model="cli-model", prompt="Hello", max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_serve_needs_a_model_or_demo(capsys):
+    assert main(["serve"]) == 2
+    assert "give a MODEL or --demo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_bench_finds_the_scripts(name, capsys):
+    assert os.path.isfile(benchmark_path(name))
+    assert main(["bench", name, "--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
