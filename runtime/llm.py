@@ -210,83 +210,32 @@ class LLM:
         30 s is cut into 30-second windows, transcribed as one batch, and the texts joined.
         `language` None detects it from the first window; `task` "translate" translates to English."""
         from kiln.runtime import audio as audio_io
-        from kiln.runtime.outputs import TranscriptionOutput
+        from kiln.runtime import transcription as tr
 
         engine, tokenizer = self.llm_engine, self.llm_engine.tokenizer
         if not engine.is_encoder_decoder:
             raise ValueError(f"{engine.architecture} is not a speech-to-text model")
         if tokenizer is None:
             raise ValueError("transcribe needs the tokenizer (skip_tokenizer_init=True was given)")
-        if task not in ("transcribe", "translate"):
-            raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
         single = not isinstance(audio, list)
         samples = [audio_io.load_audio(a, sample_rate) for a in ([audio] if single else audio)]
-        windows = [audio_io.windows(x) for x in samples]
-        features = [[audio_io.log_mel(engine.feature_extractor, w) for w in ws] for ws in windows]
-        token = self._whisper_token
-        languages = [language] * len(samples) if language else self._detect_languages([f[0] for f in features])
+        features = [tr.features_of(engine.feature_extractor, x) for x in samples]
+        if language is None:
+            detect = [tr.detection_request(tokenizer, f[0]) for f in features]
+            outs = self.generate([p for p, _ in detect], [q for _, q in detect], use_tqdm=False)
+            langs = [tr.languages(tokenizer)[o.outputs[0].token_ids[0]] for o in outs]
+        else:
+            langs = [language] * len(samples)
         prompts, owners = [], []
-        for i, (feats, lang) in enumerate(zip(features, languages)):
-            prefix = [token("startoftranscript"), token(lang), token(task)] + ([] if timestamps else [token("notimestamps")])
-            for f in feats:
-                prompts.append({"prompt_token_ids": prefix, "encoder_input": f})
-                owners.append(i)
+        for i, (f, lang) in enumerate(zip(features, langs)):
+            window = tr.window_prompts(tokenizer, f, lang, task, timestamps)
+            prompts += window
+            owners += [i] * len(window)
         params = sampling_params or SamplingParams(temperature=0.0, max_tokens=None, skip_special_tokens=True)
         outs = self.generate(prompts, params, use_tqdm=use_tqdm)
-        results = []
-        ts_begin = tokenizer.convert_tokens_to_ids("<|0.00|>")
-        for i, x in enumerate(samples):
-            mine = [o.outputs[0] for o, owner in zip(outs, owners) if owner == i]
-            segments = self._segments([c.token_ids for c in mine], ts_begin) if timestamps else None
-            texts = [tokenizer.decode([t for t in c.token_ids if t < ts_begin], skip_special_tokens=True).strip()
-                     for c in mine]
-            text = " ".join(t for t in texts if t)
-            results.append(TranscriptionOutput(text, languages[i], audio_io.duration(x), segments,
-                                               [c.token_ids for c in mine]))
+        results = [tr.assemble(tokenizer, [o.outputs[0].token_ids for o, who in zip(outs, owners) if who == i],
+                               langs[i], audio_io.duration(x), timestamps) for i, x in enumerate(samples)]
         return results[0] if single else results
-
-    def _whisper_token(self, name: str) -> int:
-        tokenizer = self.llm_engine.tokenizer
-        tid = tokenizer.convert_tokens_to_ids(f"<|{name}|>")
-        if tid is None or tid == tokenizer.unk_token_id:
-            known = sorted(t[2:-2] for t in tokenizer.get_vocab() if len(t) <= 8 and t.startswith("<|") and t.endswith("|>")
-                           and t[2:-2].isalpha() and t[2:-2].islower())
-            raise ValueError(f"the tokenizer has no <|{name}|> token; languages it knows: {', '.join(known)}")
-        return tid
-
-    def _detect_languages(self, features: list) -> list[str]:
-        """One decoder step after <|startoftranscript|>, restricted to the language tokens."""
-        vocab = self.llm_engine.tokenizer.get_vocab()
-        languages = {tid: t[2:-2] for t, tid in vocab.items()
-                     if t.startswith("<|") and t.endswith("|>") and 2 <= len(t) - 4 <= 3 and t[2:-2].isalpha()
-                     and t[2:-2].islower()}
-        if not languages:
-            raise ValueError("the tokenizer has no language tokens: pass language=")
-        params = SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=sorted(languages))
-        prompts = [{"prompt_token_ids": [self._whisper_token("startoftranscript")], "encoder_input": f} for f in features]
-        return [languages[o.outputs[0].token_ids[0]] for o in self.generate(prompts, params, use_tqdm=False)]
-
-    def _segments(self, windows: list[list[int]], ts_begin: int) -> list[dict]:
-        """Timestamped segments from each window's tokens: text between two timestamp tokens,
-        offset by the window's start."""
-        tokenizer, segments = self.llm_engine.tokenizer, []
-        for w, ids in enumerate(windows):
-            offset, start, text_ids = 30.0 * w, None, []
-            for tid in ids:
-                if tid >= ts_begin:
-                    t = offset + (tid - ts_begin) * 0.02
-                    if start is None:
-                        start = t
-                    else:
-                        segments.append({"start": round(start, 2), "end": round(t, 2),
-                                         "text": tokenizer.decode(text_ids, skip_special_tokens=True)})
-                        start, text_ids = None, []
-                elif tid < len(tokenizer):
-                    text_ids.append(tid)
-            if text_ids:
-                segments.append({"start": round(start if start is not None else offset, 2), "end": round(offset + 30.0, 2),
-                                 "text": tokenizer.decode(text_ids, skip_special_tokens=True)})
-        return segments
 
     def apply_model(self, func: Callable) -> list:
         """Call func(model) on each worker's model (one worker today) and return the results."""

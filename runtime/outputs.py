@@ -104,14 +104,3 @@ class ScoringRequestOutput:
     outputs: ScoringOutput
     prompt_token_ids: list[int]
     finished: bool = True
-
-
-@dataclass
-class TranscriptionOutput:
-    """What `LLM.transcribe` returns for one audio input."""
-
-    text: str
-    language: str
-    duration: float  # seconds of audio
-    segments: list[dict] | None = None  # with timestamps=True: [{"start", "end", "text"}], seconds
-    token_ids: list[list[int]] = field(default_factory=list)  # per 30-second window

@@ -36,6 +36,7 @@ from kiln.runtime.async_engine import (AsyncLLM, EngineDeadError, EngineOverload
                                       cross_encoder_prompts, gather_or_cancel)
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.protocol import (MAX_LOGPROBS, MAX_N, ChatCompletionRequest, ClassificationRequest, CompletionRequest,
                                    EmbeddingRequest, RequestError, RerankRequest, ScoreRequest, validation_error)
 
@@ -389,6 +390,72 @@ class _Handlers:
 
     # ------------------------------------------------------------ the rest
 
+    # ------------------------------------------------------------ /v1/audio
+
+    async def transcriptions(self, request: Request):
+        return await self._audio(request, "transcribe")
+
+    async def translations(self, request: Request):
+        return await self._audio(request, "translate")
+
+    async def _audio(self, request: Request, task: str):
+        """OpenAI's multipart upload: file, model, language, response_format (json, text,
+        verbose_json, srt, vtt), temperature. Audio over 30 s is cut into windows."""
+        from kiln.runtime import audio as audio_io
+        from kiln.runtime import transcription as tr
+
+        endpoint = f"/v1/audio/{'transcriptions' if task == 'transcribe' else 'translations'}"
+        engine = self.llm.engine
+        if not getattr(engine, "is_encoder_decoder", False):
+            raise RequestError(f"{endpoint} needs a speech-to-text model; {self.names[0]} ({self.llm.architecture}) "
+                               "is not one", "model")
+        try:
+            form = await request.form()
+        except Exception as e:  # noqa: BLE001 - a body that is not multipart form data
+            raise RequestError(f"{endpoint} takes multipart/form-data with a 'file' field ({e})", "file") from None
+        model = self.model_name(form.get("model"))
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError("file: an audio file upload is required", "file")
+        fmt = form.get("response_format") or "json"
+        if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
+            raise RequestError(f"response_format must be json, text, verbose_json, srt or vtt, got {fmt!r}",
+                               "response_format")
+        try:
+            temperature = float(form.get("temperature") or 0.0)
+        except ValueError:
+            raise RequestError("temperature must be a number", "temperature") from None
+        if not 0.0 <= temperature <= 2.0:
+            raise RequestError(f"temperature must be in [0, 2], got {temperature}", "temperature")
+        data = await upload.read()
+        try:  # decoding and log-mel features are CPU work: off the event loop, off the engine thread
+            samples = await asyncio.to_thread(audio_io.load_audio, data)
+            features = await asyncio.to_thread(tr.features_of, engine.feature_extractor, samples)
+        except ValueError as e:
+            raise RequestError(f"file: {e}", "file") from None
+        tokenizer, request_id = engine.tokenizer, f"trsc-{uuid.uuid4().hex}"
+        language = form.get("language") or None
+        if language is None:
+            prompt, params = tr.detection_request(tokenizer, features[0])
+            (detected,) = await self.collect(request, await self.start(f"{request_id}-lang", [prompt], params))
+            language = tr.languages(tokenizer)[detected.outputs[0].token_ids[0]]
+        try:
+            prompts = tr.window_prompts(tokenizer, features, language, task, timestamps=fmt != "json" and fmt != "text")
+        except ValueError as e:
+            raise RequestError(f"language: {e}", "language") from None
+        params = SamplingParams(temperature=temperature, max_tokens=None, skip_special_tokens=True)
+        finals = await self.collect(request, await self.start(request_id, prompts, params))
+        result = tr.assemble(tokenizer, [f.outputs[0].token_ids for f in finals], language,
+                             audio_io.duration(samples), timestamps=fmt not in ("json", "text"))
+        if fmt == "text":
+            return Response(result.text, media_type="text/plain")
+        if fmt in ("srt", "vtt"):
+            return Response(tr.subtitles(result.segments, fmt), media_type="text/plain")
+        if fmt == "verbose_json":
+            return {"task": task, "language": language, "duration": result.duration, "text": result.text,
+                    "segments": [{"id": i, **s} for i, s in enumerate(result.segments)], "model": model}
+        return {"text": result.text}
+
     async def models(self, request: Request):
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "kiln",
                  "root": self.model_path or name, "parent": None, "max_model_len": self.llm.max_model_len}
@@ -594,7 +661,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: str | list[str], api_key: 
 
     post = [("/v1/completions", h.completions), ("/v1/chat/completions", h.chat), ("/v1/embeddings", h.embeddings),
             ("/score", h.score), ("/v1/score", h.score), ("/rerank", h.rerank), ("/v1/rerank", h.rerank),
-            ("/v2/rerank", h.rerank), ("/classify", h.classify)]
+            ("/v2/rerank", h.rerank), ("/classify", h.classify), ("/v1/audio/transcriptions", h.transcriptions),
+            ("/v1/audio/translations", h.translations)]
     for path, handler in post:
         app.add_api_route(path, _route(handler), methods=["POST"])
     app.add_api_route("/v1/models", _route(h.models), methods=["GET"])

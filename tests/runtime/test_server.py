@@ -35,9 +35,9 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time th
 class Server:
     """A uvicorn server for one AsyncLLM, on a free port, in a daemon thread."""
 
-    def __init__(self, llm: AsyncLLM, name: str):
+    def __init__(self, llm: AsyncLLM, name: str, max_body: int = MAX_BODY):
         self.llm, self.name = llm, name
-        app = build_app(llm, name, api_key=KEY, max_body_bytes=MAX_BODY)
+        app = build_app(llm, name, api_key=KEY, max_body_bytes=max_body)
         # port 0: the OS picks a free port when uvicorn binds, so no other process can take it first
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", backlog=1024))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
