@@ -22,6 +22,16 @@ def is_kiln_op(node: fx.Node, name: str | None = None) -> bool:
     return ns == "kiln" and (name is None or op == name)
 
 
+def _writes_in_place(node: fx.Node) -> bool:
+    """Dead-code elimination keeps in-place writes whose result nobody reads (FX would drop them):
+    HF code fills buffers that way, as latent attention's `query[..., :nope] = q_nope`, which
+    traces to a `copy_` into a view."""
+    if node.is_impure():
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and (name.endswith("_") or node.target is operator.setitem)
+
+
 class Graph:
     def __init__(self, gm: fx.GraphModule, example_inputs: list | None = None):
         self.gm = gm
@@ -58,7 +68,7 @@ class Graph:
     def finish(self) -> "Graph":
         """Drop dead nodes, give new nodes their (fake) values, check and regenerate the module's
         code after edits."""
-        self.graph.eliminate_dead_code()
+        self.graph.eliminate_dead_code(is_impure_node=_writes_in_place)
         self._propagate()
         self.graph.lint()
         self.gm.recompile()

@@ -305,8 +305,8 @@ def attention(
             vs = _seq_kv(v, v_cache, md.block_tables[i], start, end, seq_len)
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = _mask(q_pos, torch.arange(seq_len, device=q.device), causal, sliding_window)
-            out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale, soft_cap,
-                                   sinks)[0]
+            out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale,
+                                   soft_cap, sinks)[0]
         start = end
     if decode_seqs:
         out[decode_rows] = _decode_attention(q[decode_rows], k_cache, v_cache, md, decode_seqs, scale, sliding_window,

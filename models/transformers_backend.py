@@ -7,7 +7,10 @@ kiln registers its own attention function under the name "kiln"; the HF model is
 batch layout and the KV cache from kiln's forward context exactly as native models do. The HF
 model sees one flattened batch as a single sequence of T tokens (batch dimension 1) with kiln's
 per-sequence position ids; HF builds no masks for an attention implementation that registers
-none, and its own KV cache is off (`use_cache=False`).
+none, and its own KV cache is off (`use_cache=False`). The n-th attention call of a forward owns
+the n-th layer of kiln's cache, whose shapes a probe forward measures at load (`_probe`).
+Models with recurrent layers (Mamba, convolutions, linear attention) are refused at load: the
+cache holds keys and values only.
 """
 
 from __future__ import annotations
@@ -26,30 +29,58 @@ logger = logging.getLogger("kiln")
 ATTN_IMPLEMENTATION = "kiln"
 
 
+class _AttentionCalls:
+    """Which KV cache each attention call of a forward owns: the n-th call, the n-th layer of cache.
+    Counting calls rather than reading `module.layer_idx` serves attention modules that have no
+    layer_idx and modules called more than once per forward alike. While `probe` is a list, calls
+    only record their layout into it (see `_TransformersBase._probe`)."""
+
+    def __init__(self):
+        self.next = 0
+        self.probe: list[tuple[int, int, int, bool]] | None = None
+
+
+_calls = _AttentionCalls()
+
+
 def kiln_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask, scaling: float | None = None, dropout: float = 0.0,
                    sliding_window: int | None = None, softcap: float | None = None, **kwargs):
-    """transformers' attention-interface signature: query [1, H, T, D], key/value [1, Hkv, T, D]
-    -> ([1, T, H, D], None)."""
-    for unsupported in ("s_aux", "sinks", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"kiln attention does not support {unsupported!r} ({type(module).__name__})")
+    """transformers' attention-interface signature: query [1, H, T, D], key [1, Hkv, T, D], value
+    [1, Hkv, T, Dv] -> ([1, T, H, Dv], None). HF builds no mask for kiln: causality comes from the
+    module's `is_causal` (or an `is_causal` kwarg), the window from `sliding_window`, and the
+    batch layout from kiln's forward context."""
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError(f"kiln attention does not support a position bias ({type(module).__name__})")
     if query.shape[0] != 1:
         raise RuntimeError("the Transformers backend runs flattened batches (batch dimension 1)")
-    causal = getattr(module, "is_causal", True)
+    layer, _calls.next = _calls.next, _calls.next + 1
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    if _calls.probe is not None:
+        _calls.probe.append((key.shape[1], key.shape[-1], value.shape[-1], causal))
+        return query.new_zeros(1, query.shape[2], query.shape[1], value.shape[-1]), None
     window = int(sliding_window or 0)
     if window and not causal:  # HF keeps |q - k| < window; kiln's bidirectional window W keeps |q - k| <= W // 2
         window = 2 * (window - 1)
+    sinks = kwargs.get("s_aux")  # attention sinks: GPT-OSS names them s_aux, others sinks
+    sinks = kwargs.get("sinks") if sinks is None else sinks
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = ops.attention(q, k, v, module.layer_idx, float(scale), window, causal, float(softcap or 0.0))
+    out = ops.attention(q, k, v, layer, float(scale), window, causal, float(softcap or 0.0), sinks)
     return out[None], None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kiln_attention)
 
 
-def check_backend_compatible(model_cls: type, architecture: str) -> None:
+# Layer kinds (a config's `layer_types` / `layers_block_type`) that keep no state between steps
+# beyond attention's keys and values; any other kind (mamba, conv, linear_attention, ...) carries
+# a recurrent state that kiln's KV cache has no room for.
+_STATELESS_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention", "mlp", "moe"}
+
+
+def check_backend_compatible(model_cls: type, architecture: str, config=None) -> None:
     compatible = getattr(model_cls, "_supports_attention_backend", False)
     if not compatible:
         raise ValueError(
@@ -57,6 +88,14 @@ def check_backend_compatible(model_cls: type, architecture: str) -> None:
             f"its model class lacks `_supports_attention_backend = True` (its attention must go through "
             f"ALL_ATTENTION_FUNCTIONS with **kwargs passed down; see the supported-models page, 'Writing custom "
             f"models')")
+    text = config.get_text_config() if config is not None else None
+    kinds = {kind for field in ("layer_types", "layers_block_type") for kind in (getattr(text, field, None) or [])}
+    recurrent = sorted(kinds - _STATELESS_LAYER_TYPES)
+    if recurrent:
+        raise ValueError(
+            f"{architecture} cannot run on the Transformers backend: its {', '.join(recurrent)} layers keep a "
+            f"recurrent state, which kiln's attention op and KV cache do not hold (the backend serves full and "
+            f"sliding attention)")
 
 
 _AUTO_CLASSES = {"generate": "AutoModelForCausalLM", "embed": "AutoModel",
@@ -119,19 +158,26 @@ class _TransformersBase(nn.Module):
         # kept for the tensor/pipeline-parallel work: how the model says to shard itself
         self.base_model_tp_plan = getattr(config, "base_model_tp_plan", None)
         self.base_model_pp_plan = getattr(config, "base_model_pp_plan", None)
-        attn_layers = [m for m in hf_model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
-        self.is_causal = all(m.is_causal for m in attn_layers) if attn_layers else True
         self._roberta_positions = "roberta" in config.model_type or config.model_type == "camembert"
         import inspect
 
-        self._takes_token_types = "token_type_ids" in inspect.signature(self.base.forward).parameters
+        # models with token type embeddings get zeros when a prompt has none (GPT-2 takes the
+        # argument too, but embeds it with its word embeddings: it gets nothing)
+        params = inspect.signature(self.base.forward).parameters
+        self._token_types = "token_type_ids" in params and bool(getattr(config.get_text_config(), "type_vocab_size", 0))
+        self._no_cache = {"use_cache": False} if "use_cache" in params else {}  # kiln keeps the cache
+        self._layers = self._probe()
+        if not self._layers:
+            raise ValueError(f"{type(hf_model).__name__} made no call to the attention interface: the Transformers "
+                             "backend needs attention layers that go through ALL_ATTENTION_FUNCTIONS")
+        self.is_causal = all(causal for *_, causal in self._layers)
 
     @classmethod
     def load(cls, path: str, config, architecture: str, dtype: torch.dtype, device: torch.device,
              trust_remote_code: bool = False) -> "_TransformersBase":
         config._attn_implementation = ATTN_IMPLEMENTATION
         hf_cls = hf_model_class(config, architecture, cls.task, trust_remote_code, path)
-        check_backend_compatible(hf_cls, architecture)
+        check_backend_compatible(hf_cls, architecture, config)
         hf_model = hf_cls.from_pretrained(path, config=config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
                                           trust_remote_code=trust_remote_code).to(device).eval()
         return cls(hf_model, config)
@@ -144,38 +190,76 @@ class _TransformersBase(nn.Module):
             positions -= text.pad_token_id + 1
         return positions
 
+    @torch.inference_mode()
+    def _probe(self) -> list[tuple[int, int, int, bool]]:
+        """Run the model once over two tokens with an attention that only records, per call in
+        order: (num_kv_heads, key head dim, value head dim, causal). The KV cache is laid out from
+        what the model does, whatever its config calls its sizes (latent attention, multi-query,
+        per-layer head dims)."""
+        device = next(self.hf.parameters()).device
+        _calls.probe = []
+        try:
+            self(torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device))
+            return _calls.probe
+        finally:
+            _calls.probe = None
+
+    def kv_cache_layers(self) -> list[tuple[int, int, int]]:
+        """Per attention call of a forward: (num_kv_heads, key head dim, value head dim)."""
+        return [layer[:3] for layer in self._layers]
+
     def kv_cache_spec(self) -> tuple[int, int, int]:
-        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim
+        heads, head_dim = max((h, max(k, v)) for h, k, v, _ in self._layers)
+        return len(self._layers), heads, head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         kwargs = {}
-        if self._takes_token_types:
-            kwargs["token_type_ids"] = (token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))[None]
+        if token_type_ids is not None or self._token_types:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            kwargs["token_type_ids"] = types[None]
         if self._roberta_positions:  # RoBERTa counts positions from the pad id + 1
             positions = positions + self.config.pad_token_id + 1
-        if self.task == "generate" or self.is_causal:
-            kwargs["use_cache"] = False
-        out = self.base(input_ids=input_ids[None], position_ids=positions[None], **kwargs)
+        _calls.next = 0
+        out = self.base(input_ids=input_ids[None], position_ids=positions[None], **self._no_cache, **kwargs)
         return out[0][0]
+
+
+# What HF heads do to the LM head's projection, by config field (Cohere's logit_scale, Granite's
+# logits_scaling, Falcon-H1's muP lm_head_multiplier), applied in this order; then Gemma's soft-cap.
+_LOGIT_SCALES = (("logit_scale", lambda x, s: x * s), ("logits_scaling", lambda x, s: x / s),
+                 ("lm_head_multiplier", lambda x, s: x * s))
 
 
 class TransformersForCausalLM(_TransformersBase):
     task = "generate"
 
+    def __init__(self, hf_model, config):
+        if hf_model.get_output_embeddings() is None:
+            raise ValueError(f"{type(hf_model).__name__} has no LM head: to generate, a custom model's auto_map needs "
+                             "an AutoModelForCausalLM entry")
+        super().__init__(hf_model, config)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.hf.get_output_embeddings()(hidden)
-        # the post-processing some HF heads apply after the projection
-        if getattr(self.config, "logit_scale", None) not in (None, 1.0) and self.config.model_type.startswith("cohere"):
-            logits = logits * self.config.logit_scale
-        if getattr(self.config, "logits_scaling", None) not in (None, 1.0):
-            logits = logits / self.config.logits_scaling
-        if getattr(self.config, "final_logit_softcapping", None):
-            cap = self.config.final_logit_softcapping
+        text = self.config.get_text_config()
+        for field, apply in _LOGIT_SCALES:
+            scale = getattr(text, field, None)
+            if isinstance(scale, (int, float)) and scale != 1.0:
+                logits = apply(logits, scale)
+        cap = getattr(text, "final_logit_softcapping", None)
+        if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+
+class TransformersRewardModel(TransformersForCausalLM):
+    """convert="reward": the LM head's logits at every token, or at each step tag with a STEP
+    pooler config (process reward models such as math-shepherd)."""
+
+    default_pooling_type = "ALL"
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.compute_logits(pooled)
 
 
 class TransformersEmbeddingModel(_TransformersBase):
@@ -186,6 +270,12 @@ class TransformersEmbeddingModel(_TransformersBase):
     @property
     def default_pooling_type(self) -> str:
         return "LAST" if self.is_causal else "CLS"
+
+
+def _prediction_head(hf: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The transform some heads run before the classifier (ModernBERT's dense + act + norm `head`)."""
+    head = getattr(hf, "head", None)
+    return head(x) if isinstance(head, nn.Module) else x
 
 
 class TransformersForSequenceClassification(TransformersEmbeddingModel):
@@ -204,7 +294,7 @@ class TransformersForSequenceClassification(TransformersEmbeddingModel):
             return hf.classifier(pooler(pooled[:, None, :]))
         if hasattr(hf.classifier, "out_proj"):  # RoBERTa-style head reads [CLS] from the sequence
             return hf.classifier(pooled[:, None, :])
-        return hf.classifier(pooled)
+        return hf.classifier(_prediction_head(hf, pooled))
 
 
 class TransformersForTokenClassification(TransformersEmbeddingModel):
@@ -216,13 +306,15 @@ class TransformersForTokenClassification(TransformersEmbeddingModel):
         self.num_labels = config.num_labels
 
     def head(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.hf.classifier(rows)
+        return self.hf.classifier(_prediction_head(self.hf, rows))
 
 
 def backend_class(architecture: str, runner: str, convert: str) -> tuple[type, tuple[str, ...]]:
     """Which backend wrapper serves `architecture` for runner/convert, and its tasks."""
     if runner == "generate":
         return TransformersForCausalLM, ("generate",)
+    if convert == "reward":
+        return TransformersRewardModel, ("reward",)
     if architecture.endswith("ForSequenceClassification") or convert == "classify":
         return TransformersForSequenceClassification, ("classify", "score")
     if architecture.endswith("ForTokenClassification"):
