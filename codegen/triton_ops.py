@@ -49,7 +49,7 @@ def _batch_tensors(md: AttentionMetadata, device: torch.device, paged: bool) -> 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, sliding_window: int = 0,
-    causal: bool = True, soft_cap: float = 0.0, sinks: torch.Tensor | None = None,
+    causal: bool = True, soft_cap: float = 0.0, sinks: torch.Tensor | None = None, kv_written: bool = False,
 ) -> torch.Tensor:
     """`kiln::attention` on Triton: same arguments and result as the reference (q [T, H, D],
     k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv])."""
@@ -61,12 +61,25 @@ def attention(
         qsl, lens, max_q = _batch_tensors(md, q.device, paged=False)
         return prefill_attention(q, k, v, qsl, lens, max_q, scale, None, causal, sliding_window, soft_cap, sinks)
     k_cache, v_cache = ctx.kv_caches[layer]
-    write_kv_cache(k, v, k_cache, v_cache, md.slot_mapping)
+    if not kv_written:
+        write_kv_cache(k, v, k_cache, v_cache, md.slot_mapping)
     qsl, seq_lens, max_q = _batch_tensors(md, q.device, paged=True)
     if max_q == 1:  # pure decode; like the reference, one query at the end of its context is causal
         return decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale, sliding_window, soft_cap, sinks)
     return prefill_attention(q, k_cache, v_cache, qsl, seq_lens, max_q, scale, md.block_tables, causal,
                              sliding_window, soft_cap, sinks)
+
+
+def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, is_neox: bool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kiln::rotary_kv_write` on Triton: one kernel rotates q and k and writes k and v into the cache."""
+    from kiln.codegen.kernels import rotary, rotary_kv_cache
+
+    ctx = get_forward_context()
+    if ctx.kv_caches is None:
+        return rotary(q, k, positions, cos_sin_cache, is_neox)
+    k_cache, v_cache = ctx.kv_caches[layer]
+    return rotary_kv_cache(q, k, v, positions, cos_sin_cache, is_neox, k_cache, v_cache, ctx.attn.slot_mapping)
 
 
 def register_cuda_kernels() -> bool:
@@ -88,6 +101,7 @@ def register_cuda_kernels() -> bool:
         "kiln::gelu_and_mul": kernels.gelu_and_mul,
         "kiln::rotary": kernels.rotary,
         "kiln::attention": attention,
+        "kiln::rotary_kv_write": rotary_kv_write,
     }
     for name, fn in impls.items():
         torch.library.register_kernel(name, "cuda", fn)

@@ -267,6 +267,7 @@ def attention(
     causal: bool = True,
     soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    kv_written: bool = False,
 ) -> torch.Tensor:
     """Attention of this step's queries over each sequence's context.
 
@@ -287,8 +288,8 @@ def attention(
     k_cache = v_cache = None
     if ctx.kv_caches is not None:
         k_cache, v_cache = ctx.kv_caches[layer]
-        k_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
-        v_cache.flatten(0, 1).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
+        if not kv_written:  # (rotary_kv_write, produced by a pass, has written them already)
+            _write_kv(k, v, k_cache, v_cache, md.slot_mapping)
 
     if k_cache is None and md.num_seqs > 1:
         return _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks)
@@ -377,11 +378,36 @@ def cross_attention(q: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     return out
 
 
+@kiln_op("rotary_kv_write")
+def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, is_neox: bool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary` fused with the KV-cache write `attention` would do: rotates q and k, writes the
+    rotated k and v into the forward context's `kv_caches[layer]` at `slot_mapping` (when there is
+    a cache) and returns (rotated q, rotated k). Produced by the fuse_rotary_cache_write pass,
+    which then calls `attention(..., kv_written=True)`."""
+    q_rot, k_rot = rotary(q, k, positions, cos_sin_cache, is_neox)
+    ctx = get_forward_context()
+    if ctx.kv_caches is not None:
+        k_cache, v_cache = ctx.kv_caches[layer]
+        _write_kv(k_rot, v, k_cache, v_cache, ctx.attn.slot_mapping)
+    return q_rot, k_rot
+
+
+@rotary_kv_write.register_fake
+def _(q, k, v, positions, cos_sin_cache, is_neox, layer):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    k_cache.flatten(0, 1).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.flatten(0, 1).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
 @cross_attention.register_fake
 def _(q, layer, scale):
     return torch.empty_like(q)
 
 
 @attention.register_fake
-def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0, sinks=None):
+def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0, sinks=None, kv_written=False):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -16,6 +16,7 @@ PIPELINE = [
     "noop_elimination",  # cat(split(x)) -> x, same-dtype casts, identity reshapes
     "fuse_activation",  # act(a) * b over the halves of one tensor -> silu_and_mul / gelu_and_mul
     "fuse_add_rms_norm",  # add then rms_norm -> add_rms_norm
+    "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
 ]
 
 

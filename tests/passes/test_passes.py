@@ -37,6 +37,7 @@ class Block(nn.Module):
 def run(names: list[str]):
     """Trace Block through a backend that applies the passes; return (reference outputs, compiled
     outputs on new random inputs, the graph after the passes)."""
+    torch._dynamo.reset()  # each test traces Block afresh (and stays under the recompile limit)
     torch.manual_seed(torch.randint(0, 2**31, ()).item())  # fresh weights and inputs each run
     block = Block().eval()
     lay_out_adjacent(block)
@@ -101,3 +102,53 @@ def test_full_pipeline_and_dump(tmp_path):
 def test_unknown_pass_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown passes"):
         run_passes(None, ["fuse_everything"])
+
+
+class AttentionBlock(nn.Module):
+    """q/k/v projections, rotary, then paged attention: what fuse_rotary_cache_write looks for."""
+
+    def __init__(self, heads=4, kv_heads=2, head_dim=8):
+        super().__init__()
+        d = heads * head_dim
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(n * head_dim, d) * 0.2) for n in (heads, kv_heads, kv_heads))
+        freqs = torch.arange(64).float()[:, None] / (100 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), -1))
+
+    def forward(self, x, positions):
+        q = ops.linear(x, self.wq).unflatten(-1, (self.heads, self.head_dim))
+        k = ops.linear(x, self.wk).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = ops.linear(x, self.wv).unflatten(-1, (self.kv_heads, self.head_dim))
+        q, k = ops.rotary(q, k, positions, self.cos_sin, True)
+        return ops.attention(q, k, v, 0, self.head_dim ** -0.5)
+
+
+def test_rotary_cache_write_fusion_keeps_outputs_and_cache():
+    from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+
+    torch._dynamo.reset()
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = AttentionBlock().eval()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(run_passes(Graph(gm, example_inputs), ["fuse_rotary_cache_write"]))
+        return graphs[-1].gm.forward
+
+    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    lens = [3, 4]  # two sequences prefilled into scattered slots of a 9-block cache of 4-token blocks
+    blocks = torch.randperm(9)[:4].reshape(2, 2)
+    slots = torch.cat([blocks[i, p // 4] * 4 + p % 4 for i, n in enumerate(lens) for p in torch.arange(n)[None]])
+    md = AttentionMetadata(slots, blocks, lens, lens, 4)
+    x, positions = torch.randn(7, 32), torch.cat([torch.arange(n) for n in lens])
+    caches = {}
+    for name, fn in (("eager", block), ("compiled", compiled)):
+        caches[name] = (torch.zeros(9, 4, 2, 8), torch.zeros(9, 4, 2, 8))
+        with set_forward_context(ForwardContext(md, [caches[name]])), torch.no_grad():
+            caches[name + "_out"] = fn(x, positions)
+    torch.testing.assert_close(caches["compiled_out"], caches["eager_out"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches["compiled"][0], caches["eager"][0])  # the fused op wrote the same keys
+    torch.testing.assert_close(caches["compiled"][1], caches["eager"][1])
+    assert caches["eager"][0].abs().sum() > 0
+    assert count(graphs[0], "rotary") == 0 and count(graphs[0], "rotary_kv_write") == 1
+    assert next(graphs[0].calls("attention")).kwargs.get("kv_written") is True
