@@ -29,7 +29,7 @@ def _generate(args) -> int:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     prompts = prompts or DEMO_PROMPTS
     llm = LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-              trust_remote_code=args.trust_remote_code, enforce_eager=True)
+              trust_remote_code=args.trust_remote_code, enforce_eager=args.enforce_eager, model_impl=args.model_impl)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     for out in llm.generate(prompts, params):
         if args.json:
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-model-len", type=int)
     gen.add_argument("--trust-remote-code", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per output line")
+    gen.add_argument("--enforce-eager", action="store_true", default=None,
+                     help="never compile (default: compile on CUDA, eager on CPU)")
+    gen.add_argument("--model-impl", choices=["auto", "kiln", "transformers"], default="auto")
     gen.set_defaults(func=_generate)
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     srv.add_argument("model", nargs="?", help="a local checkpoint directory or a hub id")
