@@ -33,7 +33,16 @@ class LLM:
                  enforce_eager: bool | None = None, hf_overrides: dict | Callable | None = None,
                  trust_remote_code: bool = False, skip_tokenizer_init: bool = False, runner: str = "generate",
                  convert: str = "auto", pooler_config: Any = None, model_impl: str = "auto",
-                 compilation_config: dict | None = None, **kwargs: Any):
+                 compilation_config: dict | None = None, data_parallel_size: int = 1, **kwargs: Any):
+        self._ids = itertools.count()
+        self._pool = None
+        if data_parallel_size > 1:  # replicas in their own processes; this object only routes
+            from kiln.runtime.data_parallel import ReplicaPool
+
+            local = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "data_parallel_size", "ReplicaPool")}
+            self._pool = ReplicaPool(data_parallel_size, {**local, **kwargs})
+            self.llm_engine = None
+            return
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
@@ -41,15 +50,39 @@ class LLM:
             trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init, runner=runner,
             convert=convert, pooler_config=pooler_config, model_impl=model_impl,
             compilation_config=compilation_config, **kwargs))
-        self._ids = itertools.count()
 
     def get_tokenizer(self):
+        if self._pool is not None:
+            raise NotImplementedError("get_tokenizer with data_parallel_size > 1: load it with AutoTokenizer")
         return self.llm_engine.tokenizer
+
+    def _on_replicas(self, method: str, prompts, params, **kwargs) -> list:
+        """A call of `method` spread over the data-parallel replicas (by load), in order."""
+        if not isinstance(prompts, (list, tuple)):
+            prompts = [prompts]
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else None
+        if per_prompt is None:
+            kwargs["sampling_params" if method in ("generate", "chat") else "pooling_params"] = params
+        if per_prompt is not None and len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(per_prompt)} params")
+        loads = [float(_size(p)) + float(getattr(q, "max_tokens", 0) or 0)
+                 for p, q in zip(prompts, per_prompt or [params] * len(prompts))]
+        outs = self._pool.call(method, list(prompts), per_prompt, loads, use_tqdm=False, **kwargs)
+        for out in outs:  # ids unique across replicas
+            out.request_id = str(next(self._ids))
+        return outs
+
+    def shutdown(self) -> None:
+        """Stop the data-parallel replicas (a single-engine LLM has nothing to stop)."""
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, {"prompt_token_ids": [...]}, or a list of either. One output per
         prompt, in order. Bad input raises before any request is queued."""
+        if self._pool is not None:
+            return self._on_replicas("generate", prompts, sampling_params)
         if not isinstance(prompts, (list, tuple)):
             prompts = [prompts]
         if sampling_params is None:
@@ -75,6 +108,12 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """messages: one conversation ([{"role": ..., "content": ...}, ...]) or a list of them."""
+        if self._pool is not None:
+            conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+            return self._on_replicas("chat", conversations, sampling_params, chat_template=chat_template,
+                                     add_generation_prompt=add_generation_prompt,
+                                     continue_final_message=continue_final_message,
+                                     chat_template_kwargs=chat_template_kwargs)
         tokenizer = self.llm_engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True was given)")
@@ -97,22 +136,34 @@ class LLM:
                truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
         """The model's raw pooled output per prompt (`outputs.data`, a tensor): for token
         classification and reward models one row per token (or per step tag)."""
+        if self._pool is not None:
+            return self._on_replicas("encode", prompts, pooling_params, pooling_task=pooling_task,
+                                     truncate_prompt_tokens=truncate_prompt_tokens)
         return self._pool(prompts, pooling_params, pooling_task or "encode", use_tqdm, truncate_prompt_tokens)
 
     def embed(self, prompts, pooling_params=None, use_tqdm: bool = True,
               truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
+        if self._pool is not None:
+            return self._on_replicas("embed", prompts, pooling_params,
+                                     truncate_prompt_tokens=truncate_prompt_tokens)
         outs = self._pool(prompts, pooling_params, "embed", use_tqdm, truncate_prompt_tokens)
         return [EmbeddingRequestOutput(o.request_id, EmbeddingOutput(o.outputs.data.tolist()), o.prompt_token_ids)
                 for o in outs]
 
     def classify(self, prompts, pooling_params=None, use_tqdm: bool = True,
                  truncate_prompt_tokens: int | None = None) -> list[ClassificationRequestOutput]:
+        if self._pool is not None:
+            return self._on_replicas("classify", prompts, pooling_params,
+                                     truncate_prompt_tokens=truncate_prompt_tokens)
         outs = self._pool(prompts, pooling_params, "classify", use_tqdm, truncate_prompt_tokens)
         return [ClassificationRequestOutput(o.request_id, ClassificationOutput(o.outputs.data.tolist()),
                                             o.prompt_token_ids) for o in outs]
 
     def reward(self, prompts, pooling_params=None, use_tqdm: bool = True,
                truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        if self._pool is not None:
+            return self._on_replicas("reward", prompts, pooling_params,
+                                     truncate_prompt_tokens=truncate_prompt_tokens)
         return self._pool(prompts, pooling_params, "reward", use_tqdm, truncate_prompt_tokens)
 
     def score(self, data_1, data_2, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
@@ -120,6 +171,8 @@ class LLM:
         """Relevance of each (data_1, data_2) pair: one text against many (1:N) or pairwise (N:N).
         Cross-encoders and rerankers score the pair as one input (the tokenizer's sentence-pair
         encoding, or a score template); embedding models give the cosine of the two embeddings."""
+        if self._pool is not None:
+            raise NotImplementedError("score with data_parallel_size > 1 is not supported yet")
         engine = self.llm_engine
         first = [data_1] if isinstance(data_1, str) else list(data_1)
         second = [data_2] if isinstance(data_2, str) else list(data_2)
@@ -209,6 +262,8 @@ class LLM:
         array (with `sample_rate`), or a list of these (then a list of outputs). Audio longer than
         30 s is cut into 30-second windows, transcribed as one batch, and the texts joined.
         `language` None detects it from the first window; `task` "translate" translates to English."""
+        if self._pool is not None:
+            raise NotImplementedError("transcribe with data_parallel_size > 1 is not supported yet")
         from kiln.runtime import audio as audio_io
         from kiln.runtime import transcription as tr
 
@@ -238,7 +293,10 @@ class LLM:
         return results[0] if single else results
 
     def apply_model(self, func: Callable) -> list:
-        """Call func(model) on each worker's model (one worker today) and return the results."""
+        """Call func(model) on each worker's model and return the results (with data parallelism,
+        func must pickle: a module-level function, not a lambda)."""
+        if self._pool is not None:
+            return self._pool.apply(func)
         return [func(self.llm_engine.model)]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -253,3 +311,12 @@ class LLM:
                         pending.discard(out.request_id)
                         bar.update(1)
         return [done[rid] for rid in ids]
+
+
+def _size(prompt) -> int:
+    """A prompt's rough token count, for balancing replicas."""
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    if isinstance(prompt, dict):
+        return len(prompt.get("prompt_token_ids") or []) or len(str(prompt.get("prompt", ""))) // 4 + 1
+    return len(prompt) if isinstance(prompt, list) else 1

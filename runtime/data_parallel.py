@@ -1,0 +1,140 @@
+"""Data parallelism: M engine replicas, each its own process (started with torch.multiprocessing,
+each on its own GPU when there are several), behind one `LLM`.
+
+A call's prompts are split across the replicas by load (greedy: the next prompt goes to the
+replica with the fewest estimated tokens so far), each replica runs its share as an ordinary
+`LLM` call, and the outputs come back in the caller's order. A replica that dies fails the call
+with an error naming it, and the pool shuts down instead of hanging.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _replica_main(conn, llm_kwargs: dict, rank: int) -> None:
+    """A replica: build an LLM, then serve ("call", method, args, kwargs) until ("stop",)."""
+    from kiln.runtime.llm import LLM
+
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > rank:
+            llm_kwargs = {**llm_kwargs, "device": f"cuda:{rank}"}
+        llm = LLM(**llm_kwargs)
+        conn.send(("ready", None))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", (e, traceback.format_exc())))
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "stop":
+            return
+        _, method, args, kwargs = message
+        try:
+            conn.send(("ok", getattr(llm, method)(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001
+            conn.send(("error", (e, traceback.format_exc())))
+
+
+class ReplicaPool:
+    def __init__(self, size: int, llm_kwargs: dict):
+        if size < 2:
+            raise ValueError(f"data_parallel_size must be >= 2 for a replica pool, got {size}")
+        if torch.cuda.is_available() and 1 < torch.cuda.device_count() < size:
+            raise ValueError(f"data_parallel_size={size} needs {size} GPUs; this machine has {torch.cuda.device_count()}")
+        context = mp.get_context("spawn")
+        self.replicas = []
+        for rank in range(size):
+            parent, child = context.Pipe()
+            process = context.Process(target=_replica_main, args=(child, llm_kwargs, rank), daemon=True,
+                                      name=f"kiln-replica-{rank}")
+            process.start()
+            child.close()
+            self.replicas.append((parent, process))
+        try:
+            for rank in range(size):
+                self._receive(rank)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def size(self) -> int:
+        return len(self.replicas)
+
+    def call(self, method: str, prompts: list, per_prompt: list | None, loads: list[float], **kwargs) -> list:
+        """Run `method(prompts_share, per_prompt_share, **kwargs)` on every replica, sharded by load;
+        outputs in the caller's order."""
+        shares: list[list[int]] = [[] for _ in self.replicas]
+        totals = [0.0] * self.size
+        for i in sorted(range(len(prompts)), key=lambda i: -loads[i]):  # biggest first, to the least loaded
+            r = min(range(self.size), key=totals.__getitem__)
+            shares[r].append(i)
+            totals[r] += loads[i]
+        busy = []
+        for r, idx in enumerate(shares):
+            if not idx:
+                continue
+            args = ([prompts[i] for i in idx],) + (([per_prompt[i] for i in idx],) if per_prompt is not None else ())
+            self._send(r, ("call", method, args, kwargs))
+            busy.append(r)
+        results: list[Any] = [None] * len(prompts)
+        error = None
+        for r in busy:
+            try:
+                for i, out in zip(shares[r], self._receive(r)):
+                    results[i] = out
+            except BaseException as e:  # noqa: BLE001 - collect the others' answers before raising
+                error = error or e
+        if error is not None:
+            raise error
+        return results
+
+    def apply(self, func) -> list:
+        """func(model) on every replica (func must pickle: a module-level function)."""
+        out = []
+        for r in range(self.size):
+            self._send(r, ("call", "apply_model", (func,), {}))
+            out += self._receive(r)
+        return out
+
+    def _send(self, rank: int, message) -> None:
+        try:
+            self.replicas[rank][0].send(message)
+        except (BrokenPipeError, OSError) as e:
+            self.shutdown()
+            raise RuntimeError(f"data-parallel replica {rank} is gone ({e}); the pool has been shut down") from None
+
+    def _receive(self, rank: int):
+        conn, process = self.replicas[rank]
+        try:
+            status, payload = conn.recv()
+        except (EOFError, OSError):
+            code = process.exitcode
+            self.shutdown()
+            raise RuntimeError(f"data-parallel replica {rank} died (exit code {code}); the pool has been shut down") from None
+        if status == "error":
+            error, trace = payload
+            if isinstance(error, (ValueError, FileNotFoundError, OSError)):
+                raise error  # bad input: the same exception a single engine raises
+            raise RuntimeError(f"data-parallel replica {rank} failed:\n{trace}") from error
+        return payload
+
+    def shutdown(self) -> None:
+        for conn, process in self.replicas:
+            try:
+                conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        for conn, process in self.replicas:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+            conn.close()
+        self.replicas = []

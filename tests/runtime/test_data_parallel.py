@@ -1,0 +1,50 @@
+"""Data parallelism on CPU: two replica processes behind one LLM return every request once, in
+order, with the tokens one engine gives; a dead replica is a clear error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from kiln import LLM, SamplingParams
+
+PROMPTS = [f"Once upon a time there were {i} small engines" + " and more" * (i % 4) for i in range(7)]
+
+
+def model_class_name(model) -> str:  # module-level: apply_model's function must pickle across processes
+    return type(model).__name__
+
+
+@pytest.fixture(scope="module")
+def pool(llama_path):
+    llm = LLM(llama_path, data_parallel_size=2, max_model_len=128)
+    yield llm
+    llm.shutdown()
+
+
+def test_every_request_once_in_order_with_single_engine_tokens(pool, llama_path):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    single = LLM(llama_path, max_model_len=128).generate(PROMPTS, params, use_tqdm=False)
+    outs = pool.generate(PROMPTS, params)
+    assert [o.prompt for o in outs] == PROMPTS
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in single]
+    assert len({o.request_id for o in outs}) == len(PROMPTS)
+    per_prompt = [SamplingParams(temperature=0.0, max_tokens=2 + i, ignore_eos=True) for i in range(len(PROMPTS))]
+    assert [len(o.outputs[0].token_ids) for o in pool.generate(PROMPTS, per_prompt)] == [2 + i for i in range(7)]
+    assert pool.apply_model(model_class_name) == ["LlamaForCausalLM", "LlamaForCausalLM"]
+
+
+def test_bad_input_raises_and_the_pool_keeps_serving(pool):
+    with pytest.raises(ValueError, match="empty"):
+        pool.generate(["fine", {"prompt_token_ids": []}], SamplingParams(max_tokens=2))
+    assert len(pool.generate(PROMPTS[:3], SamplingParams(max_tokens=2))) == 3
+
+
+def test_a_dead_replica_is_a_clear_error(llama_path):
+    llm = LLM(llama_path, data_parallel_size=2, max_model_len=64)
+    os.kill(llm._pool.replicas[1][1].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="replica 1"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=2))
+    assert not llm._pool.replicas  # shut down, no process left behind
