@@ -35,12 +35,12 @@ class LLM:
                  convert: str = "auto", pooler_config: Any = None, model_impl: str = "auto",
                  compilation_config: dict | None = None, data_parallel_size: int = 1, **kwargs: Any):
         self._ids = itertools.count()
-        self._pool = None
+        self._replicas = None
         if data_parallel_size > 1:  # replicas in their own processes; this object only routes
             from kiln.runtime.data_parallel import ReplicaPool
 
             local = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "data_parallel_size", "ReplicaPool")}
-            self._pool = ReplicaPool(data_parallel_size, {**local, **kwargs})
+            self._replicas = ReplicaPool(data_parallel_size, {**local, **kwargs})
             self.llm_engine = None
             return
         self.llm_engine = LLMEngine(EngineConfig(
@@ -52,7 +52,7 @@ class LLM:
             compilation_config=compilation_config, **kwargs))
 
     def get_tokenizer(self):
-        if self._pool is not None:
+        if self._replicas is not None:
             raise NotImplementedError("get_tokenizer with data_parallel_size > 1: load it with AutoTokenizer")
         return self.llm_engine.tokenizer
 
@@ -67,21 +67,21 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(per_prompt)} params")
         loads = [float(_size(p)) + float(getattr(q, "max_tokens", 0) or 0)
                  for p, q in zip(prompts, per_prompt or [params] * len(prompts))]
-        outs = self._pool.call(method, list(prompts), per_prompt, loads, use_tqdm=False, **kwargs)
+        outs = self._replicas.call(method, list(prompts), per_prompt, loads, use_tqdm=False, **kwargs)
         for out in outs:  # ids unique across replicas
             out.request_id = str(next(self._ids))
         return outs
 
     def shutdown(self) -> None:
         """Stop the data-parallel replicas (a single-engine LLM has nothing to stop)."""
-        if self._pool is not None:
-            self._pool.shutdown()
+        if self._replicas is not None:
+            self._replicas.shutdown()
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, {"prompt_token_ids": [...]}, or a list of either. One output per
         prompt, in order. Bad input raises before any request is queued."""
-        if self._pool is not None:
+        if self._replicas is not None:
             return self._on_replicas("generate", prompts, sampling_params)
         if not isinstance(prompts, (list, tuple)):
             prompts = [prompts]
@@ -108,7 +108,7 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """messages: one conversation ([{"role": ..., "content": ...}, ...]) or a list of them."""
-        if self._pool is not None:
+        if self._replicas is not None:
             conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
             return self._on_replicas("chat", conversations, sampling_params, chat_template=chat_template,
                                      add_generation_prompt=add_generation_prompt,
@@ -136,14 +136,14 @@ class LLM:
                truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
         """The model's raw pooled output per prompt (`outputs.data`, a tensor): for token
         classification and reward models one row per token (or per step tag)."""
-        if self._pool is not None:
+        if self._replicas is not None:
             return self._on_replicas("encode", prompts, pooling_params, pooling_task=pooling_task,
                                      truncate_prompt_tokens=truncate_prompt_tokens)
         return self._pool(prompts, pooling_params, pooling_task or "encode", use_tqdm, truncate_prompt_tokens)
 
     def embed(self, prompts, pooling_params=None, use_tqdm: bool = True,
               truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
-        if self._pool is not None:
+        if self._replicas is not None:
             return self._on_replicas("embed", prompts, pooling_params,
                                      truncate_prompt_tokens=truncate_prompt_tokens)
         outs = self._pool(prompts, pooling_params, "embed", use_tqdm, truncate_prompt_tokens)
@@ -152,7 +152,7 @@ class LLM:
 
     def classify(self, prompts, pooling_params=None, use_tqdm: bool = True,
                  truncate_prompt_tokens: int | None = None) -> list[ClassificationRequestOutput]:
-        if self._pool is not None:
+        if self._replicas is not None:
             return self._on_replicas("classify", prompts, pooling_params,
                                      truncate_prompt_tokens=truncate_prompt_tokens)
         outs = self._pool(prompts, pooling_params, "classify", use_tqdm, truncate_prompt_tokens)
@@ -161,7 +161,7 @@ class LLM:
 
     def reward(self, prompts, pooling_params=None, use_tqdm: bool = True,
                truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
-        if self._pool is not None:
+        if self._replicas is not None:
             return self._on_replicas("reward", prompts, pooling_params,
                                      truncate_prompt_tokens=truncate_prompt_tokens)
         return self._pool(prompts, pooling_params, "reward", use_tqdm, truncate_prompt_tokens)
@@ -171,7 +171,7 @@ class LLM:
         """Relevance of each (data_1, data_2) pair: one text against many (1:N) or pairwise (N:N).
         Cross-encoders and rerankers score the pair as one input (the tokenizer's sentence-pair
         encoding, or a score template); embedding models give the cosine of the two embeddings."""
-        if self._pool is not None:
+        if self._replicas is not None:
             raise NotImplementedError("score with data_parallel_size > 1 is not supported yet")
         engine = self.llm_engine
         first = [data_1] if isinstance(data_1, str) else list(data_1)
@@ -262,7 +262,7 @@ class LLM:
         array (with `sample_rate`), or a list of these (then a list of outputs). Audio longer than
         30 s is cut into 30-second windows, transcribed as one batch, and the texts joined.
         `language` None detects it from the first window; `task` "translate" translates to English."""
-        if self._pool is not None:
+        if self._replicas is not None:
             raise NotImplementedError("transcribe with data_parallel_size > 1 is not supported yet")
         from kiln.runtime import audio as audio_io
         from kiln.runtime import transcription as tr
@@ -295,8 +295,8 @@ class LLM:
     def apply_model(self, func: Callable) -> list:
         """Call func(model) on each worker's model and return the results (with data parallelism,
         func must pickle: a module-level function, not a lambda)."""
-        if self._pool is not None:
-            return self._pool.apply(func)
+        if self._replicas is not None:
+            return self._replicas.apply(func)
         return [func(self.llm_engine.model)]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

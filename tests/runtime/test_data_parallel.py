@@ -44,7 +44,7 @@ def test_bad_input_raises_and_the_pool_keeps_serving(pool):
 
 def test_a_dead_replica_is_a_clear_error(llama_path):
     llm = LLM(llama_path, data_parallel_size=2, max_model_len=64)
-    os.kill(llm._pool.replicas[1][1].pid, signal.SIGKILL)
+    os.kill(llm._replicas.replicas[1][1].pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match="replica 1"):
         llm.generate(PROMPTS, SamplingParams(max_tokens=2))
-    assert not llm._pool.replicas  # shut down, no process left behind
+    assert not llm._replicas.replicas  # shut down, no process left behind
