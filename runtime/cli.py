@@ -96,10 +96,30 @@ def _bench(args) -> int:
 
 
 def _models(args) -> int:
+    """The native architectures, then (with --all) every class of the installed transformers that
+    the Transformers backend can serve, by task."""
     from kiln.models import supported_architectures
 
-    for arch, entry in sorted(supported_architectures().items()):
-        print(f"{arch:32s} {','.join(entry.tasks):12s} native (kiln.models.{entry.module})")
+    native = supported_architectures()
+    for arch, entry in sorted(native.items()):
+        print(f"{arch:40s} {','.join(entry.tasks):18s} native (kiln.models.{entry.module})")
+    if not args.all:
+        print("(--all also lists the architectures the installed transformers ships, served by the Transformers "
+              "backend when their attention goes through its attention interface)")
+        return 0
+    from transformers.models.auto import modeling_auto as auto
+
+    tasks = {"generate": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "embed": auto.MODEL_MAPPING_NAMES,
+             "classify,score": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+             "token_classify": auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES}
+    backend: dict[str, str] = {}
+    for task, mapping in tasks.items():
+        for names in mapping.values():
+            for name in [names] if isinstance(names, str) else names:
+                if name not in native:
+                    backend.setdefault(name, task)
+    for arch, task in sorted(backend.items()):
+        print(f"{arch:40s} {task:18s} transformers backend")
     return 0
 
 
@@ -158,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
     models = sub.add_parser("models", help="list the supported architectures")
+    models.add_argument("--all", action="store_true", help="include the Transformers backend's architectures")
     models.set_defaults(func=_models)
     args = parser.parse_args(argv)
     try:

@@ -54,3 +54,16 @@ def test_bench_finds_the_scripts(name, capsys):
     assert os.path.isfile(benchmark_path(name))
     assert main(["bench", name, "--help"]) == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_kiln_models_lists_native_and_backend_architectures(capsys):
+    from kiln.runtime.cli import main
+
+    assert main(["models"]) == 0
+    native = capsys.readouterr().out
+    assert "LlamaForCausalLM" in native and "native (kiln.models.llama)" in native
+    assert "transformers backend" not in native
+    assert main(["models", "--all"]) == 0
+    everything = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in everything and "transformers backend" in everything
+    assert everything.count("LlamaForCausalLM ") == 1  # a native architecture is listed once, as native
