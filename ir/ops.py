@@ -369,7 +369,9 @@ def cross_attention(q: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     md = ctx.attn
     k_cache, v_cache = ctx.cross_kv_caches[layer]
     if all(n == 1 for n in md.query_lens):  # decode: one query per sequence, batched
-        slots = torch.tensor(md.cross_slots, device=q.device)
+        slots = getattr(md, "cross_slots_tensor", None)  # (a CUDA graph's static buffer, when replaying)
+        if slots is None:
+            slots = torch.tensor(md.cross_slots, device=q.device)
         return _sdpa(q.unsqueeze(1), k_cache[slots], v_cache[slots], None, scale)[:, 0]
     out, start = torch.empty_like(q), 0
     for n, slot in zip(md.query_lens, md.cross_slots):

@@ -25,8 +25,9 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, forward: Callable, kv_caches, block_size: int, max_blocks_per_seq: int, scratch_block: int,
-                 max_num_seqs: int, device: torch.device):
+                 max_num_seqs: int, device: torch.device, cross_kv_caches=None):
         self.forward, self.kv_caches, self.block_size = forward, kv_caches, block_size
+        self.cross_kv_caches = cross_kv_caches  # encoder-decoder models: each row reads its cross-cache slot
         self.sizes = bucket_sizes(max_num_seqs)
         # one row more than the largest bucket: a graph's inputs are then always strict slices of
         # the buffers, so torch.compile sees the same kind of view for every size (no recompiles)
@@ -38,15 +39,18 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.cross_slots = torch.zeros(n, dtype=torch.long, device=device)  # padding rows read slot 0, harmlessly
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
 
     def _context(self, b: int) -> ForwardContext:
         md = AttentionMetadata(slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
-                               query_lens=[1] * b, seq_lens=[1] * b, block_size=self.block_size)
+                               query_lens=[1] * b, seq_lens=[1] * b, block_size=self.block_size,
+                               cross_slots=[0] * b if self.cross_kv_caches is not None else None)
         md.query_start_loc, md.seq_lens_tensor = self.query_start_loc[:b + 1], self.seq_lens[:b]
-        return ForwardContext(md, self.kv_caches)
+        md.cross_slots_tensor = self.cross_slots[:b]
+        return ForwardContext(md, self.kv_caches, self.cross_kv_caches)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -67,7 +71,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-            seq_lens: list[int]) -> torch.Tensor:
+            seq_lens: list[int], cross_slots: list[int] | None = None) -> torch.Tensor:
         """One decode step of len(input_ids) sequences -> hidden states [B, hidden]."""
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
@@ -81,5 +85,7 @@ class DecodeGraphs:
         for i, t in enumerate(block_tables):
             rows[i, :len(t)] = torch.tensor(t)
         self.block_tables[:padded, :width].copy_(rows, non_blocking=True)
+        if cross_slots is not None:
+            self.cross_slots[:padded].copy_(torch.tensor(cross_slots + [0] * pad), non_blocking=True)
         self.graphs[padded].replay()
         return self.outputs[padded][:b]

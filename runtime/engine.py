@@ -153,13 +153,12 @@ class LLMEngine:
         self.runner.forward = trace(self.model, lower_graph, strict=self.model_impl == "kiln")
         logger.info("kiln: compiling with passes %s, backend %s (cache: %s)", passes, backend,
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-        if (self.device.type == "cuda" and options.get("cudagraph", True) and self.runner.kv_caches is not None
-                and not self.is_encoder_decoder):
+        if self.device.type == "cuda" and options.get("cudagraph", True) and self.runner.kv_caches is not None:
             from kiln.runtime.cuda_graphs import DecodeGraphs
 
             graphs = DecodeGraphs(self.runner.forward, self.runner.kv_caches, self.config.block_size,
                                   -(-self.max_model_len // self.config.block_size), self.runner.num_blocks,
-                                  self.config.max_num_seqs, self.device)
+                                  self.config.max_num_seqs, self.device, self.runner.cross_kv_caches)
             graphs.capture()
             self.runner.decode_graphs = graphs
             logger.info("kiln: captured decode CUDA graphs for batch sizes %s", graphs.sizes)

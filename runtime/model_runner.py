@@ -106,9 +106,10 @@ class ModelRunner:
             block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs,
             cross_slots=[r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None)
         if (self.decode_graphs is not None and not rows.prompt and len(query_lens) == len(input_ids)
-                and self.cross_kv_caches is None and self.decode_graphs.fits(len(input_ids))):
+                and self.decode_graphs.fits(len(input_ids))):
             tables = [r.block_ids for r, _ in step.scheduled]
-            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens), rows
+            cross = [r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None
+            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross), rows
         extra = {}
         if any(r.token_type_ids is not None for r, _ in step.scheduled):
             types = [t for r, n in step.scheduled
