@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=8)
     p.add_argument("--num-kv-heads", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--vocab-size", type=int, default=None, help="default: the demo tokenizer's (384)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--hf-batch-size", type=int, default=8)
@@ -126,7 +127,8 @@ def main() -> None:
             tmp.name, "LlamaForCausalLM", seed=args.seed, dtype=dtype, hidden_size=args.hidden_size,
             num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
             num_key_value_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
-            max_position_embeddings=max(512, args.max_input + args.max_output))
+            max_position_embeddings=max(512, args.max_input + args.max_output),
+            **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
     config = AutoConfig.from_pretrained(path)
     work = make_workload(args, config.vocab_size, random.Random(args.seed))
     warmup = [(ids, 2) for ids, _ in work]  # every prompt shape once, 2 tokens each
