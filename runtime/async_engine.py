@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from kiln.runtime import score_templates
+from kiln.runtime.score_templates import cross_encoder_prompts
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.outputs import PoolingRequestOutput, RequestOutput
@@ -457,29 +457,3 @@ async def gather_or_cancel(coros) -> list:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def cross_encoder_prompts(engine: LLMEngine, first: list[str], second: list[str], truncate: int | None) -> list[dict]:
-    """The (query, document) pairs as one input each, as `LLM.score` builds them for a cross-encoder:
-    the score template when the model has one, else the tokenizer's sentence-pair encoding."""
-    tokenizer = engine.tokenizer
-    if tokenizer is None:
-        raise ValueError("score needs a tokenizer (skip_tokenizer_init=True was given)")
-    if getattr(engine.model, "num_labels", 1) != 1:
-        raise ValueError(f"score needs a model with one output label; {engine.architecture} has "
-                         f"{engine.model.num_labels}: use classify")
-    template = score_templates.default_score_template(engine.hf_config)
-    limit = engine.max_model_len if truncate == -1 else truncate
-    prompts = []
-    for a, b in zip(first, second):
-        if template is not None:
-            text = score_templates.render(template, a, b)
-            ids = tokenizer(text, truncation=limit is not None, max_length=limit).input_ids
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
-            continue
-        enc = tokenizer(a, b, truncation=limit is not None, max_length=limit)
-        prompt = {"prompt_token_ids": enc["input_ids"]}
-        if "token_type_ids" in enc:
-            prompt["token_type_ids"] = enc["token_type_ids"]
-        prompts.append(prompt)
-    return prompts

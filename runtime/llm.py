@@ -199,25 +199,8 @@ class LLM:
         return outs
 
     def _cross_encode(self, first, second, truncate, use_tqdm, pooling_params, chat_template):
-        engine, tokenizer = self.llm_engine, self.llm_engine.tokenizer
-        if tokenizer is None:
-            raise ValueError("score needs a tokenizer (skip_tokenizer_init=True was given)")
-        if getattr(engine.model, "num_labels", 1) != 1:
-            raise ValueError(f"score needs a model with one output label; {engine.architecture} has "
-                             f"{engine.model.num_labels}: use classify")
-        template = chat_template or score_templates.default_score_template(engine.hf_config)
-        prompts = []
-        for a, b in zip(first, second):
-            if template is not None:
-                prompts.append(score_templates.render(template, a, b))
-            else:
-                enc = tokenizer(a, b, truncation=truncate is not None,
-                                max_length=(engine.max_model_len if truncate == -1 else truncate))
-                prompt = {"prompt_token_ids": enc["input_ids"]}
-                if "token_type_ids" in enc:
-                    prompt["token_type_ids"] = enc["token_type_ids"]
-                prompts.append(prompt)
-        outs = self._pool(prompts, pooling_params, "score", use_tqdm, None if template is None else truncate)
+        prompts = score_templates.cross_encoder_prompts(self.llm_engine, first, second, truncate, chat_template)
+        outs = self._pool(prompts, pooling_params, "score", use_tqdm, None)
         return [ScoringRequestOutput(o.request_id, ScoringOutput(float(o.outputs.data.reshape(-1)[0])), o.prompt_token_ids)
                 for o in outs]
 

@@ -30,3 +30,31 @@ def render(template: str, query: str, document: str, **kwargs) -> str:
     env = jinja2.Environment()
     messages = [{"role": "query", "content": query}, {"role": "document", "content": document}]
     return env.from_string(template).render(messages=messages, **kwargs)
+
+
+def cross_encoder_prompts(engine, first: list[str], second: list[str], truncate: int | None,
+                          template: str | None = None) -> list[dict]:
+    """The (query, document) pairs as one tokenized input each, for a cross-encoder or reranker:
+    through `template` (or the model's own score template) when there is one, else the
+    tokenizer's sentence-pair encoding (with token type ids). Used by `LLM.score` and the server."""
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ValueError("score needs a tokenizer (skip_tokenizer_init=True was given)")
+    if getattr(engine.model, "num_labels", 1) != 1:
+        raise ValueError(f"score needs a model with one output label; {engine.architecture} has "
+                         f"{engine.model.num_labels}: use classify")
+    template = template or default_score_template(engine.hf_config)
+    limit = engine.max_model_len if truncate == -1 else truncate
+    prompts = []
+    for a, b in zip(first, second):
+        if template is not None:
+            text = render(template, a, b)
+            ids = tokenizer(text, truncation=limit is not None, max_length=limit).input_ids
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+            continue
+        enc = tokenizer(a, b, truncation=limit is not None, max_length=limit)
+        prompt = {"prompt_token_ids": enc["input_ids"]}
+        if "token_type_ids" in enc:
+            prompt["token_type_ids"] = enc["token_type_ids"]
+        prompts.append(prompt)
+    return prompts

@@ -33,10 +33,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.runtime.async_engine import (AsyncLLM, EngineDeadError, EngineOverloadedError, RequestStream,
-                                      cross_encoder_prompts, gather_or_cancel)
+                                      gather_or_cancel)
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.score_templates import cross_encoder_prompts
 from kiln.runtime.protocol import (MAX_LOGPROBS, MAX_N, ChatCompletionRequest, ClassificationRequest, CompletionRequest,
                                    EmbeddingRequest, RequestError, RerankRequest, ScoreRequest, validation_error)
 
