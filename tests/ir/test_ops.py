@@ -140,3 +140,20 @@ def test_attention_outside_a_forward_context_is_a_clear_error():
     x = torch.randn(2, 1, 4)
     with pytest.raises(RuntimeError, match="outside a forward context"):
         ops.attention(x, x, x, 0, 1.0)
+
+
+def test_soft_capped_attention_matches_a_dense_formula():
+    """Gemma 2's soft-cap: scores become cap * tanh(score / cap) before the softmax."""
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    q, k, v = torch.randn(5, 4, 8) * 3, torch.randn(5, 2, 8) * 3, torch.randn(5, 2, 8)
+    md = AttentionMetadata(torch.zeros(0, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), [5], [5], 16)
+    with set_forward_context(ForwardContext(md, None)):
+        out = ops.attention(q, k, v, 0, 0.5, 0, True, 2.0)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = 2.0 * torch.tanh(torch.einsum("qhd,khd->hqk", q, kk) * 0.5 / 2.0)
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    expect = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+    with set_forward_context(ForwardContext(md, None)):
+        uncapped = ops.attention(q, k, v, 0, 0.5, 0, True, 0.0)
+    assert not torch.allclose(out, uncapped, atol=1e-3)  # the cap did something at these magnitudes
