@@ -95,14 +95,7 @@ class LLM:
             raise ValueError(f"{engine.architecture} is loaded as a pooling model (runner='pooling'): use "
                              "embed/classify/score/reward/encode, or load it with runner='generate'")
         prompts = engine.prepare_prompts(prompts)  # validates everything before queueing anything
-        ids = [str(next(self._ids)) for _ in prompts]
-        try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                engine.add_request(rid, prompt, p)
-            return self._run(ids, use_tqdm)
-        except BaseException:
-            engine.abort_request([rid for rid in ids if rid in engine.parents])
-            raise
+        return self._run(engine.add_request, prompts, params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
@@ -227,14 +220,7 @@ class LLM:
         for p in params:
             if p.dimensions is not None and task != "embed":
                 raise ValueError("PoolingParams.dimensions applies to embeddings only")
-        ids = [str(next(self._ids)) for _ in prompts]
-        try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                engine.add_pooling_request(rid, prompt, p)
-            return self._run(ids, use_tqdm)
-        except BaseException:
-            engine.abort_request([rid for rid in ids if rid in engine.parents])
-            raise
+        return self._run(engine.add_pooling_request, prompts, params, use_tqdm)
 
     # ------------------------------------------------------------ transcription
 
@@ -282,18 +268,28 @@ class LLM:
             return self._replicas.apply(func)
         return [func(self.llm_engine.model)]
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine, pending, done = self.llm_engine, set(ids), {}
-        with tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm) as bar:
-            while pending:
-                if not engine.has_unfinished_requests():
-                    raise RuntimeError(f"requests {sorted(pending)} were dropped by the engine")
-                for out in engine.step():
-                    if out.finished and out.request_id in pending:
-                        done[out.request_id] = out
-                        pending.discard(out.request_id)
-                        bar.update(1)
-        return [done[rid] for rid in ids]
+    def _run(self, add, prompts: list, params: list, use_tqdm: bool) -> list:
+        """Queue the (validated) prompts with `add(request_id, prompt, params)`, step the engine
+        until all are done, return their outputs in order. On any error, nothing stays queued."""
+        engine = self.llm_engine
+        ids = [str(next(self._ids)) for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                add(rid, prompt, p)
+            pending, done = set(ids), {}
+            with tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm) as bar:
+                while pending:
+                    if not engine.has_unfinished_requests():
+                        raise RuntimeError(f"requests {sorted(pending)} were dropped by the engine")
+                    for out in engine.step():
+                        if out.finished and out.request_id in pending:
+                            done[out.request_id] = out
+                            pending.discard(out.request_id)
+                            bar.update(1)
+            return [done[rid] for rid in ids]
+        except BaseException:
+            engine.abort_request([rid for rid in ids if rid in engine.parents])
+            raise
 
 
 def _size(prompt) -> int:
