@@ -11,18 +11,27 @@ import sys
 DEMO_PROMPTS = ["Hello, my name is", "The capital of France is"]
 
 
+def _model_or_demo(args) -> str | None:
+    """The MODEL argument, or with --demo the demo checkpoint (built on first use); None, with a
+    message, when neither or both were given."""
+    if args.demo == (args.model is not None):
+        print(f"kiln {args.command}: give a MODEL or --demo", file=sys.stderr)
+        return None
+    if not args.demo:
+        return args.model
+    from kiln.runtime.demo import demo_checkpoint
+
+    model = demo_checkpoint()
+    print(f"demo: a tiny random Llama with a locally trained tokenizer at {model} (its text is noise)")
+    return model
+
+
 def _generate(args) -> int:
     from kiln import LLM, SamplingParams
 
-    if args.demo == (args.model is not None):
-        print("kiln generate: give a MODEL or --demo", file=sys.stderr)
+    model = _model_or_demo(args)
+    if model is None:
         return 2
-    model = args.model
-    if args.demo:
-        from kiln.runtime.demo import demo_checkpoint
-
-        model = demo_checkpoint()
-        print(f"demo: a tiny random Llama with a locally trained tokenizer at {model} (its text is noise)")
     prompts = list(args.prompt or [])
     if args.prompts_file:
         with open(args.prompts_file) as f:
@@ -45,15 +54,9 @@ def _serve(args) -> int:
     from kiln.runtime.config import EngineConfig
     from kiln.runtime.server import serve
 
-    if args.demo == (args.model is not None):
-        print("kiln serve: give a MODEL or --demo", file=sys.stderr)
+    model = _model_or_demo(args)
+    if model is None:
         return 2
-    model = args.model
-    if args.demo:
-        from kiln.runtime.demo import demo_checkpoint
-
-        model = demo_checkpoint()
-        print(f"demo: a tiny random Llama with a locally trained tokenizer at {model} (its text is noise)")
     config = EngineConfig(
         model=model, tokenizer=args.tokenizer, runner=args.runner, convert=args.convert, model_impl=args.model_impl,
         dtype=args.dtype,
