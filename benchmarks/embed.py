@@ -18,17 +18,21 @@ alternating) and the ratio kiln/HF, and checks that both sides' embeddings agree
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import AutoModel, AutoTokenizer
 
 from kiln import LLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import header, runs  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over lazy dog engine compiler kernel memory block paged attention batch "
          "token model weather sea calm paris france capital question answer number list river mountain city").split()
@@ -124,8 +128,7 @@ def main() -> None:
     cosine = F.cosine_similarity(results["kiln"], results["hf"].float(), dim=-1)
     kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"])
     tokens = sum(len(tokenizer(s).input_ids) for s in sentences)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device {device} ({where}) | torch {torch.__version__} | transformers {transformers.__version__} | dtype {dtype}")
+    print(header(device, dtype))
     print(f"model {'random BERT-base shape' if args.bert_base else 'all-MiniLM-L6-v2'} | sentences {len(sentences)} "
           f"({args.min_words}..{args.max_words} words, {tokens} tokens) | HF batch {args.batch_size} | median of {args.repeats}")
     print(f"embeddings agree: min cosine {cosine.min().item():.6f}")
@@ -133,7 +136,7 @@ def main() -> None:
     print(f"{'kiln LLM.embed':24}{kiln_s:10.3f}{len(sentences) / kiln_s:14.1f}")
     print(f"{'HF AutoModel + pooling':24}{hf_s:10.3f}{len(sentences) / hf_s:14.1f}")
     print(f"{'ratio kiln/HF':24}{'':10}{hf_s / kiln_s:14.2f}")
-    print("runs s: " + ", ".join(f"{n} " + " ".join(f"{t:.3f}" for t in ts) for n, ts in times.items()))
+    print(runs(times, 3))
     tmp.cleanup()
 
 

@@ -23,18 +23,20 @@ CUDA); medians are reported.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
-import tempfile
+import sys
 import time
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kiln.runtime.demo import build_checkpoint
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_and_dtype, header, random_llama  # noqa: E402
 
 FIRST_ID = 6  # ids 0..5 are the demo tokenizer's special tokens
 
@@ -75,18 +77,9 @@ def timed(fn, device: torch.device) -> float:
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    device, dtype = device_and_dtype(args.device, args.dtype)
     torch.manual_seed(args.seed)
-    tmp = None
-    path = args.model
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="kiln-bench-")
-        path = build_checkpoint(
-            tmp.name, "LlamaForCausalLM", seed=args.seed, dtype=dtype, hidden_size=args.hidden_size,
-            num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-            num_key_value_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
-            max_position_embeddings=max(512, args.input_len + args.output_len))
+    path, tmp = random_llama(args, dtype, args.input_len + args.output_len)
     config = AutoConfig.from_pretrained(path)
     rng = random.Random(args.seed)
     prompt = [rng.randrange(FIRST_ID, config.vocab_size) for _ in range(args.input_len)]
@@ -127,8 +120,7 @@ def main() -> None:
         return ttft, (e2e - ttft) / (args.output_len - 1), e2e
 
     params = sum(p.numel() for p in hf.parameters())
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device {device} ({where}) | torch {torch.__version__} | transformers {transformers.__version__} | dtype {dtype}")
+    print(header(device, dtype))
     print(f"model {'random Llama' if args.model is None else path}: hidden {config.hidden_size}, layers "
           f"{config.num_hidden_layers}, heads {config.num_attention_heads}, kv heads {config.num_key_value_heads}, "
           f"intermediate {config.intermediate_size}, vocab {config.vocab_size}, {params / 1e6:.2f}M params")

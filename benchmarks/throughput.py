@@ -29,18 +29,20 @@ tokens, so the two ratios are equal.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
-import tempfile
+import sys
 import time
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kiln.runtime.demo import build_checkpoint
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_and_dtype, header, random_llama, runs  # noqa: E402
 
 FIRST_ID = 6  # ids 0..5 are the demo tokenizer's special tokens
 
@@ -116,19 +118,10 @@ def timed(fn, device: torch.device) -> tuple[float, int]:
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    device, dtype = device_and_dtype(args.device, args.dtype)
     torch.manual_seed(args.seed)
-    tmp = None
-    path = args.model
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="kiln-bench-")
-        path = build_checkpoint(
-            tmp.name, "LlamaForCausalLM", seed=args.seed, dtype=dtype, hidden_size=args.hidden_size,
-            num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-            num_key_value_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
-            max_position_embeddings=max(512, args.max_input + args.max_output),
-            **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+    path, tmp = random_llama(args, dtype, args.max_input + args.max_output,
+                             **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
     config = AutoConfig.from_pretrained(path)
     work = make_workload(args, config.vocab_size, random.Random(args.seed))
     warmup = [(ids, 2) for ids, _ in work]  # every prompt shape once, 2 tokens each
@@ -156,8 +149,7 @@ def main() -> None:
     kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"])
 
     params = sum(p.numel() for p in hf.parameters())
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device {device} ({where}) | torch {torch.__version__} | transformers {transformers.__version__} | dtype {dtype}")
+    print(header(device, dtype))
     print(f"model {'random Llama' if args.model is None else path}: hidden {config.hidden_size}, layers "
           f"{config.num_hidden_layers}, heads {config.num_attention_heads}, kv heads {config.num_key_value_heads}, "
           f"intermediate {config.intermediate_size}, vocab {config.vocab_size}, {params / 1e6:.2f}M params")
@@ -175,7 +167,7 @@ def main() -> None:
         ratio = kiln_s / statistics.median(times["kiln-transformers"])
         print(f"{'ratio backend/native':28}{'':10}{ratio:16.2f}{ratio:16.2f}")
     if args.repeats > 1:
-        print("runs s: " + ", ".join(f"{n} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
+        print(runs(times))
     if tmp is not None:
         tmp.cleanup()
 

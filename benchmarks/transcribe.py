@@ -15,17 +15,21 @@ all clips in one call and batches encoder and decoder steps itself.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
-import transformers
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from kiln import LLM, SamplingParams
 from kiln.runtime.demo import build_whisper_checkpoint
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import header, runs  # noqa: E402
 
 PROMPT = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 
@@ -94,8 +98,7 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - t0)
     kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"])
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device {device} ({where}) | torch {torch.__version__} | transformers {transformers.__version__} | dtype {dtype}")
+    print(header(device, dtype))
     print(f"model {'tiny' if args.tiny else 'whisper-small shape'} (random weights) | clips {len(clips)} "
           f"({audio_seconds:.0f} s of audio) | {args.new_tokens} tokens each | HF batch {args.hf_batch_size} | "
           f"median of {args.repeats}")
@@ -103,7 +106,7 @@ def main() -> None:
     print(f"{'kiln LLM.generate':30}{kiln_s:10.2f}{audio_seconds / kiln_s:18.1f}")
     print(f"{'HF generate':30}{hf_s:10.2f}{audio_seconds / hf_s:18.1f}")
     print(f"{'ratio kiln/HF':30}{'':10}{hf_s / kiln_s:18.2f}")
-    print("runs s: " + ", ".join(f"{n} " + " ".join(f"{t:.2f}" for t in ts) for n, ts in times.items()))
+    print(runs(times, 2))
     tmp.cleanup()
 
 
