@@ -7,7 +7,12 @@ kiln's time per token (from a 128-token prompt, 256 new tokens, the prefill's ti
 its fraction of the roofline, and HF's tokens/s. Model: the Llama-3.2-1B shape (random bf16
 weights, built in a temp dir); --small for a quick check.
 
-    python benchmarks/decode_latency.py
+`--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
+against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
+their scales, and whatever stays bf16: norms, and the output projection unless
+--quantize-lm-head), and its speedup over bf16.
+
+    python benchmarks/decode_latency.py [--quantization int8_weight_only,fp8_weight_only]
 """
 
 from __future__ import annotations
@@ -44,12 +49,39 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times[2:])
 
 
+def bytes_read_per_token(llm: LLM) -> int:
+    """The bytes one decode step reads from weights: every constant of the compiled graphs (8-bit
+    weights and scales) and every parameter they still read, except tables read a row at a time
+    (embeddings); the output projection's weight when logits run uncompiled."""
+    engine = llm.llm_engine
+    graphs = list(engine.runner.forward.kiln_backend.graphs)
+    tensors = {}
+
+    def add(t: torch.Tensor) -> None:
+        tensors[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+
+    if hasattr(engine.runner.logits, "kiln_backend"):
+        graphs += engine.runner.logits.kiln_backend.graphs
+    else:
+        model = engine.model
+        add(model.lm_head.weight if hasattr(model, "lm_head") else model.model.embed_tokens.weight)
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            if node.op == "get_attr":
+                add(getattr(graph.gm, node.target))
+            elif graph.is_parameter(node) and any(not str(u.target).startswith("kiln.embedding") for u in node.users):
+                add(graph.example_value(node))
+    return sum(tensors.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quantization", default="", help="comma-separated schemes to time after bf16")
+    p.add_argument("--quantize-lm-head", action="store_true")
     args = p.parse_args()
     device = torch.device("cuda")
     shape = dict(LLAMA_1B)
@@ -62,24 +94,29 @@ def main() -> None:
                             vocab_size=128256 if not args.small else 32000, **shape)
     bandwidth = copy_bandwidth(device)
 
-    llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
-              enable_prefix_caching=False)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.llm_engine.model.parameters())
-    roofline = weight_bytes / bandwidth
     prompt = {"prompt_token_ids": list(range(100, 100 + args.prompt_len))}
+    results = {}  # variant -> (bytes read per token, seconds per token, time to first token)
+    for scheme in [None, *filter(None, args.quantization.split(","))]:
+        llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
+                  enable_prefix_caching=False, quantization=scheme,
+                  compilation_config={"quantize_lm_head": args.quantize_lm_head})
 
-    def timed(n: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-        torch.cuda.synchronize()
-        assert len(out[0].outputs[0].token_ids) == n
-        return time.perf_counter() - t0
+        def timed(n: int) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+            torch.cuda.synchronize()
+            assert len(out[0].outputs[0].token_ids) == n
+            return time.perf_counter() - t0
 
-    timed(args.new_tokens)  # warm-up
-    first = statistics.median(timed(1) for _ in range(args.repeats))
-    full = statistics.median(timed(args.new_tokens) for _ in range(args.repeats))
-    per_token = (full - first) / (args.new_tokens - 1)
+        timed(args.new_tokens)  # warm-up
+        first = statistics.median(timed(1) for _ in range(args.repeats))
+        full = statistics.median(timed(args.new_tokens) for _ in range(args.repeats))
+        results[scheme or "bf16"] = (bytes_read_per_token(llm), (full - first) / (args.new_tokens - 1), first)
+        del llm
+        torch.cuda.empty_cache()
+    weight_bytes, per_token, first = results["bf16"]
+    roofline = weight_bytes / bandwidth
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
     ids = torch.tensor([prompt["prompt_token_ids"]], device=device)
@@ -101,10 +138,16 @@ def main() -> None:
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1, median of {args.repeats}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s | roofline {roofline * 1e3:.3f} ms/token "
           f"({1 / roofline:.0f} tok/s)")
-    print(f"{'':28}{'ms/token':>10}{'tok/s':>10}{'of roofline':>14}")
-    print(f"{'kiln (compiled + graphs)':28}{per_token * 1e3:10.3f}{1 / per_token:10.1f}{roofline / per_token:14.1%}")
+    print(f"{'':28}{'GB read':>9}{'roofline ms':>13}{'ms/token':>10}{'tok/s':>10}{'of roofline':>13}{'vs bf16':>9}")
+    for name, (read, secs, _) in results.items():
+        label = "kiln (compiled + graphs)" if name == "bf16" else f"kiln {name}"
+        print(f"{label:28}{read / 1e9:9.3f}{read / bandwidth * 1e3:13.3f}{secs * 1e3:10.3f}{1 / secs:10.1f}"
+              f"{read / bandwidth / secs:13.1%}{per_token / secs:9.2f}")
+    if len(results) > 1:
+        print(f"lm_head {'quantized' if args.quantize_lm_head else 'kept in bf16'} in the quantized rows")
     hf_tok = hf_s / args.new_tokens
-    print(f"{'HF generate (eager)':28}{hf_tok * 1e3:10.3f}{1 / hf_tok:10.1f}{roofline / hf_tok:14.1%}")
+    print(f"{'HF generate (eager)':28}{weight_bytes / 1e9:9.3f}{roofline * 1e3:13.3f}{hf_tok * 1e3:10.3f}"
+          f"{1 / hf_tok:10.1f}{roofline / hf_tok:13.1%}")
     print(f"kiln time to first token (prefill of {args.prompt_len}) {first * 1e3:.1f} ms")
     tmp.cleanup()
 

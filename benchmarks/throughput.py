@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default=None, help="an existing checkpoint instead of a random one")
     p.add_argument("--model-impl", choices=["kiln", "transformers"], default="kiln",
                    help="transformers: also time kiln's Transformers modeling backend against the native model")
+    p.add_argument("--quantization", default=None, help="also time kiln with this quantization (e.g. fp8)")
+    p.add_argument("--no-hf", action="store_true", help="skip HF (with --quantization: bf16 against quantized only)")
     return p.parse_args()
 
 
@@ -129,13 +131,19 @@ def main() -> None:
 
     llm = LLM(path, dtype=dtype, max_num_seqs=args.max_num_seqs, seed=args.seed, device=device.type,
               enable_prefix_caching=False, model_impl="kiln")
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    sides = {"kiln": lambda w: run_kiln(llm, w), "hf": lambda w: run_hf(hf, w, args.hf_batch_size, pad_id, device)}
+    sides = {"kiln": lambda w: run_kiln(llm, w)}
+    if hf is not None:
+        sides["hf"] = lambda w: run_hf(hf, w, args.hf_batch_size, pad_id, device)
     if args.model_impl == "transformers":
         backend = LLM(path, dtype=dtype, max_num_seqs=args.max_num_seqs, seed=args.seed, device=device.type,
                       enable_prefix_caching=False, model_impl="transformers")
         sides["kiln-transformers"] = lambda w: run_kiln(backend, w)
+    if args.quantization:
+        quantized = LLM(path, dtype=dtype, max_num_seqs=args.max_num_seqs, seed=args.seed, device=device.type,
+                        enable_prefix_caching=False, model_impl="kiln", quantization=args.quantization)
+        sides["kiln-quantized"] = lambda w: run_kiln(quantized, w)
     for run in sides.values():
         run(warmup)
     # alternate the sides, so that a noisy spell on the machine hits both rather than one
@@ -144,11 +152,11 @@ def main() -> None:
         for name, run in sides.items():
             secs, useful[name] = timed(lambda: run(work), device)
             times[name].append(secs)
-    kiln_out, hf_out = useful["kiln"], useful["hf"]
+    kiln_out, hf_out = useful["kiln"], useful.get("hf", 0)
     assert len(set(useful.values())) == 1, f"useful output tokens differ: {useful}"
-    kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"])
+    kiln_s, hf_s = statistics.median(times["kiln"]), statistics.median(times["hf"]) if hf is not None else None
 
-    params = sum(p.numel() for p in hf.parameters())
+    params = sum(p.numel() for p in llm.llm_engine.model.parameters())
     print(header(device, dtype))
     print(f"model {'random Llama' if args.model is None else path}: hidden {config.hidden_size}, layers "
           f"{config.num_hidden_layers}, heads {config.num_attention_heads}, kv heads {config.num_key_value_heads}, "
@@ -156,16 +164,22 @@ def main() -> None:
     print(f"requests {len(work)} | prompt tokens {prompt_tokens} (len {args.min_input}..{args.max_input}) | "
           f"useful output tokens kiln {kiln_out}, HF {hf_out} (len {args.min_output}..{args.max_output}) | "
           f"HF batch {args.hf_batch_size} | median of {args.repeats}")
-    rows = [("kiln LLM.generate", kiln_s), (f"HF generate (bs={args.hf_batch_size})", hf_s)]
+    rows = [("kiln LLM.generate", kiln_s)] + ([(f"HF generate (bs={args.hf_batch_size})", hf_s)] if hf_s else [])
     if "kiln-transformers" in times:
         rows.insert(1, ("kiln, Transformers backend", statistics.median(times["kiln-transformers"])))
+    if "kiln-quantized" in times:
+        rows.insert(1, (f"kiln, {args.quantization}", statistics.median(times["kiln-quantized"])))
     print(f"{'':28}{'time s':>10}{'output tok/s':>16}{'total tok/s':>16}")
     for name, secs in rows:
         print(f"{name:28}{secs:10.2f}{kiln_out / secs:16.1f}{(prompt_tokens + kiln_out) / secs:16.1f}")
-    print(f"{'ratio kiln/HF':28}{'':10}{hf_s / kiln_s:16.2f}{hf_s / kiln_s:16.2f}")
+    if hf_s:
+        print(f"{'ratio kiln/HF':28}{'':10}{hf_s / kiln_s:16.2f}{hf_s / kiln_s:16.2f}")
     if "kiln-transformers" in times:
         ratio = kiln_s / statistics.median(times["kiln-transformers"])
         print(f"{'ratio backend/native':28}{'':10}{ratio:16.2f}{ratio:16.2f}")
+    if "kiln-quantized" in times:
+        ratio = kiln_s / statistics.median(times["kiln-quantized"])
+        print(f"{'speedup ' + args.quantization + '/bf16':28}{'':10}{ratio:16.2f}{ratio:16.2f}")
     if args.repeats > 1:
         print(runs(times))
     if tmp is not None:

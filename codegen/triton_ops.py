@@ -22,6 +22,7 @@ import weakref
 import torch
 
 from kiln.ir import ops  # noqa: F401  (the kiln:: ops must exist before kernels are registered on them)
+from kiln.ir import quant_ops  # noqa: F401  (likewise the quantized ones)
 from kiln.ir.context import AttentionMetadata, get_forward_context
 
 _registered = False
@@ -61,13 +62,15 @@ def attention(
         qsl, lens, max_q = _batch_tensors(md, q.device, paged=False)
         return prefill_attention(q, k, v, qsl, lens, max_q, scale, None, causal, sliding_window, soft_cap, sinks)
     k_cache, v_cache = ctx.kv_caches[layer]
+    k_scale, v_scale = ctx.kv_scale(layer)  # (an fp8 cache's; 1.0 and unused otherwise)
     if not kv_written:
-        write_kv_cache(k, v, k_cache, v_cache, md.slot_mapping)
+        write_kv_cache(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
     qsl, seq_lens, max_q = _batch_tensors(md, q.device, paged=True)
     if max_q == 1:  # pure decode; like the reference, one query at the end of its context is causal
-        return decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale, sliding_window, soft_cap, sinks)
+        return decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale, sliding_window, soft_cap, sinks,
+                                k_scale=k_scale, v_scale=v_scale)
     return prefill_attention(q, k_cache, v_cache, qsl, seq_lens, max_q, scale, md.block_tables, causal,
-                             sliding_window, soft_cap, sinks)
+                             sliding_window, soft_cap, sinks, k_scale=k_scale, v_scale=v_scale)
 
 
 def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -79,7 +82,8 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     if ctx.kv_caches is None:
         return rotary(q, k, positions, cos_sin_cache, is_neox)
     k_cache, v_cache = ctx.kv_caches[layer]
-    return rotary_kv_cache(q, k, v, positions, cos_sin_cache, is_neox, k_cache, v_cache, ctx.attn.slot_mapping)
+    return rotary_kv_cache(q, k, v, positions, cos_sin_cache, is_neox, k_cache, v_cache, ctx.attn.slot_mapping,
+                           *ctx.kv_scale(layer))
 
 
 def register_cuda_kernels() -> bool:
@@ -102,6 +106,12 @@ def register_cuda_kernels() -> bool:
         "kiln::rotary": kernels.rotary,
         "kiln::attention": attention,
         "kiln::rotary_kv_write": rotary_kv_write,
+        "kiln::quantize": kernels.quantize,
+        "kiln::rms_norm_quant": kernels.rms_norm_quant,
+        "kiln::add_rms_norm_quant": kernels.add_rms_norm_quant,
+        "kiln::silu_and_mul_quant": kernels.silu_and_mul_quant,
+        "kiln::scaled_linear": kernels.scaled_linear,
+        "kiln::weight_only_linear": kernels.weight_only_linear,
     }
     for name, fn in impls.items():
         torch.library.register_kernel(name, "cuda", fn)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from kiln.frontend.quantization import attach_scales, is_quantized_tensor
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -47,10 +50,40 @@ def iterate_weights(path: str, progress: bool = True) -> Iterator[tuple[str, tor
                     bar.update(1)
 
 
+# KV-cache scales of fp8 checkpoints: compressed-tensors / modelopt name them
+# `model.layers.N.self_attn.k_scale` / `v_scale` (older ones one `kv_scale` for both), or
+# `model.layers.N.self_attn.k_proj.output_scale` / `v_proj.output_scale`.
+_KV_SCALE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:attn\.)?(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)$")
+
+
+def split_kv_scales(weights: Iterator[tuple[str, torch.Tensor]],
+                    kv_scales: dict[tuple[int, str], float]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass every weight through except the KV-cache scales, which go into kv_scales[(layer, "k" or
+    "v")] as floats (the runner's fp8 cache uses them; with an "auto" cache they are unused). A scale
+    with more than one element (per head) becomes its max, which never saturates a head's values."""
+    for name, tensor in weights:
+        match = _KV_SCALE.search(name)
+        if match is None:
+            yield name, tensor
+            continue
+        which = match.group(2) or match.group(3)
+        for kind in ("k", "v") if which == "kv" else (which,):
+            kv_scales[(int(match.group(1)), kind)] = float(tensor.float().max())
+
+
 def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: torch.dtype, device: torch.device,
-               path: str, max_positions: int, progress: bool = True) -> nn.Module:
+               path: str, max_positions: int, progress: bool = True,
+               kv_scales: dict[tuple[int, str], float] | None = None, quant=None, shard=None) -> nn.Module:
+    """The model with the checkpoint's weights; its KV-cache scales, if any, go into `kv_scales`
+    (see split_kv_scales) rather than into the model. `quant` (a CheckpointQuant) reads a
+    pre-quantized checkpoint: 8-bit weights stay 8-bit, each with its scale (frontend/quantization.py).
+    `shard` (a frontend.sharding.Shard) loads one tensor-parallel rank's part: the model is built from
+    the rank-local config with its tensor-parallel modules, and each weight sliced as it is read."""
     with torch.device("meta"):
-        model = model_cls(config, architecture, max_positions).to(dtype)
+        model = model_cls(config if shard is None else shard.local_config(config), architecture, max_positions)
+        if shard is not None:
+            shard.prepare(model)
+        model = model.to(dtype)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     # Name mapping is data on the model class: checkpoint prefixes to rewrite (a base model saved
@@ -59,24 +92,41 @@ def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: tor
     prefix_map = getattr(model, "weight_prefix_map", {})
     ignored = getattr(model, "ignored_weights", ())
     loaded: set[str] = set()
-    for name, tensor in iterate_weights(path, progress):
+    quantized: set[str] = set()
+    weight_scales: dict[str, torch.Tensor] = {}
+    for name, tensor in split_kv_scales(iterate_weights(path, progress), {} if kv_scales is None else kv_scales):
         for old, new in prefix_map.items():
             if name.startswith(old):
                 name = new + name[len(old):]
                 break
         if any(s in name for s in ignored) or (name == "lm_head.weight" and name not in params):
             continue  # a tied head saved anyway, or a weight kiln does not use
+        if quant is not None and name.endswith((".weight_scale", ".input_scale", ".weight_zero_point")):
+            if name.endswith(".weight_zero_point"):
+                raise ValueError(f"{name}: asymmetric quantization (zero points) is not supported")
+            if name.endswith(".weight_scale"):  # (input scales: activations are quantized per token instead)
+                weight_scales[name[:-len("_scale")]] = tensor
+            continue
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint weight {name!r} has no place in {model_cls.__name__} ({architecture})")
+        if shard is not None:
+            tensor = shard(name, tensor)
         if param.shape != tensor.shape:
             raise ValueError(f"checkpoint weight {name!r} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
+        if quant is not None and is_quantized_tensor(tensor):
+            param.requires_grad_(False)
+            param.data = tensor.to(device)  # 8-bit as stored; the quantize pass reads it with its scale
+            quantized.add(name)
+        else:
+            with torch.no_grad():
+                param.copy_(tensor)
         loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint at {path!r} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if quant is not None:
+        attach_scales(params, quantized, weight_scales, quant)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()

@@ -31,9 +31,11 @@ class KilnBackend:
         return self.lower(graph)
 
 
-def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = True) -> Callable:
-    """The model's forward, compiled through kiln's backend. The first call traces; sizes along the
-    token dimension are symbolic, so batches of any size reuse the graph (1 is specialised once)."""
+def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = True,
+          method: str = "forward") -> Callable:
+    """The model's forward (or another method, as `compute_logits`), compiled through kiln's
+    backend. The first call traces; sizes along the token dimension are symbolic, so batches of
+    any size reuse the graph (1 is specialised once)."""
     backend = KilnBackend(lower, strict)
     # torch.compile caches per code object: every model instance of a class shares one budget of
     # recompiles (8 by default), and each instance compiles twice (one token, and any number)
@@ -41,7 +43,7 @@ def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = T
     for name, floor in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), floor))
-    compiled = torch.compile(model.forward, backend=backend, dynamic=True, fullgraph=strict)
+    compiled = torch.compile(getattr(model, method), backend=backend, dynamic=True, fullgraph=strict)
 
     def forward(*args, **kwargs):
         try:

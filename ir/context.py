@@ -53,6 +53,12 @@ class ForwardContext:
     # cross_kv_caches[layer] = (keys, values), each [num_slots, encoder_len, num_kv_heads, head_dim]:
     # an encoder-decoder request's encoder output projected once, read by `cross_attention`.
     cross_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # kv_scales[layer] = (k_scale, v_scale) of an fp8 (float8_e4m3fn) KV cache: stored values are
+    # k / k_scale, read back as cache * k_scale. None: 1.0 everywhere (and unused by other caches).
+    kv_scales: list[tuple[float, float]] | None = None
+
+    def kv_scale(self, layer: int) -> tuple[float, float]:
+        return self.kv_scales[layer] if self.kv_scales is not None else (1.0, 1.0)
 
 
 _current: ForwardContext | None = None

@@ -74,13 +74,17 @@ class Graph:
         self.gm.recompile()
         return self
 
-    def _propagate(self) -> None:
-        """Nodes a pass created have no recorded value: run them on the fake values of their
-        inputs, in the fake mode torch.compile traced with, so later passes can read shapes."""
+    def fake_mode(self):
+        """The fake mode torch.compile traced with (None for a graph built by hand)."""
         from torch._subclasses.fake_tensor import FakeTensor
 
         fakes = [n.meta.get("example_value") for n in self.graph.nodes]
-        fake_mode = next((v.fake_mode for v in fakes if isinstance(v, FakeTensor)), None)
+        return next((v.fake_mode for v in fakes if isinstance(v, FakeTensor)), None)
+
+    def _propagate(self) -> None:
+        """Nodes a pass created have no recorded value: run them on the fake values of their
+        inputs, in the fake mode torch.compile traced with, so later passes can read shapes."""
+        fake_mode = self.fake_mode()
         if fake_mode is None:
             return
         for node in self.graph.nodes:

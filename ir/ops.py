@@ -234,13 +234,32 @@ def _(q, k, positions, cos_sin_cache, is_neox):
 # ---------------------------------------------------------------- attention
 
 
-def _seq_kv(kv: torch.Tensor, cache: torch.Tensor | None, block_row: torch.Tensor, start: int, end: int, seq_len: int):
-    """Keys (or values) of one sequence, [seq_len, Hkv, D]: from the paged cache when there is one."""
+# An fp8 KV cache (kv_cache_dtype="fp8") holds x / scale in float8_e4m3fn, saturated at its
+# largest finite value; every other cache holds x in its own dtype, with no scale.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x [..] -> float8_e4m3fn (x / scale), computed in float32 and clamped to +-448."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """An fp8 cache's values [..] -> cache * scale in `dtype` (computed in float32)."""
+    return (cache.float() * scale).to(dtype)
+
+
+def _seq_kv(kv: torch.Tensor, cache: torch.Tensor | None, block_row: torch.Tensor, start: int, end: int, seq_len: int,
+            scale: float = 1.0):
+    """Keys (or values) of one sequence, [seq_len, Hkv, D]: from the paged cache when there is one
+    (dequantized to kv's dtype when it is fp8)."""
     if cache is None:
         return kv[start:end]
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    return cache[block_row[:num_blocks]].flatten(0, 1)[:seq_len]
+    out = cache[block_row[:num_blocks]].flatten(0, 1)[:seq_len]
+    return dequantize_kv(out, scale, kv.dtype) if cache.dtype == FP8_KV_DTYPE else out
 
 
 def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, sliding_window: int) -> torch.Tensor:
@@ -286,10 +305,12 @@ def attention(
     ctx = get_forward_context()
     md = ctx.attn
     k_cache = v_cache = None
+    k_scale = v_scale = 1.0
     if ctx.kv_caches is not None:
         k_cache, v_cache = ctx.kv_caches[layer]
+        k_scale, v_scale = ctx.kv_scale(layer)
         if not kv_written:  # (rotary_kv_write, produced by a pass, has written them already)
-            _write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+            _write_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
 
     if k_cache is None and md.num_seqs > 1:
         return _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks)
@@ -302,8 +323,8 @@ def attention(
             decode_rows.append(start)
             decode_seqs.append(i)
         else:
-            ks = _seq_kv(k, k_cache, md.block_tables[i], start, end, seq_len)
-            vs = _seq_kv(v, v_cache, md.block_tables[i], start, end, seq_len)
+            ks = _seq_kv(k, k_cache, md.block_tables[i], start, end, seq_len, k_scale)
+            vs = _seq_kv(v, v_cache, md.block_tables[i], start, end, seq_len, v_scale)
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = _mask(q_pos, torch.arange(seq_len, device=q.device), causal, sliding_window)
             out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale,
@@ -311,7 +332,7 @@ def attention(
         start = end
     if decode_seqs:
         out[decode_rows] = _decode_attention(q[decode_rows], k_cache, v_cache, md, decode_seqs, scale, sliding_window,
-                                             soft_cap, sinks)
+                                             soft_cap, sinks, k_scale, v_scale)
     return out
 
 
@@ -348,12 +369,15 @@ def _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sink
     return _sdpa(q[rows], k[rows], v[rows], mask, scale, soft_cap, sinks)[valid]
 
 
-def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft_cap, sinks):
-    """One query per sequence, batched: gather each sequence's blocks, mask the padding."""
+def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft_cap, sinks, k_scale=1.0, v_scale=1.0):
+    """One query per sequence, batched: gather each sequence's blocks, mask the padding. An fp8
+    cache is dequantized to q's dtype."""
     seq_lens = torch.tensor([md.seq_lens[i] for i in seqs], device=q.device)
     max_blocks = -(-int(seq_lens.max()) // k_cache.shape[1])
     tables = md.block_tables[seqs, :max_blocks]
     ks, vs = k_cache[tables].flatten(1, 2), v_cache[tables].flatten(1, 2)  # [B, max_blocks*bs, Hkv, D or Dv]
+    if k_cache.dtype == FP8_KV_DTYPE:
+        ks, vs = dequantize_kv(ks, k_scale, q.dtype), dequantize_kv(vs, v_scale, q.dtype)
     k_pos = torch.arange(ks.shape[1], device=q.device)
     mask = _mask((seq_lens - 1)[:, None], k_pos[None, :], True, sliding_window) & (k_pos[None, :] < seq_lens[:, None])[:, None, :]
     return _sdpa(q.unsqueeze(1), ks, vs, mask, scale, soft_cap, sinks)[:, 0]
@@ -391,7 +415,7 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     ctx = get_forward_context()
     if ctx.kv_caches is not None:
         k_cache, v_cache = ctx.kv_caches[layer]
-        _write_kv(k_rot, v, k_cache, v_cache, ctx.attn.slot_mapping)
+        _write_kv(k_rot, v, k_cache, v_cache, ctx.attn.slot_mapping, *ctx.kv_scale(layer))
     return q_rot, k_rot
 
 
@@ -400,7 +424,11 @@ def _(q, k, v, positions, cos_sin_cache, is_neox, layer):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+def _write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
+    if k_cache.dtype == FP8_KV_DTYPE:  # quantized; copied as bytes (index_copy_ has no fp8 kernel on CPU)
+        k_cache.view(torch.uint8).flatten(0, 1).index_copy_(0, slot_mapping, quantize_kv(k, k_scale).view(torch.uint8))
+        v_cache.view(torch.uint8).flatten(0, 1).index_copy_(0, slot_mapping, quantize_kv(v, v_scale).view(torch.uint8))
+        return
     k_cache.flatten(0, 1).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.flatten(0, 1).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -413,3 +441,49 @@ def _(q, layer, scale):
 @attention.register_fake
 def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0, sinks=None, kv_written=False):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# ---------------------------------------------------------------- tensor parallelism
+# The collectives of a tensor-parallel model (frontend/sharding.py swaps in the modules that call
+# them). They run over the group the runtime sets around a step (ir/parallel.py); with none, one
+# rank holds everything and they are identities.
+
+import torch.distributed as dist  # noqa: E402  (this section's own imports)
+
+from kiln.ir import parallel as _parallel  # noqa: E402
+
+
+@kiln_op("all_reduce")
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """x [...] -> the sum of x over the tensor-parallel ranks, same shape and dtype (a row-parallel
+    linear's partial products, a vocab-parallel embedding's masked lookups)."""
+    out = x.clone()
+    group = _parallel.get_tensor_parallel_group()
+    if group is not None and group.size() > 1:
+        dist.all_reduce(out, group=group)
+    return out
+
+
+@all_reduce.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@kiln_op("all_gather")
+def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x [..., N, ...] on each of the W ranks -> the ranks' tensors concatenated along `dim` in rank
+    order, [..., W * N, ...] (vocab-parallel logits: each rank holds a slice of the vocabulary)."""
+    group = _parallel.get_tensor_parallel_group()
+    if group is None or group.size() == 1:
+        return x.clone()
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim)
+
+
+@all_gather.register_fake
+def _(x, dim):
+    shape = list(x.shape)
+    shape[dim] *= _parallel.tensor_parallel_world_size()
+    return x.new_empty(shape)

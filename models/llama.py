@@ -149,6 +149,10 @@ class LlamaForCausalLM(nn.Module):
     ignored_weights = ("rotary_emb.inv_freq",)
     # Sibling projections the loader lays out back to back, for the merge_linears pass.
     adjacent_weights = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    # Tensor parallelism (frontend/sharding.py): module-name suffix -> how its weight splits over ranks.
+    tp_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise",
+               "gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise",
+               "embed_tokens": "vocab", "lm_head": "vocab"}
 
 
 class Qwen2ForRewardModel(LlamaForCausalLM):

@@ -174,13 +174,17 @@ class _TransformersBase(nn.Module):
 
     @classmethod
     def load(cls, path: str, config, architecture: str, dtype: torch.dtype, device: torch.device,
-             trust_remote_code: bool = False) -> "_TransformersBase":
+             trust_remote_code: bool = False, shard=None) -> "_TransformersBase":
+        """`shard` (tensor parallelism, frontend/sharding.py): slices the loaded model to one rank's
+        part on the host, before it moves to the device."""
         config._attn_implementation = ATTN_IMPLEMENTATION
         hf_cls = hf_model_class(config, architecture, cls.task, trust_remote_code, path)
         check_backend_compatible(hf_cls, architecture, config)
         hf_model = hf_cls.from_pretrained(path, config=config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
-                                          trust_remote_code=trust_remote_code).to(device).eval()
-        return cls(hf_model, config)
+                                          trust_remote_code=trust_remote_code)
+        if shard is not None:
+            shard.shard_loaded(hf_model)
+        return cls(hf_model.to(device).eval(), config)
 
     @staticmethod
     def usable_positions(config) -> int:

@@ -14,15 +14,19 @@ from kiln.ir.graph import Graph
 PIPELINE = [
     "merge_linears",  # sibling linears on one input -> one linear + split (QKV, gate/up)
     "noop_elimination",  # cat(split(x)) -> x, same-dtype casts, identity reshapes
+    "quantize",  # linear -> 8-bit GEMM, when asked (quantization=...) or when the checkpoint is 8-bit
     "fuse_activation",  # act(a) * b over the halves of one tensor -> silu_and_mul / gelu_and_mul
     "fuse_add_rms_norm",  # add then rms_norm -> add_rms_norm
+    "fuse_quant",  # norm / activation feeding a per-token quantize -> one op that does both
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
 ]
 
 
-def run_passes(graph: Graph, names: list[str] | None = None, dump_dir: str | None = None) -> Graph:
+def run_passes(graph: Graph, names: list[str] | None = None, dump_dir: str | None = None,
+               options: dict[str, dict] | None = None) -> Graph:
     """Run the named passes (default: all) in pipeline order; with dump_dir, write the IR before
-    and after each one (00-input.txt, 01-merge_linears.txt, ...)."""
+    and after each one (00-input.txt, 01-merge_linears.txt, ...). `options[name]` are keyword
+    arguments for that pass (the quantize pass's scheme)."""
     names = PIPELINE if names is None else names
     unknown = [n for n in names if n not in PIPELINE]
     if unknown:
@@ -31,7 +35,7 @@ def run_passes(graph: Graph, names: list[str] | None = None, dump_dir: str | Non
         os.makedirs(dump_dir, exist_ok=True)
         _write(dump_dir, "00-input.txt", graph.dump())
     for i, name in enumerate((n for n in PIPELINE if n in names), start=1):
-        graph = importlib.import_module(f"kiln.passes.{name}").run(graph)
+        graph = importlib.import_module(f"kiln.passes.{name}").run(graph, **(options or {}).get(name, {}))
         if dump_dir:
             _write(dump_dir, f"{i:02d}-{name}.txt", graph.dump())
     return graph

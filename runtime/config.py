@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 _RUNNERS = ("generate", "pooling")
+# vLLM's names: "auto" keeps the KV cache in the model dtype; "fp8" (= "fp8_e4m3") stores it as
+# torch.float8_e4m3fn with a per-layer scale for keys and one for values
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -26,26 +29,41 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; default on CPU: 1 GiB
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     # None: compile on CUDA, run eager on CPU (where compiling costs more than it saves for small
     # models); False compiles everywhere; True never compiles
     enforce_eager: bool | None = None
     compilation_config: dict | None = None  # {"passes": [...], "backend": "inductor"|"eager", "dump_ir": dir}
+    # "int8" | "fp8" (W8A8) | "int8_weight_only" | "fp8_weight_only": the quantize pass rewrites
+    # every linear; None keeps the checkpoint's own (a pre-quantized checkpoint is read as it is)
+    quantization: str | None = None
     hf_overrides: dict | Callable | None = None
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False
     device: str = "auto"
+    # N > 1: the model split over N ranks, this process and N - 1 workers (runtime/tensor_parallel.py)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.runner not in _RUNNERS:
             raise ValueError(f"runner={self.runner!r} is not supported; supported: {', '.join(_RUNNERS)}")
-        for name in ("max_num_seqs", "block_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_gpu_blocks_override"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.quantization is not None:
+            from kiln.passes.quantize import SCHEMES
+
+            if self.quantization not in SCHEMES:
+                raise ValueError(f"quantization={self.quantization!r} is not supported; supported: "
+                                 f"{', '.join(SCHEMES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; supported: "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -25,8 +25,9 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, forward: Callable, kv_caches, block_size: int, max_blocks_per_seq: int, scratch_block: int,
-                 max_num_seqs: int, device: torch.device, cross_kv_caches=None):
+                 max_num_seqs: int, device: torch.device, cross_kv_caches=None, kv_scales=None):
         self.forward, self.kv_caches, self.block_size = forward, kv_caches, block_size
+        self.kv_scales = kv_scales  # an fp8 cache's per-layer (k_scale, v_scale): plain floats, baked into the graphs
         self.cross_kv_caches = cross_kv_caches  # encoder-decoder models: each row reads its cross-cache slot
         self.sizes = bucket_sizes(max_num_seqs)
         # one row more than the largest bucket: a graph's inputs are then always strict slices of
@@ -50,7 +51,7 @@ class DecodeGraphs:
                                cross_slots=[0] * b if self.cross_kv_caches is not None else None)
         md.query_start_loc, md.seq_lens_tensor = self.query_start_loc[:b + 1], self.seq_lens[:b]
         md.cross_slots_tensor = self.cross_slots[:b]
-        return ForwardContext(md, self.kv_caches, self.cross_kv_caches)
+        return ForwardContext(md, self.kv_caches, self.cross_kv_caches, self.kv_scales)
 
     @torch.inference_mode()
     def capture(self) -> None:

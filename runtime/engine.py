@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from kiln.frontend import load_hf_config, load_model, resolve_dtype, resolve_model_path
 from kiln.frontend.config import sentence_transformers_pooling
+from kiln.frontend.quantization import checkpoint_quantization
 from kiln.models import resolve_architecture
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
-from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.model_runner import ModelRunner, kv_cache_layers
 from kiln.runtime.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
-from kiln.runtime.pooler import pool_step
+from kiln.runtime.pooler import PooledStep, pool_step
 from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import Sampler
@@ -27,6 +32,31 @@ from kiln.runtime.scheduler import CrossSlots, PoolingScheduler, Scheduler
 logger = logging.getLogger("kiln")
 
 _DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
+
+
+def freeze_gc_heap() -> None:
+    """Move every object alive now (the libraries, the model, the engine) out of the garbage
+    collector's reach, as vLLM does after startup: a full collection otherwise walks the several
+    hundred thousand objects torch and transformers leave tracked, a pause of 0.1-0.4 s that the
+    few objects per request of a large batch trigger every few calls. Garbage is collected first,
+    so nothing unreachable is kept; what is frozen is still freed by reference counting."""
+    global _gc_unfreeze_at_exit
+    gc.collect()
+    gc.freeze()
+    if not _gc_unfreeze_at_exit:  # so that the interpreter's last collection still sees them
+        atexit.register(gc.unfreeze)
+        _gc_unfreeze_at_exit = True
+
+
+_gc_unfreeze_at_exit = False
+
+
+class PreparedPrompt(dict):
+    """A prompt `prepare_prompts` has tokenized and validated ({"prompt", "prompt_token_ids",
+    "token_type_ids"?, "encoder_input"?}): add_pooling_request takes it without checking it again.
+    `token_array`: a pooling prompt's ids as int64 numpy, a view of its batch's."""
+
+    token_array: np.ndarray | None = None
 
 
 @dataclass
@@ -45,7 +75,9 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp=None):
+        """`tp`: a tensor-parallel worker's side of the group (runtime/tensor_parallel.py); an engine
+        made by the user is rank 0, and starts the workers itself when config.tensor_parallel_size > 1."""
         self.config = config
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
         path = resolve_model_path(config.model, config.revision)
@@ -69,12 +101,29 @@ class LLMEngine:
                     "Transformers modeling backend" if self.model_impl == "transformers" else "native implementation")
 
         torch.manual_seed(config.seed)
+        self.checkpoint_kv_scales: dict[tuple[int, str], float] = {}  # (layer, "k" | "v") -> an fp8 cache's scale
+        checkpoint_quant = checkpoint_quantization(self.hf_config)  # (a clear error for schemes kiln lacks)
+        if checkpoint_quant is not None and config.quantization not in (None, checkpoint_quant.kind):
+            raise ValueError(f"the checkpoint is already quantized ({checkpoint_quant.method}, {checkpoint_quant.kind}); "
+                             f"quantization={config.quantization!r} cannot re-quantize it: leave quantization unset")
+        # tensor parallelism: rank 0 starts the workers, each of which builds this same engine around
+        # its own shard of the model (runtime/tensor_parallel.py)
+        self.tp = tp
+        if tp is None and config.tensor_parallel_size > 1:
+            from kiln.runtime.tensor_parallel import launch
+
+            self.tp = launch(config, self.hf_config, model_cls, self.architecture, self.device)
+        shard = self.tp.shard(model_cls, self.hf_config, self.architecture) if self.tp is not None else None
         if self.model_impl == "transformers":  # transformers loads its own weights
+            if checkpoint_quant is not None:
+                raise ValueError(f"pre-quantized checkpoints ({checkpoint_quant.method}) load into kiln's native "
+                                 f"models; {self.architecture} runs through the Transformers backend")
             self.model = model_cls.load(path, self.hf_config, self.architecture, self.dtype, self.device,
-                                        config.trust_remote_code)
+                                        config.trust_remote_code, shard=shard)
         else:
             self.model = load_model(model_cls, self.hf_config, self.architecture, self.dtype, self.device, path,
-                                    self.max_model_len)
+                                    self.max_model_len, kv_scales=self.checkpoint_kv_scales, quant=checkpoint_quant,
+                                    shard=shard)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             from transformers import AutoTokenizer
@@ -99,14 +148,19 @@ class LLMEngine:
             return
 
         block_size = config.block_size
+        self.kv_cache_dtype, kv_scales = self._kv_cache_dtype()
         num_blocks, num_cross_slots = self._plan_caches(block_size)
+        if self.tp is not None:  # every rank's cache holds as many blocks
+            num_blocks = self.tp.agree(num_blocks)
         if self.is_encoder_decoder and num_cross_slots < 1:
             raise ValueError("the cache budget holds no cross-attention slot: give the cache more memory")
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len={self.max_model_len}: "
                 "lower max_model_len or give the cache more memory (kv_cache_memory / gpu_memory_utilization)")
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device, num_cross_slots)
+        make_runner = ModelRunner if self.tp is None else self.tp.make_runner
+        self.runner = make_runner(self.model, num_blocks, block_size, self.dtype, self.device, num_cross_slots,
+                                  self.kv_cache_dtype, kv_scales)
         # a decoder's self-attention KV depends on its encoder input too: no prefix sharing across audio
         self.block_manager = BlockManager(num_blocks, block_size,
                                           config.enable_prefix_caching and not self.is_encoder_decoder)
@@ -119,12 +173,16 @@ class LLMEngine:
 
     def _compile(self, path: str) -> None:
         """Unless eager: trace the model's forward into kiln's IR, run the passes, lower with
-        Inductor (kiln ops call their device implementation), cached on disk per model build."""
+        Inductor (kiln ops call their device implementation), cached on disk per model build.
+        A quantized model is traced even when eager, since quantization is a pass: its graph then
+        runs as it is, each op's reference implementation (or kernel) called in turn."""
         eager = self.config.enforce_eager
         if eager is None:
             eager = self.device.type != "cuda"
+        prequantized = any(hasattr(p, "kiln_quant") for p in self.model.parameters())
+        quantized = self.config.quantization is not None or prequantized
         self.compiled = not eager
-        if eager:
+        if eager and not quantized:
             return
         from kiln import __version__
         from kiln.codegen import compile_cache_dir, lower
@@ -132,33 +190,44 @@ class LLMEngine:
         from kiln.passes import PIPELINE, run_passes
 
         options = dict(self.config.compilation_config or {})
-        unknown = set(options) - {"passes", "backend", "dump_ir", "cudagraph"}
-        if unknown:
-            raise ValueError(f"compilation_config: unknown keys {sorted(unknown)}; known: passes, backend, dump_ir, "
-                             "cudagraph")
+        known = {"passes", "backend", "dump_ir", "cudagraph", "quantize_lm_head"}
+        if set(options) - known:
+            raise ValueError(f"compilation_config: unknown keys {sorted(set(options) - known)}; known: "
+                             f"{', '.join(sorted(known))}")
         if self.device.type == "cuda":
             from kiln.codegen.triton_ops import register_cuda_kernels
 
             register_cuda_kernels()
         passes = list(options.get("passes", PIPELINE))
-        backend = options.get("backend", "inductor")
+        if quantized and "quantize" not in passes:
+            raise ValueError("a quantized model needs the 'quantize' pass: add it to compilation_config['passes']")
+        backend = options.get("backend", "eager" if eager else "inductor")
         dump_dir = options.get("dump_ir")
-        compile_cache_dir(self.hf_config.to_dict(), self.dtype, passes, str(self.device), __version__)
+        pass_options = {"quantize": {"scheme": self.config.quantization,
+                                     "lm_head": bool(options.get("quantize_lm_head", False))}}
+        compile_cache_dir({**self.hf_config.to_dict(), "kiln_quantization": pass_options}, self.dtype, passes,
+                          str(self.device), __version__)
         counter = iter(range(1000))
 
         def lower_graph(graph):
             folder = os.path.join(dump_dir, f"graph{next(counter)}") if dump_dir else None
-            return lower(run_passes(graph, passes, folder), backend)
+            return lower(run_passes(graph, passes, folder, pass_options), backend)
 
-        self.runner.forward = trace(self.model, lower_graph, strict=self.model_impl == "kiln")
-        logger.info("kiln: compiling with passes %s, backend %s (cache: %s)", passes, backend,
+        strict = self.model_impl == "kiln"
+        self.runner.forward = trace(self.model, lower_graph, strict)
+        if quantized and self.runner.logits is not None:  # the output projection may be 8-bit too
+            self.runner.logits = trace(self.model, lower_graph, strict, method="compute_logits")
+        logger.info("kiln: compiling with passes %s, backend %s%s (cache: %s)", passes, backend,
+                    f", quantization {self.config.quantization}" if self.config.quantization else "",
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-        if self.device.type == "cuda" and options.get("cudagraph", True) and self.runner.kv_caches is not None:
+        if (not eager and self.device.type == "cuda" and options.get("cudagraph", True)
+                and self.runner.kv_caches is not None and self.tp is None):
             from kiln.runtime.cuda_graphs import DecodeGraphs
 
             graphs = DecodeGraphs(self.runner.forward, self.runner.kv_caches, self.config.block_size,
                                   -(-self.max_model_len // self.config.block_size), self.runner.num_blocks,
-                                  self.config.max_num_seqs, self.device, self.runner.cross_kv_caches)
+                                  self.config.max_num_seqs, self.device, self.runner.cross_kv_caches,
+                                  self.runner.kv_scales)
             graphs.capture()
             self.runner.decode_graphs = graphs
             logger.info("kiln: captured decode CUDA graphs for batch sizes %s", graphs.sizes)
@@ -192,6 +261,22 @@ class LLMEngine:
             config.normalize = st["normalize"]
         return config
 
+    def _kv_cache_dtype(self) -> tuple[torch.dtype, list[tuple[float, float]] | None]:
+        """The self-attention KV cache's dtype and, for an fp8 cache, each layer's (k_scale,
+        v_scale): the checkpoint's where it ships them, else 1.0 (as vLLM)."""
+        if self.config.kv_cache_dtype == "auto":
+            return self.dtype, None
+        if (self.device.type == "cuda" and self.config.enforce_eager is not True
+                and torch.cuda.get_device_capability(self.device) < (8, 9)):
+            raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} runs Triton's float8e4nv kernels, which "
+                             "need compute capability >= 8.9 (Ada, Hopper): pass enforce_eager=True to use the "
+                             "reference ops on this GPU")
+        found = self.checkpoint_kv_scales
+        scales = [(found.get((i, "k"), 1.0), found.get((i, "v"), 1.0)) for i in range(len(kv_cache_layers(self.model)))]
+        logger.info("kiln: fp8 KV cache (float8_e4m3fn), %s", "scales from the checkpoint" if found else
+                    "no scales in the checkpoint: k_scale = v_scale = 1.0")
+        return torch.float8_e4m3fn, scales
+
     def _plan_caches(self, block_size: int) -> tuple[int, int]:
         """(KV blocks, cross-attention slots) from the memory budget: free device memory times
         gpu_memory_utilization on CUDA, `kv_cache_memory` (default 1 GiB) on CPU. An
@@ -208,7 +293,7 @@ class LLMEngine:
             budget -= num_cross_slots * per_slot
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override, num_cross_slots
-        per_block = ModelRunner.bytes_per_block(self.model, block_size, self.dtype)
+        per_block = ModelRunner.bytes_per_block(self.model, block_size, self.kv_cache_dtype)
         # never more than every sequence at full length needs (plus room for the prefix cache)
         useful = 2 * self.config.max_num_seqs * -(-self.max_model_len // block_size)
         return max(min(budget // per_block, useful), 0), num_cross_slots
@@ -254,20 +339,54 @@ class LLMEngine:
         array = np.asarray(ids) if isinstance(ids, (list, tuple)) else None
         if array is None or (len(ids) and (array.ndim != 1 or array.dtype.kind not in "iu")):
             raise ValueError("prompt_token_ids must be a list of integers")
-        if len(ids) == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if array.min() < 0 or array.max() >= self.vocab_size:
-            bad = int(array.min()) if array.min() < 0 else int(array.max())
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if pooling and len(ids) > self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}; "
-                             "pass truncate_prompt_tokens to truncate it")
-        if not pooling and len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room to generate "
-                             f"(the prompt must be shorter than max_model_len)")
+        self._check_vocab(array)
+        self._check_length(len(ids), pooling)
         if token_types is not None and len(token_types) != len(ids):
             raise ValueError(f"token_type_ids has {len(token_types)} entries for {len(ids)} tokens")
         return text, list(ids), (list(token_types) if token_types is not None else None)
+
+    def _check_vocab(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _check_length(self, num_tokens: int, pooling: bool) -> None:
+        if num_tokens == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if pooling and num_tokens > self.max_model_len:
+            raise ValueError(f"the prompt has {num_tokens} tokens, more than max_model_len={self.max_model_len}; "
+                             "pass truncate_prompt_tokens to truncate it")
+        if not pooling and num_tokens >= self.max_model_len:
+            raise ValueError(f"the prompt has {num_tokens} tokens; max_model_len={self.max_model_len} leaves no room to generate "
+                             f"(the prompt must be shorter than max_model_len)")
+
+    # whether the Rust backend's encode_batch_fast gives the tokenizer's own ids (checked on first use)
+    _backend_encodes: bool | None = None
+
+    def _encode_texts(self, texts: list[str], limit: int | None) -> list[list[int]]:
+        """The tokenizer's ids for a batch of texts, truncated to `limit` tokens when given. A fast
+        tokenizer's batch goes to its Rust backend's `encode_batch_fast` (no offsets, no per-text
+        conversion: about a fifth less time); the first text, through the tokenizer itself, sets the
+        backend up (truncation, special tokens) and checks that both give the same ids."""
+        kwargs = {"truncation": True, "max_length": limit} if limit is not None else {}
+        kwargs |= {"add_special_tokens": not self.is_encoder_decoder, "return_attention_mask": False,
+                   "return_token_type_ids": False}
+        if self._backend_encodes is None:
+            from transformers import PreTrainedTokenizerFast
+
+            # only a tokenizer that leaves encoding to the base class: one that overrides it may do more
+            self._backend_encodes = isinstance(self.tokenizer, PreTrainedTokenizerFast) and all(
+                getattr(type(self.tokenizer), m, None) is getattr(PreTrainedTokenizerFast, m, None)
+                for m in ("__call__", "_call_one", "_encode_plus", "_batch_encode_plus", "set_truncation_and_padding"))
+        fast = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "encode_batch_fast", None)
+        if fast is None or not self._backend_encodes or len(texts) < 2:
+            return self.tokenizer(texts, **kwargs).input_ids
+        first = self.tokenizer(texts[:1], **kwargs).input_ids[0]
+        ids = [e.ids for e in fast(texts, add_special_tokens=kwargs["add_special_tokens"])]
+        if ids[0] != first:  # the backend is not the whole story: always ask the tokenizer
+            self._backend_encodes = False
+            return self.tokenizer(texts, **kwargs).input_ids
+        return ids
 
     def prepare_prompts(self, prompts: list, pooling: bool = False, truncates: list[int | None] | None = None) -> list[dict]:
         """Validate and tokenize a batch of prompts, the text ones in one batched tokenizer call
@@ -287,20 +406,29 @@ class LLMEngine:
         if texts and self.tokenizer is not None:
             for truncate, idx in texts.items():
                 batch = [prompts[i] if isinstance(prompts[i], str) else prompts[i]["prompt"] for i in idx]
-                limit = self.max_model_len if truncate == -1 else truncate
-                kwargs = {"truncation": True, "max_length": limit} if limit is not None else {}
-                kwargs["add_special_tokens"] = not self.is_encoder_decoder
-                for i, ids in zip(idx, self.tokenizer(batch, **kwargs).input_ids):
+                for i, ids in zip(idx, self._encode_texts(batch, self.max_model_len if truncate == -1 else truncate)):
                     encoded[i] = ids
         prepared = []
         for i, prompt in enumerate(prompts):
-            if i in encoded:
-                text = prompt if isinstance(prompt, str) else prompt["prompt"]
-                prompt = {**(prompt if isinstance(prompt, dict) else {}), "prompt": text, "prompt_token_ids": encoded[i]}
-            text, ids, types = self.tokenize(prompt, pooling, truncates[i])
-            prepared.append({"prompt": text, "prompt_token_ids": ids}
-                            | ({"token_type_ids": types} if types is not None else {})
-                            | ({"encoder_input": audio[i]} if audio[i] is not None else {}))
+            if i in encoded and isinstance(prompt, str):  # our tokenizer's ids: their vocabulary is checked below
+                text, ids, types = prompt, encoded[i], None
+                self._check_length(len(ids), pooling)
+            else:
+                if i in encoded:
+                    prompt = {**prompt, "prompt_token_ids": encoded[i]}
+                text, ids, types = self.tokenize(prompt, pooling, truncates[i])
+            prepared.append(PreparedPrompt({"prompt": text, "prompt_token_ids": ids}
+                                           | ({"token_type_ids": types} if types is not None else {})
+                                           | ({"encoder_input": audio[i]} if audio[i] is not None else {})))
+        # every prompt's ids in one int64 array: one vocabulary check, and a pooling step's input ids
+        # are then one concatenate of views
+        lens = [len(p["prompt_token_ids"]) for p in prepared]
+        flat = np.fromiter(itertools.chain.from_iterable(p["prompt_token_ids"] for p in prepared), np.int64, sum(lens))
+        self._check_vocab(flat)
+        if pooling:
+            start = 0
+            for p, n in zip(prepared, lens):
+                p.token_array, start = flat[start:start + n], start + n
         return prepared
 
     def encoder_decoder_prompt(self, prompt) -> tuple[dict | str, torch.Tensor]:
@@ -376,9 +504,15 @@ class LLMEngine:
         if task not in self.tasks and not (task == "encode"):
             raise ValueError(f"{self.architecture} serves {'/'.join(self.tasks)}, not {task!r}"
                              + (" (try convert='classify' or 'embed')" if task in ("embed", "classify") else ""))
-        text, ids, token_types = self.tokenize(prompt, pooling=True, truncate=params.truncate_prompt_tokens)
+        limit = self.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+        if isinstance(prompt, PreparedPrompt) and (limit is None or len(prompt["prompt_token_ids"]) <= limit):
+            text, ids, token_types = prompt["prompt"], prompt["prompt_token_ids"], prompt.get("token_type_ids")
+        else:
+            text, ids, token_types = self.tokenize(prompt, pooling=True, truncate=params.truncate_prompt_tokens)
+            prompt = None
         params = params if params.task == task else params.clone(task=task)
         req = Request(request_id, ids, None, 0, pooling_params=params, token_type_ids=token_types)
+        req.prompt_token_array = prompt.token_array if prompt is not None else None
         parent = _Parent(request_id, text, ids, [req], [None])
         req.parent = parent
         self.requests[request_id] = req
@@ -393,8 +527,16 @@ class LLMEngine:
                     self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
                 self.requests.pop(child.request_id, None)
 
+    # a pooling step queued on the device whose outputs are not collected yet: (its requests, outputs)
+    _pooling_in_flight: tuple[list[Request], PooledStep] | None = None
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pooling_in_flight is not None
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (an engine of one rank has nothing to stop)."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # ------------------------------------------------------------ the step
 
@@ -436,26 +578,52 @@ class LLMEngine:
         return [self._output(p) for p in progressed.values()]
 
     def _pooling_step(self) -> list[PoolingRequestOutput]:
+        """Queue this step's forward and pooling on the device, then collect the previous step's
+        outputs while the device runs this one, so the host's work overlaps the device's. A step
+        stays in flight only while another one follows it; the last is collected at once."""
         step = self.scheduler.schedule()
-        if not step.scheduled:
-            return []
+        launched = None
+        if step.scheduled:
+            reqs = [r for r, _ in step.scheduled]
+            try:
+                hidden, batch = self.runner.execute_pooling(step)
+                with torch.inference_mode():
+                    launched = reqs, pool_step(hidden, batch, [r.pooling_params for r in reqs], self.pooler_config,
+                                               self.model)
+            except Exception as e:
+                self._fail_pooling(reqs, e)
+        previous, self._pooling_in_flight = self._pooling_in_flight, launched
+        outputs = self._collect_pooling(*previous) if previous is not None else []
+        if launched is not None and not self.scheduler.waiting:
+            self._pooling_in_flight = None
+            outputs += self._collect_pooling(*launched)
+        return outputs
+
+    def _collect_pooling(self, reqs: list[Request], pooled: PooledStep) -> list[PoolingRequestOutput]:
+        """Wait for a pooling step's outputs and finish its requests (those aborted meanwhile are skipped)."""
         try:
-            hidden, _ = self.runner.execute(step)
-            with torch.inference_mode():
-                data = pool_step(hidden, [r.prompt_token_ids for r, _ in step.scheduled],
-                                 [r.pooling_params for r, _ in step.scheduled], self.pooler_config, self.model)
+            data = pooled.result()
         except Exception as e:
-            for req, _ in step.scheduled:
-                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-                self.abort_request(req.request_id)
-            raise RuntimeError(f"pooling step failed for requests {[r.request_id for r, _ in step.scheduled]}: {e}") from e
+            self._fail_pooling(reqs, e)
         outputs = []
-        for (req, _), out in zip(step.scheduled, data):
-            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        for req, out in zip(reqs, data):
+            if req.is_finished:  # aborted while in flight
+                continue
+            req.status = RequestStatus.FINISHED_STOPPED  # (a scheduled pooling request is in no queue)
             self.requests.pop(req.request_id, None)
             parent = self.parents.pop(req.request_id)
-            outputs.append(PoolingRequestOutput(req.request_id, PoolingOutput(out), req.prompt_token_ids, True, parent.prompt))
+            outputs.append(PoolingRequestOutput(req.request_id, PoolingOutput(out), req.prompt_token_ids, True,
+                                                parent.prompt))
         return outputs
+
+    def _fail_pooling(self, reqs: list[Request], error: Exception) -> NoReturn:
+        """A pooling step failed: its requests are aborted, the engine and every other request go on."""
+        failed = [r.request_id for r in reqs if not r.is_finished]
+        for req in reqs:
+            if not req.is_finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self.abort_request(req.request_id)
+        raise RuntimeError(f"pooling step failed for requests {failed}: {error}") from error
 
     def _append_token(self, req: Request, i: int, sampled) -> None:
         token = sampled.token_ids[i]

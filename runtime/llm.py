@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.engine import LLMEngine
+from kiln.runtime.engine import LLMEngine, freeze_gc_heap
 from kiln.runtime import score_templates
 from kiln.runtime.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                   EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
@@ -33,9 +33,13 @@ class LLM:
                  enforce_eager: bool | None = None, hf_overrides: dict | Callable | None = None,
                  trust_remote_code: bool = False, skip_tokenizer_init: bool = False, runner: str = "generate",
                  convert: str = "auto", pooler_config: Any = None, model_impl: str = "auto",
-                 compilation_config: dict | None = None, data_parallel_size: int = 1, **kwargs: Any):
+                 compilation_config: dict | None = None, data_parallel_size: int = 1, tensor_parallel_size: int = 1,
+                 **kwargs: Any):
         self._ids = itertools.count()
         self._replicas = None
+        if data_parallel_size > 1 and tensor_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={data_parallel_size} with tensor_parallel_size={tensor_parallel_size}: "
+                             "data-parallel replicas of tensor-parallel engines are not supported yet")
         if data_parallel_size > 1:  # replicas in their own processes; this object only routes
             from kiln.runtime.data_parallel import ReplicaPool
 
@@ -49,7 +53,8 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, hf_overrides=hf_overrides,
             trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer_init, runner=runner,
             convert=convert, pooler_config=pooler_config, model_impl=model_impl,
-            compilation_config=compilation_config, **kwargs))
+            compilation_config=compilation_config, tensor_parallel_size=tensor_parallel_size, **kwargs))
+        freeze_gc_heap()
 
     def get_tokenizer(self):
         if self._replicas is not None:
@@ -73,9 +78,12 @@ class LLM:
         return outs
 
     def shutdown(self) -> None:
-        """Stop the data-parallel replicas (a single-engine LLM has nothing to stop)."""
+        """Stop the data-parallel replicas or the tensor-parallel workers (a single-process LLM has
+        nothing to stop)."""
         if self._replicas is not None:
             self._replicas.shutdown()
+        elif self.llm_engine is not None:
+            self.llm_engine.shutdown()
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -139,18 +147,14 @@ class LLM:
         if self._replicas is not None:
             return self._on_replicas("embed", prompts, pooling_params,
                                      truncate_prompt_tokens=truncate_prompt_tokens)
-        outs = self._pool(prompts, pooling_params, "embed", use_tqdm, truncate_prompt_tokens)
-        return [EmbeddingRequestOutput(o.request_id, EmbeddingOutput(o.outputs.data.tolist()), o.prompt_token_ids)
-                for o in outs]
+        return self._pool(prompts, pooling_params, "embed", use_tqdm, truncate_prompt_tokens, _embeddings)
 
     def classify(self, prompts, pooling_params=None, use_tqdm: bool = True,
                  truncate_prompt_tokens: int | None = None) -> list[ClassificationRequestOutput]:
         if self._replicas is not None:
             return self._on_replicas("classify", prompts, pooling_params,
                                      truncate_prompt_tokens=truncate_prompt_tokens)
-        outs = self._pool(prompts, pooling_params, "classify", use_tqdm, truncate_prompt_tokens)
-        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(o.outputs.data.tolist()),
-                                            o.prompt_token_ids) for o in outs]
+        return self._pool(prompts, pooling_params, "classify", use_tqdm, truncate_prompt_tokens, _classifications)
 
     def reward(self, prompts, pooling_params=None, use_tqdm: bool = True,
                truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
@@ -185,19 +189,20 @@ class LLM:
                              "a cross-encoder model")
         embeddings = self._pool(first + second, pooling_params, "embed", use_tqdm, truncate_prompt_tokens)
         n = len(first)
-        outs = []
-        for i, (a, b) in enumerate(zip(embeddings[:n], embeddings[n:])):
-            cosine = float(torch.nn.functional.cosine_similarity(a.outputs.data, b.outputs.data, dim=-1))
-            outs.append(ScoringRequestOutput(str(i), ScoringOutput(cosine), a.prompt_token_ids + b.prompt_token_ids))
-        return outs
+        data = [o.outputs.data for o in embeddings]
+        if all(d.shape == data[0].shape for d in data):  # every pair in one call
+            cosines = torch.nn.functional.cosine_similarity(torch.stack(data[:n]), torch.stack(data[n:]), dim=-1).tolist()
+        else:
+            cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=-1)) for a, b in zip(data[:n], data[n:])]
+        return [ScoringRequestOutput(str(i), ScoringOutput(cosine), a.prompt_token_ids + b.prompt_token_ids)
+                for i, (cosine, a, b) in enumerate(zip(cosines, embeddings[:n], embeddings[n:]))]
 
     def _cross_encode(self, first, second, truncate, use_tqdm, pooling_params, chat_template):
         prompts = score_templates.cross_encoder_prompts(self.llm_engine, first, second, truncate, chat_template)
-        outs = self._pool(prompts, pooling_params, "score", use_tqdm, None)
-        return [ScoringRequestOutput(o.request_id, ScoringOutput(float(o.outputs.data.reshape(-1)[0])), o.prompt_token_ids)
-                for o in outs]
+        return self._pool(prompts, pooling_params, "score", use_tqdm, None, _cross_encoder_scores)
 
-    def _pool(self, prompts, pooling_params, task: str, use_tqdm: bool, truncate: int | None) -> list[PoolingRequestOutput]:
+    def _pool(self, prompts, pooling_params, task: str, use_tqdm: bool, truncate: int | None,
+              convert: Callable[[list], list] | None = None) -> list:
         engine = self.llm_engine
         if not engine.is_pooling:
             raise ValueError(f"{engine.architecture} is loaded for generation; pass runner='pooling' (and convert=...) "
@@ -209,9 +214,13 @@ class LLM:
         params = [pooling_params] * len(prompts) if isinstance(pooling_params, PoolingParams) else list(pooling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} pooling params")
-        if truncate is not None:
-            params = [p.clone(truncate_prompt_tokens=truncate) for p in params]
-        params = [p.clone(task=task) for p in params]
+        # each distinct PoolingParams cloned once (the usual call shares one between all prompts)
+        clones: dict[int, PoolingParams] = {}
+        changes = {"task": task} | ({"truncate_prompt_tokens": truncate} if truncate is not None else {})
+        for p in params:
+            if id(p) not in clones:
+                clones[id(p)] = p.clone(**changes)
+        params = [clones[id(p)] for p in params]
         if task not in engine.tasks and task != "encode":
             raise ValueError(f"{engine.architecture} serves {'/'.join(engine.tasks)}, not {task!r}"
                              + (" (load it with convert='classify' or 'embed')" if task in ("embed", "classify") else ""))
@@ -220,7 +229,7 @@ class LLM:
         for p in params:
             if p.dimensions is not None and task != "embed":
                 raise ValueError("PoolingParams.dimensions applies to embeddings only")
-        return self._run(engine.add_pooling_request, prompts, params, use_tqdm)
+        return self._run(engine.add_pooling_request, prompts, params, use_tqdm, convert)
 
     # ------------------------------------------------------------ transcription
 
@@ -268,9 +277,10 @@ class LLM:
             return self._replicas.apply(func)
         return [func(self.llm_engine.model)]
 
-    def _run(self, add, prompts: list, params: list, use_tqdm: bool) -> list:
+    def _run(self, add, prompts: list, params: list, use_tqdm: bool, convert: Callable[[list], list] | None = None) -> list:
         """Queue the (validated) prompts with `add(request_id, prompt, params)`, step the engine
-        until all are done, return their outputs in order. On any error, nothing stays queued."""
+        until all are done, return their outputs in order (each step's finished ones passed through
+        `convert`, when given, as they come). On any error, nothing stays queued."""
         engine = self.llm_engine
         ids = [str(next(self._ids)) for _ in prompts]
         try:
@@ -281,15 +291,43 @@ class LLM:
                 while pending:
                     if not engine.has_unfinished_requests():
                         raise RuntimeError(f"requests {sorted(pending)} were dropped by the engine")
-                    for out in engine.step():
-                        if out.finished and out.request_id in pending:
-                            done[out.request_id] = out
-                            pending.discard(out.request_id)
-                            bar.update(1)
+                    finished = [out for out in engine.step() if out.finished and out.request_id in pending]
+                    for out in convert(finished) if convert is not None and finished else finished:
+                        done[out.request_id] = out
+                        pending.discard(out.request_id)
+                    if finished:
+                        bar.update(len(finished))
             return [done[rid] for rid in ids]
         except BaseException:
             engine.abort_request([rid for rid in ids if rid in engine.parents])
             raise
+
+
+# Pooling outputs -> the task's vLLM output objects; `_run` converts each step's outputs as they
+# come, while the device runs the next step.
+
+
+def _embeddings(outs: list[PoolingRequestOutput]) -> list[EmbeddingRequestOutput]:
+    return [EmbeddingRequestOutput(o.request_id, EmbeddingOutput(data), o.prompt_token_ids)
+            for o, data in zip(outs, _tolists([o.outputs.data for o in outs]))]
+
+
+def _classifications(outs: list[PoolingRequestOutput]) -> list[ClassificationRequestOutput]:
+    return [ClassificationRequestOutput(o.request_id, ClassificationOutput(data), o.prompt_token_ids)
+            for o, data in zip(outs, _tolists([o.outputs.data for o in outs]))]
+
+
+def _cross_encoder_scores(outs: list[PoolingRequestOutput]) -> list[ScoringRequestOutput]:
+    scores = _tolists([o.outputs.data.reshape(-1)[:1] for o in outs])
+    return [ScoringRequestOutput(o.request_id, ScoringOutput(score[0]), o.prompt_token_ids)
+            for o, score in zip(outs, scores)]
+
+
+def _tolists(tensors: list[torch.Tensor]) -> list[list]:
+    """Each tensor's `tolist()`; tensors of one shape (a step's embeddings, say) in one call."""
+    if tensors and all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors).tolist()
+    return [t.tolist() for t in tensors]
 
 
 def _size(prompt) -> int:

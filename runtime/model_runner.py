@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+from kiln.runtime.pooler import PoolingBatch
 from kiln.runtime.request import Request
 from kiln.runtime.scheduler import SchedulerOutput
 
@@ -33,11 +35,16 @@ def kv_cache_layers(model: nn.Module) -> list[tuple[int, int, int]]:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 num_cross_slots: int = 0):
+                 num_cross_slots: int = 0, kv_cache_dtype: torch.dtype | None = None,
+                 kv_scales: list[tuple[float, float]] | None = None):
         """num_blocks 0: no KV cache (pooling models compute each sequence whole in one step).
-        num_cross_slots: encoder-decoder models' cross-attention cache, one slot per request."""
+        num_cross_slots: encoder-decoder models' cross-attention cache, one slot per request.
+        kv_cache_dtype: the self-attention caches' dtype (default `dtype`; float8_e4m3fn for an fp8
+        cache, whose per-layer (k_scale, v_scale) are kv_scales, default 1.0). Cross caches keep `dtype`."""
         self.model, self.block_size, self.device = model, block_size, device
+        self.kv_scales = kv_scales
         self.forward = model  # replaced by the compiled forward when the engine compiles
+        self.logits = model.compute_logits if hasattr(model, "compute_logits") else None  # (and traced when quantized)
         self.decode_graphs = None  # CUDA graphs of the decode step, when the engine captures them
         self.num_blocks = num_blocks
         self.kv_caches = self.cross_kv_caches = None
@@ -49,12 +56,16 @@ class ModelRunner:
         if num_blocks > 0:
             # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
             # One block more than the block manager hands out: a scratch block for CUDA-graph padding rows.
-            self.kv_caches = [(torch.zeros((num_blocks + 1, block_size, heads, k_dim), dtype=dtype, device=device),
-                               torch.zeros((num_blocks + 1, block_size, heads, v_dim), dtype=dtype, device=device))
+            cache_dtype = kv_cache_dtype or dtype
+            self.kv_caches = [(torch.zeros((num_blocks + 1, block_size, heads, k_dim), dtype=cache_dtype, device=device),
+                               torch.zeros((num_blocks + 1, block_size, heads, v_dim), dtype=cache_dtype, device=device))
                               for heads, k_dim, v_dim in kv_cache_layers(model)]
+            if kv_scales is not None and len(kv_scales) != len(self.kv_caches):
+                raise ValueError(f"{len(kv_scales)} kv scales for {len(self.kv_caches)} KV-cache layers")
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block over every layer's keys and values; dtype is the KV cache's."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return sum(block_size * heads * (k_dim + v_dim) * itemsize for heads, k_dim, v_dim in kv_cache_layers(model))
 
@@ -115,11 +126,58 @@ class ModelRunner:
             types = [t for r, n in step.scheduled
                      for t in (r.token_type_ids or [0] * r.num_tokens)[r.num_computed_tokens:r.num_computed_tokens + n]]
             extra["token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
-        with set_forward_context(ForwardContext(metadata, self.kv_caches, self.cross_kv_caches)):
+        with set_forward_context(ForwardContext(metadata, self.kv_caches, self.cross_kv_caches, self.kv_scales)):
             hidden = self.forward(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                                 torch.tensor(positions, dtype=torch.long, device=self.device), **extra)
         return hidden, rows
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)])
+        return self.logits(hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)])
+
+    @torch.inference_mode()
+    def execute_pooling(self, step: SchedulerOutput) -> tuple[torch.Tensor, PoolingBatch]:
+        """A pooling step (whole prompts, no cache): the step's inputs built with numpy from each
+        request's `prompt_token_array`, moved in one copy (asynchronous from pinned memory on CUDA)
+        and the forward queued, without waiting for the device -> (hidden [T, H], its layout)."""
+        reqs = [r for r, _ in step.scheduled]
+        lens = [r.num_tokens for r in reqs]
+        num_seqs, num_tokens = len(reqs), sum(lens)
+        has_types = any(r.token_type_ids is not None for r in reqs)
+        # one int64 buffer: input ids, positions, sequence ids, [token type ids], query_start_loc, each
+        # field starting on a 64-byte boundary (Inductor's kernels assume aligned inputs, else copy them)
+        stride = -(-num_tokens // 8) * 8
+        cuda = self.device.type == "cuda"
+        staged = torch.empty((3 + has_types) * stride + num_seqs + 1, dtype=torch.int64, pin_memory=cuda)
+        buf = staged.numpy()
+        ids, positions, seq_ids, types = (buf[i * stride:i * stride + num_tokens] for i in range(4))
+        qsl = buf[len(buf) - num_seqs - 1:]
+        qsl[0] = 0
+        np.cumsum(lens, out=qsl[1:])
+        np.concatenate([_prompt_array(r) for r in reqs], out=ids)
+        seq_ids[:] = np.repeat(np.arange(num_seqs), lens)
+        np.subtract(np.arange(num_tokens), qsl[:-1][seq_ids], out=positions)
+        if has_types:
+            np.concatenate([np.asarray(r.token_type_ids, dtype=np.int64) if r.token_type_ids is not None
+                            else np.zeros(r.num_tokens, dtype=np.int64) for r in reqs], out=types)
+        on_device = staged.to(self.device, non_blocking=cuda)
+        ids_d, pos_d, seq_d, types_d = (on_device[i * stride:i * stride + num_tokens] for i in range(4))
+        qsl_d = on_device[len(buf) - num_seqs - 1:]
+        metadata = AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.long, device=self.device),
+            block_tables=torch.zeros((num_seqs, 1), dtype=torch.long, device=self.device),
+            query_lens=lens, seq_lens=lens, block_size=self.block_size)
+        # the varlen attention kernel's layout, already on the device (no per-layer host copy)
+        metadata.query_start_loc = qsl_d.to(torch.int32)
+        metadata.seq_lens_tensor = (qsl_d[1:] - qsl_d[:-1]).to(torch.int32)
+        extra = {"token_type_ids": types_d} if has_types else {}
+        with set_forward_context(ForwardContext(metadata, None, None)):
+            hidden = self.forward(ids_d, pos_d, **extra)
+        return hidden, PoolingBatch(lens, qsl_d, seq_d, ids_d)
+
+
+def _prompt_array(req: Request) -> np.ndarray:
+    """A pooling request's prompt as int64 numpy (the prepared view, or made from the list)."""
+    if req.prompt_token_array is None:
+        req.prompt_token_array = np.asarray(req.prompt_token_ids, dtype=np.int64)
+    return req.prompt_token_array

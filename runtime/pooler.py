@@ -4,9 +4,15 @@ pool (LAST, MEAN, CLS, ALL, STEP rows of the sequence) -> the model's head, when
 (classifier, score or reward head) -> the task's post-processing: Matryoshka truncation and L2
 normalisation for embeddings, softmax (or sigmoid for one label) for class probabilities, the
 step tokens' softmax over `returned_token_ids` for process reward models.
+
+The work is queued on the device without waiting for it: the sequence layout comes as device
+tensors (`PoolingBatch`), the outputs leave in one copy to the host, and `PooledStep.result()` is
+the only point that waits, so the engine can queue the next step's forward first.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,62 +21,118 @@ from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 
 # Which tasks run the model's head on the pooled states.
 HEAD_TASKS = ("classify", "score", "token_classify", "reward", "encode")
+SEQUENCE_POOLING = ("CLS", "LAST", "MEAN")
 
 
-def pool_step(hidden: torch.Tensor, token_ids: list[list[int]], params: list[PoolingParams], config: PoolerConfig,
-              model) -> list[torch.Tensor]:
-    """A pooling step's outputs, one per request, in order; float32 on the host.
+@dataclass
+class PoolingBatch:
+    """How a pooling step's flattened rows split into sequences (built by the runner).
 
-    hidden [T, H] holds the step's sequences back to back (token_ids gives each one's tokens).
-    Sequence-level pooling (CLS, LAST, MEAN) runs for the whole step at once, the model's head
-    runs once over every row that needs it, and post-processing runs once per group of requests
-    that share a task and options: the per-request cost is a few views, not kernel launches.
+    lens: per sequence, its number of tokens (host ints); query_start_loc [B+1] int64, seq_ids [T]
+    int64 (each row's sequence) and input_ids [T] int64 on the device."""
+
+    lens: list[int]
+    query_start_loc: torch.Tensor
+    seq_ids: torch.Tensor
+    input_ids: torch.Tensor
+
+
+class PooledStep:
+    """A step's outputs on their way to the host: one flat float32 tensor, copied with one
+    (asynchronous, on CUDA) transfer. `result()` waits for it and cuts it into one tensor per
+    request, in order: [D] for sequence pooling, [rows, D] for ALL and STEP."""
+
+    def __init__(self, blocks: list[tuple[list[int], torch.Tensor, bool]], num_requests: int):
+        # blocks: (request indices, outputs, per_row): a group's [n, D], one row per request, or
+        # one request's [rows, D]
+        self.blocks, self.num_requests, self.event = blocks, num_requests, None
+        device = blocks[0][1].device
+        if device.type != "cpu":
+            flat = torch.cat([t.reshape(-1) for _, t, _ in blocks]) if len(blocks) > 1 else blocks[0][1].reshape(-1)
+            cuda = device.type == "cuda"
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=cuda)
+            host.copy_(flat, non_blocking=cuda)
+            if cuda:
+                self.event = torch.cuda.Event()
+                self.event.record()
+            self.blocks, offset = [], 0
+            for idx, t, per_row in blocks:  # views of the host buffer, filled when the copy lands
+                self.blocks.append((idx, host[offset:offset + t.numel()].view(t.shape), per_row))
+                offset += t.numel()
+
+    def result(self) -> list[torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        outputs: list[torch.Tensor] = [None] * self.num_requests
+        for idx, data, per_row in self.blocks:
+            if per_row:
+                for i, row in zip(idx, data.unbind(0)):
+                    outputs[i] = row
+            else:
+                outputs[idx[0]] = data
+        return outputs
+
+
+def pool_step(hidden: torch.Tensor, batch: PoolingBatch, params: list[PoolingParams], config: PoolerConfig,
+              model) -> PooledStep:
+    """A pooling step's outputs, one per request, in order (float32, on the host once `result()`).
+
+    hidden [T, H] holds the step's sequences back to back, as `batch` says. Sequence-level
+    pooling (CLS, LAST, MEAN) runs for the whole step at once; requests sharing a task and options
+    form one group, which runs the model's head and the post-processing once; token-level
+    requests (ALL, STEP) run the head together and are post-processed one by one. Only STEP
+    pooling reads device values back (which rows are step tags); otherwise the host does not wait.
     """
-    lens = torch.tensor([len(t) for t in token_ids], device=hidden.device)
+    num = len(params)
     types = ["ALL" if p.task == "token_classify" else config.pooling_type for p in params]
-    pieces: list[torch.Tensor] = [None] * len(params)  # [rows, H] per request
-    seq_level = [i for i, t in enumerate(types) if t in ("CLS", "LAST", "MEAN")]
-    if seq_level:
-        ends = lens.cumsum(0)
-        if config.pooling_type == "CLS":
-            vectors = hidden[ends - lens]
-        elif config.pooling_type == "LAST":
-            vectors = hidden[ends - 1]
-        else:  # MEAN, summed in float32
-            segment = torch.repeat_interleave(torch.arange(len(params), device=hidden.device), lens)
-            sums = torch.zeros(len(params), hidden.shape[1], device=hidden.device).index_add_(0, segment, hidden.float())
-            vectors = (sums / lens[:, None]).to(hidden.dtype)
-        for i, v in zip(seq_level, vectors[seq_level].split(1)):
-            pieces[i] = v
-    start = 0
-    for i, (ids, t) in enumerate(zip(token_ids, types)):
-        if pieces[i] is None:
-            rows = hidden[start:start + len(ids)]
-            if t == "STEP" and config.step_tag_id is not None:
-                rows = rows[torch.tensor(ids, device=hidden.device) == config.step_tag_id]
-            pieces[i] = rows
-        start += len(ids)
-
-    heads = [hasattr(model, "head") and p.task in HEAD_TASKS for p in params]
-    if any(heads):
-        done = iter(model.head(torch.cat([x for x, h in zip(pieces, heads) if h])).split(
-            [x.shape[0] for x, h in zip(pieces, heads) if h]))
-        pieces = [next(done) if h else x for x, h in zip(pieces, heads)]
-
+    has_head = hasattr(model, "head")
     groups: dict[tuple, list[int]] = {}
+    token_level: list[int] = []
     for i, (p, t) in enumerate(zip(params, types)):
-        key = (p.task, t, p.dimensions, p.normalize, p.activation) if t in ("CLS", "LAST", "MEAN") else (i,)
-        groups.setdefault(key, []).append(i)
-    outputs: list[torch.Tensor] = [None] * len(params)
-    for idx in groups.values():
-        p, t = params[idx[0]], types[idx[0]]
-        if t in ("CLS", "LAST", "MEAN"):
-            done = finish(torch.cat([pieces[i] for i in idx]), p.task, p, config, t)
-            for i, row in zip(idx, done):
-                outputs[i] = row
+        if t in SEQUENCE_POOLING:
+            groups.setdefault((p.task, p.dimensions, p.normalize, p.activation), []).append(i)
         else:
-            outputs[idx[0]] = finish(pieces[idx[0]], p.task, p, config, t)
-    return to_cpu(outputs)
+            token_level.append(i)
+
+    blocks: list[tuple[list[int], torch.Tensor, bool]] = []
+    if groups:
+        vectors = _pool_sequences(hidden, batch, config.pooling_type)  # [B, H], every sequence
+        for idx in groups.values():
+            p = params[idx[0]]
+            rows = vectors if len(idx) == num else vectors[torch.tensor(idx).to(hidden.device, non_blocking=True)]
+            if has_head and p.task in HEAD_TASKS:
+                rows = model.head(rows)
+            blocks.append((idx, finish(rows, p.task, p, config, config.pooling_type), True))
+    if token_level:
+        starts = [0]
+        for n in batch.lens:
+            starts.append(starts[-1] + n)
+        pieces = []
+        for i in token_level:
+            rows = hidden[starts[i]:starts[i + 1]]
+            if types[i] == "STEP" and config.step_tag_id is not None:
+                rows = rows[batch.input_ids[starts[i]:starts[i + 1]] == config.step_tag_id]
+            pieces.append(rows)
+        heads = [has_head and params[i].task in HEAD_TASKS for i in token_level]
+        if any(heads):  # one head call for every token-level request that needs it
+            done = iter(model.head(torch.cat([x for x, h in zip(pieces, heads) if h])).split(
+                [x.shape[0] for x, h in zip(pieces, heads) if h]))
+            pieces = [next(done) if h else x for x, h in zip(pieces, heads)]
+        for i, rows in zip(token_level, pieces):
+            blocks.append(([i], finish(rows, params[i].task, params[i], config, types[i]), False))
+    return PooledStep(blocks, num)
+
+
+def _pool_sequences(hidden: torch.Tensor, batch: PoolingBatch, pooling_type: str) -> torch.Tensor:
+    """One row per sequence: its first (CLS), last (LAST) or mean (MEAN, summed in float32) hidden state."""
+    qsl = batch.query_start_loc
+    if pooling_type == "CLS":
+        return hidden[qsl[:-1]]
+    if pooling_type == "LAST":
+        return hidden[qsl[1:] - 1]
+    sums = hidden.new_zeros((len(batch.lens), hidden.shape[1]), dtype=torch.float32).index_add_(
+        0, batch.seq_ids, hidden.float())
+    return (sums / (qsl[1:] - qsl[:-1]).unsqueeze(1)).to(hidden.dtype)
 
 
 def finish(data: torch.Tensor, task: str, params: PoolingParams, config: PoolerConfig, pooling_type: str) -> torch.Tensor:
@@ -94,11 +156,3 @@ def finish(data: torch.Tensor, task: str, params: PoolingParams, config: PoolerC
         if config.softmax is not False:
             data = data.softmax(-1)
     return data
-
-
-def to_cpu(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Move a step's outputs to the host in one copy (one sync) rather than one per request."""
-    if not outputs or outputs[0].device.type == "cpu":
-        return outputs
-    flat = torch.cat([o.reshape(-1) for o in outputs]).cpu()
-    return [chunk.view(o.shape) for chunk, o in zip(flat.split([o.numel() for o in outputs]), outputs)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
+import numpy as np
 import torch
 
 from kiln.runtime.pooling_params import PoolingParams
@@ -38,6 +39,9 @@ class Request:
         self.params = params
         self.pooling_params = pooling_params
         self.token_type_ids = token_type_ids  # segment ids of a sentence pair (cross-encoders)
+        # pooling requests: the prompt as int64 numpy (often a view of its batch's tokens), so that
+        # a step's input ids are one concatenate
+        self.prompt_token_array: np.ndarray | None = None
         # encoder-decoder requests: the encoder's input (e.g. log-mel features [80, 3000]), the
         # cross-attention cache slot holding its projected output, and whether it is written yet
         self.encoder_input: torch.Tensor | None = None

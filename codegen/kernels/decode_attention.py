@@ -11,7 +11,9 @@ Each (sequence, kv head) splits its keys into `num_splits` chunks, one program e
 than one, a second kernel merges the partial softmaxes (log-sum-exp) into the output.
 `sliding_window` W > 0 keeps the keys with q_pos - k_pos < W; `soft_cap` > 0 caps scores as
 cap * tanh(s / cap); `sinks` [H] float32 adds one logit per head to the softmax with no value.
-Statistics and accumulation in float32.
+Statistics and accumulation in float32. An fp8 cache (float8_e4m3fn) holds k / k_scale and
+v / v_scale: its values are converted to q's dtype (exactly: e4m3 fits in bf16 and fp16) and the
+scales applied once per score and once per output row, not per element.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from kiln.codegen.kernels.attention_common import (
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window,
+    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale,
     NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -56,7 +58,9 @@ def _decode_kernel(
     dv = tl.arange(0, BLOCK_DV)
     dv_mask = dv < DV
     q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(k_cache_ptr.dtype.element_ty)
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if not KV_FP8:  # (fp8 keys and values are converted to q's dtype instead)
+        q = q.to(k_cache_ptr.dtype.element_ty)
     table_row = tables_ptr + b * table_stride
 
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -67,6 +71,8 @@ def _decode_kernel(
         n_mask = n < end
         k = load_paged(k_cache_ptr, table_row, n, n_mask, kvh, kc_stride_b, kc_stride_s, kc_stride_h, d, d_mask,
                        block_size)
+        if KV_FP8:  # k_scale is folded into `scale` by the launcher
+            k = k.to(q.dtype)
         s = log2_scores(mma(q, tl.trans(k), PRECISION, UPCAST), scale, soft_cap, HAS_SOFT_CAP)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile holds at least one key (n0 < end), so m_new is finite.
@@ -76,8 +82,12 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_paged(v_cache_ptr, table_row, n, n_mask, kvh, vc_stride_b, vc_stride_s, vc_stride_h, dv, dv_mask,
                        block_size)
+        if KV_FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
+    if KV_FP8:  # the weighted sum of v / v_scale, times v_scale
+        acc = acc * v_scale
 
     if NUM_SPLITS == 1:
         if HAS_SINKS:
@@ -146,11 +156,12 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, sliding_window: int = 0, soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int = 4, num_stages: int = 2,
+    num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
-    it, block_n, num_warps and num_stages are tuning knobs that leave the result unchanged."""
+    it, block_n, num_warps and num_stages are tuning knobs that leave the result unchanged.
+    k_scale / v_scale: an fp8 cache's scales (unused by other caches)."""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -179,12 +190,15 @@ def decode_attention(
         part_acc = part_ml = out  # unused
     sinks_arg = sinks if sinks is not None else out
     kc, vc = k_cache.stride(), v_cache.stride()
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    compute = q.dtype if fp8 else k_cache.dtype  # the dtype the dots multiply in
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
-        block_tables.stride(0), H, D, DV, group, block_size, scale, soft_cap, sliding_window,
+        block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
+        sliding_window, float(v_scale),
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0, HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
-        PRECISION=dot_precision(k_cache.dtype), UPCAST=dot_upcast(k_cache.dtype),
+        KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -12,7 +12,9 @@ Masks as `kiln.ir.ops.attention`: causal keeps keys with q_pos - k_pos >= 0 and,
 < W; bidirectional (causal=False) keeps all keys or, with a window, |q_pos - k_pos| <= W // 2.
 `soft_cap` > 0 caps scores as cap * tanh(s / cap); `sinks` [H] float32 joins one logit per head
 to the softmax with no value. One program per (BLOCK_M queries, sequence, query head); the key
-loop visits only the keys the mask can keep.
+loop visits only the keys the mask can keep. Paged fp8 caches (float8_e4m3fn, holding k / k_scale
+and v / v_scale) are read as in decode_attention: values converted to q's dtype, the scales
+applied to the scores and the output rows.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from kiln.codegen.kernels.attention_common import (
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr, out_ptr,
     q_stride_t, q_stride_h, k_stride_b, k_stride_s, k_stride_h, v_stride_b, v_stride_s, v_stride_h,
-    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window,
+    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale,
     PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SINKS: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     mb = tl.program_id(0)
@@ -54,7 +56,9 @@ def _prefill_kernel(
         dv_mask = dv < DV
         rows = (q_start + m).to(tl.int64)
         q = tl.load(q_ptr + rows[:, None] * q_stride_t + h * q_stride_h + d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if not KV_FP8:  # (fp8 keys and values are converted to q's dtype instead)
+            q = q.to(k_ptr.dtype.element_ty)
 
         # The key range any query of this tile can see.
         first = ctx + mb * BLOCK_M
@@ -81,6 +85,8 @@ def _prefill_kernel(
             if PAGED:
                 k = load_paged(k_ptr, table_row, n, n_mask, kvh, k_stride_b, k_stride_s, k_stride_h, d, d_mask,
                                block_size)
+                if KV_FP8:  # k_scale is folded into `scale` by the launcher
+                    k = k.to(q.dtype)
             else:
                 k_rows = (q_start + n - ctx).to(tl.int64)
                 k = tl.load(k_ptr + k_rows[:, None] * k_stride_b + kvh * k_stride_h + d[None, :],
@@ -104,11 +110,15 @@ def _prefill_kernel(
             if PAGED:
                 v = load_paged(v_ptr, table_row, n, n_mask, kvh, v_stride_b, v_stride_s, v_stride_h, dv, dv_mask,
                                block_size)
+                if KV_FP8:
+                    v = v.to(q.dtype)
             else:
                 v = tl.load(v_ptr + k_rows[:, None] * v_stride_b + kvh * v_stride_h + dv[None, :],
                             mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
             acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST)
             m_i = m_new
+        if KV_FP8:  # the weighted sum of v / v_scale, times v_scale
+            acc = acc * v_scale
 
         if HAS_SINKS:
             sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
@@ -127,6 +137,7 @@ def prefill_attention(
     max_query_len: int, scale: float, block_tables: torch.Tensor | None = None, causal: bool = True,
     sliding_window: int = 0, soft_cap: float = 0.0, sinks: torch.Tensor | None = None,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [T, H, D] -> [T, H, Dv] in q's dtype.
 
@@ -134,6 +145,7 @@ def prefill_attention(
     Without: k [T, Hkv, D], v [T, Hkv, Dv] are this step's keys and values (seq_lens == query lens).
     query_start_loc [B+1] int32, seq_lens [B] int32; max_query_len (a host int) sizes the grid.
     block_m, block_n, num_warps and num_stages are tuning knobs that leave the result unchanged.
+    k_scale / v_scale: paged fp8 caches' scales (unused by other caches and without a cache).
     """
     T, H, D = q.shape
     paged = block_tables is not None
@@ -165,12 +177,15 @@ def prefill_attention(
     block_n = block_n or (64 if big else 32)
     num_warps = num_warps or (8 if block_m >= 128 else 4)
     grid = (triton.cdiv(max_query_len, block_m), B, H)
+    fp8 = paged and k.dtype == torch.float8_e4m3fn
+    compute = q.dtype if fp8 else k.dtype  # the dtype the dots multiply in
     _prefill_kernel[grid](
         q, k, v, tables, query_start_loc, seq_lens, sinks if sinks is not None else out, out,
         q.stride(0), q.stride(1), k_s[0], k_s[1], k_s[2], v_s[0], v_s[1], v_s[2],
-        tables.stride(0) if paged else 0, H, D, DV, H // HKV, block_size, scale, soft_cap, sliding_window,
+        tables.stride(0) if paged else 0, H, D, DV, H // HKV, block_size, scale * k_scale if fp8 else scale,
+        soft_cap, sliding_window, float(v_scale),
         PAGED=paged, CAUSAL=causal, HAS_WINDOW=sliding_window > 0, HAS_SOFT_CAP=soft_cap > 0,
-        HAS_SINKS=sinks is not None, PRECISION=dot_precision(k.dtype), UPCAST=dot_upcast(k.dtype),
+        HAS_SINKS=sinks is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps,
         num_stages=num_stages,
     )

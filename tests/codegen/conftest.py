@@ -49,7 +49,8 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     if t.dtype != torch.bool:
-        return t.fill_(-(2**30) if t.dtype != torch.uint8 else 255)
+        # int8: -128, which symmetric quantization (±127) never writes
+        return t.fill_(max(-(2**30), torch.iinfo(t.dtype).min) if t.dtype != torch.uint8 else 255)
     return t
 
 

@@ -1,0 +1,431 @@
+"""Quantized GEMMs: weight-only (8-bit weights, activations in the model dtype) and W8A8.
+
+Same semantics as `kiln.ir.quant_ops.weight_only_linear` and `scaled_linear`:
+
+- weight_only_linear: x [..., K] float32/float16/bfloat16, wq [N, K] int8 or float8_e4m3fn,
+  w_scale [N] float32, bias [N] or None -> [..., N] in x's dtype. The 8-bit tile is converted
+  to x's dtype (exactly: int8 and e4m3 values are all representable) for a tl.dot with float32
+  accumulation (the gemv kernel multiplies in float32), and scaled per output channel in the
+  epilogue (the reference rounds the dequantized weight to x's dtype first: the kernel is the
+  more exact of the two).
+- scaled_linear: xq [..., K] and wq [N, K] both int8 or both fp8, x_scale [..., 1] and w_scale
+  [N] float32 -> (xq @ wq.T) * x_scale * w_scale (+ bias) in out_dtype. fp8 goes to
+  `torch._scaled_mm` (cuBLASLt / CUTLASS row-wise scaling) where it takes the shape
+  (`scaled_linear_backend`); int8, and fp8 where it does not, to the Triton kernels here,
+  int8 with int32 accumulation (exact), fp8 with float32.
+
+Two kernels, picked per call by `pick_config` from M (the tokens of the step):
+
+- "gemv" (M == 1, batch-1 decode): no tensor cores. Each program streams a [BLOCK_N, BLOCK_K]
+  weight tile per step (16-byte loads along K), multiplies by the broadcast activation chunk and
+  accumulates elementwise in float32 (int32 for int8 x int8), reducing over K once at the end.
+  The step is purely memory bound (every weight byte is read once, nothing is reused), so the
+  tiling exists to keep enough bytes in flight: a small BLOCK_N gives N / BLOCK_N programs, about
+  4 per SM, each with a few KB outstanding, and split-K adds programs when N is small.
+- "dot" (everything else): a tiled tl.dot GEMM with float32 (int32) accumulation, grouped
+  program order for L2 reuse at large M, BLOCK_M = 16 and a narrow BLOCK_N with split-K for
+  small M (decode batches: still weight-bandwidth bound), 128 x 128 tiles for prefill.
+
+Split-K reduces inside the same launch: each program stores its partial tile to a float32
+(int32) workspace [SPLIT_K, M, N], then bumps a per-tile counter (acq_rel, GPU scope, after a
+CTA barrier); the program that arrives last sums the partials in a fixed order (deterministic)
+with L2-only loads, applies the epilogue and resets the counter to 0 for the next launch. One
+launch instead of partials + a reduction kernel, and no memset: the counters live in a zeroed
+buffer per device, allocated on first use (before CUDA-graph capture, by the warm-up call) and
+left at zero by every launch. Two split-K launches must not run concurrently on different
+streams (they would share counters); kiln runs one stream.
+
+Block sizes are overridable: pass `config=GemmConfig(...)` (benchmarks/kernels.py --sweep does).
+The defaults are reasoned, not yet measured: see `pick_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.codegen.kernels.quant import TL_DTYPES
+
+_QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+_LOCK_CAPACITY = 1 << 16  # split-K counters per device (256 KB); more tiles than this never split
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch's tiling. kernel: "gemv" (M == 1 only; block_m is ignored) or "dot"."""
+
+    kernel: str = "dot"
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+    def __post_init__(self):
+        if self.kernel not in ("gemv", "dot"):
+            raise ValueError(f"GemmConfig.kernel must be 'gemv' or 'dot', got {self.kernel!r}")
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name} must be a power of two, got {v}")
+        if self.kernel == "dot" and min(self.block_m, self.block_n, self.block_k) < 16:
+            raise ValueError(f"GemmConfig: tl.dot needs blocks of at least 16, got {self}")
+        if self.split_k < 1:
+            raise ValueError(f"GemmConfig.split_k must be >= 1, got {self.split_k}")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: an H100's count, so CPU tests see the GPU's choices
+
+
+# Split-K is off by default: on an H200 test_split_k_concurrent_programs found wrong sums when
+# the programs of one tile really run concurrently (the interpreter runs them one by one), so
+# until its ordering is fixed the tilings read K whole. A config may still ask for it explicitly.
+SPLIT_K_BY_DEFAULT = False
+
+
+def pick_config(M: int, N: int, K: int, x_dtype: torch.dtype, num_sms: int = 132) -> GemmConfig:
+    """The tiling for an [M, K] x [N, K]^T product with 8-bit weights (x_dtype: the A operand's).
+
+    M == 1 is weight streaming: tiles as the sweep below measured, and split K when even 4-row
+    tiles leave SMs idle (N < ~1K on an H100), never below 2 K-steps a split. M <= 16 is still bandwidth bound: 16-row dot tiles,
+    32-column tiles, split-K up to ~2 programs per SM. Larger M moves to compute-bound tiles
+    (64 x 128, then 128 x 128 with 8 warps); 8-bit A operands take twice the K per step.
+    """
+    eight_bit_a = x_dtype in _QUANT_WEIGHT_DTYPES
+    if M == 1:
+        # Measured on an H200 (benchmarks/kernels.py --sweep, Llama-3.2-1B shapes, int8 and fp8
+        # alike): wide matrices (gate_up, lm_head) stream best as 16-row tiles with 256-wide K
+        # steps; narrow ones (N <= 4K: qkv, o, down) as 4-row tiles with 1024-wide K steps, and a
+        # long K (down's 8192) split in two. The defaults before the sweep were 5-40% slower.
+        if N >= 16384:
+            block_n, block_k, split_k = 16, 256, 1
+        else:
+            block_n, block_k, split_k = 4, 1024, 2 if K >= 8192 else 1
+        block_k = min(block_k, triton.next_power_of_2(K))
+        programs = triton.cdiv(N, block_n)
+        if programs < 2 * num_sms:  # too few rows to fill the SMs: split K as well
+            split_k = max(split_k, min(triton.cdiv(4 * num_sms, programs), K // (2 * block_k)))
+        split_k = split_k if SPLIT_K_BY_DEFAULT else 1
+        return GemmConfig("gemv", 1, block_n, block_k, split_k, num_warps=4, num_stages=3)
+    if M <= 16:
+        block_k = 256 if K >= 256 else max(16, triton.next_power_of_2(K))
+        tiles = triton.cdiv(N, 32)
+        split_k = 1
+        if tiles < 2 * num_sms:
+            split_k = max(1, min(triton.cdiv(2 * num_sms, tiles), K // (2 * block_k)))
+        split_k = split_k if SPLIT_K_BY_DEFAULT else 1
+        return GemmConfig("dot", 16, 32, block_k, split_k, num_warps=4, num_stages=4)
+    block_k = 128 if eight_bit_a else 64
+    if M <= 64:
+        block_m = 64 if M > 32 else 32
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, 64)
+        split_k = 1
+        if tiles < num_sms:
+            split_k = max(1, min(triton.cdiv(num_sms, tiles), K // (4 * block_k)))
+        split_k = split_k if SPLIT_K_BY_DEFAULT else 1
+        return GemmConfig("dot", block_m, 64, block_k, split_k, num_warps=4, num_stages=4)
+    if M <= 256:
+        return GemmConfig("dot", 64, 128, block_k, 1, num_warps=4, num_stages=4)
+    return GemmConfig("dot", 128, 128, block_k, 1, num_warps=8, num_stages=4 if eight_bit_a else 3)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _int8_to_f32(w):
+    """int8 -> float32 exactly without I2F (16 per SM per clock on Hopper, about the rate int8
+    weights arrive at): v + 0x4B000080 has the bits of 2^23 + 128 + v, so subtracting it leaves v."""
+    return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _dequant(w, DTYPE: tl.constexpr, W_INT8: tl.constexpr):
+    """An 8-bit weight tile in DTYPE (exact). int8 -> float16 by the same trick at 2^10."""
+    if W_INT8:
+        if DTYPE == tl.float16:
+            return (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+        return _int8_to_f32(w).to(DTYPE)
+    return w.to(DTYPE)
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
+              HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc [BM, BN] -> (acc * x_scale[m]) * w_scale[n] (+ bias[n]), stored in out's dtype."""
+    out = acc.to(tl.float32)
+    if HAS_X_SCALE:
+        out = out * tl.load(x_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    out = out * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _finish(acc, rm, rn, M, N, pid_k, tile, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
+            part_ptr, plane, lock_ptr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The epilogue, after the split-K reduction when K is split (see the module docstring)."""
+    if SPLIT_K == 1:
+        _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS)
+    else:
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        part = part_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(part + pid_k.to(tl.int64) * plane, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before one thread signals (release)
+        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if count == SPLIT_K - 1:  # the last to arrive: every other partial is visible (acquire)
+            total = tl.load(part, mask=mask, other=0, cache_modifier=".cg")
+            for _ in range(1, SPLIT_K):
+                part += plane
+                total += tl.load(part, mask=mask, other=0, cache_modifier=".cg")
+            tl.store(lock_ptr + tile, 0)
+            _epilogue(total, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE,
+                      HAS_BIAS)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    N, K, stride_wn, k_per_split, plane,
+    HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past N read row N-1 (no mask on the weight stream) and are never stored
+    wn = tl.minimum(rn, N - 1)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_ptrs = w_ptr + wn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
+    x_ptrs = x_ptr + k_lo + rk
+    if ACC_INT:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            kmask = (k + rk) < K
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=kmask, other=0.0)
+        if ACC_INT:
+            acc += w.to(tl.int32) * x.to(tl.int32)[None, :]
+        elif W_INT8:
+            acc += _int8_to_f32(w) * x.to(tl.float32)[None, :]
+        else:
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    total = tl.sum(acc, axis=1)[None, :]
+    rm = tl.arange(0, 1)
+    _finish(total, rm, rn, 1, N, pid_k, pid_n, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
+            lock_ptr, HAS_X_SCALE, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, k_per_split, plane,
+    HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, CONVERT_W: tl.constexpr,
+    W_INT8: tl.constexpr, DOT_IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # grouped order: GROUP_M row tiles sweep the columns together, so weight tiles are reused in L2
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # activation rows past M are masked: no traffic when a decode batch fills a fraction of the
+    # 16-row tile; weight rows past N read row N-1 (an unmasked stream) and are never stored
+    row_mask = (rm < M)[:, None]
+    wn = tl.minimum(rn, N - 1)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
+    w_ptrs = w_ptr + wn[None, :].to(tl.int64) * stride_wn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N], K-major
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=row_mask, other=0.0)
+            b = tl.load(w_ptrs)
+        else:
+            kmask = (k + rk) < K
+            a = tl.load(x_ptrs, mask=row_mask & kmask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        if CONVERT_W:
+            b = _dequant(b, a.dtype, W_INT8)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif DOT_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    _finish(acc, rm, rn, M, N, pid_k, pid, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr,
+            plane, lock_ptr, HAS_X_SCALE, HAS_BIAS, SPLIT_K)
+
+
+# ---------------------------------------------------------------- launchers
+
+_locks: dict[torch.device, torch.Tensor] = {}
+
+
+def _lock_buffer(device: torch.device) -> torch.Tensor:
+    """The split-K counters of `device`, zero between launches (each launch resets what it used)."""
+    locks = _locks.get(device)
+    if locks is None:
+        locks = _locks[device] = torch.zeros(_LOCK_CAPACITY, dtype=torch.int32, device=device)
+    return locks
+
+
+def _dot_upcast(dtype: torch.dtype) -> bool:
+    """Triton's CPU interpreter (3.9) multiplies bfloat16 dot operands as their raw 16-bit integers:
+    there, multiply in float32 (exact for bf16 operands, as the tensor cores do)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
+            bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None) -> torch.Tensor:
+    """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias."""
+    M, K = x2.shape
+    N = wq.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=x2.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.zero_()
+        return out.add_(bias) if bias is not None else out
+    if wq.stride(-1) != 1:
+        wq = wq.contiguous()
+    w_scale = w_scale.reshape(-1).float().contiguous()
+    if x_scale is not None:
+        x_scale = x_scale.reshape(-1).float().contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    cfg = config or pick_config(M, N, K, x2.dtype, _num_sms(x2.device))
+    if cfg.kernel == "gemv" and M != 1:
+        raise ValueError(f"the gemv kernel takes one row, got M={M} (config {cfg})")
+    acc_int = x2.dtype == torch.int8 and wq.dtype == torch.int8
+    block_k = cfg.block_k
+    k_steps = triton.cdiv(K, block_k)
+    split_k = min(cfg.split_k, k_steps)
+    k_per_split = triton.cdiv(k_steps, split_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty split
+    if cfg.kernel == "gemv":
+        grid_n = triton.cdiv(N, cfg.block_n)
+        tiles = grid_n
+    else:
+        tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if tiles > _LOCK_CAPACITY:
+        split_k, k_per_split = 1, k_steps * block_k
+    if split_k > 1:
+        part = torch.empty((split_k, M, N), dtype=torch.int32 if acc_int else torch.float32, device=x2.device)
+        locks = _lock_buffer(x2.device)
+    else:
+        part = locks = out  # unused
+    common = dict(HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
+                  SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    x_scale_arg = x_scale if x_scale is not None else w_scale
+    bias_arg = bias if bias is not None else w_scale
+    if cfg.kernel == "gemv":
+        _gemv_kernel[(grid_n, split_k)](
+            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, locks, N, K, wq.stride(0), k_per_split, M * N,
+            ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, **common,
+        )
+    else:
+        _dot_kernel[(tiles, split_k)](
+            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, locks, M, N, K, x2.stride(0), wq.stride(0),
+            out.stride(0), k_per_split, M * N,
+            ACC_DTYPE=tl.int32 if acc_int else tl.float32, CONVERT_W=x2.dtype != wq.dtype,
+            DOT_IEEE=x2.dtype == torch.float32, UPCAST=_dot_upcast(x2.dtype), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m, **common,
+        )
+    return out
+
+
+def weight_only_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                       config: GemmConfig | None = None) -> torch.Tensor:
+    """x [..., K] float32/float16/bfloat16, wq [N, K] int8 or fp8, w_scale [N] float32, bias [N] or
+    None -> [..., N] in x's dtype: F.linear(x, wq * w_scale[:, None], bias)."""
+    if x.dtype not in TL_DTYPES or wq.dtype not in _QUANT_WEIGHT_DTYPES:
+        raise TypeError(f"weight_only_linear: x must be float32/float16/bfloat16 and wq int8/float8_e4m3fn, "
+                        f"got {x.dtype} and {wq.dtype}")
+    out = _linear(_rows(x), wq, w_scale, None, bias, x.dtype, config)
+    return out.reshape(*x.shape[:-1], wq.shape[0])
+
+
+def scaled_linear_backend(xq: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                          capability: tuple[int, int] | None = None) -> str:
+    """"scaled_mm" where torch._scaled_mm takes the call, else "triton". capability: the device's
+    (major, minor), read from xq's device when None (a CPU tensor has none: "triton").
+
+    torch._scaled_mm with row-wise scales needs fp8 (sm89+), K and N multiples of 16, 16-byte
+    aligned operands, bf16 output (the only row-wise output every torch >= 2.5 accepts; fp16 and
+    fp32 came later) and a bias of the output's dtype (float32 bias is refused)."""
+    if xq.dtype != torch.float8_e4m3fn or wq.dtype != torch.float8_e4m3fn:
+        return "triton"
+    if capability is None:
+        if xq.device.type != "cuda":
+            return "triton"
+        capability = torch.cuda.get_device_capability(xq.device)
+    K, N = xq.shape[-1], wq.shape[0]
+    fits = (capability >= (8, 9) and K % 16 == 0 and N % 16 == 0 and out_dtype == torch.bfloat16
+            and (bias is None or bias.dtype == torch.bfloat16)
+            and wq.is_contiguous() and wq.data_ptr() % 16 == 0
+            and (not xq.is_contiguous() or xq.data_ptr() % 16 == 0))  # a strided xq is copied (aligned)
+    return "scaled_mm" if fits else "triton"
+
+
+def scaled_linear(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """xq [..., K] and wq [N, K] both int8 or both fp8, x_scale [..., 1] and w_scale [N] float32,
+    bias [N] or None -> (xq @ wq.T) * x_scale * w_scale (+ bias), [..., N] in out_dtype.
+    backend: None (pick by `scaled_linear_backend`), "scaled_mm" or "triton"."""
+    if xq.dtype != wq.dtype or wq.dtype not in _QUANT_WEIGHT_DTYPES:
+        raise TypeError(f"scaled_linear: xq and wq must both be int8 or both float8_e4m3fn, got {xq.dtype} and "
+                        f"{wq.dtype}")
+    lead, N = xq.shape[:-1], wq.shape[0]
+    x2 = _rows(xq)
+    backend = backend or scaled_linear_backend(x2, wq, bias, out_dtype)
+    if backend == "scaled_mm":
+        out = torch._scaled_mm(x2.contiguous(), wq.t(), scale_a=x_scale.reshape(-1, 1).float().contiguous(),
+                               scale_b=w_scale.reshape(1, -1).float().contiguous(), bias=bias, out_dtype=out_dtype)
+    elif backend == "triton":
+        out = _linear(x2, wq, w_scale, x_scale, bias, out_dtype, config)
+    else:
+        raise ValueError(f"scaled_linear: backend must be None, 'scaled_mm' or 'triton', got {backend!r}")
+    return out.reshape(*lead, N)

@@ -1,0 +1,363 @@
+"""Quantization row kernels and quantized GEMMs against the reference ops of `kiln.ir.quant_ops`.
+
+Under Triton's CPU interpreter everything here runs, fp8 included: fp8 loads, stores and dots work
+there (its fp8 dot multiplies through float16, exactly), and the two places where it departs from
+the GPU are handled in the kernels (the float32 -> fp8 rounding is done on the e4m3 grid first;
+bfloat16 dots upcast to float32). What only a GPU shows: the `torch._scaled_mm` path on CUDA (here
+it runs torch's CPU implementation, which checks the arguments we pass, not cuBLASLt), the
+split-K counters' memory ordering between concurrently running programs (the interpreter runs
+programs one after another), and speed. Run this file with TRITON_INTERPRET=0 on a GPU for those.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+
+from kiln.codegen import triton_ops  # noqa: E402
+from kiln.codegen.kernels import quant_gemm  # noqa: E402
+from kiln.codegen.kernels import (  # noqa: E402
+    GemmConfig, add_rms_norm_quant, quantize, rms_norm_quant, scaled_linear, silu_and_mul_quant, weight_only_linear,
+)
+from kiln.ir import quant_ops as Q  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+KINDS = ["int8", "fp8"]
+QMAX = {"int8": 127.0, "fp8": 448.0}
+# (leading shape, width): power of two and not, two leading dims, one row past the 8192-wide tile
+ROW_SHAPES = [((4,), 64), ((3,), 100), ((2, 3), 257), ((2,), 9000)]
+
+
+def bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+def assert_same_quantized(q, s, rq, rs):
+    """Bit for bit: codes (int8 or fp8 bytes) and float32 scales."""
+    assert q.dtype == rq.dtype and q.shape == rq.shape and s.shape == rs.shape, (q.dtype, q.shape, s.shape)
+    assert s.dtype == torch.float32
+    assert torch.equal(s, rs), f"scales differ: max rel {((s - rs) / rs).abs().max().item():.3g}"
+    # fp8 codes 0x00 and 0x80 (+0 and -0) dequantize alike; the compiled kernel may drop the sign
+    # of a zero (an H200 wrote +0 for -0.0 and for -2^-10, which rounds to zero)
+    same = (bits(q) == bits(rq)) | ((q.dtype == torch.float8_e4m3fn) & (q.float() == 0) & (rq.float() == 0))
+    diff = (~same).sum().item()
+    assert diff == 0, f"{diff} of {q.numel()} codes differ"
+
+
+def assert_quantized_close(q, s, rq, rs, kind, dtype, values):
+    """A fused kernel against its reference: the values before quantization differ by rounding
+    (float32 sums in another order; in bfloat16 a flip of the last bit, which Triton's interpreter
+    makes more often, truncating float32 -> bfloat16), so a code may move by one step and the
+    scale by a few ulps of the input dtype. Also: the dequantized output is the op's output to
+    within the quantization step (`values`: the unquantized reference, float32)."""
+    assert q.dtype == rq.dtype and q.shape == rq.shape and s.shape == rs.shape
+    assert not s.isnan().any() and not q.float().isnan().any(), "an output was not written"
+    if kind == "int8":
+        assert (q != -128).all(), "an int8 code was not written"
+    rtol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(s, rs, rtol=rtol, atol=0)
+    deq, ref = q.double() * s.double(), rq.double() * rs.double()
+    step = torch.maximum(s, rs).double()  # per row
+    if kind == "int8":
+        tol = 1.01 * step + rtol * ref.abs()
+    else:  # one e4m3 step: 2^-3 relative for normals, 2^-9 (times the scale) for subnormals
+        tol = (0.125 + rtol) * ref.abs() + 1.01 * 2.0**-9 * step
+    bad = (deq - ref).abs() > tol
+    assert not bad.any(), f"{bad.sum().item()} values off by more than one step"
+    if dtype == torch.float32:
+        assert (bits(q) != bits(rq)).float().mean().item() <= 0.01, "too many codes moved"
+    # the dequantized output is the op's output to within half a step (plus an input-dtype flip)
+    v = values.double()
+    if kind == "int8":
+        tol = 0.51 * s.double() + rtol * v.abs()
+    else:
+        tol = (2.0**-4 + rtol) * v.abs() + 1.01 * 2.0**-10 * s.double()
+    bad = (deq - v).abs() > tol
+    assert not bad.any(), f"{bad.sum().item()} dequantized values further than half a step from the op's output"
+
+
+# ---------------------------------------------------------------- row kernels
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead, E", ROW_SHAPES)
+def test_quantize_is_bit_exact(lead, E, dtype, kind, device, poisoned):
+    """amax is exact in any order and the two divisions are correctly rounded (div_rn), so the
+    kernel reproduces the reference bit for bit, ties included."""
+    x = torch.randn(*lead, E, device=device).mul_(3).to(dtype)
+    assert_same_quantized(*poisoned(quantize, x, kind), *Q.quantize(x, kind))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantize_ties_round_to_even(kind, device, poisoned):
+    """Rows whose scale is exactly 1 (max |x| = qmax), so x / scale = x: every int8 half-way value,
+    every midpoint between neighbouring e4m3 values (subnormal ones too), both zeros, and an
+    all-zero row (scale 1e-10 / qmax)."""
+    if kind == "int8":
+        ties = torch.arange(-127, 127, dtype=torch.float32) + 0.5
+        row = torch.cat((torch.tensor([127.0, -127.0]), ties))
+    else:
+        grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+        mids = (grid[1:] + grid[:-1]) / 2
+        row = torch.cat((grid, mids, -grid, -mids, torch.tensor([-0.0])))
+    rows = torch.stack((row[torch.randperm(row.numel())], torch.zeros_like(row))).to(device)
+    q, s = poisoned(quantize, rows, kind)
+    rq, rs = Q.quantize(rows, kind)
+    assert s[0].item() == 1.0
+    assert_same_quantized(q, s, rq, rs)
+
+
+def test_quantize_strided_rows(device, poisoned):
+    wide = torch.randn(5, 96, device=device, dtype=torch.bfloat16)
+    x = wide[:, 16:80]
+    assert_same_quantized(*poisoned(quantize, x, "int8"), *Q.quantize(x, "int8"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead, E", ROW_SHAPES)
+def test_rms_norm_quant(lead, E, dtype, kind, device, poisoned):
+    x = torch.randn(*lead, E, device=device).mul_(3).to(dtype)
+    w = torch.randn(E, device=device).to(dtype)
+    q, s = poisoned(rms_norm_quant, x, w, 1e-6, kind)
+    rq, rs = Q.rms_norm_quant(x, w, 1e-6, kind)
+    assert_quantized_close(q, s, rq, rs, kind, dtype, Q._rms_norm(x, w, 1e-6).float())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead, E", ROW_SHAPES)
+def test_add_rms_norm_quant(lead, E, dtype, kind, device, poisoned, close):
+    x, r = (torch.randn(*lead, E, device=device).to(dtype) for _ in range(2))
+    w = torch.randn(E, device=device).to(dtype)
+    q, s, summed = poisoned(add_rms_norm_quant, x, r, w, 1e-5, kind)
+    rq, rs, rsummed = Q.add_rms_norm_quant(x, r, w, 1e-5, kind)
+    close(summed, rsummed)
+    assert_quantized_close(q, s, rq, rs, kind, dtype, Q._rms_norm(rsummed, w, 1e-5).float())
+
+
+def test_rms_norm_quant_float32_weight(device, poisoned):
+    """A float32 weight on bfloat16 activations: the product is float32, as in the reference."""
+    x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+    w = torch.randn(64, device=device)
+    q, s = poisoned(rms_norm_quant, x, w, 1e-6, "int8")
+    rq, rs = Q.rms_norm_quant(x, w, 1e-6, "int8")
+    assert_quantized_close(q, s, rq, rs, "int8", torch.bfloat16, Q._rms_norm(x, w, 1e-6).float())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead, F", [((4,), 64), ((2, 3), 70), ((2,), 9000)])
+def test_silu_and_mul_quant(lead, F, dtype, kind, device, poisoned):
+    x = torch.randn(*lead, 2 * F, device=device).mul_(3).to(dtype)
+    q, s = poisoned(silu_and_mul_quant, x, kind)
+    rq, rs = Q.silu_and_mul_quant(x, kind)
+    gate, up = x.chunk(2, dim=-1)
+    assert_quantized_close(q, s, rq, rs, kind, dtype, (torch.nn.functional.silu(gate) * up).float())
+
+
+# ---------------------------------------------------------------- GEMMs
+
+# (M, N, K, config): M = 1 on the gemv kernel (default tiling; forced split-K with a ragged last
+# split), small M on the dot kernel (default; forced split-K, K not a multiple of the block), M = 37
+# on the default tiling (M <= 64 bucket) and on 32 x 32 tiles with ragged edges in M, N and K.
+GEMM_CASES = [
+    (1, 37, 100, None),
+    (1, 24, 600, GemmConfig("gemv", 1, 8, 64, split_k=4)),
+    (5, 40, 300, GemmConfig("dot", 16, 16, 32, split_k=3)),
+    (37, 50, 70, None),
+    (37, 50, 128, GemmConfig("dot", 32, 32, 32, split_k=2)),
+]
+
+
+def truth_weight_only(x, wq, w_scale, bias):
+    """float64 F.linear with the exactly dequantized weight."""
+    return torch.nn.functional.linear(x.double(), Q.dequantize_weight(wq, w_scale).double(),
+                                      None if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K, config", GEMM_CASES)
+def test_weight_only_linear(M, N, K, config, dtype, kind, has_bias, device, poisoned, close):
+    wq, w_scale = Q.quantize_weight(torch.randn(N, K, device=device), kind)
+    x = torch.randn(M, K, device=device).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype) if has_bias else None
+    out = poisoned(weight_only_linear, x, wq, w_scale, bias, config=config)
+    assert out.dtype == dtype
+    close(out, truth_weight_only(x, wq, w_scale, bias), dtype=dtype)
+    # and the reference op itself, which rounds the dequantized weight to x's dtype first: in
+    # bfloat16 that moves a small output of a long sum by more than the elementwise bound, so the norm
+    ref = Q.weight_only_linear(x, wq, w_scale, bias).double()
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_weight_only_linear_leading_dims_and_float16(device, poisoned, close):
+    """[..., K] in, [..., N] out; float16 activations take the int8 -> float16 exponent trick."""
+    wq, w_scale = Q.quantize_weight(torch.randn(24, 80, device=device), "int8")
+    x = torch.randn(2, 3, 80, device=device, dtype=torch.float16)
+    out = poisoned(weight_only_linear, x, wq, w_scale, None)
+    assert out.shape == (2, 3, 24)
+    close(out, truth_weight_only(x, wq, w_scale, None), dtype=torch.bfloat16)
+
+
+def truth_scaled(xq, x_scale, wq, w_scale, bias):
+    out = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double()
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("M, N, K, config", GEMM_CASES)
+def test_scaled_linear_triton(M, N, K, config, kind, out_dtype, bias_dtype, device, poisoned, close):
+    xq, x_scale = Q.quantize(torch.randn(M, K, device=device), kind)
+    wq, w_scale = Q.quantize_weight(torch.randn(N, K, device=device), kind)
+    bias = torch.randn(N, device=device).to(bias_dtype) if bias_dtype else None
+    out = poisoned(scaled_linear, xq, x_scale, wq, w_scale, bias, out_dtype, config=config, backend="triton")
+    assert out.dtype == out_dtype
+    if kind == "fp8" and device.type == "cuda" and out_dtype == torch.float32:
+        # Hopper's fp8 tensor cores accumulate with fewer than float32's bits (the known fp8
+        # "fast accumulation"): measured 8e-5 relative on an H200, against 1e-5 for float32 math
+        torch.testing.assert_close(out.double(), truth_scaled(xq, x_scale, wq, w_scale, bias), rtol=1e-3, atol=1e-3)
+        return
+    close(out, truth_scaled(xq, x_scale, wq, w_scale, bias), dtype=out_dtype)
+    close(out, Q.scaled_linear(xq, x_scale, wq, w_scale, bias, out_dtype), dtype=out_dtype)
+
+
+@pytest.mark.parametrize("M, N, K, config", GEMM_CASES)
+def test_scaled_linear_int8_accumulates_exactly(M, N, K, config, device, poisoned):
+    """int8 x int8 accumulates in int32: with unit scales, a float32 output and |sum| < 2^24 the
+    result is the integer product exactly, split-K included (its partials are int32 too)."""
+    xq = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=device)
+    wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    ones_m, ones_n = torch.ones(M, 1, device=device), torch.ones(N, device=device)
+    for _ in range(2):  # the second launch finds the split-K counters reset by the first
+        out = poisoned(scaled_linear, xq, ones_m, wq, ones_n, None, torch.float32, config=config, backend="triton")
+        assert torch.equal(out, (xq.double() @ wq.double().t()).float())  # exact: |sums| < 2^53
+    if config is not None and config.split_k > 1:
+        assert not quant_gemm._locks[xq.device].any(), "a split-K counter was left non-zero"
+
+
+def test_scaled_linear_leading_dims(device, poisoned, close):
+    xq, x_scale = Q.quantize(torch.randn(2, 3, 64, device=device), "fp8")
+    wq, w_scale = Q.quantize_weight(torch.randn(32, 64, device=device), "fp8")
+    out = poisoned(scaled_linear, xq, x_scale, wq, w_scale, None, torch.bfloat16, backend="triton")
+    assert out.shape == (2, 3, 32)
+    close(out, truth_scaled(xq, x_scale, wq, w_scale, None), dtype=torch.bfloat16)
+
+
+def test_scaled_linear_backend_choice(device):
+    """torch._scaled_mm where it takes the call (fp8, sm89+, K and N multiples of 16, bf16 out, no
+    bias or a bf16 one), the Triton kernel otherwise; int8 always goes to Triton."""
+    def pick(K=64, N=32, kind="fp8", out=torch.bfloat16, bias=None, cap=(9, 0)):
+        dt = Q.QUANT_DTYPES[kind]
+        xq = torch.zeros(3, K, device=device).to(dt)
+        wq = torch.zeros(N, K, device=device).to(dt)
+        return quant_gemm.scaled_linear_backend(xq, wq, bias, out, capability=cap)
+
+    assert pick() == "scaled_mm"
+    assert pick(bias=torch.zeros(32, dtype=torch.bfloat16)) == "scaled_mm"
+    assert pick(cap=(8, 9)) == "scaled_mm"
+    assert pick(bias=torch.zeros(32)) == "triton"  # float32 bias: refused by _scaled_mm
+    assert pick(K=100) == "triton"
+    assert pick(N=40) == "triton"
+    assert pick(out=torch.float16) == "triton"
+    assert pick(out=torch.float32) == "triton"
+    assert pick(kind="int8") == "triton"
+    assert pick(cap=(8, 0)) == "triton"
+    xq = torch.zeros(3, 64, device=device).to(torch.float8_e4m3fn)
+    expect = "triton" if xq.device.type == "cpu" else None  # a CPU tensor: no CUDA capability
+    if expect:
+        assert quant_gemm.scaled_linear_backend(xq, xq[:32], None, torch.bfloat16) == expect
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("M", [1, 37])
+def test_scaled_linear_scaled_mm(M, has_bias, device, close):
+    """The _scaled_mm branch: the operands, the row-wise scales ([M, 1] and [1, N]) and the bias as
+    we hand them over. On CPU this is torch's own CPU implementation of _scaled_mm."""
+    xq, x_scale = Q.quantize(torch.randn(M, 64, device=device), "fp8")
+    wq, w_scale = Q.quantize_weight(torch.randn(48, 64, device=device), "fp8")
+    bias = torch.randn(48, device=device).to(torch.bfloat16) if has_bias else None
+    try:
+        out = scaled_linear(xq, x_scale, wq, w_scale, bias, torch.bfloat16, backend="scaled_mm")
+    except (RuntimeError, NotImplementedError) as e:  # a torch build without _scaled_mm on this device
+        pytest.skip(f"torch._scaled_mm unavailable here: {e}")
+    close(out, truth_scaled(xq, x_scale, wq, w_scale, bias), dtype=torch.bfloat16)
+
+
+def test_gemm_config_checks():
+    with pytest.raises(ValueError, match="gemv"):
+        weight_only_linear(torch.randn(2, 32), torch.zeros(16, 32, dtype=torch.int8), torch.ones(16), None,
+                           config=GemmConfig("gemv", 1, 8, 32))
+    with pytest.raises(ValueError, match="power of two"):
+        GemmConfig("dot", 16, 48, 32)
+    with pytest.raises(ValueError, match="at least 16"):
+        GemmConfig("dot", 16, 8, 32)
+
+
+def test_pick_config_buckets():
+    """The M buckets: gemv at M = 1 (split K only when N is small, while split-K is on by
+    default), 16-row dot tiles up to 16, compute-bound tiles beyond; every config is valid."""
+    sms = 132
+    big = quant_gemm.pick_config(1, 16384, 2048, torch.bfloat16, sms)
+    assert big.kernel == "gemv" and big.split_k == 1 and big.block_n == 16
+    small_n = quant_gemm.pick_config(1, 512, 4096, torch.bfloat16, sms)
+    assert small_n.kernel == "gemv" and (small_n.split_k > 1) == quant_gemm.SPLIT_K_BY_DEFAULT
+    assert quant_gemm.pick_config(8, 2048, 2048, torch.bfloat16, sms).block_m == 16
+    prefill = quant_gemm.pick_config(4096, 2048, 2048, torch.int8, sms)
+    assert prefill.kernel == "dot" and prefill.block_m == 128 and prefill.block_k == 128
+
+
+def test_register_cuda_kernels_includes_quant_ops():
+    assert triton_ops.register_cuda_kernels() is True
+    for name in ("quantize", "rms_norm_quant", "add_rms_norm_quant", "silu_and_mul_quant", "scaled_linear",
+                 "weight_only_linear"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kiln::{name}", "CUDA"), name
+
+
+# ---------------------------------------------------------------- GPU only
+
+def _need_gpu(device):
+    if device.type != "cuda":
+        pytest.skip("GPU only: the interpreter runs programs one after another, and has no cuBLASLt")
+
+
+@pytest.mark.parametrize("config", [GemmConfig("gemv", 1, 4, 256, split_k=8),
+                                    GemmConfig("dot", 16, 32, 256, split_k=8)])
+def test_split_k_concurrent_programs(config, device):
+    """Thousands of programs racing on the split-K counters, launch after launch: any missing
+    ordering between a partial's store and its reader shows up as a wrong int32 sum."""
+    _need_gpu(device)
+    M = 1 if config.kernel == "gemv" else 16
+    xq = torch.randint(-127, 128, (M, 8192), dtype=torch.int8, device=device)
+    wq = torch.randint(-127, 128, (4096, 8192), dtype=torch.int8, device=device)
+    ones_m, ones_n = torch.ones(M, 1, device=device), torch.ones(4096, device=device)
+    exact = (xq.double() @ wq.double().t()).float()  # exact, then rounded once, as the int32 sum is
+    for _ in range(20):
+        out = scaled_linear(xq, ones_m, wq, ones_n, None, torch.float32, config=config, backend="triton")
+        assert torch.equal(out, exact)
+    assert not quant_gemm._locks[device].any()
+
+
+def test_cuda_ops_dispatch_to_kernels(device, close):
+    """Through the dispatcher (as a compiled graph calls them): scaled_linear picks _scaled_mm on an
+    sm89+ card, and the results match the references."""
+    _need_gpu(device)
+    assert triton_ops.register_cuda_kernels()
+    x = torch.randn(5, 256, device=device, dtype=torch.bfloat16)
+    wq, w_scale = Q.quantize_weight(torch.randn(128, 256, device=device), "fp8")
+    xq, x_scale = torch.ops.kiln.quantize(x, "fp8")
+    assert_same_quantized(xq, x_scale, *Q.quantize(x, "fp8"))
+    if torch.cuda.get_device_capability(device) >= (8, 9):
+        assert quant_gemm.scaled_linear_backend(xq, wq, None, torch.bfloat16) == "scaled_mm"
+    out = torch.ops.kiln.scaled_linear(xq, x_scale, wq, w_scale, None, torch.bfloat16)
+    close(out, truth_scaled(xq, x_scale, wq, w_scale, None), dtype=torch.bfloat16)
+    out = torch.ops.kiln.weight_only_linear(x, wq, w_scale, None)
+    close(out, truth_weight_only(x, wq, w_scale, None), dtype=torch.bfloat16)

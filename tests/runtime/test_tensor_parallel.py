@@ -1,0 +1,187 @@
+"""Tensor parallelism on CPU with gloo and 2 ranks: TP=2 gives TP=1's greedy tokens and logprobs
+(native Llama with GQA, biases and a vocabulary that needs padding; Qwen3 with tied embeddings and
+q/k norms; the Transformers backend through `base_model_tp_plan`); layouts that cannot split are
+clear errors; a worker that dies or raises mid-run is a clear error, not a hang, and the engine
+shuts its workers down; the collectives sum and gather over two ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from kiln import LLM, SamplingParams
+from kiln.ir import ops
+from kiln.ir.parallel import tensor_parallel_group
+from kiln.runtime.demo import build_checkpoint
+
+PROMPTS = ["Hello, my name is", "The capital of France is",
+           "Paged attention keeps keys and values in fixed-size blocks so that memory is never wasted"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+ENGINE = dict(max_model_len=128, kv_cache_memory=1 << 22)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("tp")
+    # 4 heads, 2 KV heads (GQA: one KV head per rank); a vocabulary of 385 pads to 386 over two ranks
+    return {"llama": build_checkpoint(str(root / "llama"), "LlamaForCausalLM", tokenizer=tokenizer,
+                                      attention_bias=True, vocab_size=len(tokenizer) + 1),
+            "qwen3": build_checkpoint(str(root / "qwen3"), "Qwen3ForCausalLM", tokenizer=tokenizer,
+                                      tie_word_embeddings=True)}
+
+
+@pytest.fixture(scope="module")
+def tp_llm(paths):
+    """(checkpoint, model_impl) -> an LLM with tensor_parallel_size=2, made once per module (worker
+    processes take seconds to start); the failure tests end the engines they use, so they come last."""
+    made = {}
+
+    def get(name: str, model_impl: str = "kiln") -> LLM:
+        if (name, model_impl) not in made:
+            made[name, model_impl] = LLM(paths[name], model_impl=model_impl, tensor_parallel_size=2, **ENGINE)
+        return made[name, model_impl]
+
+    yield get
+    for llm in made.values():
+        llm.shutdown()
+    assert not any(w.process.is_alive() for llm in made.values() for w in llm.llm_engine.tp.workers)
+
+
+def same_outputs(expected, got) -> None:
+    for a, b in zip(expected, got):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for lp_a, lp_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert lp_b.keys() == lp_a.keys()
+            for token in lp_a:
+                assert abs(lp_b[token].logprob - lp_a[token].logprob) < 1e-4
+
+
+@pytest.mark.parametrize("name,model_impl", [("llama", "kiln"), ("qwen3", "kiln"), ("llama", "transformers")])
+def test_two_ranks_give_one_rank_tokens_and_logprobs(paths, tp_llm, name, model_impl):
+    expected = LLM(paths[name], model_impl=model_impl, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = tp_llm(name, model_impl)
+    same_outputs(expected, llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    engine = llm.llm_engine
+    assert [c.shape[2] for c in engine.runner.kv_caches[0]] == [1, 1]  # one of the two KV heads on each rank
+    head = engine.model.hf.get_output_embeddings() if model_impl == "transformers" else (
+        engine.model.model.embed_tokens if name == "qwen3" else engine.model.lm_head)  # (Qwen3's is tied)
+    assert head.weight.shape[0] == -(-engine.vocab_size // 2)  # this rank's half of the (padded) vocabulary
+
+
+def test_layouts_that_do_not_split_are_clear_errors(paths):
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's num_attention_heads=4"):
+        LLM(paths["llama"], tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's num_key_value_heads=2"):
+        LLM(paths["llama"], tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        LLM(paths["llama"], tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="pooling"):
+        LLM(paths["llama"], tensor_parallel_size=2, runner="pooling")
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(paths, monkeypatch):
+    from kiln.frontend import load_hf_config
+    from kiln.models.llama import LlamaForCausalLM
+    from kiln.runtime.config import EngineConfig
+    from kiln.runtime.tensor_parallel import launch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs 2 GPUs, one per rank; this machine has 1"):
+        launch(EngineConfig(paths["llama"], tensor_parallel_size=2), load_hf_config(paths["llama"]), LlamaForCausalLM,
+               "LlamaForCausalLM", torch.device("cuda"))
+
+
+def test_a_killed_worker_is_a_clear_error_and_the_engine_shuts_down(tp_llm):
+    llm = tp_llm("llama")
+    engine = llm.llm_engine
+    worker = engine.tp.workers[0].process
+    forward, calls = engine.runner.shard_forward, []
+
+    def kill_mid_step(*args, **kwargs):  # the worker has the step; rank 0 then meets a dead peer in a collective
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(timeout=10)
+        return forward(*args, **kwargs)
+
+    engine.runner.forward = kill_mid_step
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker 1 \(pid \d+\) died, exit code -9"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert time.monotonic() - start < 30
+    assert engine.tp.closed and not engine.tp.workers[0].process.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_worker_that_raises_reports_its_traceback(tp_llm):
+    llm = tp_llm("qwen3")
+    engine = llm.llm_engine
+    engine.tp.send(("step", None))  # a step the worker cannot run: it reports, exits, and rank 0 hears of it
+    with pytest.raises(RuntimeError, match="(?s)worker 1 raised:.*AttributeError"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    engine.tp.workers[0].process.join(timeout=10)
+    assert not engine.tp.workers[0].process.is_alive()
+
+
+def gloo_group(store, rank: int):
+    import datetime
+
+    import torch.distributed as dist
+
+    return dist.ProcessGroupGloo(dist.PrefixStore("test", store), rank, 2, datetime.timedelta(seconds=60))
+
+
+PEER = """
+import datetime, sys, torch
+import torch.distributed as dist
+from kiln.ir import ops
+from kiln.ir.parallel import tensor_parallel_group
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, is_master=False, timeout=datetime.timedelta(seconds=60))
+with tensor_parallel_group(dist.ProcessGroupGloo(dist.PrefixStore("test", store), 1, 2, datetime.timedelta(seconds=60))):
+    ops.all_reduce(torch.full((2, 3), 2.0))
+    ops.all_gather(torch.full((2, 1), 2.0), -1)
+    ops.all_gather(torch.full((1, 3), 2.0), 0)
+"""
+
+
+def test_all_reduce_and_all_gather_over_two_gloo_ranks():
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PEER), str(store.port)])
+    try:
+        with tensor_parallel_group(gloo_group(store, 0)):
+            assert torch.equal(ops.all_reduce(torch.full((2, 3), 1.0)), torch.full((2, 3), 3.0))
+            assert torch.equal(ops.all_gather(torch.full((2, 1), 1.0), -1), torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+            assert torch.equal(ops.all_gather(torch.full((1, 3), 1.0), 0), torch.tensor([[1.0] * 3, [2.0] * 3]))
+        assert peer.wait(timeout=60) == 0
+    finally:
+        peer.kill()
+
+
+def test_one_rank_collectives_are_identities_and_trace_as_kiln_ops():
+    x = torch.randn(3, 4)
+    assert torch.equal(ops.all_reduce(x), x) and torch.equal(ops.all_gather(x, -1), x)
+    with tensor_parallel_group(None):
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm
+
+        fn = torch.compile(lambda t: ops.all_gather(ops.all_reduce(t) * 2, -1), backend=record, fullgraph=True)
+        assert torch.equal(fn(x), x * 2)
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {"kiln.all_reduce.default", "kiln.all_gather.default"} <= targets
