@@ -108,6 +108,12 @@ class ModelRunner:
                 first, end = max(start, len(req.prompt_logprobs) - 1), min(start + n, req.num_prompt_tokens - 1)
                 if first < end:
                     rows.prompt.append((req, [offset + p - start for p in range(first, end)], list(range(first + 1, end + 1))))
+        # a decode step a captured graph covers: its inputs go straight into the graph's buffers
+        if (self.decode_graphs is not None and not rows.prompt and len(query_lens) == len(input_ids)
+                and self.decode_graphs.fits(len(input_ids))):
+            tables = [r.block_ids for r, _ in step.scheduled]
+            cross = [r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None
+            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross), rows
         max_blocks = max(1, max(len(r.block_ids) for r, _ in step.scheduled))
         block_tables = torch.zeros((len(step.scheduled), max_blocks), dtype=torch.long)
         for i, (req, _) in enumerate(step.scheduled):
@@ -116,11 +122,6 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs,
             cross_slots=[r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None)
-        if (self.decode_graphs is not None and not rows.prompt and len(query_lens) == len(input_ids)
-                and self.decode_graphs.fits(len(input_ids))):
-            tables = [r.block_ids for r, _ in step.scheduled]
-            cross = [r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None
-            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross), rows
         extra = {}
         if any(r.token_type_ids is not None for r, _ in step.scheduled):
             types = [t for r, n in step.scheduled
@@ -133,6 +134,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if len(rows) == len(hidden) and rows == list(range(len(rows))):
+            # every row (a decode step): no index to copy to the device, a copy that would wait
+            # for the forward to finish before the host could queue the logits and the sampler
+            return self.logits(hidden)
         return self.logits(hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)])
 
     @torch.inference_mode()

@@ -75,7 +75,13 @@ class Sampler:
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
         params = [r.params for r in requests]
 
-        logits = logits.clone()
+        # a plain batch (the common decode step) needs no edited copy of the logits, and no device
+        # tensor built from host lists: each such copy waits for the forward to finish
+        edits = any(p.allowed_token_ids is not None or p.repetition_penalty != 1.0 or p.frequency_penalty
+                    or p.presence_penalty for p in params) or any(
+            len(r.output_token_ids) < r.params.min_tokens for r in requests)
+        if edits:
+            logits = logits.clone()
         for i, p in enumerate(params):
             if p.allowed_token_ids is not None:
                 allowed = torch.full((V,), float("-inf"), device=device)
@@ -94,9 +100,9 @@ class Sampler:
                 torch.tensor([p.frequency_penalty for p in params], device=device),
                 torch.tensor([p.presence_penalty for p in params], device=device))
 
-        greedy = torch.tensor([p.greedy for p in params], device=device)
         tokens = logits.argmax(-1)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in params):
+            greedy = torch.tensor([p.greedy for p in params], device=device)
             temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
             scaled = apply_top_k_top_p_min_p(
                 logits / temperature[:, None],
