@@ -1,7 +1,9 @@
 """Prompt templates for rerankers that score a (query, document) pair as one text.
 
 A template is Jinja rendered with `messages = [{"role": "query", ...}, {"role": "document", ...}]`,
-the form vLLM's score templates take; `LLM.score(..., chat_template=...)` passes one explicitly.
+the form vLLM's score templates take; `LLM.score(..., chat_template=...)` passes one explicitly,
+as Jinja text or by a built-in's name (`BUILTIN`); without one, a reranker the checkpoint's name
+identifies gets its own.
 """
 
 from __future__ import annotations
@@ -20,9 +22,48 @@ QWEN3_RERANKER = (
 )
 
 
+# The prompt formats the rerankers of the supported-models page were trained with (their model
+# cards), as templates over the same `messages`.
+_QUERY = "{% for m in messages %}{% if m.role == 'query' %}{{ m.content }}{% endif %}{% endfor %}"
+_DOCUMENT = "{% for m in messages %}{% if m.role == 'document' %}{{ m.content }}{% endif %}{% endfor %}"
+
+# mixedbread-ai/mxbai-rerank-{base,large}-v2 (Qwen2ForSequenceClassification via classifier_from_token)
+MXBAI_RERANK_V2 = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    f"<|im_start|>user\nquery: {_QUERY}\ndocument: {_DOCUMENT}\n"
+    "You are a search relevance expert who evaluates how well documents match search queries. For each "
+    "query-document pair, carefully analyze the semantic relationship between them, then provide your binary "
+    "relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:<|im_end|>\n<|im_start|>assistant\n"
+)
+# BAAI/bge-reranker-v2-gemma (the logit of "Yes")
+BGE_RERANKER_V2_GEMMA = (
+    f"A: {_QUERY}\nB: {_DOCUMENT}\nGiven a query A and a passage B, determine whether the passage contains an "
+    "answer to the query by providing a prediction of either 'Yes' or 'No'."
+)
+# nvidia/llama-nemotron-rerank-1b-v2
+NEMOTRON_RERANK = f"question:{_QUERY} \n \n passage:{_DOCUMENT}"
+
+BUILTIN = {"qwen3_reranker": QWEN3_RERANKER, "mxbai_rerank_v2": MXBAI_RERANK_V2,
+           "bge_reranker_v2_gemma": BGE_RERANKER_V2_GEMMA, "nemotron_rerank": NEMOTRON_RERANK}
+# checkpoint names (as in config.json's `_name_or_path` or the directory) -> built-in template
+_BY_MODEL_NAME = (("qwen3-reranker", "qwen3_reranker"), ("mxbai-rerank-", "mxbai_rerank_v2"),
+                  ("bge-reranker-v2-gemma", "bge_reranker_v2_gemma"), ("nemotron-rerank", "nemotron_rerank"))
+
+
+def resolve_template(template: str | None) -> str | None:
+    """A template as given, or the built-in one it names ("mxbai_rerank_v2", ...)."""
+    return BUILTIN.get(template, template) if template is not None else None
+
+
 def default_score_template(hf_config) -> str | None:
+    """The model's own score template: the Qwen3 reranker recipe's flag, or a reranker the
+    checkpoint's name identifies (mxbai-rerank-*-v2, bge-reranker-v2-gemma, nemotron-rerank)."""
     if getattr(hf_config, "is_original_qwen3_reranker", False):
         return QWEN3_RERANKER
+    name = str(getattr(hf_config, "name_or_path", "") or "").lower().rstrip("/").rsplit("/", 1)[-1]
+    for marker, key in _BY_MODEL_NAME:
+        if marker in name and (key != "mxbai_rerank_v2" or name.endswith("v2")):
+            return BUILTIN[key]
     return None
 
 
@@ -43,7 +84,7 @@ def cross_encoder_prompts(engine, first: list[str], second: list[str], truncate:
     if getattr(engine.model, "num_labels", 1) != 1:
         raise ValueError(f"score needs a model with one output label; {engine.architecture} has "
                          f"{engine.model.num_labels}: use classify")
-    template = template or default_score_template(engine.hf_config)
+    template = resolve_template(template) or default_score_template(engine.hf_config)
     limit = engine.max_model_len if truncate == -1 else truncate
     prompts = []
     for a, b in zip(first, second):

@@ -67,6 +67,30 @@ def test_qwen3_reranker_recipe(tmp_path):
         assert out.outputs.score == pytest.approx(ref.item(), abs=1e-5)
 
 
+def test_builtin_score_templates_by_name_and_by_checkpoint_name(tmp_path):
+    """A reranker whose directory names it (mxbai-rerank-base-v2) gets its own prompt format
+    without chat_template=; another format is picked by its built-in name; each score equals the
+    HF model's 2-way softmax at the last token of that rendered prompt."""
+    from kiln.runtime.score_templates import BGE_RERANKER_V2_GEMMA, MXBAI_RERANK_V2, render
+
+    tokenizer = _with_yes_no()
+    path = build_checkpoint(str(tmp_path / "mxbai-rerank-base-v2"), "Qwen2ForCausalLM", tokenizer=tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    llm = LLM(path, runner="pooling", hf_overrides={
+        "architectures": ["Qwen2ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+        "method": "from_2_way_softmax"})
+    query, docs = "What is the capital of France?", ["Paris is the capital of France.", "The sea is calm."]
+    tokenizer = llm.get_tokenizer()  # as saved and reloaded: "no" inside "not" splits as the added token there
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    for template, scores in ((MXBAI_RERANK_V2, llm.score(query, docs, use_tqdm=False)),
+                             (BGE_RERANKER_V2_GEMMA, llm.score(query, docs, use_tqdm=False,
+                                                               chat_template="bge_reranker_v2_gemma"))):
+        for doc, out in zip(docs, scores):
+            logits = hf(ids_of(tokenizer, render(template, query, doc))).logits[0, -1]
+            ref = torch.stack([logits[no], logits[yes]]).softmax(-1)[1]
+            assert out.outputs.score == pytest.approx(ref.item(), abs=1e-5)
+
+
 def _with_yes_no():
     """The demo tokenizer with "yes" and "no" as whole tokens, as a real reranker's vocabulary has."""
     from kiln.runtime.demo import train_tokenizer
