@@ -7,7 +7,8 @@ kiln's time per token (from a 128-token prompt, 256 new tokens, the prefill's ti
 its fraction of the roofline, and HF's tokens/s. Model: the Llama-3.2-1B shape (random bf16
 weights, built in a temp dir); --small for a quick check.
 
-`--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
+`--async-scheduling` adds a bf16 row with the host's work overlapped with the device's (and
+runs the quantized rows so). `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
 --quantize-lm-head), and its speedup over bf16.
@@ -82,6 +83,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quantization", default="", help="comma-separated schemes to time after bf16")
     p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
     args = p.parse_args()
     device = torch.device("cuda")
     shape = dict(LLAMA_1B)
@@ -96,12 +99,15 @@ def main() -> None:
 
     prompt = {"prompt_token_ids": list(range(100, 100 + args.prompt_len))}
     results = {}  # variant -> (bytes read per token, seconds per token, time to first token)
-    for scheme in [None, *filter(None, args.quantization.split(","))]:
+    variants = [("bf16", {})] + ([("bf16 async", {"async_scheduling": True})] if args.async_scheduling else [])
+    variants += [(scheme, {"quantization": scheme, "async_scheduling": args.async_scheduling})
+                 for scheme in filter(None, args.quantization.split(","))]
+    for name, kwargs in variants:
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
-                  enable_prefix_caching=False, quantization=scheme,
-                  compilation_config={"quantize_lm_head": args.quantize_lm_head})
+                  enable_prefix_caching=False, compilation_config={"quantize_lm_head": args.quantize_lm_head},
+                  **kwargs)
 
-        def timed(n: int) -> float:
+        def timed(n: int, llm=llm) -> float:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
@@ -112,7 +118,7 @@ def main() -> None:
         timed(args.new_tokens)  # warm-up
         first = statistics.median(timed(1) for _ in range(args.repeats))
         full = statistics.median(timed(args.new_tokens) for _ in range(args.repeats))
-        results[scheme or "bf16"] = (bytes_read_per_token(llm), (full - first) / (args.new_tokens - 1), first)
+        results[name] = (bytes_read_per_token(llm), (full - first) / (args.new_tokens - 1), first)
         del llm
         torch.cuda.empty_cache()
     weight_bytes, per_token, first = results["bf16"]

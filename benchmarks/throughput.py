@@ -71,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-impl", choices=["kiln", "transformers"], default="kiln",
                    help="transformers: also time kiln's Transformers modeling backend against the native model")
     p.add_argument("--quantization", default=None, help="also time kiln with this quantization (e.g. fp8)")
+    p.add_argument("--async-scheduling", action="store_true", help="kiln with async_scheduling=True")
     p.add_argument("--no-hf", action="store_true", help="skip HF (with --quantization: bf16 against quantized only)")
     return p.parse_args()
 
@@ -130,7 +131,7 @@ def main() -> None:
     prompt_tokens = sum(len(ids) for ids, _ in work)
 
     llm = LLM(path, dtype=dtype, max_num_seqs=args.max_num_seqs, seed=args.seed, device=device.type,
-              enable_prefix_caching=False, model_impl="kiln")
+              enable_prefix_caching=False, model_impl="kiln", async_scheduling=args.async_scheduling)
     hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     sides = {"kiln": lambda w: run_kiln(llm, w)}

@@ -93,7 +93,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         tokens = request.all_token_ids
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        # (a token still being sampled on the device is computed but not known: its block waits)
+        num_full = min(min(request.num_computed_tokens, len(tokens)) // self.block_size, len(request.block_ids))
         for i in range(len(request.block_hashes), num_full):
             parent = request.block_hashes[-1] if request.block_hashes else None
             h = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size])

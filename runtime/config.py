@@ -39,6 +39,10 @@ class EngineConfig:
     # "int8" | "fp8" (W8A8) | "int8_weight_only" | "fp8_weight_only": the quantize pass rewrites
     # every linear; None keeps the checkpoint's own (a pre-quantized checkpoint is read as it is)
     quantization: str | None = None
+    # launch each decode step before reading back the previous one's tokens, so the host's work
+    # (scheduling, inputs, detokenizing) overlaps the device's; applies while every live request
+    # samples without host-side state (no logprobs, penalties or min_tokens), else steps run in turn
+    async_scheduling: bool = False
     hf_overrides: dict | Callable | None = None
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False

@@ -73,8 +73,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-            seq_lens: list[int], cross_slots: list[int] | None = None) -> torch.Tensor:
-        """One decode step of len(input_ids) sequences -> hidden states [B, hidden]."""
+            seq_lens: list[int], cross_slots: list[int] | None = None, fill=None) -> torch.Tensor:
+        """One decode step of len(input_ids) sequences -> hidden states [B, hidden]. `fill`:
+        (tokens, rows, src) of async scheduling, input_ids[rows] = tokens[src] on the device."""
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
         pad = padded - b
@@ -89,5 +90,9 @@ class DecodeGraphs:
         self.block_tables[:padded, :width].copy_(torch.from_numpy(rows), non_blocking=True)
         if cross_slots is not None:
             self.cross_slots[:padded].copy_(torch.tensor(cross_slots + [0] * pad), non_blocking=True)
+        if fill is not None:
+            from kiln.runtime.model_runner import fill_in
+
+            fill_in(self.input_ids, *fill)
         self.graphs[padded].replay()
         return self.outputs[padded][:b]

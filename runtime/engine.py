@@ -20,12 +20,12 @@ from kiln.models import resolve_architecture
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
-from kiln.runtime.model_runner import ModelRunner, kv_cache_layers
+from kiln.runtime.model_runner import ModelRunner, PendingTokens, kv_cache_layers
 from kiln.runtime.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
 from kiln.runtime.pooler import PooledStep, pool_step
 from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.request import Request, RequestStatus
-from kiln.runtime.sampler import Sampler
+from kiln.runtime.sampler import Sampler, SamplerOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import CrossSlots, PoolingScheduler, Scheduler
 
@@ -530,8 +530,11 @@ class LLMEngine:
     # a pooling step queued on the device whose outputs are not collected yet: (its requests, outputs)
     _pooling_in_flight: tuple[list[Request], PooledStep] | None = None
 
+    # async scheduling: the last launched step's sampled tokens, still on the device
+    _inflight: PendingTokens | None = None
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._pooling_in_flight is not None
+        return self.scheduler.has_unfinished() or self._pooling_in_flight is not None or self._inflight is not None
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (an engine of one rank has nothing to stop)."""
@@ -544,6 +547,13 @@ class LLMEngine:
         """Run one scheduler step; return an output for every user request that progressed."""
         if self.is_pooling:
             return self._pooling_step()
+        if self._can_overlap():
+            return self._async_step()
+        outputs = self._collect(self._inflight) if self._inflight is not None else []
+        self._inflight = None
+        return outputs + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         step = self.scheduler.schedule()
         if self.log_steps:
             logger.info("%s | free blocks %d/%d", step, self.block_manager.num_free_blocks, self.block_manager.num_blocks)
@@ -573,6 +583,68 @@ class LLMEngine:
             self._record_prompt_logprobs(logits[len(rows.sample):], rows.prompt)
         progressed = {}
         for i, (req, _) in enumerate(rows.sample):
+            self._append_token(req, i, sampled)
+            progressed[req.parent.request_id] = req.parent
+        return [self._output(p) for p in progressed.values()]
+
+    # ------------------------------------------------------------ async scheduling
+
+    def _can_overlap(self) -> bool:
+        """Whether this step may be launched before the last one's tokens are read: asked for, one
+        rank, a decoder-only model, and no live request whose sampling needs its previous token
+        on the host (logprobs, penalties, min_tokens: they read the history)."""
+        if not self.config.async_scheduling or self.tp is not None or self.is_encoder_decoder:
+            return False
+        for req in self.requests.values():
+            p = req.params
+            if (p.logprobs is not None or p.prompt_logprobs is not None or p.min_tokens or p.repetition_penalty != 1.0
+                    or p.frequency_penalty or p.presence_penalty):
+                return False
+        return True
+
+    def _async_step(self) -> list[RequestOutput]:
+        """Launch this step (its decode rows take the last step's tokens on the device), then read
+        back and process the last step while the device runs this one."""
+        previous = self._inflight
+        step = self.scheduler.schedule()
+        if self.log_steps:
+            logger.info("%s | free blocks %d/%d", step, self.block_manager.num_free_blocks, self.block_manager.num_blocks)
+        if not step.scheduled:
+            self._inflight = None
+            return self._collect(previous) if previous is not None else []
+        try:
+            hidden, rows = self.runner.execute(step, previous)
+            sample = [r for r, _ in rows.sample]
+            tokens = self.sampler.tokens(self.runner.compute_logits(hidden, [row for _, row in rows.sample]),
+                                         sample) if sample else None
+        except Exception as e:
+            self._inflight = None
+            failed = {req.parent.request_id for req, _ in step.scheduled}
+            failed |= {req.parent.request_id for req in (previous.index if previous is not None else ())}
+            for rid in failed:
+                self.abort_request(rid)
+            raise RuntimeError(f"model step failed for requests {sorted(failed)}: {e}") from e
+        for req, n in step.scheduled:
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+        for req in sample:
+            req.num_pending += 1
+            # a request this token ends by length is scheduled no more (its blocks go when it finishes)
+            if (len(req.output_token_ids) + req.num_pending >= req.max_tokens
+                    or req.num_tokens >= self.max_model_len) and req in self.scheduler.running:
+                self.scheduler.running.remove(req)
+        self._inflight = PendingTokens(tokens, {req: i for i, req in enumerate(sample)}) if sample else None
+        return self._collect(previous) if previous is not None else []
+
+    def _collect(self, launched: PendingTokens) -> list[RequestOutput]:
+        """Read a launched step's tokens back and give them to their requests, in order."""
+        token_ids = launched.tokens.tolist()
+        sampled = SamplerOutput(token_ids, None, None, None)
+        progressed = {}
+        for req, i in launched.index.items():
+            if req.is_finished:  # aborted, or stopped by the step before (its token here is void)
+                continue
+            req.num_pending -= 1
             self._append_token(req, i, sampled)
             progressed[req.parent.request_id] = req.parent
         return [self._output(p) for p in progressed.values()]
@@ -649,7 +721,8 @@ class LLMEngine:
                 if hit is not None:
                     detok.text, req.stop_reason = hit
                     status = RequestStatus.FINISHED_STOPPED
-        if status is None and (num_out >= req.max_tokens or req.num_tokens >= self.max_model_len):
+        if status is None and (num_out >= req.max_tokens
+                               or len(req.prompt_token_ids) + num_out >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish(req, status)

@@ -23,6 +23,23 @@ class StepRows:
     prompt: list[tuple[Request, list[int], list[int]]]  # (request, rows, positions they predict) for prompt logprobs
 
 
+@dataclass
+class PendingTokens:
+    """A step's sampled tokens still on the device (async scheduling), and each request's row."""
+
+    tokens: torch.Tensor  # [B] int64
+    index: dict  # Request -> row of `tokens`
+
+
+def fill_in(ids: torch.Tensor, tokens: torch.Tensor, rows: list[int], src: list[int]) -> None:
+    """ids[rows] = tokens[src], on the device, without waiting for `tokens` to be computed."""
+    if rows == src == list(range(rows[-1] + 1)):  # the usual decode step: the same requests, in order
+        ids[:len(rows)].copy_(tokens[:len(rows)])
+        return
+    index = torch.tensor([rows, src], dtype=torch.long).to(ids.device, non_blocking=True)
+    ids[index[0]] = tokens[index[1]]
+
+
 def kv_cache_layers(model: nn.Module) -> list[tuple[int, int, int]]:
     """Per layer of KV cache: (num_kv_heads, key head dim, value head dim). A model whose layers
     differ (the Transformers backend measures its own) says so with `kv_cache_layers()`; the
@@ -87,14 +104,22 @@ class ModelRunner:
             r.encoded = True
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, StepRows]:
+    def execute(self, step: SchedulerOutput, fill: "PendingTokens | None" = None) -> tuple[torch.Tensor, StepRows]:
+        """`fill` (async scheduling): the tokens the previous step sampled on the device, not read
+        back yet; a request whose last token is one of them gets it on the device."""
         bs = self.block_size
         input_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
+        fill_rows, fill_src = [], []
         rows = StepRows([], [])
         for req, n in step.scheduled:
             start, tokens, offset = req.num_computed_tokens, req.all_token_ids, len(input_ids)
             pos = range(start, start + n)
-            input_ids.extend(tokens[start:start + n])
+            chunk = tokens[start:start + n]
+            if len(chunk) < n:  # the last one is still being sampled: a stand-in, filled on the device
+                fill_rows.append(offset + n - 1)
+                fill_src.append(fill.index[req])
+                chunk = chunk + [0]
+            input_ids.extend(chunk)
             positions.extend(pos)
             if self.kv_caches is not None:
                 slots.extend(req.block_ids[p // bs] * bs + p % bs for p in pos)
@@ -113,7 +138,8 @@ class ModelRunner:
                 and self.decode_graphs.fits(len(input_ids))):
             tables = [r.block_ids for r, _ in step.scheduled]
             cross = [r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None
-            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross), rows
+            filled = (fill.tokens, fill_rows, fill_src) if fill_rows else None
+            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross, filled), rows
         max_blocks = max(1, max(len(r.block_ids) for r, _ in step.scheduled))
         block_tables = torch.zeros((len(step.scheduled), max_blocks), dtype=torch.long)
         for i, (req, _) in enumerate(step.scheduled):
@@ -127,8 +153,11 @@ class ModelRunner:
             types = [t for r, n in step.scheduled
                      for t in (r.token_type_ids or [0] * r.num_tokens)[r.num_computed_tokens:r.num_computed_tokens + n]]
             extra["token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if fill_rows:
+            fill_in(ids, fill.tokens, fill_rows, fill_src)
         with set_forward_context(ForwardContext(metadata, self.kv_caches, self.cross_kv_caches, self.kv_scales)):
-            hidden = self.forward(torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            hidden = self.forward(ids,
                                 torch.tensor(positions, dtype=torch.long, device=self.device), **extra)
         return hidden, rows
 

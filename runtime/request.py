@@ -51,6 +51,9 @@ class Request:
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.output_token_ids: list[int] = []
+        # async scheduling: tokens sampled on the device but not read back yet; they count in
+        # num_tokens (the scheduler plans the next step with them) but are not in output_token_ids
+        self.num_pending = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         # KV cache state, owned by the scheduler and block manager
@@ -76,7 +79,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Tokens the request has, including one the device is still sampling (async scheduling)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

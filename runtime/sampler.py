@@ -69,10 +69,28 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [B, V] float32, one row per request."""
-        B, V = logits.shape
-        device = logits.device
         want_logprobs = any(r.logprobs is not None for r in requests)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+        tokens = self.tokens(logits, requests)
+        token_list = tokens.tolist()
+        if raw_logprobs is None:
+            return SamplerOutput(token_list, None, None, None)
+        chosen = raw_logprobs.gather(1, tokens[:, None])
+        ranks = (raw_logprobs > chosen).sum(-1) + 1
+        max_k = max((r.params.logprobs or 0) for r in requests)
+        topk = [[] for _ in requests]
+        if max_k > 0:
+            values, ids = raw_logprobs.topk(max_k, dim=-1)
+            for i, r in enumerate(requests):
+                k = r.params.logprobs or 0
+                topk[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
+        return SamplerOutput(token_list, chosen[:, 0].tolist(), ranks.tolist(), topk)
+
+    def tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The sampled token of each row, [B] int64 on the logits' device, not read back (async
+        scheduling feeds it to the next step on the device)."""
+        B, V = logits.shape
+        device = logits.device
         params = [r.params for r in requests]
 
         # a plain batch (the common decode step) needs no edited copy of the logits, and no device
@@ -115,17 +133,4 @@ class Sampler:
                 if r.generator is not None and not params[i].greedy:
                     noise[i] = torch.empty(V).exponential_(generator=r.generator).to(device)
             tokens = torch.where(greedy, tokens, (probs / noise).argmax(-1))
-
-        token_list = tokens.tolist()
-        if raw_logprobs is None:
-            return SamplerOutput(token_list, None, None, None)
-        chosen = raw_logprobs.gather(1, tokens[:, None])
-        ranks = (raw_logprobs > chosen).sum(-1) + 1
-        max_k = max((r.params.logprobs or 0) for r in requests)
-        topk = [[] for _ in requests]
-        if max_k > 0:
-            values, ids = raw_logprobs.topk(max_k, dim=-1)
-            for i, r in enumerate(requests):
-                k = r.params.logprobs or 0
-                topk[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
-        return SamplerOutput(token_list, chosen[:, 0].tolist(), ranks.tolist(), topk)
+        return tokens

@@ -1,0 +1,94 @@
+"""async_scheduling=True launches each decode step before reading back the previous one's tokens
+(they reach the next step on the device). Whatever the schedule does — stops, lengths, stop
+strings, preemption, chunked prefill, prefix hits, aborts, a request that needs the synchronous
+path — the outputs must be exactly the synchronous engine's, and every block must come back."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln import LLM, SamplingParams
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "one two three four five six",
+           "Paged attention keeps keys and values in fixed-size blocks", "a", "the quick brown fox"]
+
+
+def outputs(outs) -> list:
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
+
+
+def mixed_params() -> list[SamplingParams]:
+    """Greedy with EOS allowed, lengths 1..24, a stop string, seeded sampling with n = 2."""
+    return [SamplingParams(temperature=0, max_tokens=24),
+            SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, stop=["e"]),
+            SamplingParams(temperature=0.8, top_p=0.9, seed=7, n=2, max_tokens=12, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+            SamplingParams(temperature=1.0, top_k=5, seed=3, max_tokens=20)]
+
+
+@pytest.mark.parametrize("engine_args", [
+    {},
+    {"max_num_batched_tokens": 5},  # chunked prefill beside decodes
+    {"block_size": 4, "num_gpu_blocks_override": 16, "max_model_len": 64, "enable_prefix_caching": False},  # preemption
+    {"max_num_seqs": 2},  # requests admitted as others finish
+    {"max_model_len": 36},  # some requests stop at the model's length
+], ids=["plain", "chunked", "preempting", "two-seqs", "max-len"])
+def test_same_outputs_as_the_synchronous_engine(llama_path, engine_args):
+    params = mixed_params()
+    sync = LLM(llama_path, **engine_args).generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(llama_path, async_scheduling=True, **engine_args)
+    got = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert outputs(got) == outputs(sync)
+    engine = llm.llm_engine
+    if "num_gpu_blocks_override" in engine_args:
+        assert engine.scheduler.num_preemptions > 0
+    assert engine._inflight is None and not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_steps_overlap_and_prefix_hits_still_happen(llama_path):
+    llm = LLM(llama_path, async_scheduling=True)
+    engine = llm.llm_engine
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("a", PROMPTS[3], greedy)
+    engine.step()  # the prefill, launched: its token is still on the device
+    assert engine._inflight is not None and engine.requests["a"].num_pending == 1
+    engine.step()  # the first decode launched, then the prefill's token read back
+    req = engine.requests["a"]
+    assert req.num_pending == 1 and len(req.output_token_ids) == 1
+    while engine.has_unfinished_requests():
+        engine.step()
+    # the same prompt again: its full blocks were registered although tokens arrived a step late
+    again = llm.generate(PROMPTS[3], greedy, use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0
+
+
+def test_abort_while_a_step_is_in_flight(llama_path):
+    llm = LLM(llama_path, async_scheduling=True)
+    engine = llm.llm_engine
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for rid, prompt in zip("abc", PROMPTS):
+        engine.add_request(rid, prompt, greedy)
+    engine.step()
+    engine.step()
+    engine.abort_request("b")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert sorted(finished) == ["a", "c"]
+    want = LLM(llama_path).generate([PROMPTS[0], PROMPTS[2]], greedy, use_tqdm=False)
+    assert [finished[r].outputs[0].token_ids for r in "ac"] == [o.outputs[0].token_ids for o in want]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_request_that_reads_its_history_runs_the_steps_in_turn(llama_path):
+    """logprobs and penalties need the previous token on the host: while such a request lives,
+    steps are not overlapped, and everyone's outputs stay the synchronous engine's."""
+    params = mixed_params()[:3] + [SamplingParams(temperature=0, max_tokens=10, logprobs=2, repetition_penalty=1.2)]
+    sync = LLM(llama_path).generate(PROMPTS[:4], params, use_tqdm=False)
+    got = LLM(llama_path, async_scheduling=True).generate(PROMPTS[:4], params, use_tqdm=False)
+    assert outputs(got) == outputs(sync)
+    assert [o.outputs[0].logprobs for o in got] == [o.outputs[0].logprobs for o in sync]
