@@ -19,6 +19,30 @@ _MAX_SINGLE_BLOCK = 8192
 
 
 @triton.jit
+def _norm_input(x_row, res_row, sum_row, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """The RMSNorm input at `offs`: x, or x + residual rounded to the summed dtype before the
+    statistics (as the reference does), which is also stored as the op's second output."""
+    x = tl.load(x_row + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_row + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_row.dtype.element_ty)
+        tl.store(sum_row + offs, x, mask=mask)
+    return x
+
+
+@triton.jit
+def _chunked_rstd(x_row, res_row, sum_row, cols, E, eps,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of a row read in NUM_CHUNKS chunks of BLOCK (storing x + residual)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(NUM_CHUNKS):
+        offs = c * BLOCK + cols
+        xf = _norm_input(x_row, res_row, sum_row, offs, offs < E, HAS_RESIDUAL).to(tl.float32)
+        acc += xf * xf
+    return tl.rsqrt(tl.sum(acc, axis=0) / E + eps)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     x_stride, res_stride, E, eps,
@@ -32,30 +56,14 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     if NUM_CHUNKS == 1:
         mask = cols < E
-        x = tl.load(x_row + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            # The sum is rounded to the summed dtype before the statistics, as the reference does.
-            r = tl.load(res_row + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-            tl.store(sum_row + cols, x, mask=mask)
+        x = _norm_input(x_row, res_row, sum_row, cols, mask, HAS_RESIDUAL)
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / E + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         y = (xf * rstd).to(x.dtype)
         tl.store(out_row + cols, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for c in range(NUM_CHUNKS):
-            offs = c * BLOCK + cols
-            mask = offs < E
-            x = tl.load(x_row + offs, mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(res_row + offs, mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-                tl.store(sum_row + offs, x, mask=mask)
-            xf = x.to(tl.float32)
-            acc += xf * xf
-        rstd = tl.rsqrt(tl.sum(acc, axis=0) / E + eps)
+        rstd = _chunked_rstd(x_row, res_row, sum_row, cols, E, eps, HAS_RESIDUAL, BLOCK, NUM_CHUNKS)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             mask = offs < E

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.codegen.kernels.norm import _chunked_rstd, _norm_input, _rows
 from kiln.ir.quant_ops import QUANT_DTYPES, _check_kind
 
 _MAX_SINGLE_BLOCK = 8192
@@ -106,12 +107,7 @@ def _row_quant_kernel(
     if NUM_CHUNKS == 1:  # the row stays in registers: one read
         mask = cols < E
         if MODE == 1:
-            x = tl.load(x_row + cols, mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                # rounded to the summed dtype before the statistics, as the reference does
-                r = tl.load(res_row + cols, mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-                tl.store(sum_row + cols, x, mask=mask)
+            x = _norm_input(x_row, res_row, sum_row, cols, mask, HAS_RESIDUAL)
             xf = x.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / E + eps)
             w = tl.load(w_ptr + cols, mask=mask, other=0.0)
@@ -127,18 +123,7 @@ def _row_quant_kernel(
         if MODE == 1:
             if HAS_RESIDUAL:
                 src_row = sum_row  # the later passes read x + residual back (same offsets, same threads)
-            acc = tl.zeros((BLOCK,), dtype=tl.float32)
-            for c in range(NUM_CHUNKS):
-                offs = c * BLOCK + cols
-                mask = offs < E
-                x = tl.load(x_row + offs, mask=mask, other=0.0)
-                if HAS_RESIDUAL:
-                    r = tl.load(res_row + offs, mask=mask, other=0.0)
-                    x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-                    tl.store(sum_row + offs, x, mask=mask)
-                xf = x.to(tl.float32)
-                acc += xf * xf
-            rstd = tl.rsqrt(tl.sum(acc, axis=0) / E + eps)
+            rstd = _chunked_rstd(x_row, res_row, sum_row, cols, E, eps, HAS_RESIDUAL, BLOCK, NUM_CHUNKS)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
@@ -153,10 +138,6 @@ def _row_quant_kernel(
     tl.store(scale_ptr + row, scale)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as a 2-D [rows, E] view with a unit last stride (a copy only when no such view exists)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _launch(mode: int, x: torch.Tensor, kind: str, width: int, residual=None, weight=None, eps=0.0,
