@@ -387,10 +387,17 @@ def weight_only_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     return out.reshape(*x.shape[:-1], wq.shape[0])
 
 
+# At M <= 16 the Triton fp8 GEMM beat torch._scaled_mm on every Llama-1B shape (H200, M=1:
+# 1.2-1.6x bf16 against 0.8-1.4x; benchmarks/RESULTS.md, quantized GEMMs); from M=4096 up
+# _scaled_mm is the faster (1.5-1.7x bf16 against 1.3-1.7x).
+_FEW_ROWS = 16
+
+
 def scaled_linear_backend(xq: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                           capability: tuple[int, int] | None = None) -> str:
-    """"scaled_mm" where torch._scaled_mm takes the call, else "triton". capability: the device's
-    (major, minor), read from xq's device when None (a CPU tensor has none: "triton").
+    """"scaled_mm" where torch._scaled_mm takes the call and has more than a few rows, else
+    "triton". capability: the device's (major, minor), read from xq's device when None (a CPU
+    tensor has none: "triton").
 
     torch._scaled_mm with row-wise scales needs fp8 (sm89+), K and N multiples of 16, 16-byte
     aligned operands, bf16 output (the only row-wise output every torch >= 2.5 accepts; fp16 and
@@ -402,6 +409,8 @@ def scaled_linear_backend(xq: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor
             return "triton"
         capability = torch.cuda.get_device_capability(xq.device)
     K, N = xq.shape[-1], wq.shape[0]
+    if xq.numel() // max(K, 1) <= _FEW_ROWS:
+        return "triton"
     fits = (capability >= (8, 9) and K % 16 == 0 and N % 16 == 0 and out_dtype == torch.bfloat16
             and (bias is None or bias.dtype == torch.bfloat16)
             and wq.is_contiguous() and wq.data_ptr() % 16 == 0

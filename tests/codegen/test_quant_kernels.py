@@ -254,10 +254,10 @@ def test_scaled_linear_leading_dims(device, poisoned, close):
 
 def test_scaled_linear_backend_choice(device):
     """torch._scaled_mm where it takes the call (fp8, sm89+, K and N multiples of 16, bf16 out, no
-    bias or a bf16 one), the Triton kernel otherwise; int8 always goes to Triton."""
-    def pick(K=64, N=32, kind="fp8", out=torch.bfloat16, bias=None, cap=(9, 0)):
+    bias or a bf16 one) with more than 16 rows, the Triton kernel otherwise; int8 always goes to Triton."""
+    def pick(K=64, N=32, kind="fp8", out=torch.bfloat16, bias=None, cap=(9, 0), M=64):
         dt = Q.QUANT_DTYPES[kind]
-        xq = torch.zeros(3, K, device=device).to(dt)
+        xq = torch.zeros(M, K, device=device).to(dt)
         wq = torch.zeros(N, K, device=device).to(dt)
         return quant_gemm.scaled_linear_backend(xq, wq, bias, out, capability=cap)
 
@@ -271,6 +271,7 @@ def test_scaled_linear_backend_choice(device):
     assert pick(out=torch.float32) == "triton"
     assert pick(kind="int8") == "triton"
     assert pick(cap=(8, 0)) == "triton"
+    assert pick(M=1) == "triton" and pick(M=16) == "triton" and pick(M=17) == "scaled_mm"  # decode: Triton
     xq = torch.zeros(3, 64, device=device).to(torch.float8_e4m3fn)
     expect = "triton" if xq.device.type == "cpu" else None  # a CPU tensor: no CUDA capability
     if expect:
@@ -351,7 +352,7 @@ def test_cuda_ops_dispatch_to_kernels(device, close):
     sm89+ card, and the results match the references."""
     _need_gpu(device)
     assert triton_ops.register_cuda_kernels()
-    x = torch.randn(5, 256, device=device, dtype=torch.bfloat16)
+    x = torch.randn(32, 256, device=device, dtype=torch.bfloat16)
     wq, w_scale = Q.quantize_weight(torch.randn(128, 256, device=device), "fp8")
     xq, x_scale = torch.ops.kiln.quantize(x, "fp8")
     assert_same_quantized(xq, x_scale, *Q.quantize(x, "fp8"))
