@@ -153,7 +153,16 @@ class AsyncLLM:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig, max_pending_requests: int | None = None) -> "AsyncLLM":
+    def from_config(cls, config: EngineConfig, max_pending_requests: int | None = None,
+                    data_parallel_size: int = 1) -> "AsyncLLM":
+        """data_parallel_size > 1: that many engine replicas, each its own process, behind one front
+        with this class's methods (runtime/async_data_parallel.py)."""
+        if data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
+        if data_parallel_size > 1:
+            from kiln.runtime.async_data_parallel import AsyncLLMReplicas
+
+            return AsyncLLMReplicas(config, data_parallel_size, max_pending_requests)
         engine = LLMEngine(config)
         freeze_gc_heap()
         return cls(engine, max_pending_requests)

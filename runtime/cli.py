@@ -64,7 +64,8 @@ def _serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         trust_remote_code=args.trust_remote_code, device=args.device)
-    llm = AsyncLLM.from_config(config, max_pending_requests=args.max_pending_requests)
+    llm = AsyncLLM.from_config(config, max_pending_requests=args.max_pending_requests,
+                               data_parallel_size=args.data_parallel_size)
     names = args.served_model_name or ["demo" if args.demo else model]
     serve(llm, names, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("KILN_API_KEY"),
           max_body_bytes=args.max_body_bytes, model_path=model, log_level=args.log_level)
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--trust-remote-code", action="store_true")
     srv.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
     srv.add_argument("--max-pending-requests", type=int, help="more requests in flight get 429 (default: no limit)")
+    srv.add_argument("--data-parallel-size", type=int, default=1,
+                     help="engine replicas, each its own process (one GPU each when there are several); requests go "
+                     "to the replica with the fewest in flight")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="run a benchmark (benchmarks/<name>.py); arguments after the name go to it",

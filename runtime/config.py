@@ -9,6 +9,8 @@ _RUNNERS = ("generate", "pooling")
 # vLLM's names: "auto" keeps the KV cache in the model dtype; "fp8" (= "fp8_e4m3") stores it as
 # torch.float8_e4m3fn with a per-layer scale for keys and one for values
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# how tensor-parallel workers are started: "mp" processes on this host, "ray" actors on a Ray cluster
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class EngineConfig:
     device: str = "auto"
     # N > 1: the model split over N ranks, this process and N - 1 workers (runtime/tensor_parallel.py)
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # one of EXECUTOR_BACKENDS
 
     def __post_init__(self) -> None:
         if self.runner not in _RUNNERS:
@@ -69,5 +72,8 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; supported: "
                              f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend={self.distributed_executor_backend!r} is not supported; "
+                             f"supported: {', '.join(map(repr, EXECUTOR_BACKENDS))}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

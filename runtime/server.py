@@ -651,7 +651,8 @@ def _route(handler):
 def build_app(async_llm: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_path: str | None = None) -> FastAPI:
     """The server's ASGI app. `served_model_name`: the name(s) clients pass as `model` (the first is
-    the one responses carry when a request names none)."""
+    the one responses carry when a request names none). `async_llm`: an AsyncLLM, or the
+    AsyncLLMReplicas that `AsyncLLM.from_config(..., data_parallel_size=M)` returns."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name needs at least one name")

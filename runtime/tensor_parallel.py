@@ -2,21 +2,24 @@
 process, joined by torch.distributed (gloo on CPU, NCCL on CUDA).
 
 Rank 0 is the engine's own process: its scheduler, sampler and detokenizer serve the requests.
-Ranks 1..N-1 are worker processes started with torch.multiprocessing (spawn); each builds the same
-`LLMEngine` around its own shard of the weights and its own KV cache (sharded by KV heads), then
-waits for steps. Each step rank 0 sends the step's inputs (token ids, positions, the forward
-context's attention metadata) down a pipe to every worker, and all ranks run their shard's forward,
-meeting in its all_reduces; when rank 0 asks for logits, the workers join the all_gather of the
+Ranks 1..N-1 are workers, started by `config.distributed_executor_backend`: "mp", processes started
+with torch.multiprocessing (spawn) on this host; "ray", Ray actors in a placement group, so the
+ranks may span a Ray cluster's machines. Each worker builds the same `LLMEngine` around its own
+shard of the weights and its own KV cache (sharded by KV heads), then waits for steps. Each step
+rank 0 sends the step's inputs (token ids, positions, the forward context's attention metadata) to
+every worker (down a pipe, or as an actor call), and all ranks run their shard's forward, meeting
+in its all_reduces; when rank 0 asks for logits, the workers join the all_gather of the
 vocab-parallel head. Only rank 0 samples.
 
-The group is torch.distributed's own process group, built on a TCPStore at 127.0.0.1 (what
-`init_method="tcp://..."` builds), but not installed as the process's default group: rank 0 is the
-user's process, which may hold several engines, or use torch.distributed itself.
+The group is torch.distributed's own process group, built on a TCPStore at rank 0 (127.0.0.1, or
+with Ray the node's IP; what `init_method="tcp://..."` builds), but not installed as the process's
+default group: rank 0 is the user's process, which may hold several engines, or use
+torch.distributed itself.
 
-Failure: a worker that raises reports its traceback down its pipe and exits; one that is killed
-just exits. Either way rank 0's next collective fails at once (gloo sees the peer's connection
-close; a peer that hangs, or NCCL, meets the group's timeout), and rank 0 raises an error naming
-the worker, stops the others, and serves no more requests.
+Failure: a worker that raises reports its traceback (down its pipe; a Ray actor into the store) and
+exits; one that is killed just exits. Either way rank 0's next collective fails at once (gloo sees
+the peer's connection close; a peer that hangs, or NCCL, meets the group's timeout), and rank 0
+raises an error naming the worker, stops the others, and serves no more requests.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import os
+import threading
 import time
 import traceback
 import weakref
@@ -47,6 +52,8 @@ TIMEOUT = datetime.timedelta(minutes=10)
 START_TIMEOUT_S = 300.0
 # After a failed collective, how long to wait for a dying worker's report or exit to land.
 DIAGNOSE_S = 2.0
+# The same for a Ray actor, whose death reaches rank 0 through Ray's control plane.
+RAY_DIAGNOSE_S = 10.0
 
 
 def launch(config, hf_config, model_cls: type, architecture: str, device: torch.device) -> "TensorParallel":
@@ -63,15 +70,17 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
         raise ValueError(f"tensor_parallel_size={n}: pre-quantized checkpoints are not sharded yet")
     check_divisible(hf_config, n)
     tp_plan(model_cls, hf_config, architecture)  # (raises when the model has no plan kiln can run)
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ValueError(f"tensor_parallel_size={n} puts rank r on cuda:r: pass device='cuda' (not {device})")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if config.distributed_executor_backend == "ray":
+        return _launch_ray(config, n, backend)
     if device.type == "cuda" and torch.cuda.device_count() < n:
         raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs, one per rank; this machine has "
                          f"{torch.cuda.device_count()}")
-    if device.type == "cuda" and device.index not in (None, 0):
-        raise ValueError(f"tensor_parallel_size={n} puts rank r on cuda:r: pass device='cuda' (not {device})")
     if mp.current_process().daemon:
         raise ValueError(f"tensor_parallel_size={n}: a daemon process (a data-parallel replica) cannot start "
                          "tensor-parallel workers")
-    backend = "nccl" if device.type == "cuda" else "gloo"
     store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
     context = mp.get_context("spawn")
     workers = []
@@ -85,7 +94,7 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
     tp = TensorParallel(0, n, backend, store, workers)
     try:
         for worker in workers:
-            tp.expect_hello(worker)
+            worker.expect_hello()
         tp.group = _process_group(store, 0, n, backend)
     except BaseException:
         tp.shutdown("start failed")
@@ -95,22 +104,70 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
 
 @dataclass
 class _Worker:
+    """A worker process, rank 0's side (a Ray actor's is _RayWorker, with the same methods)."""
+
     rank: int
     conn: object  # rank 0's end of the worker's pipe
     process: mp.Process
+    diagnose_s = DIAGNOSE_S
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def failure(self, store) -> str | None:
+        """What went wrong with this worker, if anything has yet: the traceback it reported, or its death."""
+        report = _poll_report(self)
+        if report is not None:
+            return f"worker {self.rank} raised:\n{report}"
+        if not self.process.is_alive():
+            return f"worker {self.rank} (pid {self.process.pid}) died, exit code {self.process.exitcode}"
+        return None
+
+    def expect_hello(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.conn.poll(0.1):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel worker {self.rank} did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=5)
+            raise RuntimeError(
+                f"tensor-parallel worker {self.rank} died while starting (exit code {self.process.exitcode}); "
+                "a script that starts workers must run its code under `if __name__ == '__main__':`, since "
+                "spawn re-imports it in every worker") from None
+        if kind != "hello":
+            raise RuntimeError(f"tensor-parallel worker {self.rank} failed while starting:\n{payload}")
+
+    def request_stop(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(("stop", None))
+
+    def join(self) -> None:
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
+        self.conn.close()
 
 
 class TensorParallel:
     """One rank's side of the group: its rank, the process group, its Shard of the model; on rank
     0 also the worker processes, the step messages to them, and the handling of their failure."""
 
-    def __init__(self, rank: int, world_size: int, backend: str, store, workers: list[_Worker] = (), group=None):
+    def __init__(self, rank: int, world_size: int, backend: str, store, workers: list = (), group=None,
+                 release=None):
+        """workers: rank 0's _Worker (process) or _RayWorker (actor) handles; release: called after
+        they stop (the Ray placement group's removal)."""
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.store, self.group, self.workers = store, group, list(workers)
         self.model_shard: Shard | None = None
         self.closed: str | None = None  # why the group was shut down
         # rank 0: stop the workers when this object goes away (engine dropped, interpreter exit)
-        self._stop = weakref.finalize(self, _stop_workers, self.workers)
+        self._stop = weakref.finalize(self, _stop_workers, self.workers, release)
 
     def shard(self, model_cls: type, config, architecture: str) -> Shard:
         """This rank's Shard of the model (the loader's `shard`)."""
@@ -143,7 +200,7 @@ class TensorParallel:
                                "more requests")
         try:
             for worker in self.workers:
-                if not worker.process.is_alive():
+                if not worker.is_alive():
                     raise RuntimeError(f"tensor-parallel worker {worker.rank} is gone")
             with tensor_parallel_group(self.group):
                 yield
@@ -155,19 +212,15 @@ class TensorParallel:
 
     def send(self, message) -> None:
         for worker in self.workers:
-            worker.conn.send(message)
+            worker.send(message)
 
     def failed(self, error: BaseException) -> RuntimeError:
         """After a failed step: find the worker that raised (its traceback) or died (its exit code),
         stop the others, and return the error for rank 0 to raise."""
-        reason, deadline = None, time.monotonic() + DIAGNOSE_S
+        reason, deadline = None, time.monotonic() + max((w.diagnose_s for w in self.workers), default=0)
         while reason is None and time.monotonic() < deadline and self.workers:
             for worker in self.workers:
-                report = _poll_report(worker)
-                if report is not None:
-                    reason = f"worker {worker.rank} raised:\n{report}"
-                elif not worker.process.is_alive():
-                    reason = f"worker {worker.rank} (pid {worker.process.pid}) died, exit code {worker.process.exitcode}"
+                reason = worker.failure(self.store)
                 if reason is not None:
                     break
             else:
@@ -176,22 +229,6 @@ class TensorParallel:
         self.shutdown(reason.splitlines()[0])
         return RuntimeError(f"tensor parallelism failed, {reason}\nThe other workers have been shut down; this engine "
                             "serves no more requests.")
-
-    def expect_hello(self, worker: _Worker) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not worker.conn.poll(0.1):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tensor-parallel worker {worker.rank} did not start within {START_TIMEOUT_S:.0f} s")
-        try:
-            kind, payload = worker.conn.recv()
-        except EOFError:
-            worker.process.join(timeout=5)
-            raise RuntimeError(
-                f"tensor-parallel worker {worker.rank} died while starting (exit code {worker.process.exitcode}); "
-                "a script that starts workers must run its code under `if __name__ == '__main__':`, since "
-                "spawn re-imports it in every worker") from None
-        if kind != "hello":
-            raise RuntimeError(f"tensor-parallel worker {worker.rank} failed while starting:\n{payload}")
 
     def shutdown(self, reason: str = "shut down") -> None:
         """Stop the workers (rank 0). Idempotent."""
@@ -211,16 +248,13 @@ def _poll_report(worker: _Worker) -> str | None:
     return None
 
 
-def _stop_workers(workers: list[_Worker]) -> None:
+def _stop_workers(workers: list, release=None) -> None:
     for worker in workers:
-        with contextlib.suppress(BrokenPipeError, OSError):
-            worker.conn.send(("stop", None))
+        worker.request_stop()
     for worker in workers:
-        worker.process.join(timeout=5)
-        if worker.process.is_alive():
-            worker.process.terminate()
-            worker.process.join(timeout=5)
-        worker.conn.close()
+        worker.join()
+    if release is not None:
+        release()
 
 
 def _process_group(store, rank: int, world_size: int, backend: str):
@@ -252,7 +286,10 @@ class StepInputs:
 
     def unpack(self, runner: ModelRunner) -> tuple[tuple, dict, ForwardContext]:
         def device(x):
-            return torch.from_numpy(x).to(runner.device) if isinstance(x, np.ndarray) else x
+            if not isinstance(x, np.ndarray):
+                return x
+            # (Ray hands over read-only views of its object store)
+            return torch.from_numpy(x if x.flags.writeable else x.copy()).to(runner.device)
 
         context = dataclasses.replace(self.context, attn=_map_attributes(self.context.attn, device),
                                       kv_caches=runner.kv_caches, cross_kv_caches=runner.cross_kv_caches)
@@ -311,21 +348,24 @@ class TensorParallelRunner(ModelRunner):
 # ---------------------------------------------------------------- the workers
 
 
-def _worker_main(conn, config, rank: int, world_size: int, port: int, backend: str) -> None:
+def _worker_main(conn, config, rank: int, world_size: int, port: int, backend: str, host: str = "127.0.0.1",
+                 cuda_index: int | None = None) -> None:
     """Rank `rank`: join the group, build the engine around this rank's shard, then run the steps
     rank 0 sends until it says stop (or is gone). A failure is reported down the pipe, and the
-    process exits, which breaks the group's connections: rank 0 learns at its next collective."""
+    process exits, which breaks the group's connections: rank 0 learns at its next collective.
+    `conn`: the pipe, or a Ray actor's _Inbox; `cuda_index`: this rank's GPU (default cuda:rank)."""
     from kiln.runtime.engine import LLMEngine
 
     try:
         conn.send(("hello", None))
+        cuda_index = rank if cuda_index is None else cuda_index
         if backend == "nccl":
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(cuda_index)
         else:  # the ranks share the host's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=TIMEOUT)
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=TIMEOUT)
         tp = TensorParallel(rank, world_size, backend, store, group=_process_group(store, rank, world_size, backend))
-        device = f"cuda:{rank}" if backend == "nccl" else config.device
+        device = f"cuda:{cuda_index}" if backend == "nccl" else config.device
         engine = LLMEngine(dataclasses.replace(config, skip_tokenizer_init=True, device=device), tp=tp)
         _serve(engine, conn, tp)
     except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
@@ -350,3 +390,220 @@ def _serve(engine, conn, tp: TensorParallel) -> None:
                     hidden = runner.forward(*args, **kwargs)
             elif kind == "logits":  # join the gather; only rank 0 samples
                 ops.all_gather(runner.compute_logits(hidden, payload), -1)
+
+
+# ---------------------------------------------------------------- the workers as Ray actors
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("distributed_executor_backend='ray' needs Ray, an optional extra: "
+                          "pip install 'kiln[ray]'") from e
+    return ray
+
+
+def _launch_ray(config, n: int, backend: str) -> "TensorParallel":
+    """Rank 0 with Ray: the workers are actors, one per bundle of a placement group (PACK: on as
+    few machines as fit), joined to the group through a TCPStore at this node's IP."""
+    ray = import_ray()
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    cuda = backend == "nccl"
+    rank0_gpu = _physical_gpu() if cuda else None
+    _start_ray(ray, rank0_gpu)
+    bundle = {"CPU": 1.0, "GPU": 1.0} if cuda else {"CPU": 1.0}
+    have = ray.cluster_resources()
+    for resource, amount in bundle.items():
+        if have.get(resource, 0) < amount * (n - 1):
+            raise ValueError(f"tensor_parallel_size={n} with distributed_executor_backend='ray' needs {n - 1} worker "
+                             f"actor(s) of {bundle} (rank 0 runs in this process); the Ray cluster has "
+                             f"{have.get(resource, 0):g} {resource}")
+    group = placement_group([dict(bundle) for _ in range(n - 1)], strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=START_TIMEOUT_S)
+    except BaseException as e:
+        remove_placement_group(group)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            raise RuntimeError(f"the Ray cluster could not place {n - 1} tensor-parallel worker(s) of {bundle} within "
+                               f"{START_TIMEOUT_S:.0f} s; it has {ray.available_resources()} free") from None
+        raise
+    # (from here on the group is removed, and the actors killed, when rank 0's TensorParallel goes)
+    tp = TensorParallel(0, n, backend, None, release=functools.partial(_remove_group, group))
+    try:
+        host = ray.util.get_node_ip_address()
+        tp.store = store = dist.TCPStore(host, 0, n, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+        # max_concurrency=2: `put` calls land while `serve` runs
+        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0, max_concurrency=2)(RayWorker)
+        for rank in range(1, n):
+            tp.workers.append(_RayWorker(rank, actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=rank - 1)).remote()))
+        for worker in tp.workers:
+            worker.expect_hello()
+            if cuda and worker.node == (host, rank0_gpu):
+                raise ValueError(f"Ray gave tensor-parallel worker {worker.rank} GPU {rank0_gpu} of {host}, the one "
+                                 "rank 0 uses in this process: start the Ray cluster without that GPU (e.g. "
+                                 "CUDA_VISIBLE_DEVICES=1,... ray start --head)")
+        for worker in tp.workers:
+            worker.serve_ref = worker.actor.serve.remote(config, worker.rank, n, host, store.port, backend)
+        tp.group = _process_group(store, 0, n, backend)
+    except BaseException:
+        tp.shutdown("start failed")
+        raise
+    return tp
+
+
+def _physical_gpu() -> str:
+    """The GPU rank 0 uses (cuda:0 of this process), as CUDA_VISIBLE_DEVICES and Ray name it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[0].strip() if visible else "0"
+
+
+def _start_ray(ray, rank0_gpu: str | None) -> None:
+    """A local Ray cluster when none is connected. Ray does not know of rank 0, which runs in this
+    process: the cluster started here is given the other GPUs only."""
+    if ray.is_initialized():
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if rank0_gpu is not None:
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(i.strip() for i in ids if i.strip() != rank0_gpu)
+    try:
+        ray.init(ignore_reinit_error=True)
+    finally:
+        if rank0_gpu is not None:
+            if visible is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
+def _remove_group(group) -> None:
+    ray = import_ray()
+    if ray.is_initialized():
+        from ray.util.placement_group import remove_placement_group
+
+        with contextlib.suppress(Exception):
+            remove_placement_group(group)
+
+
+def _error_key(rank: int) -> str:
+    return f"kiln-tp-error-{rank}"
+
+
+class _RayWorker:
+    """A worker actor, rank 0's side: the methods of _Worker. Messages go as numbered `put` calls;
+    the actor's `serve` call is its life, so its result is how it ended (None: stopped; an error:
+    it died); a traceback the worker caught comes through the store."""
+
+    diagnose_s = RAY_DIAGNOSE_S
+
+    def __init__(self, rank: int, actor):
+        self.rank, self.actor = rank, actor
+        self.serve_ref = None
+        self.node: tuple[str, str | None] | None = None  # (IP, CUDA_VISIBLE_DEVICES), from its hello
+        self.sent = 0
+
+    def send(self, message) -> None:
+        self.actor.put.remote(self.sent, message)
+        self.sent += 1
+
+    def is_alive(self) -> bool:
+        ray = import_ray()
+        return self.serve_ref is None or not ray.wait([self.serve_ref], timeout=0)[0]
+
+    def failure(self, store) -> str | None:
+        ray = import_ray()
+        key = _error_key(self.rank)
+        if store is not None and store.check([key]):
+            return f"worker {self.rank} raised:\n{store.get(key).decode()}"
+        if self.serve_ref is None or not ray.wait([self.serve_ref], timeout=0)[0]:
+            return None
+        try:
+            ray.get(self.serve_ref)
+        except ray.exceptions.RayActorError as e:
+            detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            return f"worker {self.rank} (Ray actor {self.actor._actor_id.hex()[:12]}) died: {detail}"
+        except ray.exceptions.RayTaskError as e:  # raised before it reached the store
+            return f"worker {self.rank} raised:\n{e}"
+        return f"worker {self.rank} stopped"
+
+    def expect_hello(self) -> None:
+        ray = import_ray()
+        try:
+            self.node = ray.get(self.actor.hello.remote(), timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"tensor-parallel worker {self.rank} did not start within "
+                               f"{START_TIMEOUT_S:.0f} s") from None
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(f"tensor-parallel worker {self.rank} failed while starting:\n{e}") from None
+
+    def request_stop(self) -> None:
+        with contextlib.suppress(Exception):  # (a dead actor, or Ray already shut down)
+            self.send(("stop", None))
+
+    def join(self) -> None:
+        ray = import_ray()
+        if not ray.is_initialized():
+            return
+        with contextlib.suppress(Exception):
+            if self.serve_ref is not None:
+                ray.wait([self.serve_ref], timeout=5)
+            ray.kill(self.actor)
+
+
+class _Inbox:
+    """A Ray worker's end of the step channel, shaped like the pipe `_worker_main` reads: rank 0's
+    `put` calls, which a threaded actor may run out of order, handed out by number."""
+
+    def __init__(self):
+        self.ready = threading.Condition()
+        self.messages: dict[int, object] = {}
+        self.next = 0
+        self.error: str | None = None  # the traceback the worker caught
+
+    def put(self, seq: int, message) -> None:
+        with self.ready:
+            self.messages[seq] = message
+            self.ready.notify()
+
+    def recv(self):
+        with self.ready:
+            self.ready.wait_for(lambda: self.next in self.messages)
+            self.next += 1
+            return self.messages.pop(self.next - 1)
+
+    def send(self, message) -> None:  # the worker's reports: the actor says hello itself
+        kind, payload = message
+        if kind == "error":
+            self.error = payload
+
+
+class RayWorker:
+    """A tensor-parallel worker as a Ray actor (`ray.remote` is applied in `_launch_ray`, with
+    its resources). `serve` runs `_worker_main`, the worker's whole life, as a process would."""
+
+    def __init__(self):
+        self.inbox = _Inbox()
+
+    def hello(self) -> tuple[str, str | None]:
+        import ray
+
+        return ray.util.get_node_ip_address(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    def put(self, seq: int, message) -> None:
+        self.inbox.put(seq, message)
+
+    def serve(self, config, rank: int, world_size: int, host: str, port: int, backend: str) -> None:
+        # Ray gives the actor its GPU as CUDA_VISIBLE_DEVICES: it is cuda:0 here
+        _worker_main(self.inbox, config, rank, world_size, port, backend, host, cuda_index=0)
+        if self.inbox.error is None:
+            return
+        try:  # report through rank 0's store, then exit as a worker process does: the group's connections close
+            store = dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=30))
+            store.set(_error_key(rank), self.inbox.error)
+        except Exception:  # noqa: BLE001 - no store: the call's own error carries the traceback
+            raise RuntimeError(self.inbox.error) from None
+        os._exit(1)

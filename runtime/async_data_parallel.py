@@ -1,0 +1,443 @@
+"""Data parallelism behind the server: M engine replicas, each its own process with an AsyncLLM,
+behind one front in the server's process that the HTTP handlers use as they use an AsyncLLM.
+
+    llm = AsyncLLM.from_config(EngineConfig(model=path), data_parallel_size=2)   # -> AsyncLLMReplicas
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=8), "req-1"): ...
+
+The front tokenizes and validates prompts itself (`call` runs the handlers' engine functions on a
+`PromptEngine`: replica 0's tokenizer and limits, without its model), sends each request to the
+replica with the fewest requests in flight, and streams that replica's outputs back; an abort
+(a client that disconnects) goes to the replica that holds the request. Each replica process
+(spawned with torch.multiprocessing, on cuda:r when there are several GPUs) runs an AsyncLLM on
+an event loop that reads the front's messages from its pipe:
+
+    front -> replica: ("add", id, prompt, params), ("abort", id), ("stop",)
+    replica -> front: ("accepted", id), ("output", id, output), ("end", id), ("error", id, exception),
+                      ("stats", IterationStats, EngineStats) after each engine-loop turn that did something
+
+Metrics are the sum over the replicas: the front feeds its stat loggers every replica's
+IterationStats, and `stats` sums the replicas' latest snapshots (the KV-cache usage is their
+mean). A replica that dies fails every request in flight with EngineDeadError naming it, the
+other replicas are stopped, and `is_alive` (the server's /health) turns false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from kiln.runtime.async_engine import (_ABORTED, _ACCEPTED, AsyncLLM, EngineDeadError, EngineOverloadedError,
+                                      EngineStats, IterationStats, RequestStream)
+from kiln.runtime.config import EngineConfig
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.pooling_params import PoolingParams
+from kiln.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger("kiln")
+
+# A replica's start (spawn, imports, loading the model) until it says ready.
+START_TIMEOUT_S = 600.0
+
+
+class PromptEngine(LLMEngine):
+    """An engine's prompt side without its model, for the front: `prepare_prompts`, `tokenize`,
+    the tokenizer, the limits and what the model is. Built from replica 0's engine and sent over."""
+
+    def __init__(self, engine: LLMEngine):  # (LLMEngine.__init__ is not called: nothing to load)
+        for name in ("config", "hf_config", "architecture", "tasks", "model_impl", "is_pooling", "max_model_len",
+                     "vocab_size", "tokenizer", "eos_token_ids", "is_encoder_decoder"):
+            setattr(self, name, getattr(engine, name))
+        self.feature_extractor = getattr(engine, "feature_extractor", None)
+        # what score_templates reads of the model
+        self.model = _ModelFacts(getattr(engine.model, "num_labels", 1))
+
+    def add_request(self, *args, **kwargs):
+        raise RuntimeError("the front's PromptEngine serves no requests: the replicas do")
+
+    add_pooling_request = step = add_request
+
+
+@dataclasses.dataclass
+class _ModelFacts:
+    num_labels: int
+
+
+# ---------------------------------------------------------------- a replica process
+
+
+def _replica_main(conn, config: EngineConfig, rank: int) -> None:
+    """A replica: build an AsyncLLM, say ready (replica 0 with its PromptEngine), then serve the
+    front's messages until ("stop",) or the front is gone."""
+    try:
+        if config.device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > rank:
+            config = dataclasses.replace(config, device=f"cuda:{rank}")
+        llm = AsyncLLM.from_config(config)
+        conn.send(("ready", PromptEngine(llm.engine) if rank == 0 else None))
+    except BaseException:  # noqa: BLE001 - reported to the front, which raises it
+        conn.send(("failed", traceback.format_exc()))
+        return
+    try:
+        asyncio.run(_serve(conn, llm))
+    finally:
+        llm.shutdown()
+
+
+async def _serve(conn, llm: AsyncLLM) -> None:
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    lock = threading.Lock()  # the event loop and the engine thread (stats) both send
+
+    def send(message) -> None:
+        with lock:
+            conn.send(message)
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the front is gone
+                message = ("stop",)
+            loop.call_soon_threadsafe(inbox.put_nowait, message)
+            if message[0] == "stop":
+                return
+
+    threading.Thread(target=read, name="kiln-replica-inbox", daemon=True).start()
+    llm.stat_loggers.append(lambda it, stats: send(("stats", it, stats)))
+    running: dict[str, asyncio.Task] = {}
+
+    async def run(request_id: str, prompt, params) -> None:
+        try:
+            stream = await llm.add_request(request_id, prompt, params)
+        except Exception as e:  # noqa: BLE001 - bad input: the request's error alone
+            send(("error", request_id, _portable(e)))
+            return
+        send(("accepted", request_id))
+        try:
+            out = None
+            async for out in stream:
+                send(("output", request_id, out))
+            if out is None or not out.finished:
+                send(("end", request_id))
+        except Exception as e:  # noqa: BLE001
+            send(("error", request_id, _portable(e)))
+        finally:
+            stream.abort()
+
+    def forget(request_id: str, task: asyncio.Task) -> None:
+        if running.get(request_id) is task:  # (not a later request that reused the id)
+            del running[request_id]
+
+    while True:
+        message = await inbox.get()
+        kind = message[0]
+        if kind == "stop":
+            break
+        if kind == "add":
+            task = running[message[1]] = asyncio.ensure_future(run(*message[1:]))
+            task.add_done_callback(functools.partial(forget, message[1]))
+        elif kind == "abort" and message[1] in running:
+            running.pop(message[1]).cancel()  # (its stream aborts the request on the engine thread)
+    for task in running.values():
+        task.cancel()
+    await asyncio.gather(*running.values(), return_exceptions=True)
+
+
+def _portable(e: Exception) -> Exception:
+    """An exception that unpickles in the front as the same kind: the server maps ValueError to
+    400, EngineOverloadedError to 429, EngineDeadError to 503, the rest to 500."""
+    for kind in (EngineOverloadedError, EngineDeadError, ValueError):
+        if isinstance(e, kind):
+            return kind(str(e))
+    return RuntimeError(str(e))
+
+
+# ---------------------------------------------------------------- the front
+
+
+@dataclasses.dataclass
+class _Replica:
+    rank: int
+    conn: Any  # the front's end of the replica's pipe
+    process: mp.Process
+    in_flight: int = 0  # requests sent and not finished: the load it is balanced by
+    num_requests: int = 0  # requests sent, in all
+    stats: EngineStats = dataclasses.field(default_factory=EngineStats)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the front's sends
+
+    def send(self, message) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+
+class _ReplicaStream(RequestStream):
+    """A request's outputs from the replica that serves it."""
+
+    def __init__(self, llm: "AsyncLLMReplicas", request_id: str, loop, replica: _Replica):
+        super().__init__(llm, request_id, loop)
+        self.replica = replica
+
+    def _done(self) -> None:
+        if not self.finished:
+            super()._done()
+            self.llm._forget(self)
+
+
+class AsyncLLMReplicas:
+    """`data_parallel_size` AsyncLLMs, each in its own process, served as one: the methods and
+    properties of AsyncLLM that the server uses. Requests go to the replica with the fewest in
+    flight; `max_pending_requests` bounds the requests in flight over all replicas."""
+
+    # the same request logic as one engine's: add_request and the stream are this class's
+    generate = AsyncLLM.generate
+    encode = AsyncLLM.encode
+    score = AsyncLLM.score
+
+    def __init__(self, config: EngineConfig, data_parallel_size: int, max_pending_requests: int | None = None):
+        if data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
+        if config.tensor_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={data_parallel_size} with tensor_parallel_size="
+                             f"{config.tensor_parallel_size}: data-parallel replicas of tensor-parallel engines are "
+                             "not supported yet")
+        if torch.cuda.is_available() and 1 < torch.cuda.device_count() < data_parallel_size:
+            raise ValueError(f"data_parallel_size={data_parallel_size} needs {data_parallel_size} GPUs; this machine "
+                             f"has {torch.cuda.device_count()}")
+        self.max_pending_requests = max_pending_requests
+        self.stat_loggers: list[Callable[[IterationStats, EngineStats], None]] = []
+        self._lock = threading.Lock()  # routing: the streams, the loads, the pending count
+        self._streams: dict[str, _ReplicaStream] = {}
+        self._pending = 0
+        self._stats_lock = threading.Lock()
+        self._dead: str | None = None  # why the replicas were stopped
+        self._stopping = threading.Lock()  # (a reader that saw its replica die and shutdown may both stop them)
+        self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-prompts")
+        context = mp.get_context("spawn")
+        self.replicas: list[_Replica] = []
+        for rank in range(data_parallel_size):
+            parent, child = context.Pipe()
+            process = context.Process(target=_replica_main, args=(child, config, rank), daemon=True,
+                                      name=f"kiln-replica-{rank}")
+            process.start()
+            child.close()
+            self.replicas.append(_Replica(rank, parent, process))
+        try:
+            self.engine: PromptEngine = [self._expect_ready(r) for r in self.replicas][0]
+        except BaseException:
+            self._dead = "start failed"
+            self._stop_replicas()
+            raise
+        self._readers = [threading.Thread(target=self._read, args=(r,), name=f"kiln-replica-{r.rank}-reader",
+                                          daemon=True) for r in self.replicas]
+        for reader in self._readers:
+            reader.start()
+
+    def _expect_ready(self, replica: _Replica):
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not replica.conn.poll(0.1):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"data-parallel replica {replica.rank} did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            kind, payload = replica.conn.recv()
+        except (EOFError, OSError):
+            replica.process.join(timeout=5)
+            raise RuntimeError(f"data-parallel replica {replica.rank} died while starting (exit code "
+                               f"{replica.process.exitcode})") from None
+        if kind != "ready":
+            raise RuntimeError(f"data-parallel replica {replica.rank} failed while starting:\n{payload}")
+        return payload
+
+    # ------------------------------------------------------------ what the model is (read-only)
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.engine.is_pooling
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.engine.tasks
+
+    @property
+    def architecture(self) -> str:
+        return self.engine.architecture
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def data_parallel_size(self) -> int:
+        return len(self.replicas)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and all(r.process.is_alive() for r in self.replicas)
+
+    @property
+    def stats(self) -> EngineStats:
+        """The replicas' latest snapshots, summed (the KV-cache usage is their mean)."""
+        snapshots = [r.stats for r in self.replicas]
+        usage = [s.kv_cache_usage for s in snapshots if s.kv_cache_usage is not None]
+        return EngineStats(num_running=sum(s.num_running for s in snapshots),
+                           num_waiting=sum(s.num_waiting for s in snapshots),
+                           kv_cache_usage=sum(usage) / len(usage) if usage else None,
+                           num_preemptions=sum(s.num_preemptions for s in snapshots),
+                           num_unfinished=sum(s.num_unfinished for s in snapshots))
+
+    # ------------------------------------------------------------ requests (any event loop)
+
+    async def add_request(self, request_id: str, prompt, params: SamplingParams | PoolingParams) -> RequestStream:
+        """Send a request to the least loaded replica and wait until it has taken it: bad input
+        raises here (ValueError), before any output."""
+        if not self.is_alive:
+            raise EngineDeadError(self._why_dead())
+        with self._lock:
+            if self.max_pending_requests is not None and self._pending >= self.max_pending_requests:
+                raise EngineOverloadedError(f"{self._pending} requests are in flight, the limit is "
+                                            f"max_pending_requests={self.max_pending_requests}; retry later")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            replica = min(self.replicas, key=lambda r: r.in_flight)
+            stream = _ReplicaStream(self, request_id, asyncio.get_running_loop(), replica)
+            self._streams[request_id] = stream
+            self._pending += 1
+            replica.in_flight += 1
+            replica.num_requests += 1
+        try:
+            self._submit(functools.partial(replica.send, ("add", request_id, prompt, params)))
+            ack = await stream.queue.get()
+        except BaseException:
+            stream.abort()
+            raise
+        if isinstance(ack, BaseException):
+            stream._done()
+            raise ack
+        return stream
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by id (its own consumer sees its stream end without a finished output)."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._abort(stream)
+            self._deliver(stream, _ABORTED)
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine) on the front's PromptEngine (tokenizer, limits; no model), on one thread."""
+        if not self.is_alive:
+            raise EngineDeadError(self._why_dead())
+        return await asyncio.get_running_loop().run_in_executor(self._prompts, fn, self.engine)
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the replicas; requests still in flight fail with EngineDeadError."""
+        if self._dead is None:
+            self._dead = "the data-parallel replicas are shut down"
+        self._stop_replicas(timeout)
+        self._fail_all(EngineDeadError(self._dead))
+        self._prompts.shutdown(wait=False)
+
+    def _why_dead(self) -> str:
+        if self._dead is not None:
+            return self._dead
+        dead = [r for r in self.replicas if not r.process.is_alive()]
+        return self._death(dead[0]) if dead else "the data-parallel replicas are not running"
+
+    @staticmethod
+    def _death(replica: _Replica) -> str:
+        return (f"data-parallel replica {replica.rank} (pid {replica.process.pid}) died, exit code "
+                f"{replica.process.exitcode}; the other replicas have been shut down")
+
+    # ------------------------------------------------------------ what RequestStream calls
+
+    def _submit(self, command, owner=None) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        try:
+            command()
+        except (BrokenPipeError, OSError) as e:
+            raise EngineDeadError(f"a data-parallel replica is gone ({e})") from None
+
+    def _abort(self, stream: _ReplicaStream) -> None:
+        try:
+            stream.replica.send(("abort", stream.request_id))
+        except (BrokenPipeError, OSError):
+            pass  # the replica is gone, and its requests with it
+
+    def _release(self) -> None:
+        pass  # (the count is kept by _forget, which knows the replica)
+
+    def _forget(self, stream: _ReplicaStream) -> None:
+        with self._lock:
+            if self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
+            self._pending -= 1
+            stream.replica.in_flight -= 1
+
+    # ------------------------------------------------------------ the readers (one thread per replica)
+
+    def _read(self, replica: _Replica) -> None:
+        items = {"accepted": lambda m: _ACCEPTED, "output": lambda m: m[2], "end": lambda m: _ABORTED,
+                 "error": lambda m: m[2]}
+        while True:
+            try:
+                message = replica.conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "stats":
+                self._record(replica, message[1], message[2])
+                continue
+            stream = self._streams.get(message[1])
+            if stream is not None and stream.replica is replica:
+                self._deliver(stream, items[message[0]](message))
+        if self._dead is None:  # not stopped by the front: the replica died
+            replica.process.join(timeout=5)
+            self._dead = self._death(replica)
+            logger.error("kiln: %s", self._dead)
+            self._fail_all(EngineDeadError(self._dead))
+            self._stop_replicas()
+
+    def _deliver(self, stream: _ReplicaStream, item) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            if isinstance(item, RequestOutput) and not item.finished:
+                self._abort(stream)
+
+    def _record(self, replica: _Replica, it: IterationStats, stats: EngineStats) -> None:
+        with self._stats_lock:  # (the loggers are not thread-safe; each reader is a thread)
+            replica.stats = stats
+            total = self.stats
+            for log in self.stat_loggers:
+                try:
+                    log(it, total)
+                except Exception:  # noqa: BLE001 - metrics never stop serving
+                    logger.exception("kiln: stat logger failed")
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            self._deliver(stream, error)
+
+    def _stop_replicas(self, timeout: float | None = 10.0) -> None:
+        with self._stopping:  # (two threads joining one process may both miss its exit)
+            for replica in self.replicas:
+                try:
+                    replica.send(("stop",))
+                except (BrokenPipeError, OSError):
+                    pass
+            for replica in self.replicas:
+                replica.process.join(timeout)
+                if replica.process.is_alive():
+                    replica.process.terminate()
+                    replica.process.join(5)
