@@ -17,6 +17,9 @@ class IncrementalDetokenizer:
         self.kwargs = {"skip_special_tokens": skip_special_tokens}
         if not spaces_between_special_tokens:
             self.kwargs["spaces_between_special_tokens"] = False
+        self.decode = _rust_decode(tokenizer, skip_special_tokens) if spaces_between_special_tokens else None
+        if self.decode is None:
+            self.decode = lambda ids: tokenizer.decode(ids, **self.kwargs)
         self.ids = list(prompt_token_ids[-_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -25,8 +28,8 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], **self.kwargs)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], **self.kwargs)
+        prefix = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -36,6 +39,23 @@ class IncrementalDetokenizer:
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _rust_decode(tokenizer, skip_special_tokens: bool):
+    """The Rust tokenizer's own decode, when the transformers tokenizer's `decode` would return
+    exactly its output (a fast tokenizer that overrides neither decode nor _decode and does no
+    clean-up of spaces): a third of the cost per call, twice per generated token. Else None."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (not isinstance(tokenizer, TokenizersBackend) or cls._decode is not TokenizersBackend._decode
+            or cls.decode is not PreTrainedTokenizerBase.decode or getattr(tokenizer, "clean_up_tokenization_spaces", True)):
+        return None
+    backend = tokenizer._tokenizer
+    return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def find_stop(text: str, new_len: int, stops: list[str], include: bool) -> tuple[str, str] | None:
