@@ -141,9 +141,10 @@ class ModelRunner:
             filled = (fill.tokens, fill_rows, fill_src) if fill_rows else None
             return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross, filled), rows
         max_blocks = max(1, max(len(r.block_ids) for r, _ in step.scheduled))
-        block_tables = torch.zeros((len(step.scheduled), max_blocks), dtype=torch.long)
-        for i, (req, _) in enumerate(step.scheduled):
-            block_tables[i, :len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.long)
+        table = np.zeros((len(step.scheduled), max_blocks), dtype=np.int64)
+        for i, (req, _) in enumerate(step.scheduled):  # (numpy: a row from a list costs a tenth of torch.tensor's)
+            table[i, :len(req.block_ids)] = req.block_ids
+        block_tables = torch.from_numpy(table)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs,
