@@ -354,6 +354,9 @@ class AsyncLLMReplicas:
 
     @staticmethod
     def _death(replica: _Replica) -> str:
+        # its pipe can close before the process is reaped: wait for the exit code (a closed pipe
+        # with a live process is a replica on its way out)
+        replica.process.join(timeout=5)
         return (f"data-parallel replica {replica.rank} (pid {replica.process.pid}) died, exit code "
                 f"{replica.process.exitcode}; the other replicas have been shut down")
 
