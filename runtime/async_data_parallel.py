@@ -354,9 +354,12 @@ class AsyncLLMReplicas:
 
     @staticmethod
     def _death(replica: _Replica) -> str:
-        # its pipe can close before the process is reaped: wait for the exit code (a closed pipe
-        # with a live process is a replica on its way out)
-        replica.process.join(timeout=5)
+        # its pipe can close before the process is reaped: wait for the exit code. Another thread
+        # (a /health check) may be reaping it at the same moment, and then this one's poll sees no
+        # child and no code yet: hence the loop
+        deadline = time.monotonic() + 5
+        while replica.process.exitcode is None and time.monotonic() < deadline:
+            replica.process.join(timeout=0.05)
         return (f"data-parallel replica {replica.rank} (pid {replica.process.pid}) died, exit code "
                 f"{replica.process.exitcode}; the other replicas have been shut down")
 
