@@ -88,7 +88,7 @@ def resolve_architecture(architectures: list[str] | None, runner: str = "generat
 
         for arch in architectures or []:
             if backend.serves(config, arch, runner):
-                cls, tasks = backend.backend_class(arch, runner, convert)
+                cls, tasks = backend.backend_class(arch, runner, convert, config)
                 return arch, cls, tasks
     supported = ", ".join(f"{a} ({'/'.join(e.tasks)})" for a, e in sorted(_MODELS.items()))
     raise ValueError(

@@ -9,8 +9,12 @@ model sees one flattened batch as a single sequence of T tokens (batch dimension
 per-sequence position ids; HF builds no masks for an attention implementation that registers
 none, and its own KV cache is off (`use_cache=False`). The n-th attention call of a forward owns
 the n-th layer of kiln's cache, whose shapes a probe forward measures at load (`_probe`).
-Models with recurrent layers (Mamba, convolutions, linear attention) are refused at load: the
-cache holds keys and values only.
+Models with recurrent layers (Mamba, Mamba-2, short convolutions, linear attention) run per
+sequence instead (`TransformersRecurrentForCausalLM`): each scheduled sequence's tokens are one
+[1, L] forward of the HF model with transformers' own attention and its own cache object, one per
+request, kept in the runtime's state slots (runtime/state_slots.py). Slower than the flattened
+batch, and with no prefix caching and no chunked prefill (a state at a prefix is not stored).
+Pooling runs each prompt alone, keeping no state.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import transformers
 from torch import nn
 from transformers import AttentionInterface
 
-from kiln.ir import ops
+from kiln.ir import get_forward_context, ops
 
 logger = logging.getLogger("kiln")
 
@@ -76,7 +80,7 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, kiln_attention)
 
 # Layer kinds (a config's `layer_types` / `layers_block_type`) that keep no state between steps
 # beyond attention's keys and values; any other kind (mamba, conv, linear_attention, ...) carries
-# a recurrent state that kiln's KV cache has no room for.
+# a recurrent state that kiln's KV cache has no room for: such models run per sequence.
 _STATELESS_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention", "mlp", "moe"}
 
 
@@ -88,14 +92,25 @@ def check_backend_compatible(model_cls: type, architecture: str, config=None) ->
             f"its model class lacks `_supports_attention_backend = True` (its attention must go through "
             f"ALL_ATTENTION_FUNCTIONS with **kwargs passed down; see the supported-models page, 'Writing custom "
             f"models')")
-    text = config.get_text_config() if config is not None else None
+
+
+def recurrent_layer_kinds(config) -> list[str]:
+    """The kinds of the model's layers that keep a recurrent state ([] for attention-only models):
+    from the config's layer types, or, for models without them (Mamba), from the layers of the
+    cache transformers builds for the config."""
+    from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
+
+    text = config.get_text_config()
     kinds = {kind for field in ("layer_types", "layers_block_type") for kind in (getattr(text, field, None) or [])}
     recurrent = sorted(kinds - _STATELESS_LAYER_TYPES)
-    if recurrent:
-        raise ValueError(
-            f"{architecture} cannot run on the Transformers backend: its {', '.join(recurrent)} layers keep a "
-            f"recurrent state, which kiln's attention op and KV cache do not hold (the backend serves full and "
-            f"sliding attention)")
+    if not recurrent:
+        try:
+            layers = DynamicCache(config=config).layers
+        except Exception:  # a config the cache cannot read: attention-only as far as kiln can tell
+            layers = []
+        if any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers):
+            recurrent = [getattr(text, "model_type", "recurrent")]
+    return recurrent
 
 
 _AUTO_CLASSES = {"generate": "AutoModelForCausalLM", "embed": "AutoModel",
@@ -149,6 +164,9 @@ class _TransformersBase(nn.Module):
     """An HF PreTrainedModel adapted to kiln's model protocol (flattened batch in, hidden out)."""
 
     task = "generate"
+    # True for models with recurrent layers: they run one sequence per forward, with transformers'
+    # own attention (generation keeps per-request states: TransformersRecurrentForCausalLM)
+    recurrent_state = False
 
     def __init__(self, hf_model: nn.Module, config):
         super().__init__()
@@ -166,8 +184,9 @@ class _TransformersBase(nn.Module):
         params = inspect.signature(self.base.forward).parameters
         self._token_types = "token_type_ids" in params and bool(getattr(config.get_text_config(), "type_vocab_size", 0))
         self._no_cache = {"use_cache": False} if "use_cache" in params else {}  # kiln keeps the cache
-        self._layers = self._probe()
-        if not self._layers:
+        self.recurrent_state = self.recurrent_state or bool(recurrent_layer_kinds(config))
+        self._layers = [] if self.recurrent_state else self._probe()
+        if not self._layers and not self.recurrent_state:
             raise ValueError(f"{type(hf_model).__name__} made no call to the attention interface: the Transformers "
                              "backend needs attention layers that go through ALL_ATTENTION_FUNCTIONS")
         self.is_causal = all(causal for *_, causal in self._layers)
@@ -177,10 +196,14 @@ class _TransformersBase(nn.Module):
              trust_remote_code: bool = False, shard=None) -> "_TransformersBase":
         """`shard` (tensor parallelism, frontend/sharding.py): slices the loaded model to one rank's
         part on the host, before it moves to the device."""
-        config._attn_implementation = ATTN_IMPLEMENTATION
+        # per-sequence models keep transformers' own attention (its cache holds their keys and values)
+        recurrent = cls.recurrent_state or bool(recurrent_layer_kinds(config))
+        attn = None if recurrent else ATTN_IMPLEMENTATION
+        config._attn_implementation = attn
         hf_cls = hf_model_class(config, architecture, cls.task, trust_remote_code, path)
-        check_backend_compatible(hf_cls, architecture, config)
-        hf_model = hf_cls.from_pretrained(path, config=config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+        if not recurrent:  # (per-sequence models do not use kiln's attention)
+            check_backend_compatible(hf_cls, architecture, config)
+        hf_model = hf_cls.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn,
                                           trust_remote_code=trust_remote_code)
         if shard is not None:
             shard.shard_loaded(hf_model)
@@ -217,6 +240,13 @@ class _TransformersBase(nn.Module):
         return len(self._layers), heads, head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+        if self.recurrent_state:  # pooling: each whole prompt its own forward, no state kept
+            lens = get_forward_context().attn.query_lens
+            types = token_type_ids.split(lens) if token_type_ids is not None else [None] * len(lens)
+            return torch.cat([self._forward(*seq) for seq in zip(input_ids.split(lens), positions.split(lens), types)])
+        return self._forward(input_ids, positions, token_type_ids)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         kwargs = {}
         if token_type_ids is not None or self._token_types:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
@@ -254,6 +284,28 @@ class TransformersForCausalLM(_TransformersBase):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+
+class TransformersRecurrentForCausalLM(TransformersForCausalLM):
+    """A model with recurrent layers: the runner calls `forward_sequence` once per scheduled
+    sequence with that request's state, a transformers cache (conv and SSM / linear-attention
+    states, and the attention layers' keys and values) made by `new_state`. kiln's KV cache holds
+    nothing for it; its blocks only count tokens."""
+
+    recurrent_state = True
+
+    def new_state(self):
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
+
+    def forward_sequence(self, input_ids: torch.Tensor, positions: torch.Tensor, state) -> torch.Tensor:
+        """input_ids, positions [L] int64 (one sequence, continuing `state`) -> hidden [L, H]."""
+        out = self.base(input_ids=input_ids[None], position_ids=positions[None], cache=state, use_cache=True)
+        return out[0][0]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids=None):
+        raise RuntimeError("a model with recurrent layers runs per sequence (forward_sequence), not as a flattened batch")
 
 
 class TransformersRewardModel(TransformersForCausalLM):
@@ -313,10 +365,11 @@ class TransformersForTokenClassification(TransformersEmbeddingModel):
         return self.hf.classifier(_prediction_head(self.hf, rows))
 
 
-def backend_class(architecture: str, runner: str, convert: str) -> tuple[type, tuple[str, ...]]:
+def backend_class(architecture: str, runner: str, convert: str, config=None) -> tuple[type, tuple[str, ...]]:
     """Which backend wrapper serves `architecture` for runner/convert, and its tasks."""
+    recurrent = config is not None and bool(recurrent_layer_kinds(config))
     if runner == "generate":
-        return TransformersForCausalLM, ("generate",)
+        return (TransformersRecurrentForCausalLM if recurrent else TransformersForCausalLM), ("generate",)
     if convert == "reward":
         return TransformersRewardModel, ("reward",)
     if architecture.endswith("ForSequenceClassification") or convert == "classify":

@@ -28,6 +28,7 @@ from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import Sampler, SamplerOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import CrossSlots, PoolingScheduler, Scheduler
+from kiln.runtime.state_slots import StateSlots
 
 logger = logging.getLogger("kiln")
 
@@ -86,6 +87,9 @@ class LLMEngine:
             getattr(self.hf_config, "architectures", None), config.runner, config.convert, config.model_impl,
             self.hf_config)
         self.model_impl = "transformers" if hasattr(model_cls, "load") else "kiln"
+        if getattr(model_cls, "recurrent_state", False) and config.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size}: {self.architecture} has layers with "
+                             "a recurrent state, which run per sequence on one device (tensor_parallel_size=1)")
         self.is_pooling = config.runner == "pooling"
         self.dtype = resolve_dtype(config.dtype, self.hf_config)
         # a model may use fewer positions than its table has (RoBERTa starts counting after the pad id)
@@ -161,13 +165,21 @@ class LLMEngine:
         make_runner = ModelRunner if self.tp is None else self.tp.make_runner
         self.runner = make_runner(self.model, num_blocks, block_size, self.dtype, self.device, num_cross_slots,
                                   self.kv_cache_dtype, kv_scales)
+        # a recurrent model's state at a prefix is not stored: no prefix caching, no chunked prefill
+        recurrent = getattr(self.model, "recurrent_state", False)
         # a decoder's self-attention KV depends on its encoder input too: no prefix sharing across audio
-        self.block_manager = BlockManager(num_blocks, block_size,
-                                          config.enable_prefix_caching and not self.is_encoder_decoder)
-        if not config.enable_chunked_prefill:
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching
+                                          and not self.is_encoder_decoder and not recurrent)
+        chunked = config.enable_chunked_prefill and not recurrent
+        if not chunked:
             max_batched = max(max_batched, self.max_model_len)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill,
-                                   CrossSlots(num_cross_slots) if self.is_encoder_decoder else None)
+        state_slots = StateSlots(config.max_num_seqs) if recurrent else None
+        self.runner.state_slots = state_slots
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, chunked,
+                                   CrossSlots(num_cross_slots) if self.is_encoder_decoder else None, state_slots)
+        if recurrent:
+            logger.info("kiln: %s has layers with a recurrent state: it runs one sequence per forward (slower than "
+                        "attention-only models), without prefix caching or chunked prefill", self.architecture)
         self.feature_extractor = self._feature_extractor(path) if self.is_encoder_decoder else None
         self._compile(path)
 
@@ -182,6 +194,12 @@ class LLMEngine:
         prequantized = any(hasattr(p, "kiln_quant") for p in self.model.parameters())
         quantized = self.config.quantization is not None or prequantized
         self.compiled = not eager
+        if getattr(self.model, "recurrent_state", False):  # runs per sequence through transformers' own code
+            if quantized:
+                raise ValueError(f"{self.architecture} has layers with a recurrent state: it runs per sequence and "
+                                 "cannot be quantized (quantization is a pass over the traced graph)")
+            self.compiled = False
+            return
         if eager and not quantized:
             return
         from kiln import __version__
@@ -294,6 +312,8 @@ class LLMEngine:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override, num_cross_slots
         per_block = ModelRunner.bytes_per_block(self.model, block_size, self.kv_cache_dtype)
+        if per_block == 0:  # no attention layer in kiln's cache (a per-sequence model): blocks only count tokens
+            return 2 * self.config.max_num_seqs * -(-self.max_model_len // block_size), num_cross_slots
         # never more than every sequence at full length needs (plus room for the prefix cache)
         useful = 2 * self.config.max_num_seqs * -(-self.max_model_len // block_size)
         return max(min(budget // per_block, useful), 0), num_cross_slots

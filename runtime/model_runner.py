@@ -63,6 +63,7 @@ class ModelRunner:
         self.forward = model  # replaced by the compiled forward when the engine compiles
         self.logits = model.compute_logits if hasattr(model, "compute_logits") else None  # (and traced when quantized)
         self.decode_graphs = None  # CUDA graphs of the decode step, when the engine captures them
+        self.state_slots = None  # models with recurrent layers: per-request states (runtime/state_slots.py)
         self.num_blocks = num_blocks
         self.kv_caches = self.cross_kv_caches = None
         if num_cross_slots:
@@ -157,10 +158,23 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         if fill_rows:
             fill_in(ids, fill.tokens, fill_rows, fill_src)
+        positions = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.state_slots is not None:
+            return self._execute_per_sequence(step, ids, positions), rows
         with set_forward_context(ForwardContext(metadata, self.kv_caches, self.cross_kv_caches, self.kv_scales)):
-            hidden = self.forward(ids,
-                                torch.tensor(positions, dtype=torch.long, device=self.device), **extra)
+            hidden = self.forward(ids, positions, **extra)
         return hidden, rows
+
+    def _execute_per_sequence(self, step: SchedulerOutput, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Models with recurrent layers: each scheduled sequence's tokens run as their own forward,
+        continuing from the request's state (fresh from its admission: a preempted request gave its slot back).
+        ids, positions [T] (the step's flattened batch) -> hidden [T, H], rows in the same order."""
+        hidden, offset = [], 0
+        for req, n in step.scheduled:
+            state = self.state_slots.state(req, self.model.new_state)
+            hidden.append(self.model.forward_sequence(ids[offset:offset + n], positions[offset:offset + n], state))
+            offset += n
+        return torch.cat(hidden)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

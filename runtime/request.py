@@ -47,6 +47,8 @@ class Request:
         self.encoder_input: torch.Tensor | None = None
         self.cross_slot: int | None = None
         self.encoded = False
+        # models with recurrent layers: the slot of runtime/state_slots.py holding this request's state
+        self.state_slot: int | None = None
         self.max_tokens = max_tokens
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time

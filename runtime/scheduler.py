@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.request import Request, RequestStatus
+from kiln.runtime.state_slots import StateSlots
 
 
 @dataclass
@@ -33,9 +34,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, cross_slots: "CrossSlots | None" = None):
+                 enable_chunked_prefill: bool = True, cross_slots: "CrossSlots | None" = None,
+                 state_slots: "StateSlots | None" = None):
         self.block_manager = block_manager
         self.cross_slots = cross_slots  # encoder-decoder models: a request holds one from admission to finish
+        self.state_slots = state_slots  # recurrent models: one from admission to finish or preemption
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -81,10 +84,15 @@ class Scheduler:
             needs_slot = req.encoder_input is not None and req.cross_slot is None
             if needs_slot and not self.cross_slots.num_free:
                 break
+            needs_state = self.state_slots is not None and req.state_slot is None
+            if needs_state and not self.state_slots.num_free:
+                break
             if not bm.allocate(req, num_new, cached):
                 break
             if needs_slot:
                 self.cross_slots.allocate(req)
+            if needs_state:
+                self.state_slots.allocate(req)
             self.waiting.popleft()
             req.num_computed_tokens += len(cached) * bm.block_size
             if req.num_preemptions == 0:
@@ -97,6 +105,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)
+        if self.state_slots is not None:  # it recomputes from its tokens, from a fresh state
+            self.state_slots.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -112,6 +122,8 @@ class Scheduler:
         self.block_manager.free(req)
         if self.cross_slots is not None:
             self.cross_slots.free(req)
+        if self.state_slots is not None:
+            self.state_slots.free(req)
         req.status = status
 
 

@@ -6,7 +6,8 @@ generically (`tiny_config`); generation compares greedy tokens and logprobs with
 pooling compares pooled outputs with HF's forward. Known failures are xfails with their reason
 (`KNOWN_FAILURES`); the session ends with a summary of how many ran, passed and failed
 (tests/models/conftest.py). Also here: custom models (auto_map, trust_remote_code), the native
-families through the backend, the KV-cache layout probe, and the compiled path.
+families through the backend, the KV-cache layout probe, recurrent-state models run per sequence
+(batched equals alone, state slots freed on preemption and abort), and the compiled path.
 """
 
 from __future__ import annotations
@@ -110,30 +111,19 @@ OVERRIDES: dict[str, dict] = {
     "Lfm2MoeForCausalLM": dict(layer_types=["conv", "full_attention"]),
     "GraniteMoeHybridForCausalLM": dict(layer_types=["mamba", "attention"]),
     "Mamba2ForCausalLM": dict(num_heads=8),
+    "BambaForCausalLM": dict(attn_layer_indices=[1]),
+    "JambaForCausalLM": dict(attn_layer_period=2, attn_layer_offset=1),
+    "JambaForSequenceClassification": dict(attn_layer_period=2, attn_layer_offset=1),
+    "Zamba2ForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], hybrid_layer_ids=[1]),
 }
 
 # Architectures known to fail, with the reason: recorded as xfail (strict, so a fix shows up).
-_RECURRENT = "{} layers keep a recurrent state: kiln's attention op and KV cache hold none"
 _INLINE = "attention written inline, not through ALL_ATTENTION_FUNCTIONS ({}): no _supports_attention_backend"
 KNOWN_FAILURES: dict[str, str] = {
     "BloomForCausalLM": _INLINE.format("ALiBi"),
     "FalconForCausalLM": _INLINE.format("SDPA and ALiBi"),
     "StableLmForCausalLM": "StableLmPreTrainedModel lacks _supports_attention_backend (though its attention uses "
                            "the interface)",
-    "MambaForCausalLM": _RECURRENT.format("state-space (Mamba)"),
-    "Mamba2ForCausalLM": _RECURRENT.format("state-space (Mamba-2)"),
-    "FalconMambaForCausalLM": _RECURRENT.format("state-space (Mamba)"),
-    "BambaForCausalLM": _RECURRENT.format("Mamba-2"),
-    "FalconH1ForCausalLM": _RECURRENT.format("Mamba-2"),
-    "GraniteMoeHybridForCausalLM": _RECURRENT.format("Mamba-2"),
-    "JambaForCausalLM": _RECURRENT.format("Mamba"),
-    "JambaForSequenceClassification": _RECURRENT.format("Mamba"),
-    "NemotronHForCausalLM": _RECURRENT.format("Mamba-2"),
-    "Zamba2ForCausalLM": _RECURRENT.format("Mamba-2"),
-    "KimiLinearForCausalLM": _RECURRENT.format("linear-attention (Kimi delta attention)"),
-    "Qwen3NextForCausalLM": _RECURRENT.format("linear-attention (gated delta net)"),
-    "Lfm2ForCausalLM": _RECURRENT.format("short-convolution"),
-    "Lfm2MoeForCausalLM": _RECURRENT.format("short-convolution"),
 }
 
 # Architectures that HF itself cannot run from a tiny text-only checkpoint as the test drives it.
@@ -273,10 +263,43 @@ def test_kv_cache_is_laid_out_from_what_the_attention_calls_get(arch, layers, to
     assert LLM(path, model_impl="transformers").apply_model(lambda m: m.kv_cache_layers()) == [layers]
 
 
-def test_recurrent_layers_are_refused_with_the_reason(tokenizer, checkpoint_root):
-    path = build_checkpoint(str(checkpoint_root / "refused-Lfm2"), "Lfm2ForCausalLM", tokenizer)
-    with pytest.raises(ValueError, match="its conv layers keep a recurrent state"):
-        LLM(path, model_impl="transformers")
+# ---------------------------------------------------------------- recurrent-state models (per sequence)
+
+@pytest.fixture(scope="module")
+def mamba_path(tokenizer, checkpoint_root):
+    return build_checkpoint(str(checkpoint_root / "state-Mamba"), "MambaForCausalLM", tokenizer)
+
+
+def test_recurrent_model_batched_gives_each_alone(mamba_path):
+    llm = LLM(mamba_path, model_impl="transformers", max_num_seqs=4)
+    engine = llm.llm_engine
+    assert llm.apply_model(lambda m: type(m).__name__) == ["TransformersRecurrentForCausalLM"]
+    assert not engine.block_manager.enable_prefix_caching and not engine.scheduler.enable_chunked_prefill
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    batched = llm.generate(PROMPTS[:2], params, use_tqdm=False)  # prompts of different lengths
+    assert len({len(o.prompt_token_ids) for o in batched}) == 2
+    for out in batched:
+        alone = llm.generate(out.prompt, params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids, out.prompt
+    assert engine.scheduler.state_slots.num_free == 4
+
+
+def test_recurrent_state_slots_are_freed_on_preemption_and_abort(mamba_path):
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(mamba_path).generate(PROMPTS, params, use_tqdm=False)]
+    # 8 blocks of 4 tokens: enough for any one request, not for the three at once
+    tight = LLM(mamba_path, block_size=4, num_gpu_blocks_override=8, max_model_len=32, max_num_seqs=3)
+    engine = tight.llm_engine
+    assert [o.outputs[0].token_ids for o in tight.generate(PROMPTS, params, use_tqdm=False)] == want
+    assert engine.scheduler.num_preemptions > 0  # a preempted request recomputed from a fresh state
+    assert engine.scheduler.state_slots.num_free == 3
+    for rid, prompt in zip("abc", PROMPTS):
+        engine.add_request(rid, prompt, params)
+    engine.step()
+    assert engine.scheduler.state_slots.num_free < 3
+    engine.abort_request(["a", "b", "c"])
+    assert engine.scheduler.state_slots.num_free == 3 and not engine.has_unfinished_requests()
+    assert all(state is None for state in engine.scheduler.state_slots.states)
 
 
 # ---------------------------------------------------------------- custom models (auto_map, trust_remote_code)
