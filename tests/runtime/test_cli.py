@@ -21,7 +21,8 @@ def test_kiln_serve(llama_path, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "kiln.runtime.cli", "serve", llama_path, "--port", str(port), "--served-model-name",
-           "cli-model", "--api-key", "secret", "--max-model-len", "64", "--log-level", "warning"]
+           "cli-model", "--api-key", "secret", "--max-model-len", "64", "--log-level", "warning",
+           "--async-scheduling"]  # (the server over an engine that overlaps its steps)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "KILN_CACHE_DIR": str(tmp_path)})
     try:
