@@ -260,21 +260,11 @@ class AsyncLLMReplicas:
 
     # ------------------------------------------------------------ what the model is (read-only)
 
-    @property
-    def is_pooling(self) -> bool:
-        return self.engine.is_pooling
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.engine.tasks
-
-    @property
-    def architecture(self) -> str:
-        return self.engine.architecture
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
+    # read from self.engine, replica 0's PromptEngine, as AsyncLLM reads them from its engine
+    is_pooling = AsyncLLM.is_pooling
+    tasks = AsyncLLM.tasks
+    architecture = AsyncLLM.architecture
+    max_model_len = AsyncLLM.max_model_len
 
     @property
     def data_parallel_size(self) -> int:
