@@ -588,17 +588,9 @@ class LLMEngine:
             logits = self.runner.compute_logits(hidden, logit_rows) if logit_rows else None
             sampled = self.sampler(logits[:len(rows.sample)], [r for r, _ in rows.sample]) if rows.sample else None
         except Exception as e:
-            # The step's requests fail; the engine and every other request go on.
-            for req, _ in step.scheduled:
-                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
-            failed = {req.parent.request_id for req, _ in step.scheduled}
-            for rid in failed:
-                self.abort_request(rid)
-            raise RuntimeError(f"model step failed for requests {sorted(failed)}: {e}") from e
+            self._fail_step([req for req, _ in step.scheduled], e)
 
-        for req, n in step.scheduled:
-            req.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(req)
+        self._advance(step)
         if rows.prompt:
             self._record_prompt_logprobs(logits[len(rows.sample):], rows.prompt)
         progressed = {}
@@ -606,6 +598,20 @@ class LLMEngine:
             self._append_token(req, i, sampled)
             progressed[req.parent.request_id] = req.parent
         return [self._output(p) for p in progressed.values()]
+
+    def _advance(self, step) -> None:
+        """The step's tokens are (being) computed: count them, and register newly full blocks."""
+        for req, n in step.scheduled:
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+
+    def _fail_step(self, requests: list[Request], error: Exception) -> NoReturn:
+        """A model step failed: its requests' user requests are aborted; the engine and every other
+        request go on."""
+        failed = {req.parent.request_id for req in requests}
+        for rid in failed:
+            self.abort_request(rid)
+        raise RuntimeError(f"model step failed for requests {sorted(failed)}: {error}") from error
 
     # ------------------------------------------------------------ async scheduling
 
@@ -639,14 +645,8 @@ class LLMEngine:
                                          sample) if sample else None
         except Exception as e:
             self._inflight = None
-            failed = {req.parent.request_id for req, _ in step.scheduled}
-            failed |= {req.parent.request_id for req in (previous.index if previous is not None else ())}
-            for rid in failed:
-                self.abort_request(rid)
-            raise RuntimeError(f"model step failed for requests {sorted(failed)}: {e}") from e
-        for req, n in step.scheduled:
-            req.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(req)
+            self._fail_step([req for req, _ in step.scheduled] + list(previous.index if previous is not None else ()), e)
+        self._advance(step)
         for req in sample:
             req.num_pending += 1
             # a request this token ends by length is scheduled no more (its blocks go when it finishes)
