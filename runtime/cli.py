@@ -64,7 +64,8 @@ def _serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         trust_remote_code=args.trust_remote_code, device=args.device, quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling)
+        kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size, distributed_executor_backend=args.distributed_executor_backend)
     llm = AsyncLLM.from_config(config, max_pending_requests=args.max_pending_requests,
                                data_parallel_size=args.data_parallel_size)
     names = args.served_model_name or ["demo" if args.demo else model]
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     srv.add_argument("--async-scheduling", action="store_true",
                      help="launch each decode step before reading back the previous one's tokens")
+    srv.add_argument("--tensor-parallel-size", type=int, default=1,
+                     help="split the model over N ranks (worker processes; NCCL on CUDA, gloo on CPU)")
+    srv.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
     srv.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
     srv.add_argument("--max-pending-requests", type=int, help="more requests in flight get 429 (default: no limit)")
     srv.add_argument("--data-parallel-size", type=int, default=1,

@@ -1,8 +1,9 @@
-"""The `kiln` command line: `kiln serve` in a subprocess answers the openai client; `kiln bench`
-finds the benchmark scripts."""
+"""The `kiln` command line: `kiln serve` in a subprocess answers the openai client (also with two
+tensor-parallel ranks); `kiln bench` finds the benchmark scripts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,15 +15,16 @@ import pytest
 from kiln.runtime.cli import BENCHMARKS, benchmark_path, main
 
 
-def test_kiln_serve(llama_path, tmp_path):
+@contextlib.contextmanager
+def kiln_serve(llama_path, tmp_path, *flags):
+    """`kiln serve` in a subprocess, healthy; yields an openai client for it."""
     openai = pytest.importorskip("openai")
     httpx = pytest.importorskip("httpx")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "kiln.runtime.cli", "serve", llama_path, "--port", str(port), "--served-model-name",
-           "cli-model", "--api-key", "secret", "--max-model-len", "64", "--log-level", "warning",
-           "--async-scheduling"]  # (the server over an engine that overlaps its steps)
+           "cli-model", "--api-key", "secret", "--max-model-len", "64", "--log-level", "warning", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "KILN_CACHE_DIR": str(tmp_path)})
     try:
@@ -35,14 +37,30 @@ def test_kiln_serve(llama_path, tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_kiln_serve(llama_path, tmp_path):
+    with kiln_serve(llama_path, tmp_path, "--async-scheduling") as client:  # (an engine overlapping its steps)
         assert [m.id for m in client.models.list().data] == ["cli-model"]
         out = client.completions.create(model="cli-model", prompt="Hello", max_tokens=4, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4
-    finally:
-        proc.terminate()
-        proc.wait(30)
+
+
+def test_kiln_serve_tensor_parallel(llama_path, tmp_path):
+    """Two ranks (gloo) behind the server answer as one process does."""
+    from kiln import LLM, SamplingParams
+
+    want = LLM(llama_path, max_model_len=64).generate(
+        "Hello", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
+    with kiln_serve(llama_path, tmp_path, "--tensor-parallel-size", "2", "--kv-cache-memory", str(1 << 22)) as client:
+        out = client.completions.create(model="cli-model", prompt="Hello", max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
 
 
 def test_serve_needs_a_model_or_demo(capsys):
