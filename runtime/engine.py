@@ -145,7 +145,8 @@ class LLMEngine:
         max_batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
         if self.is_pooling:
             self.pooler_config = self._pooler_config(config.pooler_config, path)
-            self.runner = ModelRunner(self.model, 0, config.block_size, self.dtype, self.device)
+            make_runner = ModelRunner if self.tp is None else self.tp.make_runner
+            self.runner = make_runner(self.model, 0, config.block_size, self.dtype, self.device)
             self.block_manager = None
             self.scheduler = PoolingScheduler(config.max_num_seqs, max_batched)
             self._compile(path)

@@ -60,9 +60,6 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
     """Rank 0: check that the model splits over config.tensor_parallel_size ranks, start the
     workers (each builds its engine from `config`) and join the group with them."""
     n = config.tensor_parallel_size
-    if config.runner != "generate":
-        raise ValueError(f"tensor_parallel_size={n}: tensor parallelism serves generate models; runner="
-                         f"{config.runner!r} is not supported yet")
     if getattr(hf_config, "is_encoder_decoder", False):
         raise ValueError(f"tensor_parallel_size={n}: {architecture} is an encoder-decoder model, which tensor "
                          "parallelism does not serve yet")
@@ -331,9 +328,13 @@ class TensorParallelRunner(ModelRunner):
         self.tp.send(("step", StepInputs.pack(args, kwargs, get_forward_context())))
         return self.shard_forward(*args, **kwargs)
 
-    def execute(self, step):
+    def execute(self, step, fill=None):
         with self.tp.step():
-            return super().execute(step)
+            return super().execute(step, fill)
+
+    def execute_pooling(self, step):
+        with self.tp.step():
+            return super().execute_pooling(step)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

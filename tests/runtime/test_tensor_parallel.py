@@ -1,8 +1,9 @@
 """Tensor parallelism on CPU with gloo and 2 ranks: TP=2 gives TP=1's greedy tokens and logprobs
 (native Llama with GQA, biases and a vocabulary that needs padding; Qwen3 with tied embeddings and
-q/k norms; the Transformers backend through `base_model_tp_plan`); layouts that cannot split are
-clear errors; a worker that dies or raises mid-run is a clear error, not a hang, and the engine
-shuts its workers down; the collectives sum and gather over two ranks."""
+q/k norms; the Transformers backend through `base_model_tp_plan`); an embedding model pools over
+two ranks as over one; layouts that cannot split are clear errors; a worker that dies or raises
+mid-run is a clear error, not a hang, and the engine shuts its workers down; the collectives sum
+and gather over two ranks."""
 
 from __future__ import annotations
 
@@ -75,6 +76,20 @@ def test_two_ranks_give_one_rank_tokens_and_logprobs(paths, tp_llm, name, model_
     assert head.weight.shape[0] == -(-engine.vocab_size // 2)  # this rank's half of the (padded) vocabulary
 
 
+def test_pooling_over_two_ranks(paths):
+    """An embedding model (a decoder through convert="embed") over two ranks gives one rank's
+    embeddings: rank 0 pools what the reduced hidden states give."""
+    texts = ["Hello, my name is", "The capital of France is", "a"]
+    one = LLM(paths["llama"], runner="pooling", convert="embed")
+    two = LLM(paths["llama"], runner="pooling", convert="embed", tensor_parallel_size=2)
+    try:
+        want = torch.tensor([o.outputs.embedding for o in one.embed(texts, use_tqdm=False)])
+        got = torch.tensor([o.outputs.embedding for o in two.embed(texts, use_tqdm=False)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        two.shutdown()
+
+
 def test_layouts_that_do_not_split_are_clear_errors(paths):
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's num_attention_heads=4"):
         LLM(paths["llama"], tensor_parallel_size=3)
@@ -82,8 +97,6 @@ def test_layouts_that_do_not_split_are_clear_errors(paths):
         LLM(paths["llama"], tensor_parallel_size=4)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         LLM(paths["llama"], tensor_parallel_size=0)
-    with pytest.raises(ValueError, match="pooling"):
-        LLM(paths["llama"], tensor_parallel_size=2, runner="pooling")
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(paths, monkeypatch):
