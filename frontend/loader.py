@@ -105,7 +105,8 @@ def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: tor
             if name.endswith(".weight_zero_point"):
                 raise ValueError(f"{name}: asymmetric quantization (zero points) is not supported")
             if name.endswith(".weight_scale"):  # (input scales: activations are quantized per token instead)
-                weight_scales[name[:-len("_scale")]] = tensor
+                # a per-channel scale is sliced with its weight's rows (colwise, vocab), whole otherwise
+                weight_scales[name[:-len("_scale")]] = shard(name, tensor) if shard is not None else tensor
             continue
         param = params.get(name)
         if param is None:

@@ -169,6 +169,8 @@ class Shard:
 
     def _slice(self, style: str, kind: str, tensor: torch.Tensor, name: str) -> torch.Tensor:
         n, r = self.world_size, self.rank
+        if kind != "weight" and tensor.numel() == 1:
+            return tensor  # a per-tensor scale of an 8-bit weight holds for every slice of it
         if style == VOCAB:
             start, rows = self._vocab_rows(tensor.shape[0])
             part = tensor[start:start + rows]

@@ -63,8 +63,6 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
     if getattr(hf_config, "is_encoder_decoder", False):
         raise ValueError(f"tensor_parallel_size={n}: {architecture} is an encoder-decoder model, which tensor "
                          "parallelism does not serve yet")
-    if getattr(hf_config, "quantization_config", None) is not None:
-        raise ValueError(f"tensor_parallel_size={n}: pre-quantized checkpoints are not sharded yet")
     check_divisible(hf_config, n)
     tp_plan(model_cls, hf_config, architecture)  # (raises when the model has no plan kiln can run)
     if device.type == "cuda" and device.index not in (None, 0):
