@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from kiln.runtime.async_engine import (_ABORTED, _ACCEPTED, AsyncLLM, EngineDeadError, EngineOverloadedError,
+from kiln.runtime.async_engine import (_ABORTED, _ACCEPTED, AsyncLLM, admitted, EngineDeadError, EngineOverloadedError,
                                       EngineStats, IterationStats, RequestStream)
 from kiln.runtime.config import EngineConfig
 from kiln.runtime.engine import LLMEngine
@@ -304,16 +304,8 @@ class AsyncLLMReplicas:
             self._pending += 1
             replica.in_flight += 1
             replica.num_requests += 1
-        try:
-            self._submit(functools.partial(replica.send, ("add", request_id, prompt, params)))
-            ack = await stream.queue.get()
-        except BaseException:
-            stream.abort()
-            raise
-        if isinstance(ack, BaseException):
-            stream._done()
-            raise ack
-        return stream
+        return await admitted(stream, lambda: self._submit(functools.partial(replica.send, ("add", request_id, prompt,
+                                                                                     params))))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request by id (its own consumer sees its stream end without a finished output)."""

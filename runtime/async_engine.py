@@ -129,6 +129,21 @@ class RequestStream:
             self.llm._release()
 
 
+async def admitted(stream: RequestStream, submit: Callable[[], None]) -> RequestStream:
+    """Hand a request to the engine side with `submit` and wait for its acceptance: the stream,
+    or the engine's refusal raised (the stream then closed)."""
+    try:
+        submit()
+        ack = await stream.queue.get()
+    except BaseException:
+        stream.abort()
+        raise
+    if isinstance(ack, BaseException):
+        stream._done()
+        raise ack
+    return stream
+
+
 class AsyncLLM:
     """An LLMEngine served from asyncio. `generate` / `encode` / `add_request` may be awaited from
     any event loop; `max_pending_requests` bounds the requests in flight (more raise
@@ -202,16 +217,7 @@ class AsyncLLM:
                                             f"max_pending_requests={self.max_pending_requests}; retry later")
             self._pending += 1
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
-        try:
-            self._submit(functools.partial(self._add, stream, prompt, params), stream)
-            ack = await stream.queue.get()
-        except BaseException:
-            stream.abort()
-            raise
-        if isinstance(ack, BaseException):
-            stream._done()
-            raise ack
-        return stream
+        return await admitted(stream, lambda: self._submit(functools.partial(self._add, stream, prompt, params), stream))
 
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request, one per step it progressed; the last has finished=True.
