@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from kiln.ir.ops import _rms_norm, kiln_op
 
 QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+# `LLM(quantization=...)` -> (8-bit kind, whether activations are quantized too: W8A8)
+SCHEMES = {"int8": ("int8", True), "fp8": ("fp8", True), "int8_weight_only": ("int8", False),
+           "fp8_weight_only": ("fp8", False)}
 QUANT_MAX = {"int8": 127.0, "fp8": 448.0}
 _MIN_SCALE = 1e-10  # an all-zero row quantizes to zeros instead of dividing by zero
 
@@ -32,9 +35,10 @@ _MIN_SCALE = 1e-10  # an all-zero row quantizes to zeros instead of dividing by 
 @dataclass
 class WeightQuant:
     """An 8-bit weight: `data` [N, K] int8 or fp8, `scale` [N] float32 (w ≈ data * scale[:, None]),
-    and whether the GEMM quantizes its activations too (W8A8) or only the weight. The loader
-    attaches one as `param.kiln_quant` to a parameter a pre-quantized checkpoint filled with
-    8-bit values (`data` is then the parameter itself); the quantize pass reads it."""
+    and whether the GEMM quantizes its activations too (W8A8) or only the weight. Attached as
+    `param.kiln_quant` to a parameter holding 8-bit values (`data` is then the parameter itself):
+    by the loader for a pre-quantized checkpoint, at load for `LLM(quantization=...)`
+    (frontend/quantization.py); the quantize pass reads it."""
 
     kind: str  # "int8" | "fp8"
     scale: torch.Tensor

@@ -2,17 +2,20 @@
 becomes a quantized GEMM. The model code never changes.
 
 Two sources of 8-bit weights:
-- `scheme` (from `LLM(quantization=...)`): "int8" / "fp8" quantize weights and activations (W8A8,
-  `quantize` per token + `scaled_linear`); "int8_weight_only" / "fp8_weight_only" quantize
-  weights only (`weight_only_linear`). Weights get one symmetric scale per output channel,
-  computed here from the real parameter the graph input stands for.
-- a pre-quantized checkpoint: the loader leaves the 8-bit tensor in the parameter and attaches a
-  `WeightQuant` (kind, per-channel scale, whether activations are quantized) as
-  `param.kiln_quant`; such a weight is rewritten whatever `scheme` says.
+- an 8-bit parameter with a `WeightQuant` (kind, per-channel scale, whether activations are
+  quantized) as `param.kiln_quant`: what the loader makes of a pre-quantized checkpoint, and what
+  the engine makes of every weight this pass would rewrite when `LLM(quantization=...)` asks
+  (frontend/quantization.py, at load, so that no float copy stays allocated). Such a weight is
+  rewritten whatever `scheme` says; the graph constant is the parameter itself.
+- `scheme` for a float weight: "int8" / "fp8" quantize weights and activations (W8A8, `quantize`
+  per token + `scaled_linear`); "int8_weight_only" / "fp8_weight_only" quantize weights only
+  (`weight_only_linear`). Weights get one symmetric scale per output channel, computed here from
+  the real parameter the graph input stands for, into a copy: the float parameter stays (the
+  engine leaves only weights read another way too in float, such as an LM head tied to the
+  embedding; graphs built outside the engine, as in the tests, take this path for every weight).
 
-The quantized weight and its scale become constants of the graph (get_attr). The unquantized
-parameter stays a graph input the graph no longer reads. Quantized copies are cached per
-parameter, so the recompiles torch.compile does for new shapes share one copy.
+The quantized weight and its scale become constants of the graph (get_attr). Quantized forms are
+cached per parameter, so the recompiles torch.compile does for new shapes share one.
 
 `lm_head=True` also rewrites `logits` (the output projection, 0.5 GB of a 1B model's 2.5 GB) into
 a weight-only GEMM. Off by default, as in vLLM: the last projection is the most sensitive one.
@@ -27,15 +30,9 @@ from torch import fx
 
 from kiln.ir import ops
 from kiln.ir.graph import Graph, is_kiln_op
-from kiln.ir.quant_ops import WeightQuant, quantize_weight
+from kiln.ir.quant_ops import SCHEMES, WeightQuant, quantize_weight
 
 NAME = "quantize"
-SCHEMES = {  # scheme -> (8-bit kind, quantize activations too)
-    "int8": ("int8", True),
-    "fp8": ("fp8", True),
-    "int8_weight_only": ("int8", False),
-    "fp8_weight_only": ("fp8", False),
-}
 _ATEN_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
 

@@ -64,7 +64,7 @@ class EngineConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.quantization is not None:
-            from kiln.passes.quantize import SCHEMES
+            from kiln.ir.quant_ops import SCHEMES
 
             if self.quantization not in SCHEMES:
                 raise ValueError(f"quantization={self.quantization!r} is not supported; supported: "

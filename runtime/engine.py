@@ -15,7 +15,7 @@ import torch
 
 from kiln.frontend import load_hf_config, load_model, resolve_dtype, resolve_model_path
 from kiln.frontend.config import sentence_transformers_pooling
-from kiln.frontend.quantization import checkpoint_quantization
+from kiln.frontend.quantization import checkpoint_quantization, quantize_weights
 from kiln.models import resolve_architecture
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.config import EngineConfig
@@ -138,6 +138,8 @@ class LLMEngine:
         self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
         if hasattr(self.model, "convert_from_tokens"):
             self.model.convert_from_tokens(self.tokenizer)
+        if config.quantization is not None and not getattr(self.model, "recurrent_state", False):
+            self._quantize_weights()  # (before the KV cache is sized from the memory left)
         self.parents: dict[str, _Parent] = {}
         self.requests: dict[str, Request] = {}  # child id -> request, while unfinished
         self.log_steps = os.environ.get("KILN_LOG_STEPS") == "1"
@@ -252,6 +254,17 @@ class LLMEngine:
             logger.info("kiln: captured decode CUDA graphs for batch sizes %s", graphs.sizes)
 
     # ------------------------------------------------------------ setup helpers
+
+    def _quantize_weights(self) -> None:
+        """On-the-fly quantization happens at load: the weights the quantize pass will rewrite
+        become 8-bit parameters with their scales, as a pre-quantized checkpoint's, and their float
+        values are freed (frontend/quantization.py); the pass then rewrites them as it does those."""
+        lm_head = bool((self.config.compilation_config or {}).get("quantize_lm_head", False))
+        freed, made = quantize_weights(self.model, self.config.quantization, lm_head)
+        if self.device.type == "cuda":  # hand the float weights' memory back, where mem_get_info sees it
+            torch.cuda.empty_cache()
+        logger.info("kiln: quantized weights to %s at load: %.1f MiB of float weights now %.1f MiB",
+                    self.config.quantization, freed / 2**20, made / 2**20)
 
     def _eos_token_ids(self, path: str) -> frozenset[int]:
         ids: set[int] = set()

@@ -71,6 +71,37 @@ def test_quantized_logits_stay_close(path, prompts, reference, scheme):
     assert ("kiln.scaled_linear.default" in names) == (not scheme.endswith("weight_only"))
 
 
+@pytest.mark.parametrize("scheme", ["int8", "fp8_weight_only"])
+def test_weights_are_quantized_at_load_and_no_float_copy_stays(path, prompts, reference, scheme, monkeypatch):
+    """On-the-fly quantization converts the weights when the model loads: every projection is an
+    8-bit parameter, the float bytes the model holds drop by exactly what the projections weighed
+    (embeddings, norms and lm_head stay float32), the graph's 8-bit constants are those parameters
+    (merged q/k/v and gate/up included: no second copy), and the outputs are the very ones the pass
+    gave when it quantized the float weights at trace time."""
+    llm = LLM(path, dtype="float32", quantization=scheme)
+    model = llm.llm_engine.model
+    checkpoint = load_file(os.path.join(path, "model.safetensors"))
+    projections = {n for n in checkpoint if n.endswith("_proj.weight")}
+    assert {n for n, p in model.named_parameters() if p.element_size() == 1} == projections
+    held = {p.untyped_storage().data_ptr(): (p.dtype, p.untyped_storage().nbytes()) for p in model.parameters()}
+    float_bytes = sum(n for dtype, n in held.values() if dtype == torch.float32)
+    assert float_bytes == sum(t.nbytes for n, t in checkpoint.items() if n not in projections)
+    assert sum(n for dtype, n in held.values() if dtype != torch.float32) == sum(checkpoint[n].numel() for n in projections)
+    got = distributions(llm, prompts)
+    graph = llm.llm_engine.runner.forward.kiln_backend.graphs[0]
+    constants = [getattr(graph.gm, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
+    eight_bit = [c.untyped_storage().data_ptr() for c in constants if c.element_size() == 1]
+    assert len(eight_bit) == 4 * 2 and set(eight_bit) <= set(held)  # qkv, o, gate_up, down per layer
+
+    top1, rel = closeness(got, reference)
+    min_top1, max_rel = BOUNDS[scheme]
+    assert top1 >= min_top1 and 0 < rel < max_rel
+    monkeypatch.setattr("kiln.runtime.engine.quantize_weights", lambda *args, **kwargs: (0, 0))
+    at_trace_time = LLM(path, dtype="float32", quantization=scheme)
+    assert all(p.dtype == torch.float32 for p in at_trace_time.llm_engine.model.parameters())
+    assert torch.equal(got, distributions(at_trace_time, prompts))
+
+
 def test_lm_head_quantized_on_request(path, prompts, reference):
     llm = LLM(path, dtype="float32", quantization="int8_weight_only", compilation_config={"quantize_lm_head": True})
     top1, rel = closeness(distributions(llm, prompts), reference)
@@ -228,3 +259,21 @@ def test_prequantized_checkpoint_over_two_ranks(path, prompts, tmp_path, layout)
         assert top1 >= 0.95 and rel < 0.04  # measured 0.968 / 0.019: fp8 rounding's own size (0.023 above)
     else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_at_load_over_two_ranks(path, prompts):
+    """Each rank quantizes its own shard at load: its projections are 8-bit, and two ranks stay close
+    to one (not equal: a row-parallel layer's per-channel scales are taken over each rank's half
+    of the input features)."""
+    few = prompts[:3]
+    want = distributions(LLM(path, dtype="float32", quantization="int8_weight_only"), few)
+    two = LLM(path, dtype="float32", quantization="int8_weight_only", tensor_parallel_size=2)
+    try:
+        got = distributions(two, few)
+        rank0 = {n for n, p in two.llm_engine.model.named_parameters() if p.dtype == torch.int8}
+    finally:
+        two.shutdown()
+    assert rank0 and all(n.endswith("_proj.weight") for n in rank0) and len(rank0) == 7 * 2
+    top1, rel = closeness(got, want)
+    print(f"int8 weight-only over two ranks: top-1 agreement {top1:.3f}, relative logit error {rel:.5f}")
+    assert top1 >= 0.95 and rel < 0.01  # measured 1.000 / 0.0038
