@@ -24,6 +24,7 @@ Block-wise, grouped, 4-bit and asymmetric schemes are refused by name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -148,7 +149,7 @@ def weight_uses(model: nn.Module) -> list[tuple[nn.Parameter, set[str]]] | None:
     recorder = _WeightUses()
     device = next(model.parameters()).device
     try:
-        with torch.no_grad(), torch.compiler._compile_session_context(), FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.no_grad(), _as_if_compiling(), FakeTensorMode(allow_non_fake_inputs=True):
             with recorder:
                 hidden = model(torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device))
                 try:
@@ -164,6 +165,19 @@ def weight_uses(model: nn.Module) -> list[tuple[nn.Parameter, set[str]]] | None:
         return None
     return [(p, recorder.roles[id(p)]) for p in model.parameters()  # (8-bit ones came so from the checkpoint)
             if id(p) in recorder.roles and p.dim() == 2 and p.is_floating_point() and p.element_size() > 1]
+
+
+@contextlib.contextmanager
+def _as_if_compiling():
+    """`torch.compiler.is_compiling()` true, as while torch.compile traces: kiln ops then go through
+    their custom op (the fake implementation, under fake tensors), and HF code takes the branches
+    it takes when traced. (The flag torch.export's non-strict tracing sets.)"""
+    old = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag = old
 
 
 # reads of a parameter that depend only on its shape and place: not a use of its values or dtype
