@@ -1,8 +1,8 @@
 """GPU check of tensor parallelism over NCCL: TP=2 gives TP=1's greedy tokens on a random Llama,
-and batch-1 decode time per token of both (Llama shape from the flags; eager under TP, since decode
-CUDA graphs are off there, so TP=1 is timed eager too for a like-for-like figure).
+and batch-1 decode time per token of both (Llama shape from the flags), eager, or with --compiled
+compiled with decode CUDA graphs (under TP the all-reduces are captured in them).
 
-    python benchmarks/check_tensor_parallel.py [--hidden-size 4096 --num-layers 8]
+    python benchmarks/check_tensor_parallel.py [--hidden-size 4096 --num-layers 8] [--compiled] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--compiled", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         h = args.hidden_size
@@ -33,7 +34,7 @@ def main() -> None:
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         results = {}
         for tp in (1, 2):
-            llm = LLM(path, dtype=args.dtype, tensor_parallel_size=tp, enforce_eager=True, max_model_len=512,
+            llm = LLM(path, dtype=args.dtype, tensor_parallel_size=tp, enforce_eager=not args.compiled, max_model_len=512,
                       gpu_memory_utilization=0.5)
             tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             llm.generate(prompts[0], params, use_tqdm=False)
@@ -51,7 +52,7 @@ def main() -> None:
         print(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.dtype}")
         print(f"TP=2 tokens == TP=1 tokens for {same}/{len(prompts)} prompts; first difference at {first}")
         for tp, (_, per_token) in results.items():
-            print(f"TP={tp} eager batch-1 decode {per_token * 1e3:.2f} ms/token")
+            print(f"TP={tp} {'compiled' if args.compiled else 'eager'} batch-1 decode {per_token * 1e3:.2f} ms/token")
 
 
 if __name__ == "__main__":

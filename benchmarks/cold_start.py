@@ -5,7 +5,9 @@ The checkpoint (Llama-3.2-1B shape, random bf16 weights) is built once beforehan
 timed. Each start is a new Python process that imports kiln, builds `LLM(path)` (compiled on CUDA:
 trace, passes, Inductor, decode CUDA graphs) and generates one token from a 128-token prompt.
 
-    python benchmarks/cold_start.py
+    python benchmarks/cold_start.py [--verbose]
+
+--verbose prints each start's phase timings (the engine's log) and a profile of its first generate.
 """
 
 from __future__ import annotations
@@ -18,17 +20,32 @@ import tempfile
 import time
 
 PROBE = """
-import sys, time, json
+import sys, time, json, logging, cProfile, pstats, io
 t0 = float(sys.argv[2])
+logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(message)s")
+logging.getLogger("kiln").setLevel(logging.INFO)
 from kiln import LLM, SamplingParams
+t_import = time.time()
 llm = LLM(sys.argv[1], dtype="bfloat16", max_num_seqs=64, max_model_len=1024)
 t_built = time.time()
-llm.generate({"prompt_token_ids": list(range(100, 228))}, SamplingParams(max_tokens=1), use_tqdm=False)
-print(json.dumps({"built": t_built - t0, "first_token": time.time() - t0}))
+prompt, params = {"prompt_token_ids": list(range(100, 228))}, SamplingParams(max_tokens=1)
+profile = cProfile.Profile()
+profile.enable()
+llm.generate(prompt, params, use_tqdm=False)
+profile.disable()
+t_first = time.time()
+llm.generate(prompt, params, use_tqdm=False)
+t_second = time.time()
+out = io.StringIO()
+pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(25)
+print(out.getvalue(), file=sys.stderr)
+print(json.dumps({"import": t_import - t0, "built": t_built - t0, "first_token": t_first - t0,
+                  "second_call": t_second - t_first}))
 """
 
 
 def main() -> None:
+    verbose = "--verbose" in sys.argv
     sys.path.insert(0, os.path.dirname(__file__))
     from decode_latency import LLAMA_1B
 
@@ -45,13 +62,17 @@ def main() -> None:
             if out.returncode != 0:
                 sys.exit(out.stderr[-3000:])
             rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
+            if verbose:  # the engine's phase timings, and where the first generate spent its time
+                print(f"--- {label}\n" + "\n".join(line for line in out.stderr.splitlines()
+                                                    if " ms kiln:" in line or "cumtime" in line or "{" in line
+                                                    or line.strip()[:1].isdigit())[-6000:])
     import torch
 
     print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} | torch {torch.__version__}")
     print("Llama-3.2-1B shape, bf16; a fresh process each start; prompt 128 tokens, 1 new token")
-    print(f"{'':22}{'LLM built s':>14}{'first token s':>16}")
+    print(f"{'':22}{'imports s':>10}{'LLM built s':>14}{'first token s':>16}{'2nd call s':>12}")
     for label, r in rows:
-        print(f"{label:22}{r['built']:14.1f}{r['first_token']:16.1f}")
+        print(f"{label:22}{r['import']:10.1f}{r['built']:14.1f}{r['first_token']:16.1f}{r['second_call']:12.3f}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ folder on sys.path, which also works when `kiln bench` runs it with runpy.)"""
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 
 import torch
 import transformers
 
-from kiln.runtime.demo import build_checkpoint
+from kiln.runtime.demo import build_checkpoint, tiny_config, train_tokenizer
 
 
 def device_and_dtype(device: str = "auto", dtype: str | None = None) -> tuple[torch.device, str]:
@@ -40,3 +42,46 @@ def header(device: torch.device, dtype: str) -> str:
 def runs(times: dict[str, list[float]], digits: int = 2) -> str:
     """Every timed run of every side, so a noisy median can be seen as one."""
     return "runs s: " + ", ".join(f"{name} " + " ".join(f"{t:.{digits}f}" for t in ts) for name, ts in times.items())
+
+
+def large_random_checkpoint(path: str, architecture: str = "LlamaForCausalLM", dtype: str = "bfloat16",
+                            shard_bytes: int = 4 << 30, seed: int = 0, **config) -> str:
+    """A random checkpoint too large to initialise through transformers in good time (an 8B shape:
+    16 GB): the tensor names and shapes from a model on the meta device, the values drawn on the
+    GPU (normal, std initializer_range; norms ones), written as sharded safetensors with an index."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tokenizer()
+    hf_config = tiny_config(architecture, **{"vocab_size": len(tokenizer), **config})
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    if hf_config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    os.makedirs(path, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(seed)
+    std, torch_dtype = hf_config.initializer_range, getattr(torch, dtype)
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            current[name] = torch.ones(shape, dtype=torch_dtype)
+        else:
+            current[name] = (torch.randn(shape, generator=generator, device=device) * std).to(torch_dtype).cpu()
+        size += current[name].numel() * current[name].element_size()
+        if size >= shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    hf_config.torch_dtype = dtype
+    hf_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

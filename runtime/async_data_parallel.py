@@ -83,6 +83,7 @@ def _replica_main(conn, config: EngineConfig, rank: int) -> None:
     try:
         if config.device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > rank:
             config = dataclasses.replace(config, device=f"cuda:{rank}")
+            torch.cuda.set_device(rank)  # (kernels launch and CUDA graphs capture on the current device)
         llm = AsyncLLM.from_config(config)
         conn.send(("ready", PromptEngine(llm.engine) if rank == 0 else None))
     except BaseException:  # noqa: BLE001 - reported to the front, which raises it

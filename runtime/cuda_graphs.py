@@ -4,13 +4,17 @@ to the next bucket, fills the buffers and replays, so the step costs its kernels
 
 Padding rows compute garbage that nobody reads: they write their key and value into a scratch
 block the block manager never hands out, and attend over it alone (length 1).
+
+Under tensor parallelism every rank captures the same buckets in the same order, its all_reduces
+(NCCL) recorded in its graphs; rank 0 sends each replayed step's inputs to the workers, which
+replay theirs (runtime/tensor_parallel.py). Such graphs hold NCCL's communicator: they must go
+before the process group does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
@@ -34,14 +38,28 @@ class DecodeGraphs:
         # one row more than the largest bucket: a graph's inputs are then always strict slices of
         # the buffers, so torch.compile sees the same kind of view for every size (no recompiles)
         n = self.sizes[-1] + 1
+        self.rows, self.max_blocks = n, max_blocks_per_seq
         self.scratch_slot = scratch_block * block_size
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.long, device=device)
-        self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        # A step's inputs reach the device in one copy from pinned memory, into one int64 buffer
+        # that the static inputs are views of: [ids | positions | slots | seq_lens | cross slots |
+        # block tables (n x max_blocks)]. (A copy from pageable memory would make the host wait for
+        # the queued work, the step in flight included, which undoes async scheduling's overlap.)
+        self.staging = torch.zeros(5 * n + n * max_blocks_per_seq, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping, seq_lens, self.cross_slots = self.staging[:5 * n].view(5, n)
+        self.block_tables = self.staging[5 * n:].view(n, max_blocks_per_seq)
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.block_tables.fill_(scratch_block)
+        seq_lens.fill_(1)
+        self.seq_lens_long = seq_lens
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)  # (the kernels' dtype: converted in the graph)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.cross_slots = torch.zeros(n, dtype=torch.long, device=device)  # padding rows read slot 0, harmlessly
+        # two pinned host buffers, alternating: the host fills one while the other's copy may still be queued
+        pinned = device.type == "cuda"
+        self.host = [torch.zeros_like(self.staging, device="cpu").pin_memory() if pinned
+                     else torch.zeros_like(self.staging, device="cpu") for _ in range(2)]
+        self.host_arrays = [h.numpy() for h in self.host]
+        self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -63,6 +81,7 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
+                    self.seq_lens[:b].copy_(self.seq_lens_long[:b])
                     self.outputs[b] = self.forward(self.input_ids[:b], self.positions[:b])
             if self.pool is None:
                 self.pool = graph.pool()
@@ -78,21 +97,35 @@ class DecodeGraphs:
         (tokens, rows, src) of async scheduling, input_ids[rows] = tokens[src] on the device."""
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
-        pad = padded - b
-        self.input_ids[:padded].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[:padded].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slot_mapping[:padded].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.seq_lens[:padded].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        width = max(len(t) for t in block_tables)
-        rows = np.full((padded, width), self.scratch_slot // self.block_size, dtype=np.int64)
-        for i, t in enumerate(block_tables):  # (numpy: a row from a list costs a tenth of torch.tensor's)
-            rows[i, :len(t)] = t
-        self.block_tables[:padded, :width].copy_(torch.from_numpy(rows), non_blocking=True)
-        if cross_slots is not None:
-            self.cross_slots[:padded].copy_(torch.tensor(cross_slots + [0] * pad), non_blocking=True)
+        self.stage(input_ids, positions, slots, block_tables, seq_lens, cross_slots, padded)
         if fill is not None:
             from kiln.runtime.model_runner import fill_in
 
             fill_in(self.input_ids, *fill)
         self.graphs[padded].replay()
         return self.outputs[padded][:b]
+
+    def stage(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+              seq_lens: list[int], cross_slots: list[int] | None, padded: int) -> None:
+        """Write the step's inputs, padded to `padded` rows, into a pinned host buffer and queue its
+        copy into the static buffers."""
+        n, b, turn = self.rows, len(input_ids), self.turn
+        self.turn ^= 1
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # (its last copy, two steps ago: long done)
+        host, array = self.host[turn], self.host_arrays[turn]
+        heads = array[:5 * n].reshape(5, n)
+        heads[0, :b], heads[0, b:padded] = input_ids, 0
+        heads[1, :b], heads[1, b:padded] = positions, 0
+        heads[2, :b], heads[2, b:padded] = slots, self.scratch_slot
+        heads[3, :b], heads[3, b:padded] = seq_lens, 1
+        heads[4, :b], heads[4, b:padded] = cross_slots if cross_slots is not None else 0, 0
+        tables = array[5 * n:].reshape(n, self.max_blocks)
+        for i, t in enumerate(block_tables):  # (columns past a row's length are never read)
+            tables[i, :len(t)] = t
+        tables[b:padded, 0] = self.scratch_slot // self.block_size
+        # rows past `padded`, and a row's columns past its length, keep stale values nobody reads
+        self.staging[:5 * n + padded * self.max_blocks].copy_(host[:5 * n + padded * self.max_blocks],
+                                                               non_blocking=True)
+        if self.copied[turn] is not None:
+            self.copied[turn].record()

@@ -23,6 +23,7 @@ def _replica_main(conn, llm_kwargs: dict, rank: int) -> None:
     try:
         if torch.cuda.is_available() and torch.cuda.device_count() > rank:
             llm_kwargs = {**llm_kwargs, "device": f"cuda:{rank}"}
+            torch.cuda.set_device(rank)  # (kernels launch and CUDA graphs capture on the current device)
         llm = LLM(**llm_kwargs)
         conn.send(("ready", None))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -118,6 +120,7 @@ class LLMEngine:
 
             self.tp = launch(config, self.hf_config, model_cls, self.architecture, self.device)
         shard = self.tp.shard(model_cls, self.hf_config, self.architecture) if self.tp is not None else None
+        start = time.perf_counter()
         if self.model_impl == "transformers":  # transformers loads its own weights
             if checkpoint_quant is not None:
                 raise ValueError(f"pre-quantized checkpoints ({checkpoint_quant.method}) load into kiln's native "
@@ -128,6 +131,7 @@ class LLMEngine:
             self.model = load_model(model_cls, self.hf_config, self.architecture, self.dtype, self.device, path,
                                     self.max_model_len, kv_scales=self.checkpoint_kv_scales, quant=checkpoint_quant,
                                     shard=shard)
+        logger.info("kiln: model loaded in %.1f s", time.perf_counter() - start)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             from transformers import AutoTokenizer
@@ -242,16 +246,24 @@ class LLMEngine:
                     f", quantization {self.config.quantization}" if self.config.quantization else "",
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         if (not eager and self.device.type == "cuda" and options.get("cudagraph", True)
-                and self.runner.kv_caches is not None and self.tp is None):
+                and self.runner.kv_caches is not None):
             from kiln.runtime.cuda_graphs import DecodeGraphs
 
-            graphs = DecodeGraphs(self.runner.forward, self.runner.kv_caches, self.config.block_size,
+            # under tensor parallelism every rank captures the same sizes in the same order, its
+            # all_reduces recorded into the graphs (NCCL captures); rank 0 captures its own shard's
+            # forward, not the one that also sends the step to the workers
+            forward = getattr(self.runner, "shard_forward", self.runner.forward)
+            graphs = DecodeGraphs(forward, self.runner.kv_caches, self.config.block_size,
                                   -(-self.max_model_len // self.config.block_size), self.runner.num_blocks,
                                   self.config.max_num_seqs, self.device, self.runner.cross_kv_caches,
                                   self.runner.kv_scales)
-            graphs.capture()
+            start = time.perf_counter()
+            with self.tp.step() if self.tp is not None else contextlib.nullcontext():
+                graphs.capture()
             self.runner.decode_graphs = graphs
-            logger.info("kiln: captured decode CUDA graphs for batch sizes %s", graphs.sizes)
+            # (the first capture runs the first forward, which is when torch.compile compiles)
+            logger.info("kiln: compiled and captured decode CUDA graphs for batch sizes %s in %.1f s", graphs.sizes,
+                        time.perf_counter() - start)
 
     # ------------------------------------------------------------ setup helpers
 

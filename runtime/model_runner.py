@@ -140,7 +140,7 @@ class ModelRunner:
             tables = [r.block_ids for r, _ in step.scheduled]
             cross = [r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None
             filled = (fill.tokens, fill_rows, fill_src) if fill_rows else None
-            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross, filled), rows
+            return self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens, cross, fill=filled), rows
         max_blocks = max(1, max(len(r.block_ids) for r, _ in step.scheduled))
         table = np.zeros((len(step.scheduled), max_blocks), dtype=np.int64)
         for i, (req, _) in enumerate(step.scheduled):  # (numpy: a row from a list costs a tenth of torch.tensor's)

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import gc
 import os
 import threading
 import time
@@ -161,6 +162,9 @@ class TensorParallel:
         self.store, self.group, self.workers = store, group, list(workers)
         self.model_shard: Shard | None = None
         self.closed: str | None = None  # why the group was shut down
+        # Called before the group is dropped: CUDA graphs that captured NCCL collectives hold the
+        # communicator, whose destruction waits until they are gone (pytorch/pytorch#115388).
+        self.before_shutdown: list = []
         # rank 0: stop the workers when this object goes away (engine dropped, interpreter exit)
         self._stop = weakref.finalize(self, _stop_workers, self.workers, release)
 
@@ -229,7 +233,13 @@ class TensorParallel:
         """Stop the workers (rank 0). Idempotent."""
         if self.closed is None:
             self.closed = reason
-        self.group = self.store = None  # first: a worker blocked in a collective with rank 0 sees it fail
+        for worker in self.workers:  # a worker waiting for its next step drops its graphs and group, and exits
+            worker.request_stop()
+        if self.before_shutdown:
+            while self.before_shutdown:
+                self.before_shutdown.pop()()
+            gc.collect()
+        self.group = self.store = None  # a worker blocked in a collective with rank 0 sees it fail
         self._stop()
 
 
@@ -326,6 +336,18 @@ class TensorParallelRunner(ModelRunner):
         self.tp.send(("step", StepInputs.pack(args, kwargs, get_forward_context())))
         return self.shard_forward(*args, **kwargs)
 
+    # Decode CUDA graphs (every rank captured the same ones): a decode step they cover sends its
+    # inputs, host lists, to the workers, which replay their graph as rank 0 replays its own.
+    @property
+    def decode_graphs(self):
+        return self._graphs_over_group
+
+    @decode_graphs.setter
+    def decode_graphs(self, graphs) -> None:
+        self._graphs_over_group = None if graphs is None else _GraphsOverGroup(self.tp, graphs)
+        if graphs is not None:
+            self.tp.before_shutdown.append(functools.partial(setattr, self, "decode_graphs", None))
+
     def execute(self, step, fill=None):
         with self.tp.step():
             return super().execute(step, fill)
@@ -342,6 +364,25 @@ class TensorParallelRunner(ModelRunner):
                 return super().compute_logits(hidden, rows)
             self.tp.send(("logits", rows))
             return ops.all_gather(super().compute_logits(hidden, rows), -1)[:, :shard.vocab_size]
+
+
+class _GraphsOverGroup:
+    """Rank 0's decode graphs: each replay first sends the step's inputs to the workers."""
+
+    def __init__(self, tp: TensorParallel, graphs):
+        self.tp, self.graphs = tp, graphs
+
+    def fits(self, batch: int) -> bool:
+        return self.graphs.fits(batch)
+
+    def run(self, input_ids: list[int], *args, fill=None) -> torch.Tensor:
+        if fill is not None:  # async scheduling: the workers need the sampled tokens, so wait for them
+            input_ids = list(input_ids)
+            tokens, rows, src = fill
+            for row, token in zip(rows, tokens[src].tolist()):
+                input_ids[row] = token
+        self.tp.send(("graph", (input_ids, *args)))
+        return self.graphs.run(input_ids, *args)
 
 
 # ---------------------------------------------------------------- the workers
@@ -380,13 +421,17 @@ def _serve(engine, conn, tp: TensorParallel) -> None:
             try:
                 kind, payload = conn.recv()
             except EOFError:  # rank 0 is gone
-                return
+                kind = "stop"
             if kind == "stop":
+                runner.decode_graphs = None  # (before the group goes: they hold its communicator)
+                gc.collect()
                 return
             if kind == "step":
                 args, kwargs, context = payload.unpack(runner)
                 with set_forward_context(context):
                     hidden = runner.forward(*args, **kwargs)
+            elif kind == "graph":  # a decode step the captured graphs cover
+                hidden = runner.decode_graphs.run(*payload)
             elif kind == "logits":  # join the gather; only rank 0 samples
                 ops.all_gather(runner.compute_logits(hidden, payload), -1)
 

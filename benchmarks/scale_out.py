@@ -1,0 +1,148 @@
+"""Scale-out on a 2-GPU machine: tensor parallelism for batch-1 decode and data parallelism for
+offline throughput, each against one GPU in the same run (issue 7's targets: TP=2 at least 1.75x
+TP=1 tokens/s; DP=2 at least 1.9x one GPU's throughput).
+
+Model: the Llama-3.1-8B shape (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336,
+vocab 128256, untied head), random bf16 weights written once to a temp dir. All runs compiled
+(decode CUDA graphs, with the all-reduces captured inside under TP). Batch-1 decode: a 128-token
+prompt, --new-tokens greedy tokens; the time of a 1-token run (the prefill) is subtracted.
+Throughput: --num-prompts requests, prompt lengths uniform in [128, 1024], 128 output tokens each
+(ignore_eos). --small runs a 1B-ish shape for a quick check.
+
+    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--checkpoint DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=14336, max_position_embeddings=2048, tie_word_embeddings=False,
+                initializer_range=0.02, vocab_size=128256)
+SMALL = dict(LLAMA_8B, hidden_size=2048, num_hidden_layers=8, intermediate_size=8192)
+
+
+def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
+    from kiln import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(1000, 1128))}
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(8)  # warm up
+    prefill = statistics.median(timed(1) for _ in range(repeats))
+    full = statistics.median(timed(new_tokens + 1) for _ in range(repeats))
+    return (full - prefill) / new_tokens * 1e3
+
+
+def throughput_s(llm, work) -> float:
+    from kiln import SamplingParams
+
+    prompts = [{"prompt_token_ids": ids} for ids, _ in work]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
+    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm up
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    assert sum(len(o.outputs[0].token_ids) for o in outputs) == sum(n for _, n in work)
+    return elapsed
+
+
+def greedy_tokens(llm, new_tokens: int = 32) -> list[list[int]]:
+    from kiln import SamplingParams
+
+    prompts = [{"prompt_token_ids": list(range(500 + 7 * i, 560 + 7 * i))} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def phase(name: str, path: str, args) -> dict:
+    """One configuration in this process: build it, measure, print a JSON line."""
+    from kiln import LLM
+
+    shape = SMALL if args.small else LLAMA_8B
+    rng = random.Random(0)
+    work = [([rng.randrange(6, shape["vocab_size"]) for _ in range(rng.randint(128, 1024))], 128)
+            for _ in range(args.num_prompts)]
+    layout = {"tp1": {}, "tp2": {"tensor_parallel_size": 2}, "dp2": {"data_parallel_size": 2}}[name]
+    t0 = time.perf_counter()
+    llm = LLM(path, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, gpu_memory_utilization=0.85, **layout)
+    result = {"built_s": time.perf_counter() - t0}
+    if name != "dp2":
+        result["tokens"] = greedy_tokens(llm)
+        result["decode_ms"] = decode_ms_per_token(llm, args.new_tokens)
+    if name != "tp2" and not args.skip_dp:
+        result["throughput_s"] = throughput_s(llm, work)
+    llm.shutdown()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--skip-dp", action="store_true")
+    p.add_argument("--skip-tp", action="store_true")
+    p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
+    p.add_argument("--phase", choices=["tp1", "tp2", "dp2"], help=argparse.SUPPRESS)  # (one configuration)
+    args = p.parse_args()
+    if args.phase:
+        print(json.dumps(phase(args.phase, args.checkpoint, args)))
+        return
+    from common import large_random_checkpoint
+
+    shape = SMALL if args.small else LLAMA_8B
+    with tempfile.TemporaryDirectory(prefix="kiln-scale-") as tmp:
+        t0 = time.perf_counter()
+        path = args.checkpoint or os.path.join(tmp, "model")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            large_random_checkpoint(path, **shape)
+            print(f"checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+              f"shape {'small' if args.small else 'Llama-3.1-8B'} | bf16", flush=True)
+        results = {}
+        # each configuration in a fresh process: the GPU memory of one is wholly free for the next
+        for name in ["tp1"] + ([] if args.skip_tp else ["tp2"]) + ([] if args.skip_dp else ["dp2"]):
+            flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
+                                  *flags], capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            shown = {k: round(v, 3) for k, v in results[name].items() if k != "tokens"}
+            print(f"{name}: {shown}", flush=True)
+
+    rows = []
+    if "tp2" in results:
+        a, b = results["tp1"]["tokens"], results["tp2"]["tokens"]
+        first = [next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), len(s)) for s, t in zip(a, b)]
+        print(f"TP=2 greedy tokens == TP=1 for {sum(s == t for s, t in zip(a, b))}/{len(a)} prompts "
+              f"(first difference at {first})")
+        rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
+    if "dp2" in results:
+        rows.append((f"{args.num_prompts} requests, s", results["tp1"]["throughput_s"], results["dp2"]["throughput_s"]))
+    print("\n| | one GPU | two GPUs | speedup | target |\n|---|---|---|---|---|")
+    for (name, one, two), target in zip(rows, [1.75 if "tp2" in results else 1.9, 1.9]):
+        print(f"| {name} | {one:.3f} | {two:.3f} | **{one / two:.2f}x** | {target}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The decode graphs' inputs: staged on the host and copied in one go into the buffers the graphs
+read (the capture and replay need CUDA; the staging is checked here, on CPU)."""
+
+import torch
+
+from kiln.runtime.cuda_graphs import DecodeGraphs, bucket_sizes
+
+
+def _graphs(max_num_seqs=6, max_blocks=5, scratch_block=9, block_size=4):
+    return DecodeGraphs(forward=None, kv_caches=[], block_size=block_size, max_blocks_per_seq=max_blocks,
+                        scratch_block=scratch_block, max_num_seqs=max_num_seqs, device=torch.device("cpu"))
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(6) == [1, 2, 4, 6]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+
+
+def test_stage_fills_rows_and_pads_to_the_bucket_with_the_scratch_block():
+    g = _graphs()
+    g.stage([11, 12, 13], [7, 3, 9], [29, 14, 37], [[7, 1], [3], [8, 2, 9]], [8, 4, 10], [5, 6, 7], padded=4)
+    assert g.input_ids[:4].tolist() == [11, 12, 13, 0]
+    assert g.positions[:4].tolist() == [7, 3, 9, 0]
+    assert g.slot_mapping[:4].tolist() == [29, 14, 37, g.scratch_slot]
+    assert g.seq_lens_long[:4].tolist() == [8, 4, 10, 1]
+    assert g.cross_slots[:4].tolist() == [5, 6, 7, 0]
+    assert g.block_tables[0, :2].tolist() == [7, 1] and g.block_tables[1, :1].tolist() == [3]
+    assert g.block_tables[2, :3].tolist() == [8, 2, 9] and g.block_tables[3, 0].item() == 9
+
+
+def test_a_smaller_step_after_a_larger_one_reads_only_its_own_rows():
+    """Stale values stay only where nothing reads them: past `padded`, and past a row's blocks."""
+    g = _graphs()
+    g.stage([1, 2, 3, 4, 5], [4, 4, 4, 4, 4], [16, 17, 18, 19, 20], [[4, 5]] * 5, [5] * 5, None, padded=6)
+    g.stage([8], [2], [10], [[2]], [3], None, padded=1)
+    assert g.input_ids[0].item() == 8 and g.slot_mapping[0].item() == 10 and g.seq_lens_long[0].item() == 3
+    assert g.block_tables[0, 0].item() == 2 and g.cross_slots[0].item() == 0
+    # the alternate host buffer was written the step before: both steps landed whole
+    g.stage([6, 7], [1, 1], [4, 8], [[1], [2]], [2, 2], None, padded=2)
+    assert g.input_ids[:2].tolist() == [6, 7] and g.block_tables[:2, 0].tolist() == [1, 2]
