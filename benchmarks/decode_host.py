@@ -29,10 +29,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_checkpoint(tmp, "LlamaForCausalLM")
+        path = build_checkpoint(tmp, "LlamaForCausalLM", max_position_embeddings=max(512, args.prompt_len + args.new_tokens))
         llm = LLM(path, dtype="float32", enable_prefix_caching=False, max_num_seqs=args.batch,
                   async_scheduling=args.async_scheduling)
-        prompts = [{"prompt_token_ids": list(range(10 + i, 10 + i + args.prompt_len))} for i in range(args.batch)]
+        # ids 10.. wrapped into the demo tokenizer's 384 (the same prompts as before for short ones)
+        prompts = [{"prompt_token_ids": [10 + (i + j) % 370 for j in range(args.prompt_len)]} for i in range(args.batch)]
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         llm.generate(prompts, params, use_tqdm=False)
         runner, forward_s = llm.llm_engine.runner, [0.0]

@@ -68,6 +68,8 @@ class BlockManager:
         from the prefix cache, when it holds none yet). False, changing nothing, when the pool is short."""
         have = len(request.block_ids) + len(cached_blocks)
         total = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        if not cached_blocks and total <= have * self.block_size:  # (most decode steps: room in its last block)
+            return True
         need_new = max(self.blocks_needed(total) - have, 0)
         reclaimable = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
         if need_new + reclaimable > self.num_free_blocks:
@@ -92,12 +94,12 @@ class BlockManager:
         """Register the request's newly filled blocks under their hashes."""
         if not self.enable_prefix_caching:
             return
-        tokens = request.all_token_ids
+        known = len(request.prompt_token_ids) + len(request.output_token_ids)
         # (a token still being sampled on the device is computed but not known: its block waits)
-        num_full = min(min(request.num_computed_tokens, len(tokens)) // self.block_size, len(request.block_ids))
+        num_full = min(min(request.num_computed_tokens, known) // self.block_size, len(request.block_ids))
         for i in range(len(request.block_hashes), num_full):
             parent = request.block_hashes[-1] if request.block_hashes else None
-            h = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            h = hash_block(parent, request.token_ids(i * self.block_size, (i + 1) * self.block_size))
             request.block_hashes.append(h)
             b = request.block_ids[i]
             if self.block_hash[b] is None:

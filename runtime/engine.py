@@ -28,7 +28,7 @@ from kiln.runtime.pooler import PooledStep, pool_step
 from kiln.runtime.pooling_params import PoolerConfig, PoolingParams
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampler import Sampler, SamplerOutput
-from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 from kiln.runtime.scheduler import CrossSlots, PoolingScheduler, Scheduler
 from kiln.runtime.state_slots import StateSlots
 
@@ -75,6 +75,11 @@ class _Parent:
     @property
     def finished(self) -> bool:
         return all(c.is_finished for c in self.children)
+
+    @property
+    def reports(self) -> bool:
+        """Whether a step that advanced it returns an output (FINAL_ONLY: only the last does)."""
+        return self.children[0].params.output_kind is not RequestOutputKind.FINAL_ONLY or self.finished
 
 
 class LLMEngine:
@@ -623,7 +628,7 @@ class LLMEngine:
         for i, (req, _) in enumerate(rows.sample):
             self._append_token(req, i, sampled)
             progressed[req.parent.request_id] = req.parent
-        return [self._output(p) for p in progressed.values()]
+        return [self._output(p) for p in progressed.values() if p.reports]
 
     def _advance(self, step) -> None:
         """The step's tokens are (being) computed: count them, and register newly full blocks."""
@@ -693,7 +698,7 @@ class LLMEngine:
             req.num_pending -= 1
             self._append_token(req, i, sampled)
             progressed[req.parent.request_id] = req.parent
-        return [self._output(p) for p in progressed.values()]
+        return [self._output(p) for p in progressed.values() if p.reports]
 
     def _pooling_step(self) -> list[PoolingRequestOutput]:
         """Queue this step's forward and pooling on the device, then collect the previous step's

@@ -16,7 +16,7 @@ from kiln.runtime.outputs import (ClassificationOutput, ClassificationRequestOut
                                   EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
                                   ScoringRequestOutput)
 from kiln.runtime.pooling_params import PoolingParams
-from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -105,6 +105,9 @@ class LLM:
             raise ValueError(f"{engine.architecture} is loaded as a pooling model (runner='pooling'): use "
                              "embed/classify/score/reward/encode, or load it with runner='generate'")
         prompts = engine.prepare_prompts(prompts)  # validates everything before queueing anything
+        # one output per request, when it finishes: as vLLM's LLM does (no per-step output objects)
+        final = {id(p): p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params if isinstance(p, SamplingParams)}
+        params = [final.get(id(p), p) for p in params]
         return self._run(engine.add_request, prompts, params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

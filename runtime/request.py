@@ -79,6 +79,17 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end], without building all_token_ids (a long prompt copied for a
+        few tokens, per request per step, adds up)."""
+        prompt, output = self.prompt_token_ids, self.output_token_ids
+        p = len(prompt)
+        if start >= p:
+            return output[start - p:end - p]
+        if end <= p:
+            return prompt[start:end]
+        return prompt[start:] + output[:end - p]
+
     @property
     def num_tokens(self) -> int:
         """Tokens the request has, including one the device is still sampling (async scheduling)."""

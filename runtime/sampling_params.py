@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What the engine returns for a request as it progresses (vLLM's names): CUMULATIVE, an output
+    with everything so far at every step; FINAL_ONLY, one output when it finishes (what
+    `LLM.generate` asks for: no per-step output objects to build). DELTA is not served."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -30,6 +41,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None  # sample only among these
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine: the tokenizer's EOS id(s) that end a request unless ignore_eos.
     _eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
 
@@ -81,6 +93,8 @@ class SamplingParams:
             bad("allowed_token_ids", self.allowed_token_ids, "None or a non-empty list of token ids >= 0")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             bad("seed", self.seed, "None or an integer in [0, 2**63)")
+        if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            bad("output_kind", self.output_kind, "RequestOutputKind.CUMULATIVE or FINAL_ONLY (DELTA is not served)")
 
     @property
     def greedy(self) -> bool:

@@ -442,3 +442,12 @@ def test_chunked_prefill_respects_budget():
         a.num_computed_tokens += out.scheduled[0][1]
         sim.bm.cache_full_blocks(a)
     assert chunks == [16, 16, 16, 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompt=st.lists(st.integers(0, 99), min_size=1, max_size=12), output=st.lists(st.integers(0, 99), max_size=12),
+       start=st.integers(0, 25), length=st.integers(0, 25))
+def test_token_ids_is_a_slice_of_all_token_ids(prompt, output, start, length):
+    req = Request("r", prompt, SamplingParams(), max_tokens=16)
+    req.output_token_ids = list(output)
+    assert req.token_ids(start, start + length) == req.all_token_ids[start:start + length]

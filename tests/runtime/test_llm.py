@@ -85,6 +85,28 @@ def test_output_object_fields(llm):
         assert sorted(v.rank for v in lp.values())[:3] == [1, 2, 3]
 
 
+def test_output_kinds_cumulative_reports_every_step_final_only_the_last(llm):
+    """The engine API: CUMULATIVE (the default) returns an output each step; FINAL_ONLY (what
+    LLM.generate asks for) only the finished one, equal to CUMULATIVE's last; DELTA is refused."""
+    from kiln.runtime.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    runs = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+        engine.add_request(f"kind-{kind.name}", PROMPTS[1], greedy(max_tokens=6, output_kind=kind))
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        runs[kind] = outs
+    cumulative, final = runs[RequestOutputKind.CUMULATIVE], runs[RequestOutputKind.FINAL_ONLY]
+    assert len(cumulative) == 6 and [o.finished for o in cumulative] == [False] * 5 + [True]
+    assert len(final) == 1 and final[0].finished
+    assert final[0].outputs[0].token_ids == cumulative[-1].outputs[0].token_ids
+    assert final[0].outputs[0].text == cumulative[-1].outputs[0].text
+    with pytest.raises(ValueError, match="DELTA is not served"):
+        SamplingParams(output_kind=RequestOutputKind.DELTA)
+
+
 def test_stop_token_ids_stop_strings_and_min_tokens(llm, reference):
     ref = reference[1]
     stop_tok = ref[5]
