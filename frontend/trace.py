@@ -35,10 +35,11 @@ def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = T
           method: str = "forward") -> Callable:
     """The model's forward (or another method, as `compute_logits`), compiled through kiln's
     backend. The first call traces; sizes along the token dimension are symbolic, so batches of
-    any size reuse the graph (1 is specialised once)."""
+    any size reuse the graph (for HF models through the backend, 1 is specialised once)."""
     backend = KilnBackend(lower, strict)
     # torch.compile caches per code object: every model instance of a class shares one budget of
-    # recompiles (8 by default), and each instance compiles twice (one token, and any number)
+    # recompiles (8 by default), and each instance compiles at least once (an HF model twice: one
+    # token, and any number)
     config = torch._dynamo.config
     for name, floor in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
         if hasattr(config, name):
@@ -46,6 +47,14 @@ def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = T
     compiled = torch.compile(getattr(model, method), backend=backend, dynamic=True, fullgraph=strict)
 
     def forward(*args, **kwargs):
+        if strict:
+            # A native model's token dimension (dim 0 of its tensor arguments: ids, positions, hidden
+            # states) is unbacked: no guard that it is >= 2, so one graph serves one token and
+            # any number, compiled once instead of twice (kiln's models never branch on it; an HF
+            # model might, so the backend's keep 1 specialised).
+            for arg in args:
+                if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+                    torch._dynamo.decorators.mark_unbacked(arg, 0)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
