@@ -5,13 +5,18 @@ The checkpoint (Llama-3.2-1B shape, random bf16 weights) is built once beforehan
 timed. Each start is a new Python process that imports kiln, builds `LLM(path)` (compiled on CUDA:
 trace, passes, Inductor, decode CUDA graphs) and generates one token from a 128-token prompt.
 
-    python benchmarks/cold_start.py [--verbose]
+    python benchmarks/cold_start.py [--verbose] [--small] [--new-tokens N]
 
 --verbose prints each start's phase timings (the engine's log) and a profile of its first generate.
+--small: a 16-layer Llama of hidden size 128 in float32 (a CPU check of the compile path; on a CPU
+the start compiles with Inductor's CPU backend, without CUDA graphs). --new-tokens: tokens the
+first generate makes (default 1; more also times the first decode steps, which on a CPU is when
+the one-token shape is first compiled).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -26,9 +31,9 @@ logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(mess
 logging.getLogger("kiln").setLevel(logging.INFO)
 from kiln import LLM, SamplingParams
 t_import = time.time()
-llm = LLM(sys.argv[1], dtype="bfloat16", max_num_seqs=64, max_model_len=1024)
+llm = LLM(sys.argv[1], enforce_eager=False, max_num_seqs=64, max_model_len=1024, **json.loads(sys.argv[3]))
 t_built = time.time()
-prompt, params = {"prompt_token_ids": list(range(100, 228))}, SamplingParams(max_tokens=1)
+prompt, params = {"prompt_token_ids": list(range(100, 228))}, SamplingParams(max_tokens=int(sys.argv[4]), ignore_eos=True)
 profile = cProfile.Profile()
 profile.enable()
 llm.generate(prompt, params, use_tqdm=False)
@@ -45,19 +50,31 @@ print(json.dumps({"import": t_import - t0, "built": t_built - t0, "first_token":
 
 
 def main() -> None:
-    verbose = "--verbose" in sys.argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--new-tokens", type=int, default=1)
+    args = p.parse_args()
+    verbose = args.verbose
     sys.path.insert(0, os.path.dirname(__file__))
     from decode_latency import LLAMA_1B
 
     from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="kiln-cold-") as tmp:
-        path = build_checkpoint(os.path.join(tmp, "model"), "LlamaForCausalLM", dtype="bfloat16",
-                                tokenizer=train_tokenizer(), vocab_size=128256, **LLAMA_1B)
+        if args.small:
+            dtype, shape = "float32", dict(num_hidden_layers=16, hidden_size=128, intermediate_size=256,
+                                           max_position_embeddings=1024)
+            path = build_checkpoint(os.path.join(tmp, "model"), "LlamaForCausalLM", dtype=dtype, **shape)
+        else:
+            dtype = "bfloat16"
+            path = build_checkpoint(os.path.join(tmp, "model"), "LlamaForCausalLM", dtype=dtype,
+                                    tokenizer=train_tokenizer(), vocab_size=128256, **LLAMA_1B)
         env = {**os.environ, "KILN_CACHE_DIR": os.path.join(tmp, "cache")}
         rows = []
         for label in ("no compile cache", "compile cache warm"):
-            out = subprocess.run([sys.executable, "-c", PROBE, path, str(time.time())], env=env, capture_output=True,
+            out = subprocess.run([sys.executable, "-c", PROBE, path, str(time.time()), json.dumps({"dtype": dtype}),
+                                  str(args.new_tokens)], env=env, capture_output=True,
                                  text=True, timeout=900)
             if out.returncode != 0:
                 sys.exit(out.stderr[-3000:])
@@ -69,7 +86,8 @@ def main() -> None:
     import torch
 
     print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} | torch {torch.__version__}")
-    print("Llama-3.2-1B shape, bf16; a fresh process each start; prompt 128 tokens, 1 new token")
+    print(f"{'16-layer Llama, hidden 128' if args.small else 'Llama-3.2-1B shape'}, {dtype}; a fresh process each "
+          f"start, compiled; prompt 128 tokens, {args.new_tokens} new token(s)")
     print(f"{'':22}{'imports s':>10}{'LLM built s':>14}{'first token s':>16}{'2nd call s':>12}")
     for label, r in rows:
         print(f"{label:22}{r['import']:10.1f}{r['built']:14.1f}{r['first_token']:16.1f}{r['second_call']:12.3f}")
