@@ -88,6 +88,9 @@ class LLMEngine:
         made by the user is rank 0, and starts the workers itself when config.tensor_parallel_size > 1."""
         self.config = config
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        if self.device.type == "cuda" and self.device.index is not None and tp is None:
+            # Triton kernels launch, and CUDA graphs capture, on the current device: make it this one
+            torch.cuda.set_device(self.device)
         path = resolve_model_path(config.model, config.revision)
         self.hf_config = load_hf_config(path, config.hf_overrides, config.trust_remote_code)
         self.architecture, model_cls, self.tasks = resolve_architecture(
