@@ -26,14 +26,11 @@ Two kernels, picked per call by `pick_config` from M (the tokens of the step):
   program order for L2 reuse at large M, BLOCK_M = 16 and a narrow BLOCK_N with split-K for
   small M (decode batches: still weight-bandwidth bound), 128 x 128 tiles for prefill.
 
-Split-K reduces inside the same launch: each program stores its partial tile to a float32
-(int32) workspace [SPLIT_K, M, N], then bumps a per-tile counter (acq_rel, GPU scope, after a
-CTA barrier); the program that arrives last sums the partials in a fixed order (deterministic)
-with L2-only loads, applies the epilogue and resets the counter to 0 for the next launch. One
-launch instead of partials + a reduction kernel, and no memset: the counters live in a zeroed
-buffer per device, allocated on first use (before CUDA-graph capture, by the warm-up call) and
-left at zero by every launch. Two split-K launches must not run concurrently on different
-streams (they would share counters); kiln runs one stream.
+Split-K: each program stores its partial tile to a float32 (int32) workspace [SPLIT_K, M, N], and
+a second launch sums the partials in a fixed order (deterministic) and applies the epilogue. Two
+launches in stream order need no inter-program synchronisation. (A single-launch version, where
+the last program to arrive at a per-tile counter summed the partials, gave wrong sums when the
+programs really ran concurrently on an H200; it is gone.)
 
 Block sizes are overridable: pass `config=GemmConfig(...)` (benchmarks/kernels.py --sweep does).
 The defaults are reasoned, not yet measured: see `pick_config`.
@@ -52,7 +49,6 @@ import triton.language as tl
 from kiln.codegen.kernels.quant import TL_DTYPES
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
-_LOCK_CAPACITY = 1 << 16  # split-K counters per device (256 KB); more tiles than this never split
 
 
 @dataclass(frozen=True)
@@ -88,9 +84,8 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the interpreter: an H100's count, so CPU tests see the GPU's choices
 
 
-# Split-K is off by default: on an H200 test_split_k_concurrent_programs found wrong sums when
-# the programs of one tile really run concurrently (the interpreter runs them one by one), so
-# until its ordering is fixed the tilings read K whole. A config may still ask for it explicitly.
+# Split-K is off by default: its second launch costs about what it could save at M=1 on these
+# shapes, and it has not been timed since the single-launch version was replaced. A config may ask for it.
 SPLIT_K_BY_DEFAULT = False
 
 
@@ -176,30 +171,36 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, b
 
 
 @triton.jit
-def _finish(acc, rm, rn, M, N, pid_k, tile, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
-            part_ptr, plane, lock_ptr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The epilogue, after the split-K reduction when K is split (see the module docstring)."""
+def _finish(acc, rm, rn, M, N, pid_k, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
+            HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The epilogue; with K split, the partial tile's store to its plane of the workspace instead."""
     if SPLIT_K == 1:
         _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS)
     else:
         mask = (rm < M)[:, None] & (rn < N)[None, :]
-        part = part_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(part + pid_k.to(tl.int64) * plane, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before one thread signals (release)
-        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if count == SPLIT_K - 1:  # the last to arrive: every other partial is visible (acquire)
-            total = tl.load(part, mask=mask, other=0, cache_modifier=".cg")
-            for _ in range(1, SPLIT_K):
-                part += plane
-                total += tl.load(part, mask=mask, other=0, cache_modifier=".cg")
-            tl.store(lock_ptr + tile, 0)
-            _epilogue(total, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE,
-                      HAS_BIAS)
+        part = part_ptr + pid_k.to(tl.int64) * plane + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(part, acc, mask=mask)
+
+
+@triton.jit
+def _split_k_sum_kernel(part_ptr, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, M, N, stride_om, plane,
+                        HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = epilogue(sum of the SPLIT_K partial planes), summed in plane order."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    part = part_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    total = tl.load(part, mask=mask, other=0)
+    for _ in range(1, SPLIT_K):
+        part += plane
+        total += tl.load(part, mask=mask, other=0)
+    _epilogue(total, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr,
     N, K, stride_wn, k_per_split, plane,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -236,13 +237,13 @@ def _gemv_kernel(
         x_ptrs += BLOCK_K
     total = tl.sum(acc, axis=1)[None, :]
     rm = tl.arange(0, 1)
-    _finish(total, rm, rn, 1, N, pid_k, pid_n, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
-            lock_ptr, HAS_X_SCALE, HAS_BIAS, SPLIT_K)
+    _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
+            HAS_X_SCALE, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
 def _dot_kernel(
-    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, k_per_split, plane,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, CONVERT_W: tl.constexpr,
     W_INT8: tl.constexpr, DOT_IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -289,22 +290,11 @@ def _dot_kernel(
             acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _finish(acc, rm, rn, M, N, pid_k, pid, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr,
-            plane, lock_ptr, HAS_X_SCALE, HAS_BIAS, SPLIT_K)
+    _finish(acc, rm, rn, M, N, pid_k, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr,
+            plane, HAS_X_SCALE, HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------- launchers
-
-_locks: dict[torch.device, torch.Tensor] = {}
-
-
-def _lock_buffer(device: torch.device) -> torch.Tensor:
-    """The split-K counters of `device`, zero between launches (each launch resets what it used)."""
-    locks = _locks.get(device)
-    if locks is None:
-        locks = _locks[device] = torch.zeros(_LOCK_CAPACITY, dtype=torch.int32, device=device)
-    return locks
-
 
 def _dot_upcast(dtype: torch.dtype) -> bool:
     """Triton's CPU interpreter (3.9) multiplies bfloat16 dot operands as their raw 16-bit integers:
@@ -346,32 +336,34 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     split_k = triton.cdiv(K, k_per_split)  # no empty split
     if cfg.kernel == "gemv":
         grid_n = triton.cdiv(N, cfg.block_n)
-        tiles = grid_n
     else:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    if tiles > _LOCK_CAPACITY:
-        split_k, k_per_split = 1, k_steps * block_k
     if split_k > 1:
         part = torch.empty((split_k, M, N), dtype=torch.int32 if acc_int else torch.float32, device=x2.device)
-        locks = _lock_buffer(x2.device)
     else:
-        part = locks = out  # unused
+        part = out  # unused
     common = dict(HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
                   SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
     if cfg.kernel == "gemv":
         _gemv_kernel[(grid_n, split_k)](
-            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, locks, N, K, wq.stride(0), k_per_split, M * N,
+            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, N, K, wq.stride(0), k_per_split, M * N,
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, **common,
         )
     else:
         _dot_kernel[(tiles, split_k)](
-            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, locks, M, N, K, x2.stride(0), wq.stride(0),
+            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, M, N, K, x2.stride(0), wq.stride(0),
             out.stride(0), k_per_split, M * N,
             ACC_DTYPE=tl.int32 if acc_int else tl.float32, CONVERT_W=x2.dtype != wq.dtype,
             DOT_IEEE=x2.dtype == torch.float32, UPCAST=_dot_upcast(x2.dtype), BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m, **common,
+        )
+    if split_k > 1:
+        block_m, block_n = min(16, triton.next_power_of_2(M)), 128
+        _split_k_sum_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            part, out, w_scale, x_scale_arg, bias_arg, M, N, out.stride(0), M * N, HAS_X_SCALE=x_scale is not None,
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )
     return out
 

@@ -237,11 +237,8 @@ def test_scaled_linear_int8_accumulates_exactly(M, N, K, config, device, poisone
     xq = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=device)
     wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
     ones_m, ones_n = torch.ones(M, 1, device=device), torch.ones(N, device=device)
-    for _ in range(2):  # the second launch finds the split-K counters reset by the first
-        out = poisoned(scaled_linear, xq, ones_m, wq, ones_n, None, torch.float32, config=config, backend="triton")
-        assert torch.equal(out, (xq.double() @ wq.double().t()).float())  # exact: |sums| < 2^53
-    if config is not None and config.split_k > 1:
-        assert not quant_gemm._locks[xq.device].any(), "a split-K counter was left non-zero"
+    out = poisoned(scaled_linear, xq, ones_m, wq, ones_n, None, torch.float32, config=config, backend="triton")
+    assert torch.equal(out, (xq.double() @ wq.double().t()).float())  # exact: |sums| < 2^53
 
 
 def test_scaled_linear_leading_dims(device, poisoned, close):
@@ -333,8 +330,8 @@ def _need_gpu(device):
 @pytest.mark.parametrize("config", [GemmConfig("gemv", 1, 4, 256, split_k=8),
                                     GemmConfig("dot", 16, 32, 256, split_k=8)])
 def test_split_k_concurrent_programs(config, device):
-    """Thousands of programs racing on the split-K counters, launch after launch: any missing
-    ordering between a partial's store and its reader shows up as a wrong int32 sum."""
+    """Thousands of programs storing split-K partials at once, launch after launch: the sums (a
+    second launch, in stream order) must be exact. (The single-launch reduction failed this.)"""
     _need_gpu(device)
     M = 1 if config.kernel == "gemv" else 16
     xq = torch.randint(-127, 128, (M, 8192), dtype=torch.int8, device=device)
@@ -344,7 +341,6 @@ def test_split_k_concurrent_programs(config, device):
     for _ in range(20):
         out = scaled_linear(xq, ones_m, wq, ones_n, None, torch.float32, config=config, backend="triton")
         assert torch.equal(out, exact)
-    assert not quant_gemm._locks[device].any()
 
 
 def test_cuda_ops_dispatch_to_kernels(device, close):
