@@ -650,10 +650,12 @@ class LLMEngine:
     # ------------------------------------------------------------ async scheduling
 
     def _can_overlap(self) -> bool:
-        """Whether this step may be launched before the last one's tokens are read: asked for, one
-        rank, a decoder-only model, and no live request whose sampling needs its previous token
-        on the host (logprobs, penalties, min_tokens: they read the history)."""
-        if not self.config.async_scheduling or self.tp is not None or self.is_encoder_decoder:
+        """Whether this step may be launched before the last one's tokens are read: asked for, a
+        decoder-only model, and no live request whose sampling needs its previous token on the host
+        (logprobs, penalties, min_tokens: they read the history). Under tensor parallelism a decode
+        step the CUDA graphs cover broadcasts the tokens on the device; another step's inputs go to
+        the workers from the host, which then waits for them."""
+        if not self.config.async_scheduling or self.is_encoder_decoder:
             return False
         for req in self.requests.values():
             p = req.params

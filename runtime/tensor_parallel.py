@@ -366,8 +366,19 @@ class TensorParallelRunner(ModelRunner):
             return ops.all_gather(super().compute_logits(hidden, rows), -1)[:, :shard.vocab_size]
 
 
+def _broadcast_from_rank0(tensor: torch.Tensor, group) -> None:
+    """Rank 0's `tensor` into every rank's, in place. (The group's own method: it is not registered
+    as a torch.distributed group, so dist.broadcast cannot map its ranks. With NCCL, wait() makes
+    the current stream wait, not the host.)"""
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait()
+
+
 class _GraphsOverGroup:
-    """Rank 0's decode graphs: each replay first sends the step's inputs to the workers."""
+    """Rank 0's decode graphs: each replay first sends the step's inputs to the workers. Under async
+    scheduling the last step's sampled tokens are still on the device: rank 0 broadcasts them over
+    the group (queued on the device, no wait on the host) and every rank fills them in itself."""
 
     def __init__(self, tp: TensorParallel, graphs):
         self.tp, self.graphs = tp, graphs
@@ -376,13 +387,11 @@ class _GraphsOverGroup:
         return self.graphs.fits(batch)
 
     def run(self, input_ids: list[int], *args, fill=None) -> torch.Tensor:
-        if fill is not None:  # async scheduling: the workers need the sampled tokens, so wait for them
-            input_ids = list(input_ids)
-            tokens, rows, src = fill
-            for row, token in zip(rows, tokens[src].tolist()):
-                input_ids[row] = token
-        self.tp.send(("graph", (input_ids, *args)))
-        return self.graphs.run(input_ids, *args)
+        tokens, rows, src = fill if fill is not None else (None, None, None)
+        self.tp.send(("graph", (input_ids, args, None if fill is None else (rows, src, tokens.numel()))))
+        if fill is not None:
+            _broadcast_from_rank0(tokens.contiguous(), self.tp.group)
+        return self.graphs.run(input_ids, *args, fill=fill)
 
 
 # ---------------------------------------------------------------- the workers
@@ -431,7 +440,14 @@ def _serve(engine, conn, tp: TensorParallel) -> None:
                 with set_forward_context(context):
                     hidden = runner.forward(*args, **kwargs)
             elif kind == "graph":  # a decode step the captured graphs cover
-                hidden = runner.decode_graphs.run(*payload)
+                input_ids, args, pending = payload
+                fill = None
+                if pending is not None:  # async scheduling: the tokens rank 0 sampled, broadcast
+                    rows, src, n = pending
+                    tokens = torch.empty(n, dtype=torch.long, device=runner.device)
+                    _broadcast_from_rank0(tokens, tp.group)
+                    fill = (tokens, rows, src)
+                hidden = runner.decode_graphs.run(input_ids, *args, fill=fill)
             elif kind == "logits":  # join the gather; only rank 0 samples
                 ops.all_gather(runner.compute_logits(hidden, payload), -1)
 

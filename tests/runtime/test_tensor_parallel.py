@@ -76,6 +76,84 @@ def test_two_ranks_give_one_rank_tokens_and_logprobs(paths, tp_llm, name, model_
     assert head.weight.shape[0] == -(-engine.vocab_size // 2)  # this rank's half of the (padded) vocabulary
 
 
+def test_async_scheduling_over_two_ranks(paths):
+    """Steps launched before the last one's tokens are read, over two ranks: TP=1's greedy tokens."""
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = LLM(paths["llama"], **ENGINE).generate(PROMPTS, plain, use_tqdm=False)
+    llm = LLM(paths["llama"], tensor_parallel_size=2, async_scheduling=True, **ENGINE)
+    try:
+        assert llm.llm_engine._can_overlap()
+        got = llm.generate(PROMPTS, plain, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    finally:
+        llm.shutdown()
+
+
+GRAPH_PEER = """
+import datetime, sys, types
+import torch
+import torch.distributed as dist
+from multiprocessing.connection import Client
+from kiln.runtime.model_runner import fill_in
+from kiln.runtime.tensor_parallel import TensorParallel, _serve
+
+conn = Client(("127.0.0.1", int(sys.argv[2])), authkey=b"kiln-test")
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, is_master=False, timeout=datetime.timedelta(seconds=60))
+group = dist.ProcessGroupGloo(dist.PrefixStore("kiln-tp", store), 1, 2, datetime.timedelta(seconds=60))
+
+
+class Graphs:  # stands in for the worker's captured graphs: reports the ids it would replay with
+    def run(self, input_ids, positions, *rest, fill=None):
+        ids = torch.tensor(input_ids)
+        if fill is not None:
+            fill_in(ids, *fill)
+        conn.send(("ran", ids.tolist(), positions))
+        return torch.zeros(len(input_ids), 4)
+
+
+runner = types.SimpleNamespace(decode_graphs=Graphs(), device=torch.device("cpu"))
+_serve(types.SimpleNamespace(runner=runner), conn, TensorParallel(1, 2, "gloo", store, group=group))
+"""
+
+
+def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast():
+    """A decode step the CUDA graphs cover, under async scheduling: rank 0 sends the step's host
+    inputs and broadcasts the tokens still on its device; the worker fills them into its own
+    inputs (here with stand-in graphs over gloo, since capture needs CUDA)."""
+    import datetime
+    from multiprocessing.connection import Listener
+
+    import torch.distributed as dist
+
+    from kiln.runtime.tensor_parallel import TensorParallel, _GraphsOverGroup
+
+    class Rank0Graphs:
+        def run(self, input_ids, positions, *rest, fill=None):
+            return torch.zeros(len(input_ids), 4)
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    with Listener(("127.0.0.1", 0), authkey=b"kiln-test") as listener:
+        peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(GRAPH_PEER), str(store.port),
+                                 str(listener.address[1])])
+        try:
+            conn = listener.accept()
+            group = dist.ProcessGroupGloo(dist.PrefixStore("kiln-tp", store), 0, 2, datetime.timedelta(seconds=60))
+            tp = TensorParallel(0, 2, "gloo", store, group=group)
+            tp.workers = [type("W", (), {"send": staticmethod(conn.send)})()]
+            graphs = _GraphsOverGroup(tp, Rank0Graphs())
+            # rows 0 and 2 wait for the tokens sampled last step (rows 3 and 0 of it)
+            graphs.run([0, 11, 0], [7, 8, 9], [1, 2, 3], [[0], [1], [2]], [8, 9, 10], None,
+                       fill=(torch.tensor([40, 41, 42, 43]), [0, 2], [3, 0]))
+            assert conn.recv() == ("ran", [43, 11, 40], [7, 8, 9])
+            graphs.run([5], [3], [4], [[1]], [4], None)  # no tokens pending: nothing broadcast
+            assert conn.recv() == ("ran", [5], [3])
+            conn.send(("stop", None))
+            assert peer.wait(timeout=60) == 0
+        finally:
+            peer.kill()
+
+
 def test_pooling_over_two_ranks(paths):
     """An embedding model (a decoder through convert="embed") over two ranks gives one rank's
     embeddings: rank 0 pools what the reduced hidden states give."""
