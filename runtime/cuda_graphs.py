@@ -42,13 +42,14 @@ class DecodeGraphs:
         self.scratch_slot = scratch_block * block_size
         # A step's inputs reach the device in one copy from pinned memory, into one int64 buffer
         # that the static inputs are views of: [ids | positions | slots | seq_lens | cross slots |
-        # block tables (n x max_blocks)]. (A copy from pageable memory would make the host wait for
-        # the queued work, the step in flight included, which undoes async scheduling's overlap.)
+        # the step's block tables, [rows, widest row] packed]; the packed tables then go into the
+        # graphs' [n, max_blocks] table on the device. (A copy from pageable memory would make the
+        # host wait for the queued work, the step in flight included, undoing async scheduling's
+        # overlap; copying whole max_blocks-wide rows would move megabytes at long max_model_len.)
         self.staging = torch.zeros(5 * n + n * max_blocks_per_seq, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping, seq_lens, self.cross_slots = self.staging[:5 * n].view(5, n)
-        self.block_tables = self.staging[5 * n:].view(n, max_blocks_per_seq)
+        self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
         self.slot_mapping.fill_(self.scratch_slot)
-        self.block_tables.fill_(scratch_block)
         seq_lens.fill_(1)
         self.seq_lens_long = seq_lens
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)  # (the kernels' dtype: converted in the graph)
@@ -120,12 +121,14 @@ class DecodeGraphs:
         heads[2, :b], heads[2, b:padded] = slots, self.scratch_slot
         heads[3, :b], heads[3, b:padded] = seq_lens, 1
         heads[4, :b], heads[4, b:padded] = cross_slots if cross_slots is not None else 0, 0
-        tables = array[5 * n:].reshape(n, self.max_blocks)
+        width = max(len(t) for t in block_tables)
+        end = 5 * n + padded * width
+        tables = array[5 * n:end].reshape(padded, width)
         for i, t in enumerate(block_tables):  # (columns past a row's length are never read)
             tables[i, :len(t)] = t
-        tables[b:padded, 0] = self.scratch_slot // self.block_size
+        tables[b:, 0] = self.scratch_slot // self.block_size
         # rows past `padded`, and a row's columns past its length, keep stale values nobody reads
-        self.staging[:5 * n + padded * self.max_blocks].copy_(host[:5 * n + padded * self.max_blocks],
-                                                               non_blocking=True)
+        self.staging[:end].copy_(host[:end], non_blocking=True)
         if self.copied[turn] is not None:
             self.copied[turn].record()
+        self.block_tables[:padded, :width].copy_(self.staging[5 * n:end].view(padded, width))
