@@ -26,6 +26,7 @@ graphs, L2 flushed, each output checked) and prints the best few against the def
     python benchmarks/kernels.py --only attention --dtype float16
     python benchmarks/kernels.py --only quant
     python benchmarks/kernels.py --sweep --sweep-m 1,16 --sweep-kinds int8 --sweep-shapes qkv,down
+    python benchmarks/kernels.py --sweep --sweep-kinds bf16      # the gemv on float weights vs cuBLAS
 """
 
 from __future__ import annotations
@@ -353,13 +354,25 @@ def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes):
         for kind in kinds:
             for name, N, Kd in (s for s in LLAMA_1B_LINEARS if s[0] in shapes):
                 x = torch.randn(M, Kd, device=device, dtype=dtype)
-                wq, ws = Q.quantize_weight(torch.randn(N, Kd, device=device) * Kd ** -0.5, kind)
-                truth = F.linear(x.float(), Q.dequantize_weight(wq, ws))
-                moved = nbytes(x, wq, ws) + M * N * x.element_size()
+                w = torch.randn(N, Kd, device=device) * Kd ** -0.5
+                if kind == "bf16":  # float weights in the run's dtype, scale 1: the kernels against cuBLAS
+                    wq, ws = w.to(dtype), None
+                    truth = F.linear(x.float(), wq.float())
+                    moved = nbytes(x, wq) + M * N * x.element_size()
+                    cublas = graph_ms(lambda: F.linear(x, wq))
+                    print(f"\nF.linear (cuBLAS) M={M} N={N} K={Kd} ({name}): {cublas:.4f} ms "
+                          f"{100 * moved / cublas / 1e6 / copy_gbs:.0f}%copy")
+                else:
+                    cublas = None
+                    wq, ws = Q.quantize_weight(w, kind)
+                    truth = F.linear(x.float(), Q.dequantize_weight(wq, ws))
+                    moved = nbytes(x, wq, ws) + M * N * x.element_size()
                 default = quant_gemm.pick_config(M, N, Kd, dtype, sms)
                 results, failed = [], []
                 for cfg in dict.fromkeys([default, *_weight_only_grid(M)]):
                     def run(cfg=cfg):
+                        if ws is None:
+                            return quant_gemm.float_linear(x, wq, None, config=cfg)
                         return K.weight_only_linear(x, wq, ws, None, config=cfg)
                     try:
                         out = run()
@@ -385,7 +398,8 @@ def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes):
                     best, dflt = results[0], next((r for r in results if r[1] == default), None)
                     summary.append(f"{kind:<4} M={M:<4} {name:<8} best {fmt(best[1]):<40} {best[0]:.4f} ms "
                                    f"{100 * moved / best[0] / 1e6 / copy_gbs:3.0f}%copy | default "
-                                   + (f"{dflt[0]:.4f} ms" if dflt else "did not run") + f" | wrong {len(wrong)}")
+                                   + (f"{dflt[0]:.4f} ms" if dflt else "did not run") + f" | wrong {len(wrong)}"
+                                   + (f" | cuBLAS {cublas:.4f} ms" if cublas is not None else ""))
     print("\nsweep summary (weight-only; %copy of the fewest bytes):")
     for line in summary:
         print(line)
@@ -397,7 +411,9 @@ def main():
     parser.add_argument("--only", choices=["norm", "activation", "rotary", "attention", "quant"], default=None)
     parser.add_argument("--sweep", action="store_true", help="sweep the weight-only GEMM tilings instead")
     parser.add_argument("--sweep-m", default="1", help="comma-separated M values for --sweep (default 1)")
-    parser.add_argument("--sweep-kinds", default="int8,fp8", help="int8, fp8 or both (default both)")
+    parser.add_argument("--sweep-kinds", default="int8,fp8",
+                        help="int8, fp8 (weight-only), bf16 (float weights in --dtype against cuBLAS's F.linear); "
+                             "default int8,fp8")
     parser.add_argument("--sweep-shapes", default=",".join(s[0] for s in LLAMA_1B_LINEARS),
                         help="which Llama-3.2-1B linears (default all: qkv,o,gate_up,down,lm_head)")
     args = parser.parse_args()

@@ -379,6 +379,23 @@ def weight_only_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     return out.reshape(*x.shape[:-1], wq.shape[0])
 
 
+_unit_scales: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                 config: GemmConfig | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) for float weights (w in x's dtype) through the same Triton kernels, a
+    scale of 1 per channel: the gemv at M == 1 against cuBLAS's (benchmarks/kernels.py --sweep
+    --sweep-kinds bf16). On no default path until it is measured faster."""
+    if x.dtype not in TL_DTYPES or w.dtype != x.dtype:
+        raise TypeError(f"float_linear: x and w must share a float dtype, got {x.dtype} and {w.dtype}")
+    key = (w.device, w.shape[0])
+    if key not in _unit_scales:
+        _unit_scales[key] = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+    out = _linear(_rows(x), w, _unit_scales[key], None, bias, x.dtype, config)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
 # At M <= 16 the Triton fp8 GEMM beat torch._scaled_mm on every Llama-1B shape (H200, M=1:
 # 1.2-1.6x bf16 against 0.8-1.4x; benchmarks/RESULTS.md, quantized GEMMs); from M=4096 up
 # _scaled_mm is the faster (1.5-1.7x bf16 against 1.3-1.7x).

@@ -197,6 +197,20 @@ def test_weight_only_linear(M, N, K, config, dtype, kind, has_bias, device, pois
     assert ((out.double() - ref).norm() / ref.norm()).item() <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K, config", GEMM_CASES)
+def test_float_linear_is_f_linear(M, N, K, config, dtype, device, poisoned, close):
+    """Float weights through the same kernels (scale 1), against float64 F.linear."""
+    w = torch.randn(N, K, device=device).to(dtype)
+    x = torch.randn(M, K, device=device).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    out = poisoned(quant_gemm.float_linear, x, w, bias, config=config)
+    assert out.dtype == dtype
+    close(out, torch.nn.functional.linear(x.double(), w.double(), bias.double()), dtype=dtype)
+    with pytest.raises(TypeError, match="share a float dtype"):
+        quant_gemm.float_linear(x, w.to(torch.float16))
+
+
 def test_weight_only_linear_leading_dims_and_float16(device, poisoned, close):
     """[..., K] in, [..., N] out; float16 activations take the int8 -> float16 exponent trick."""
     wq, w_scale = Q.quantize_weight(torch.randn(24, 80, device=device), "int8")
