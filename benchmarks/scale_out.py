@@ -6,8 +6,12 @@ Model: the Llama-3.1-8B shape (hidden 4096, 32 layers, 32 heads, 8 KV heads, int
 vocab 128256, untied head), random bf16 weights written once to a temp dir. All runs compiled
 (decode CUDA graphs, with the all-reduces captured inside under TP). Batch-1 decode: a 128-token
 prompt, --new-tokens greedy tokens; the time of a 1-token run (the prefill) is subtracted.
-Throughput: --num-prompts requests, prompt lengths uniform in [128, 1024], 128 output tokens each
-(ignore_eos). --small runs a 1B-ish shape for a quick check.
+Throughput: --num-prompts requests (default 1000, the compiler issue's workload), prompt lengths
+uniform in [128, 1024], 128 output tokens each (ignore_eos). It needs several times max_num_seqs
+(128) requests to mean anything: a decode step reads every weight whatever its batch, so with
+fewer requests than one GPU batches at once, two replicas each decoding half of them step about
+as slowly as the one GPU decoding all (128 requests gave 1.79x). --small runs a 1B-ish shape for a
+quick check.
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--checkpoint DIR]
 """
@@ -98,7 +102,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--skip-dp", action="store_true")
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
