@@ -71,6 +71,21 @@ def split_kv_scales(weights: Iterator[tuple[str, torch.Tensor]],
             kv_scales[(int(match.group(1)), kind)] = float(tensor.float().max())
 
 
+def read_kv_scales(path: str, kv_scales: dict[tuple[int, str], float]) -> None:
+    """The KV-cache scales of a checkpoint whose weights another loader reads (the Transformers
+    backend's): the same names and values as split_kv_scales, read from the safetensors headers and
+    the matching tensors only. (`.bin` checkpoints: none read.)"""
+    from safetensors import safe_open
+
+    for file in checkpoint_files(path):
+        if not file.endswith(".safetensors"):
+            return
+        with safe_open(file, framework="pt") as f:
+            scales = ((name, f.get_tensor(name)) for name in f.keys() if _KV_SCALE.search(name))
+            for _ in split_kv_scales(scales, kv_scales):
+                pass
+
+
 def load_model(model_cls: type[nn.Module], config, architecture: str, dtype: torch.dtype, device: torch.device,
                path: str, max_positions: int, progress: bool = True,
                kv_scales: dict[tuple[int, str], float] | None = None, quant=None, shard=None) -> nn.Module:

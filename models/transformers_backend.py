@@ -41,7 +41,7 @@ class _AttentionCalls:
 
     def __init__(self):
         self.next = 0
-        self.probe: list[tuple[int, int, int, bool]] | None = None
+        self.probe: list[tuple[int, int, int, bool, int | None]] | None = None
 
 
 _calls = _AttentionCalls()
@@ -62,7 +62,7 @@ def kiln_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     if _calls.probe is not None:
-        _calls.probe.append((key.shape[1], key.shape[-1], value.shape[-1], causal))
+        _calls.probe.append((key.shape[1], key.shape[-1], value.shape[-1], causal, getattr(module, "layer_idx", None)))
         return query.new_zeros(1, query.shape[2], query.shape[1], value.shape[-1]), None
     window = int(sliding_window or 0)
     if window and not causal:  # HF keeps |q - k| < window; kiln's bidirectional window W keeps |q - k| <= W // 2
@@ -189,7 +189,7 @@ class _TransformersBase(nn.Module):
         if not self._layers and not self.recurrent_state:
             raise ValueError(f"{type(hf_model).__name__} made no call to the attention interface: the Transformers "
                              "backend needs attention layers that go through ALL_ATTENTION_FUNCTIONS")
-        self.is_causal = all(causal for *_, causal in self._layers)
+        self.is_causal = all(layer[3] for layer in self._layers)
 
     @classmethod
     def load(cls, path: str, config, architecture: str, dtype: torch.dtype, device: torch.device,
@@ -218,11 +218,11 @@ class _TransformersBase(nn.Module):
         return positions
 
     @torch.inference_mode()
-    def _probe(self) -> list[tuple[int, int, int, bool]]:
+    def _probe(self) -> list[tuple[int, int, int, bool, int | None]]:
         """Run the model once over two tokens with an attention that only records, per call in
-        order: (num_kv_heads, key head dim, value head dim, causal). The KV cache is laid out from
-        what the model does, whatever its config calls its sizes (latent attention, multi-query,
-        per-layer head dims)."""
+        order: (num_kv_heads, key head dim, value head dim, causal, the module's layer_idx or None).
+        The KV cache is laid out from what the model does, whatever its config calls its sizes
+        (latent attention, multi-query, per-layer head dims)."""
         device = next(self.hf.parameters()).device
         _calls.probe = []
         try:
@@ -235,8 +235,14 @@ class _TransformersBase(nn.Module):
         """Per attention call of a forward: (num_kv_heads, key head dim, value head dim)."""
         return [layer[:3] for layer in self._layers]
 
+    def kv_scale_layers(self) -> list[int]:
+        """Per KV-cache layer, the checkpoint layer whose KV scales it takes: the attention module's
+        `layer_idx` (a model whose attention skips layers, or shares a layer's cache), else its call
+        index."""
+        return [layer[4] if layer[4] is not None else i for i, layer in enumerate(self._layers)]
+
     def kv_cache_spec(self) -> tuple[int, int, int]:
-        heads, head_dim = max((h, max(k, v)) for h, k, v, _ in self._layers)
+        heads, head_dim = max((h, max(k, v)) for h, k, v, *_ in self._layers)
         return len(self._layers), heads, head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kiln.frontend import load_hf_config, load_model, resolve_dtype, resolve_model_path
+from kiln.frontend.loader import read_kv_scales
 from kiln.frontend.config import sentence_transformers_pooling
 from kiln.frontend.quantization import checkpoint_quantization, quantize_weights
 from kiln.models import resolve_architecture
@@ -135,6 +136,7 @@ class LLMEngine:
                                  f"models; {self.architecture} runs through the Transformers backend")
             self.model = model_cls.load(path, self.hf_config, self.architecture, self.dtype, self.device,
                                         config.trust_remote_code, shard=shard)
+            read_kv_scales(path, self.checkpoint_kv_scales)  # (transformers skips them as unexpected keys)
         else:
             self.model = load_model(model_cls, self.hf_config, self.architecture, self.dtype, self.device, path,
                                     self.max_model_len, kv_scales=self.checkpoint_kv_scales, quant=checkpoint_quant,
@@ -324,7 +326,9 @@ class LLMEngine:
                              "need compute capability >= 8.9 (Ada, Hopper): pass enforce_eager=True to use the "
                              "reference ops on this GPU")
         found = self.checkpoint_kv_scales
-        scales = [(found.get((i, "k"), 1.0), found.get((i, "v"), 1.0)) for i in range(len(kv_cache_layers(self.model)))]
+        layers = (self.model.kv_scale_layers() if hasattr(self.model, "kv_scale_layers")
+                  else range(len(kv_cache_layers(self.model))))
+        scales = [(found.get((i, "k"), 1.0), found.get((i, "v"), 1.0)) for i in layers]
         logger.info("kiln: fp8 KV cache (float8_e4m3fn), %s", "scales from the checkpoint" if found else
                     "no scales in the checkpoint: k_scale = v_scale = 1.0")
         return torch.float8_e4m3fn, scales

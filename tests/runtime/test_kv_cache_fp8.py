@@ -193,6 +193,10 @@ def test_checkpoint_kv_scales_reach_the_runner(ckpt, tmp_path):
         torch.testing.assert_close(mine[big] * scale, theirs[big], rtol=0, atol=0)
     # an "auto" cache has no use for the scales, and loads the checkpoint all the same
     assert LLM(path, kv_cache_memory=1 << 20, max_model_len=128).llm_engine.runner.kv_scales is None
+    # the Transformers backend (transformers loads the weights, skipping the scales): the same scales
+    backend = LLM(path, model_impl="transformers", **kw)
+    assert backend.llm_engine.runner.kv_scales == [(0.5, 0.25), (0.125, 2.0)]
+    assert greedy(backend, PROMPTS[2:3], 4)[0][0] == greedy(unscaled, PROMPTS[2:3], 4)[0][0]
 
 
 def test_split_kv_scales_names():
