@@ -84,8 +84,15 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, kiln_attention)
 _STATELESS_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention", "mlp", "moe"}
 
 
+# Architectures whose model class does not declare `_supports_attention_backend` though every
+# attention of theirs goes through ALL_ATTENTION_FUNCTIONS with the interface's arguments: read in
+# their modeling code, and held to HF's own outputs by the backend's parity sweep
+# (tests/models/test_transformers_backend.py).
+INTERFACE_WITHOUT_FLAG = frozenset({"StableLmForCausalLM"})
+
+
 def check_backend_compatible(model_cls: type, architecture: str, config=None) -> None:
-    compatible = getattr(model_cls, "_supports_attention_backend", False)
+    compatible = getattr(model_cls, "_supports_attention_backend", False) or architecture in INTERFACE_WITHOUT_FLAG
     if not compatible:
         raise ValueError(
             f"{architecture} ({model_cls.__module__}.{model_cls.__name__}) cannot run on the Transformers backend: "

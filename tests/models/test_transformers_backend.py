@@ -115,6 +115,8 @@ OVERRIDES: dict[str, dict] = {
     "JambaForCausalLM": dict(attn_layer_period=2, attn_layer_offset=1),
     "JambaForSequenceClassification": dict(attn_layer_period=2, attn_layer_offset=1),
     "Zamba2ForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], hybrid_layer_ids=[1]),
+    # StableLM 2 12B's variant: per-head q/k LayerNorms, parallel residual, q/k/v biases
+    "StableLmForCausalLM": dict(qk_layernorm=True, use_parallel_residual=True, use_qkv_bias=True),
 }
 
 # Architectures known to fail, with the reason: recorded as xfail (strict, so a fix shows up).
@@ -122,8 +124,6 @@ _INLINE = "attention written inline, not through ALL_ATTENTION_FUNCTIONS ({}): n
 KNOWN_FAILURES: dict[str, str] = {
     "BloomForCausalLM": _INLINE.format("ALiBi"),
     "FalconForCausalLM": _INLINE.format("SDPA and ALiBi"),
-    "StableLmForCausalLM": "StableLmPreTrainedModel lacks _supports_attention_backend (though its attention uses "
-                           "the interface)",
 }
 
 # Architectures that HF itself cannot run from a tiny text-only checkpoint as the test drives it.
