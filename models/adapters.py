@@ -10,7 +10,8 @@ from torch import nn
 
 from kiln.models.layers import Linear
 
-# A base-model checkpoint (LlamaModel, Qwen2Model, ...) names its weights without "model.".
+# A base-model checkpoint (LlamaModel, Qwen2Model, ...) names its weights without "model." (a
+# family of other names says its own: `base_model_prefixes`).
 _BASE_PREFIXES = {"embed_tokens.": "model.embed_tokens.", "layers.": "model.layers.", "norm.": "model.norm."}
 
 
@@ -22,7 +23,7 @@ def as_embedding_model(cls: type[nn.Module]) -> type[nn.Module]:
         is_causal = True
         default_pooling_type = "LAST"
         ignored_weights = tuple(getattr(cls, "ignored_weights", ())) + ("lm_head.",)
-        weight_prefix_map = _BASE_PREFIXES
+        weight_prefix_map = getattr(cls, "base_model_prefixes", _BASE_PREFIXES)
 
         def __init__(self, config, architecture: str, max_positions: int | None = None):
             super().__init__(config, architecture, max_positions)
@@ -76,8 +77,7 @@ def as_seq_cls_model(cls: type[nn.Module]) -> type[nn.Module]:
                 if tid is None or tid == tokenizer.unk_token_id:
                     raise ValueError(f"classifier_from_token: {tok!r} is not a token of the tokenizer")
                 ids.append(tid)
-            lm_head = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-            rows = lm_head[ids]
+            rows = self.lm_head_weight[ids]
             weight = (rows[1] - rows[0])[None] if self.method == "from_2_way_softmax" else rows
             self.score = Linear(weight.shape[1], weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
             with torch.no_grad():

@@ -140,10 +140,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection's weight [vocab, hidden]: the embedding table when tied."""
+        return (self.model.embed_tokens if self.tie_word_embeddings else self.lm_head).weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
-        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return ops.logits(hidden, head.weight)
+        return ops.logits(hidden, self.lm_head_weight)
 
     # Checkpoint names that carry no weight kiln needs (old checkpoints saved the rope table).
     ignored_weights = ("rotary_emb.inv_freq",)

@@ -27,6 +27,7 @@ _MODELS: dict[str, ModelEntry] = {
     "MistralForCausalLM": ModelEntry("llama", "LlamaForCausalLM", ("generate",)),
     "Qwen2ForCausalLM": ModelEntry("llama", "LlamaForCausalLM", ("generate",)),
     "Qwen3ForCausalLM": ModelEntry("llama", "LlamaForCausalLM", ("generate",)),
+    "FalconForCausalLM": ModelEntry("falcon", "FalconForCausalLM", ("generate",)),
     "BertModel": ModelEntry("bert", "BertModel", ("embed",)),
     "BertForSequenceClassification": ModelEntry("bert", "BertForSequenceClassification", ("classify", "score")),
     "BertForTokenClassification": ModelEntry("bert", "BertForTokenClassification", ("token_classify",)),
@@ -45,6 +46,7 @@ _MODELS: dict[str, ModelEntry] = {
        for family in ("Llama", "Mistral", "Qwen2", "Qwen3")},
     **{f"{family}ForSequenceClassification": ModelEntry("llama", "LlamaForCausalLM", ("classify", "score"), "classify")
        for family in ("Llama", "Mistral", "Qwen2", "Qwen3")},
+    "FalconForSequenceClassification": ModelEntry("falcon", "FalconForCausalLM", ("classify", "score"), "classify"),
     "WhisperForConditionalGeneration": ModelEntry("whisper", "WhisperForConditionalGeneration", ("generate", "transcribe")),
     "Qwen2ForRewardModel": ModelEntry("llama", "Qwen2ForRewardModel", ("reward",)),
     "Qwen2ForProcessRewardModel": ModelEntry("llama", "Qwen2ForProcessRewardModel", ("reward",)),

@@ -6,7 +6,7 @@ import pytest
 
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
-ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "FalconForCausalLM"]
 
 # Per architecture, the config features its parity test exercises beyond the defaults.
 ARCH_OVERRIDES = {
@@ -19,6 +19,8 @@ ARCH_OVERRIDES = {
                              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                               "original_max_position_embeddings": 128}),
     "Qwen3ForCausalLM": dict(tie_word_embeddings=True),
+    # Falcon-40B's layout: grouped KV heads, the attention's and MLP's inputs normed apart; and biases
+    "FalconForCausalLM": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2, bias=True),
 }
 
 

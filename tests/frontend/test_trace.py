@@ -39,7 +39,8 @@ def test_compiled_and_eager_give_the_same_tokens(arch, checkpoints, tmp_path):
     dumps = sorted(os.listdir(tmp_path / graphs[0]))
     assert dumps == ["00-input.txt"] + [f"{i:02d}-{name}.txt" for i, name in enumerate(PIPELINE, start=1)]
     final = (tmp_path / graphs[0] / dumps[-1]).read_text()
-    assert "kiln.merged_linear" in final and "kiln.silu_and_mul(%merged_linear" in final
+    if supported_architectures()[arch].module == "llama":  # (Falcon's q/k/v are one projection, its MLP GELU)
+        assert "kiln.merged_linear" in final and "kiln.silu_and_mul(%merged_linear" in final
 
 
 def test_passes_are_chosen_by_name(checkpoints, tmp_path):

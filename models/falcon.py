@@ -1,0 +1,147 @@
+"""Falcon (FalconForCausalLM): Falcon-7B's multi-query attention, Falcon-40B/180B's grouped
+"new decoder architecture", and the sequential variant, all with rotary positions.
+
+What sets it apart from the Llama family: one fused `query_key_value` projection whose output
+interleaves the heads three ways (a layout per variant, `_split_qkv`), LayerNorms with biases, a
+GELU MLP, and the attention and MLP reading the same normed input in parallel (`parallel_attn`),
+their outputs summed into the residual together. ALiBi checkpoints (`alibi=True`, Falcon-RW)
+are refused: kiln's attention has no ALiBi bias yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.ir import ops
+from kiln.ir.ops import HF_ACTIVATIONS
+from kiln.models.layers import Embedding, LayerNorm, Linear, RotaryEmbedding
+
+
+def _num_kv_heads(config) -> int:
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+class FalconAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, max_positions: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, _num_kv_heads(config)
+        self.head_dim = config.hidden_size // self.num_heads
+        self.layer_idx, self.scale = layer_idx, self.head_dim**-0.5
+        self.new_decoder_architecture, self.multi_query = config.new_decoder_architecture, config.multi_query
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = Linear(config.hidden_size, qkv_out, config.bias)
+        self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, config.bias)
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_positions)
+
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, (H + 2 Hkv) D] -> q [T, H, D], k and v [T, Hkv, D], as each variant lays them out."""
+        D = self.head_dim
+        if self.new_decoder_architecture:  # per KV group: its query heads, then its key, then its value
+            groups = qkv.unflatten(-1, (self.num_kv_heads, self.num_heads // self.num_kv_heads + 2, D))
+            return groups[:, :, :-2].flatten(1, 2), groups[:, :, -2], groups[:, :, -1]
+        if not self.multi_query:  # per head: its query, key and value side by side
+            heads = qkv.unflatten(-1, (self.num_heads, 3, D))
+            return heads[:, :, 0], heads[:, :, 1], heads[:, :, 2]
+        heads = qkv.unflatten(-1, (self.num_heads + 2, D))  # the query heads, then one key and one value
+        return heads[:, :-2], heads[:, -2:-1], heads[:, -1:]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split_qkv(self.query_key_value(x))
+        q, k = self.rotary_emb(q.contiguous(), k.contiguous(), positions)
+        out = ops.attention(q, k, v.contiguous(), self.layer_idx, self.scale)
+        return self.dense(out.flatten(-2))
+
+
+class FalconMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden, ffn = config.hidden_size, config.ffn_hidden_size or 4 * config.hidden_size
+        self.dense_h_to_4h = Linear(hidden, ffn, config.bias)
+        self.dense_4h_to_h = Linear(ffn, hidden, config.bias)
+        self.act = HF_ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(ops.activation(self.dense_h_to_4h(x), self.act))
+
+
+class FalconDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, max_positions: int):
+        super().__init__()
+        self.self_attention = FalconAttention(config, layer_idx, max_positions)
+        self.mlp = FalconMLP(config)
+        self.parallel_attn, eps = config.parallel_attn, config.layer_norm_epsilon
+        # Falcon-40B/180B norm the attention's and the MLP's inputs separately
+        self.two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
+        if self.two_norms:
+            self.ln_attn, self.ln_mlp = LayerNorm(config.hidden_size, eps), LayerNorm(config.hidden_size, eps)
+        else:
+            self.input_layernorm = LayerNorm(config.hidden_size, eps)
+            if not self.parallel_attn:
+                self.post_attention_layernorm = LayerNorm(config.hidden_size, eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if self.two_norms:
+            attn_in, mlp_in = self.ln_attn(hidden), self.ln_mlp(hidden)
+        else:
+            attn_in = mlp_in = self.input_layernorm(hidden)
+        attn = self.self_attention(positions, attn_in)
+        if self.two_norms or self.parallel_attn:  # attention and MLP side by side, summed into the residual
+            return hidden + attn + self.mlp(mlp_in)
+        hidden = hidden + attn
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class FalconModel(nn.Module):
+    def __init__(self, config, max_positions: int):
+        super().__init__()
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(FalconDecoderLayer(config, i, max_positions) for i in range(config.num_hidden_layers))
+        self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.word_embeddings(input_ids)
+        for layer in self.h:
+            hidden = layer(positions, hidden)
+        return self.ln_f(hidden)
+
+
+class FalconForCausalLM(nn.Module):
+    """input_ids [T] and positions [T] of a flattened batch -> hidden states [T, hidden_size]."""
+
+    def __init__(self, config, architecture: str = "FalconForCausalLM", max_positions: int | None = None):
+        super().__init__()
+        if getattr(config, "alibi", False):
+            raise ValueError(f"{architecture} with alibi=True (Falcon-RW) is not supported: kiln's attention has no "
+                             "ALiBi bias yet")
+        if config.new_decoder_architecture and not config.parallel_attn:
+            raise ValueError(f"{architecture}: new_decoder_architecture without parallel_attn is not a Falcon layout")
+        self.config = config
+        self.transformer = FalconModel(config, max_positions or config.max_position_embeddings)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head dim): the shape of the paged KV cache the runner allocates."""
+        attn = self.transformer.h[0].self_attention
+        return len(self.transformer.h), attn.num_kv_heads, attn.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.transformer(input_ids, positions)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection's weight [vocab, hidden]: the embedding table when tied."""
+        return (self.transformer.word_embeddings if self.tie_word_embeddings else self.lm_head).weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        return ops.logits(hidden, self.lm_head_weight)
+
+    ignored_weights = ("rotary_emb.inv_freq",)
+    # A base-model checkpoint (FalconModel) names its weights without "transformer." (models/adapters.py).
+    base_model_prefixes = {"word_embeddings.": "transformer.word_embeddings.", "h.": "transformer.h.",
+                           "ln_f.": "transformer.ln_f."}
