@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from kiln.ir import ops  # noqa: F401  (the kiln:: ops must exist before kernels are registered on them)
+from kiln.ir import ops  # (the kiln:: ops must exist before kernels are registered on them)
 from kiln.ir import quant_ops  # noqa: F401  (likewise the quantized ones)
 from kiln.ir.context import AttentionMetadata, get_forward_context
 
@@ -51,11 +51,16 @@ def _batch_tensors(md: AttentionMetadata, device: torch.device, paged: bool) -> 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, sliding_window: int = 0,
     causal: bool = True, soft_cap: float = 0.0, sinks: torch.Tensor | None = None, kv_written: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`kiln::attention` on Triton: same arguments and result as the reference (q [T, H, D],
-    k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv])."""
+    k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv]). The kernels have no ALiBi bias: such a call
+    runs the reference implementation."""
     from kiln.codegen.kernels import decode_attention, prefill_attention, write_kv_cache
 
+    if alibi_slopes is not None:
+        return ops.attention.__wrapped__(q, k, v, layer, scale, sliding_window, causal, soft_cap, sinks, kv_written,
+                                         alibi_slopes)
     ctx = get_forward_context()
     md = ctx.attn
     if ctx.kv_caches is None:

@@ -287,6 +287,7 @@ def attention(
     soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None,
     kv_written: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of this step's queries over each sequence's context.
 
@@ -301,6 +302,8 @@ def attention(
     scores as cap * tanh(score / cap) before the softmax (Gemma 2). `sinks` [H] float32, when
     given, are attention sinks: one learned logit per head that joins each query's softmax as an
     extra key with no value, so the weights over the real keys sum to less than one (GPT-OSS).
+    `alibi_slopes` [H] float32, when given, add slope * (k_pos - q_pos) to each head's scores
+    (ALiBi: BLOOM; on CUDA such a call runs this reference implementation).
     """
     ctx = get_forward_context()
     md = ctx.attn
@@ -313,7 +316,7 @@ def attention(
             _write_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
 
     if k_cache is None and md.num_seqs > 1:
-        return _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks)
+        return _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks, alibi_slopes)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     decode_rows, decode_seqs = [], []
     start = 0
@@ -325,26 +328,37 @@ def attention(
         else:
             ks = _seq_kv(k, k_cache, md.block_tables[i], start, end, seq_len, k_scale)
             vs = _seq_kv(v, v_cache, md.block_tables[i], start, end, seq_len, v_scale)
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            mask = _mask(q_pos, torch.arange(seq_len, device=q.device), causal, sliding_window)
+            q_pos, k_pos = torch.arange(seq_len - q_len, seq_len, device=q.device), torch.arange(seq_len, device=q.device)
+            mask = _mask(q_pos, k_pos, causal, sliding_window)
+            bias = _alibi(alibi_slopes, q_pos, k_pos)
             out[start:end] = _sdpa(q[start:end].unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), mask[None], scale,
-                                   soft_cap, sinks)[0]
+                                   soft_cap, sinks, None if bias is None else bias[None])[0]
         start = end
     if decode_seqs:
         out[decode_rows] = _decode_attention(q[decode_rows], k_cache, v_cache, md, decode_seqs, scale, sliding_window,
-                                             soft_cap, sinks, k_scale, v_scale)
+                                             soft_cap, sinks, k_scale, v_scale, alibi_slopes)
     return out
 
 
-def _sdpa(q, k, v, mask, scale, soft_cap=0.0, sinks=None):
+def _alibi(slopes: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """ALiBi's score bias [.., H, Q, K] = slope[h] * (k_pos - q_pos), q_pos [.., Q], k_pos [.., K]."""
+    if slopes is None:
+        return None
+    distance = (k_pos[..., None, :] - q_pos[..., :, None]).float()
+    return slopes.float()[:, None, None] * distance.unsqueeze(-3)
+
+
+def _sdpa(q, k, v, mask, scale, soft_cap=0.0, sinks=None, bias=None):
     """q [B, Q, H, D], k [B, K, Hkv, D], v [B, K, Hkv, Dv], mask [B or 1, Q, K] bool or None (attend
-    to all), sinks [H] or None -> [B, Q, H, Dv]."""
-    if soft_cap > 0 or sinks is not None:  # SDPA can neither cap scores nor add sinks: spell the attention out
+    to all), sinks [H] or None, bias [B or 1, H, Q, K] float added to the scores or None -> [B, Q, H, Dv]."""
+    if soft_cap > 0 or sinks is not None or bias is not None:  # beyond SDPA: spell the attention out
         group = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
         if soft_cap > 0:
             scores = soft_cap * torch.tanh(scores / soft_cap)
+        if bias is not None:
+            scores = scores + bias
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         if sinks is None:
@@ -360,16 +374,18 @@ def _sdpa(q, k, v, mask, scale, soft_cap=0.0, sinks=None):
     return out.transpose(1, 2)
 
 
-def _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks):
+def _padded_attention(q, k, v, md, scale, sliding_window, causal, soft_cap, sinks, alibi_slopes=None):
     """Whole sequences and no cache (a pooling step): pad each to the longest and attend in one
     batched call, instead of one call per sequence."""
     rows, valid = md.padded_layout(q.device)  # [B, L] token row of each padded position, and which are real
     pos = torch.arange(rows.shape[1], device=q.device)
     mask = _mask(pos, pos, causal, sliding_window)[None] & valid[:, None, :]
-    return _sdpa(q[rows], k[rows], v[rows], mask, scale, soft_cap, sinks)[valid]
+    bias = _alibi(alibi_slopes, pos, pos)
+    return _sdpa(q[rows], k[rows], v[rows], mask, scale, soft_cap, sinks, None if bias is None else bias[None])[valid]
 
 
-def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft_cap, sinks, k_scale=1.0, v_scale=1.0):
+def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft_cap, sinks, k_scale=1.0, v_scale=1.0,
+                      alibi_slopes=None):
     """One query per sequence, batched: gather each sequence's blocks, mask the padding. An fp8
     cache is dequantized to q's dtype."""
     seq_lens = torch.tensor([md.seq_lens[i] for i in seqs], device=q.device)
@@ -380,7 +396,8 @@ def _decode_attention(q, k_cache, v_cache, md, seqs, scale, sliding_window, soft
         ks, vs = dequantize_kv(ks, k_scale, q.dtype), dequantize_kv(vs, v_scale, q.dtype)
     k_pos = torch.arange(ks.shape[1], device=q.device)
     mask = _mask((seq_lens - 1)[:, None], k_pos[None, :], True, sliding_window) & (k_pos[None, :] < seq_lens[:, None])[:, None, :]
-    return _sdpa(q.unsqueeze(1), ks, vs, mask, scale, soft_cap, sinks)[:, 0]
+    bias = _alibi(alibi_slopes, (seq_lens - 1)[:, None], k_pos[None, :].expand(len(seqs), -1))  # [B, H, 1, K]
+    return _sdpa(q.unsqueeze(1), ks, vs, mask, scale, soft_cap, sinks, bias)[:, 0]
 
 
 @kiln_op("cross_attention")
@@ -439,7 +456,8 @@ def _(q, layer, scale):
 
 
 @attention.register_fake
-def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0, sinks=None, kv_written=False):
+def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0, sinks=None, kv_written=False,
+      alibi_slopes=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

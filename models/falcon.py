@@ -5,7 +5,7 @@ What sets it apart from the Llama family: one fused `query_key_value` projection
 interleaves the heads three ways (a layout per variant, `_split_qkv`), LayerNorms with biases, a
 GELU MLP, and the attention and MLP reading the same normed input in parallel (`parallel_attn`),
 their outputs summed into the residual together. ALiBi checkpoints (`alibi=True`, Falcon-RW)
-are refused: kiln's attention has no ALiBi bias yet.
+are refused: HF rounds their biases to bfloat16 at absolute positions, unlike BLOOM's.
 """
 
 from __future__ import annotations
@@ -114,8 +114,9 @@ class FalconForCausalLM(nn.Module):
     def __init__(self, config, architecture: str = "FalconForCausalLM", max_positions: int | None = None):
         super().__init__()
         if getattr(config, "alibi", False):
-            raise ValueError(f"{architecture} with alibi=True (Falcon-RW) is not supported: kiln's attention has no "
-                             "ALiBi bias yet")
+            raise ValueError(f"{architecture} with alibi=True (Falcon-RW) is not supported: its ALiBi biases are "
+                             "rounded to bfloat16 at absolute positions, which the attention op's alibi_slopes "
+                             "(exact, by distance) does not reproduce")
         if config.new_decoder_architecture and not config.parallel_attn:
             raise ValueError(f"{architecture}: new_decoder_architecture without parallel_attn is not a Falcon layout")
         self.config = config

@@ -28,6 +28,7 @@ _MODELS: dict[str, ModelEntry] = {
     "Qwen2ForCausalLM": ModelEntry("llama", "LlamaForCausalLM", ("generate",)),
     "Qwen3ForCausalLM": ModelEntry("llama", "LlamaForCausalLM", ("generate",)),
     "FalconForCausalLM": ModelEntry("falcon", "FalconForCausalLM", ("generate",)),
+    "BloomForCausalLM": ModelEntry("bloom", "BloomForCausalLM", ("generate",)),
     "BertModel": ModelEntry("bert", "BertModel", ("embed",)),
     "BertForSequenceClassification": ModelEntry("bert", "BertForSequenceClassification", ("classify", "score")),
     "BertForTokenClassification": ModelEntry("bert", "BertForTokenClassification", ("token_classify",)),
@@ -47,6 +48,7 @@ _MODELS: dict[str, ModelEntry] = {
     **{f"{family}ForSequenceClassification": ModelEntry("llama", "LlamaForCausalLM", ("classify", "score"), "classify")
        for family in ("Llama", "Mistral", "Qwen2", "Qwen3")},
     "FalconForSequenceClassification": ModelEntry("falcon", "FalconForCausalLM", ("classify", "score"), "classify"),
+    "BloomForSequenceClassification": ModelEntry("bloom", "BloomForCausalLM", ("classify", "score"), "classify"),
     "WhisperForConditionalGeneration": ModelEntry("whisper", "WhisperForConditionalGeneration", ("generate", "transcribe")),
     "Qwen2ForRewardModel": ModelEntry("llama", "Qwen2ForRewardModel", ("reward",)),
     "Qwen2ForProcessRewardModel": ModelEntry("llama", "Qwen2ForProcessRewardModel", ("reward",)),

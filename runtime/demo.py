@@ -112,7 +112,8 @@ def tiny_config(architecture: str = "LlamaForCausalLM", vocab_size: int = 384, *
     from transformers import AutoConfig
 
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "FalconForCausalLM": "falcon"}[architecture]
+                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "FalconForCausalLM": "falcon",
+                  "BloomForCausalLM": "bloom"}[architecture]
     fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   initializer_range=0.2, bos_token_id=0, eos_token_id=1, pad_token_id=2,

@@ -6,7 +6,8 @@ import pytest
 
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
-ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "FalconForCausalLM"]
+ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "FalconForCausalLM",
+                 "BloomForCausalLM"]
 
 # Per architecture, the config features its parity test exercises beyond the defaults.
 ARCH_OVERRIDES = {
@@ -21,6 +22,8 @@ ARCH_OVERRIDES = {
     "Qwen3ForCausalLM": dict(tie_word_embeddings=True),
     # Falcon-40B's layout: grouped KV heads, the attention's and MLP's inputs normed apart; and biases
     "FalconForCausalLM": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2, bias=True),
+    # six heads: ALiBi's slopes for a head count that is not a power of two
+    "BloomForCausalLM": dict(hidden_size=48, num_attention_heads=6),
 }
 
 
