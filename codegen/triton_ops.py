@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from kiln.ir import ops  # (the kiln:: ops must exist before kernels are registered on them)
+from kiln.ir import ops  # noqa: F401  (the kiln:: ops must exist before kernels are registered on them)
 from kiln.ir import quant_ops  # noqa: F401  (likewise the quantized ones)
 from kiln.ir.context import AttentionMetadata, get_forward_context
 
@@ -54,18 +54,15 @@ def attention(
     alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`kiln::attention` on Triton: same arguments and result as the reference (q [T, H, D],
-    k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv]). The kernels have no ALiBi bias: such a call
-    runs the reference implementation."""
+    k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv])."""
     from kiln.codegen.kernels import decode_attention, prefill_attention, write_kv_cache
 
-    if alibi_slopes is not None:
-        return ops.attention.__wrapped__(q, k, v, layer, scale, sliding_window, causal, soft_cap, sinks, kv_written,
-                                         alibi_slopes)
     ctx = get_forward_context()
     md = ctx.attn
     if ctx.kv_caches is None:
         qsl, lens, max_q = _batch_tensors(md, q.device, paged=False)
-        return prefill_attention(q, k, v, qsl, lens, max_q, scale, None, causal, sliding_window, soft_cap, sinks)
+        return prefill_attention(q, k, v, qsl, lens, max_q, scale, None, causal, sliding_window, soft_cap, sinks,
+                                 alibi_slopes=alibi_slopes)
     k_cache, v_cache = ctx.kv_caches[layer]
     k_scale, v_scale = ctx.kv_scale(layer)  # (an fp8 cache's; 1.0 and unused otherwise)
     if not kv_written:
@@ -73,9 +70,9 @@ def attention(
     qsl, seq_lens, max_q = _batch_tensors(md, q.device, paged=True)
     if max_q == 1:  # pure decode; like the reference, one query at the end of its context is causal
         return decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale, sliding_window, soft_cap, sinks,
-                                k_scale=k_scale, v_scale=v_scale)
+                                k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes)
     return prefill_attention(q, k_cache, v_cache, qsl, seq_lens, max_q, scale, md.block_tables, causal,
-                             sliding_window, soft_cap, sinks, k_scale=k_scale, v_scale=v_scale)
+                             sliding_window, soft_cap, sinks, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes)
 
 
 def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

@@ -303,7 +303,7 @@ def attention(
     given, are attention sinks: one learned logit per head that joins each query's softmax as an
     extra key with no value, so the weights over the real keys sum to less than one (GPT-OSS).
     `alibi_slopes` [H] float32, when given, add slope * (k_pos - q_pos) to each head's scores
-    (ALiBi: BLOOM; on CUDA such a call runs this reference implementation).
+    (ALiBi: BLOOM).
     """
     ctx = get_forward_context()
     md = ctx.attn

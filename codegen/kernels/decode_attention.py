@@ -10,7 +10,8 @@ can be captured in a CUDA graph; the grid depends on B and the shapes only.
 Each (sequence, kv head) splits its keys into `num_splits` chunks, one program each; with more
 than one, a second kernel merges the partial softmaxes (log-sum-exp) into the output.
 `sliding_window` W > 0 keeps the keys with q_pos - k_pos < W; `soft_cap` > 0 caps scores as
-cap * tanh(s / cap); `sinks` [H] float32 adds one logit per head to the softmax with no value.
+cap * tanh(s / cap); `sinks` [H] float32 adds one logit per head to the softmax with no value;
+`alibi_slopes` [H] float32 add slope * (k_pos - q_pos) to each head's scores (ALiBi).
 Statistics and accumulation in float32. An fp8 cache (float8_e4m3fn) holds k / k_scale and
 v / v_scale: its values are converted to q's dtype (exactly: e4m3 fits in bf16 and fp16) and the
 scales applied once per score and once per output row, not per element.
@@ -31,11 +32,11 @@ from kiln.codegen.kernels.attention_common import (
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
+    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
+    part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale,
     NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -63,6 +64,8 @@ def _decode_kernel(
         q = q.to(k_cache_ptr.dtype.element_ty)
     table_row = tables_ptr + b * table_stride
 
+    if HAS_ALIBI:  # (in the log2 units of the scores)
+        slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
@@ -74,6 +77,8 @@ def _decode_kernel(
         if KV_FP8:  # k_scale is folded into `scale` by the launcher
             k = k.to(q.dtype)
         s = log2_scores(mma(q, tl.trans(k), PRECISION, UPCAST), scale, soft_cap, HAS_SOFT_CAP)
+        if HAS_ALIBI:  # slope * (k_pos - q_pos); the query sits at seq_len - 1
+            s += slopes[:, None] * (n - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile holds at least one key (n0 < end), so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -157,11 +162,13 @@ def decode_attention(
     seq_lens: torch.Tensor, scale: float, sliding_window: int = 0, soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
     it, block_n, num_warps and num_stages are tuning knobs that leave the result unchanged.
-    k_scale / v_scale: an fp8 cache's scales (unused by other caches)."""
+    k_scale / v_scale: an fp8 cache's scales (unused by other caches). alibi_slopes [H] float32:
+    ALiBi, slope * (k_pos - q_pos) added to the scores."""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -189,16 +196,17 @@ def decode_attention(
     else:
         part_acc = part_ml = out  # unused
     sinks_arg = sinks if sinks is not None else out
+    alibi_arg = alibi_slopes.float().contiguous() if alibi_slopes is not None else out
     kc, vc = k_cache.stride(), v_cache.stride()
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     compute = q.dtype if fp8 else k_cache.dtype  # the dtype the dots multiply in
     _decode_kernel[(B, HKV, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, out, part_acc, part_ml,
+        q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
         block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
         sliding_window, float(v_scale),
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0, HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
-        KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
+        HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps,
         num_stages=num_stages,
     )

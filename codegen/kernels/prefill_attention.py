@@ -11,7 +11,7 @@ same rows as the queries. -> out [T, H, Dv] in q's dtype. H is a multiple of Hkv
 Masks as `kiln.ir.ops.attention`: causal keeps keys with q_pos - k_pos >= 0 and, with a window W,
 < W; bidirectional (causal=False) keeps all keys or, with a window, |q_pos - k_pos| <= W // 2.
 `soft_cap` > 0 caps scores as cap * tanh(s / cap); `sinks` [H] float32 joins one logit per head
-to the softmax with no value. One program per (BLOCK_M queries, sequence, query head); the key
+to the softmax with no value; `alibi_slopes` [H] float32 add slope * (k_pos - q_pos) (ALiBi). One program per (BLOCK_M queries, sequence, query head); the key
 loop visits only the keys the mask can keep. Paged fp8 caches (float8_e4m3fn, holding k / k_scale
 and v / v_scale) are read as in decode_attention: values converted to q's dtype, the scales
 applied to the scores and the output rows.
@@ -30,11 +30,11 @@ from kiln.codegen.kernels.attention_common import (
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, tables_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr,
     q_stride_t, q_stride_h, k_stride_b, k_stride_s, k_stride_h, v_stride_b, v_stride_s, v_stride_h,
     table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale,
     PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     mb = tl.program_id(0)
@@ -76,6 +76,8 @@ def _prefill_kernel(
             lo = tl.maximum(lo, ctx)
         table_row = tables_ptr + b * table_stride
 
+        if HAS_ALIBI:  # (in the log2 units of the scores)
+            slope = tl.load(alibi_ptr + h).to(tl.float32) * 1.4426950408889634
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -93,6 +95,8 @@ def _prefill_kernel(
                             mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             s = log2_scores(mma(q, tl.trans(k), PRECISION, UPCAST), scale, soft_cap, HAS_SOFT_CAP)
             diff = q_pos[:, None] - n[None, :]
+            if HAS_ALIBI:  # slope * (k_pos - q_pos)
+                s -= slope * diff.to(tl.float32)
             keep = n_mask[None, :]
             if CAUSAL:
                 keep = keep & (diff >= 0)
@@ -137,7 +141,7 @@ def prefill_attention(
     max_query_len: int, scale: float, block_tables: torch.Tensor | None = None, causal: bool = True,
     sliding_window: int = 0, soft_cap: float = 0.0, sinks: torch.Tensor | None = None,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, D] -> [T, H, Dv] in q's dtype.
 
@@ -146,6 +150,7 @@ def prefill_attention(
     query_start_loc [B+1] int32, seq_lens [B] int32; max_query_len (a host int) sizes the grid.
     block_m, block_n, num_warps and num_stages are tuning knobs that leave the result unchanged.
     k_scale / v_scale: paged fp8 caches' scales (unused by other caches and without a cache).
+    alibi_slopes [H] float32: ALiBi, slope * (k_pos - q_pos) added to the scores.
     """
     T, H, D = q.shape
     paged = block_tables is not None
@@ -180,12 +185,13 @@ def prefill_attention(
     fp8 = paged and k.dtype == torch.float8_e4m3fn
     compute = q.dtype if fp8 else k.dtype  # the dtype the dots multiply in
     _prefill_kernel[grid](
-        q, k, v, tables, query_start_loc, seq_lens, sinks if sinks is not None else out, out,
+        q, k, v, tables, query_start_loc, seq_lens, sinks if sinks is not None else out,
+        alibi_slopes.float().contiguous() if alibi_slopes is not None else out, out,
         q.stride(0), q.stride(1), k_s[0], k_s[1], k_s[2], v_s[0], v_s[1], v_s[2],
         tables.stride(0) if paged else 0, H, D, DV, H // HKV, block_size, scale * k_scale if fp8 else scale,
         soft_cap, sliding_window, float(v_scale),
         PAGED=paged, CAUSAL=causal, HAS_WINDOW=sliding_window > 0, HAS_SOFT_CAP=soft_cap > 0,
-        HAS_SINKS=sinks is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
+        HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps,
         num_stages=num_stages,
     )

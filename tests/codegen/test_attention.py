@@ -193,6 +193,34 @@ def test_attention_op_soft_cap_and_sinks(device, poisoned, close):
     close(out, ref)
 
 
+@pytest.mark.parametrize("step", list(STEPS))
+def test_attention_op_alibi(step, device, poisoned, close):
+    """ALiBi slopes (BLOOM's, for 8 heads) through the decode and prefill kernels, and with no
+    cache: the reference's output (which matches HF BLOOM end to end, tests/models)."""
+    from kiln.models.bloom import alibi_slopes
+
+    query_lens, seq_lens = STEPS[step]
+    H, D = 8, 32
+    md, k_cache, v_cache = make_batch(query_lens, seq_lens, H, D, 4, torch.float32, device)
+    T = sum(query_lens)
+    q, k, v = (torch.randn(T, H, D, device=device) for _ in range(3))
+    slopes = alibi_slopes(H).to(device)
+    ref_caches = [(k_cache.clone(), v_cache.clone())]
+    with set_forward_context(ForwardContext(md, [(k_cache, v_cache)])):
+        out = poisoned(triton_ops.attention, q, k, v, 0, 0.2, alibi_slopes=slopes)
+    with set_forward_context(ForwardContext(md, ref_caches)):
+        ref = ops.attention(q, k, v, 0, 0.2, alibi_slopes=slopes)
+        plain = ops.attention(q, k, v, 0, 0.2, kv_written=True)
+    close(out, ref)
+    assert (ref - plain).abs().max() > 1e-2  # the bias changes the result
+    no_cache = AttentionMetadata(slot_mapping=torch.zeros(T, dtype=torch.long, device=device),
+                                 block_tables=torch.zeros(len(query_lens), 1, dtype=torch.long, device=device),
+                                 query_lens=query_lens, seq_lens=query_lens, block_size=16)
+    with set_forward_context(ForwardContext(no_cache, None)):
+        close(poisoned(triton_ops.attention, q, k, v, 0, 0.2, alibi_slopes=slopes),
+              ops.attention(q, k, v, 0, 0.2, alibi_slopes=slopes))
+
+
 @pytest.mark.parametrize("causal, window", [(False, 0), (False, 4), (True, 0)])
 def test_attention_op_without_cache(causal, window, device, poisoned, close):
     """A pooling / encoder step: no KV cache, whole sequences, bidirectional or causal."""
