@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kiln.ir import ops
-from kiln.models.layers import Embedding, LayerNorm, Linear
+from kiln.models.layers import Embedding, LMHead, LayerNorm, Linear
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class BloomModel(nn.Module):
         return self.ln_f(hidden)
 
 
-class BloomForCausalLM(nn.Module):
+class BloomForCausalLM(LMHead, nn.Module):
     """input_ids [T] and positions [T] of a flattened batch -> hidden states [T, hidden_size]
     (positions unused: ALiBi reads the distances from the batch layout)."""
 
@@ -95,9 +95,7 @@ class BloomForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = BloomModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.init_lm_head(config, tied_by_default=True)
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
         """(layers, KV heads, head dim): the shape of the paged KV cache the runner allocates."""
@@ -107,14 +105,8 @@ class BloomForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """The output projection's weight [vocab, hidden]: the embedding table when tied."""
-        return (self.transformer.word_embeddings if self.tie_word_embeddings else self.lm_head).weight
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
-        return ops.logits(hidden, self.lm_head_weight)
+    def embeddings(self) -> Embedding:
+        return self.transformer.word_embeddings
 
     # A base-model checkpoint (BloomModel) names its weights without "transformer." (models/adapters.py).
     base_model_prefixes = {f"{name}.": f"transformer.{name}."

@@ -15,7 +15,7 @@ from torch import nn
 
 from kiln.ir import ops
 from kiln.ir.ops import HF_ACTIVATIONS
-from kiln.models.layers import Embedding, LayerNorm, Linear, RotaryEmbedding
+from kiln.models.layers import Embedding, LMHead, LayerNorm, Linear, RotaryEmbedding
 
 
 def _num_kv_heads(config) -> int:
@@ -108,7 +108,7 @@ class FalconModel(nn.Module):
         return self.ln_f(hidden)
 
 
-class FalconForCausalLM(nn.Module):
+class FalconForCausalLM(LMHead, nn.Module):
     """input_ids [T] and positions [T] of a flattened batch -> hidden states [T, hidden_size]."""
 
     def __init__(self, config, architecture: str = "FalconForCausalLM", max_positions: int | None = None):
@@ -121,9 +121,7 @@ class FalconForCausalLM(nn.Module):
             raise ValueError(f"{architecture}: new_decoder_architecture without parallel_attn is not a Falcon layout")
         self.config = config
         self.transformer = FalconModel(config, max_positions or config.max_position_embeddings)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.init_lm_head(config, tied_by_default=True)
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
         """(layers, KV heads, head dim): the shape of the paged KV cache the runner allocates."""
@@ -133,14 +131,8 @@ class FalconForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """The output projection's weight [vocab, hidden]: the embedding table when tied."""
-        return (self.transformer.word_embeddings if self.tie_word_embeddings else self.lm_head).weight
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
-        return ops.logits(hidden, self.lm_head_weight)
+    def embeddings(self) -> Embedding:
+        return self.transformer.word_embeddings
 
     ignored_weights = ("rotary_emb.inv_freq",)
     # A base-model checkpoint (FalconModel) names its weights without "transformer." (models/adapters.py).

@@ -71,3 +71,22 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         return ops.rotary(q, k, positions, self.cos_sin_cache, self.is_neox)
+
+
+class LMHead:
+    """Mixed into a decoder: its output projection is the embedding table (`embeddings()`) when
+    tied, else its own `lm_head`; `compute_logits` runs through it."""
+
+    def init_lm_head(self, config, tied_by_default: bool) -> None:
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", tied_by_default))
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection's weight [vocab, hidden]: the embedding table when tied."""
+        return (self.embeddings() if self.tie_word_embeddings else self.lm_head).weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        return ops.logits(hidden, self.lm_head_weight)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kiln.ir import ops
-from kiln.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
+from kiln.models.layers import Embedding, LMHead, Linear, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(LMHead, nn.Module):
     """input_ids [T] and positions [T] of a flattened batch -> hidden states [T, hidden_size]."""
 
     def __init__(self, config, architecture: str = "LlamaForCausalLM", max_positions: int | None = None):
@@ -128,9 +128,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         max_positions = max_positions or config.max_position_embeddings
         self.model = LlamaModel(config, FamilySpec.for_architecture(architecture, config), max_positions)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.init_lm_head(config, tied_by_default=False)
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
         """(layers, KV heads, head dim): the shape of the paged KV cache the runner allocates."""
@@ -140,14 +138,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """The output projection's weight [vocab, hidden]: the embedding table when tied."""
-        return (self.model.embed_tokens if self.tie_word_embeddings else self.lm_head).weight
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
-        return ops.logits(hidden, self.lm_head_weight)
+    def embeddings(self) -> Embedding:
+        return self.model.embed_tokens
 
     # Checkpoint names that carry no weight kiln needs (old checkpoints saved the rope table).
     ignored_weights = ("rotary_emb.inv_freq",)
