@@ -41,23 +41,34 @@ class DecodeGraphs:
         self.rows, self.max_blocks = n, max_blocks_per_seq
         self.scratch_slot = scratch_block * block_size
         # A step's inputs reach the device in one copy from pinned memory, into one int64 buffer
-        # that the static inputs are views of: [ids | positions | slots | seq_lens | cross slots |
+        # that the staged inputs are views of: [ids | positions | slots | seq_lens | cross slots |
         # the step's block tables, [rows, widest row] packed]; the packed tables then go into the
         # graphs' [n, max_blocks] table on the device. (A copy from pageable memory would make the
         # host wait for the queued work, the step in flight included, undoing async scheduling's
         # overlap; copying whole max_blocks-wide rows would move megabytes at long max_model_len.)
-        self.staging = torch.zeros(5 * n + n * max_blocks_per_seq, dtype=torch.long, device=device)
-        self.input_ids, self.positions, self.slot_mapping, seq_lens, self.cross_slots = self.staging[:5 * n].view(5, n)
-        self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
-        self.slot_mapping.fill_(self.scratch_slot)
-        seq_lens.fill_(1)
-        self.seq_lens_long = seq_lens
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)  # (the kernels' dtype: converted in the graph)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        # two pinned host buffers, alternating: the host fills one while the other's copy may still be queued
-        pinned = device.type == "cuda"
-        self.host = [torch.zeros_like(self.staging, device="cpu").pin_memory() if pinned
-                     else torch.zeros_like(self.staging, device="cpu") for _ in range(2)]
+        # Created in inference mode, like the tensors of the eager steps: a normal tensor carries a
+        # dispatch key (ADInplaceOrView) that inference tensors lack, so graph inputs made outside
+        # inference mode fail the guards of the graph the capture compiled, and torch.compile
+        # traced the model a second time for the first prompt (10 s of a warm start on an H100).
+        with torch.inference_mode():
+            self.staging = torch.zeros(5 * n + n * max_blocks_per_seq, dtype=torch.long, device=device)
+            self.staged_ids, self.staged_positions, self.slot_mapping, seq_lens, self.cross_slots = \
+                self.staging[:5 * n].view(5, n)
+            # The forward's own inputs are separate tensors, copied from the staged ones inside each
+            # graph: views at an offset into one buffer would not match the prefill's fresh tensors
+            # either (a guard on positions.storage_offset()), for two tiny copies per step.
+            self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+            self.positions = torch.zeros(n, dtype=torch.long, device=device)
+            self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
+            self.slot_mapping.fill_(self.scratch_slot)
+            seq_lens.fill_(1)
+            self.seq_lens_long = seq_lens
+            self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)  # (the kernels' dtype: converted in the graph)
+            self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+            # two pinned host buffers, alternating: the host fills one while the other's copy may still be queued
+            pinned = device.type == "cuda"
+            self.host = [torch.zeros_like(self.staging, device="cpu").pin_memory() if pinned
+                         else torch.zeros_like(self.staging, device="cpu") for _ in range(2)]
         self.host_arrays = [h.numpy() for h in self.host]
         self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
         self.turn = 0
@@ -82,6 +93,8 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
+                    self.input_ids[:b].copy_(self.staged_ids[:b])
+                    self.positions[:b].copy_(self.staged_positions[:b])
                     self.seq_lens[:b].copy_(self.seq_lens_long[:b])
                     self.outputs[b] = self.forward(self.input_ids[:b], self.positions[:b])
             if self.pool is None:
@@ -102,10 +115,11 @@ class DecodeGraphs:
         if fill is not None:
             from kiln.runtime.model_runner import fill_in
 
-            fill_in(self.input_ids, *fill)
+            fill_in(self.staged_ids, *fill)
         self.graphs[padded].replay()
         return self.outputs[padded][:b]
 
+    @torch.inference_mode()
     def stage(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
               seq_lens: list[int], cross_slots: list[int] | None, padded: int) -> None:
         """Write the step's inputs, padded to `padded` rows, into a pinned host buffer and queue its

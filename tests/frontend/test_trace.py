@@ -15,9 +15,11 @@ from torch import nn
 
 from kiln import LLM, SamplingParams
 from kiln.frontend.trace import trace
+from kiln.ir import set_forward_context
 from kiln.ir.verify import VocabularyError
 from kiln.models import supported_architectures
 from kiln.passes import PIPELINE
+from kiln.runtime.cuda_graphs import DecodeGraphs
 
 PROMPTS = ["Hello, my name is", "The capital of France is a city that", "Once upon a time there was"]
 FAMILIES = sorted(a for a, e in supported_architectures().items() if e.tasks == ("generate",))
@@ -46,10 +48,18 @@ def test_compiled_and_eager_give_the_same_tokens(arch, checkpoints, tmp_path):
 def test_passes_are_chosen_by_name(checkpoints, tmp_path):
     llm = LLM(checkpoints["LlamaForCausalLM"], enforce_eager=False,
               compilation_config={"passes": ["noop_elimination"], "backend": "eager", "dump_ir": str(tmp_path)})
+    # first a forward on the decode graphs' static inputs, as their capture does on CUDA (the capture
+    # itself needs CUDA): the prompts after it must not trace again
+    runner = llm.llm_engine.runner
+    graphs = DecodeGraphs(runner.forward, runner.kv_caches, llm.llm_engine.config.block_size, 4,
+                          runner.num_blocks - 1, 4, torch.device("cpu"))
+    with torch.inference_mode(), set_forward_context(graphs._context(2)):
+        runner.forward(graphs.input_ids[:2], graphs.positions[:2])
     greedy_tokens(llm)
     llm.generate(PROMPTS[0], SamplingParams(max_tokens=3), use_tqdm=False)  # decode steps of one token
-    # the token dimension is unbacked: one graph serves one token and many (no recompile for 1)
-    assert len(llm.llm_engine.runner.forward.kiln_backend.graphs) == 1
+    # the token dimension is unbacked: one graph serves one token and many (no recompile for 1),
+    # and the graphs' inputs are tensors of the same kind as the eager steps' (no recompile either)
+    assert len(runner.forward.kiln_backend.graphs) == 1
     graph, = sorted(os.listdir(tmp_path))
     assert sorted(os.listdir(tmp_path / graph)) == ["00-input.txt", "01-noop_elimination.txt"]
     with pytest.raises(ValueError, match="unknown keys"):

@@ -19,8 +19,8 @@ def test_bucket_sizes():
 def test_stage_fills_rows_and_pads_to_the_bucket_with_the_scratch_block():
     g = _graphs()
     g.stage([11, 12, 13], [7, 3, 9], [29, 14, 37], [[7, 1], [3], [8, 2, 9]], [8, 4, 10], [5, 6, 7], padded=4)
-    assert g.input_ids[:4].tolist() == [11, 12, 13, 0]
-    assert g.positions[:4].tolist() == [7, 3, 9, 0]
+    assert g.staged_ids[:4].tolist() == [11, 12, 13, 0]
+    assert g.staged_positions[:4].tolist() == [7, 3, 9, 0]
     assert g.slot_mapping[:4].tolist() == [29, 14, 37, g.scratch_slot]
     assert g.seq_lens_long[:4].tolist() == [8, 4, 10, 1]
     assert g.cross_slots[:4].tolist() == [5, 6, 7, 0]
@@ -33,8 +33,24 @@ def test_a_smaller_step_after_a_larger_one_reads_only_its_own_rows():
     g = _graphs()
     g.stage([1, 2, 3, 4, 5], [4, 4, 4, 4, 4], [16, 17, 18, 19, 20], [[4, 5]] * 5, [5] * 5, None, padded=6)
     g.stage([8], [2], [10], [[2]], [3], None, padded=1)
-    assert g.input_ids[0].item() == 8 and g.slot_mapping[0].item() == 10 and g.seq_lens_long[0].item() == 3
+    assert g.staged_ids[0].item() == 8 and g.slot_mapping[0].item() == 10 and g.seq_lens_long[0].item() == 3
     assert g.block_tables[0, 0].item() == 2 and g.cross_slots[0].item() == 0
     # the alternate host buffer was written the step before: both steps landed whole
     g.stage([6, 7], [1, 1], [4, 8], [[1], [2]], [2, 2], None, padded=2)
-    assert g.input_ids[:2].tolist() == [6, 7] and g.block_tables[:2, 0].tolist() == [1, 2]
+    assert g.staged_ids[:2].tolist() == [6, 7] and g.block_tables[:2, 0].tolist() == [1, 2]
+
+
+def test_async_tokens_are_filled_into_the_staged_ids_that_the_graph_copies_in():
+    """Async scheduling fills the sampled tokens into the staged ids on the device; the graph's
+    first op copies the staged ids into its own input (a stand-in graph does that copy here),
+    so tokens filled into the input itself would be overwritten."""
+    g = _graphs()
+
+    class Graph:
+        def replay(self):
+            g.input_ids[:4].copy_(g.staged_ids[:4])
+
+    g.graphs, g.outputs = {4: Graph()}, {4: torch.zeros(4, 8)}
+    g.run([11, -1, 13], [7, 3, 9], [29, 14, 37], [[7], [3], [8]], [8, 4, 10],
+          fill=(torch.tensor([40, 41]), [1], [1]))
+    assert g.input_ids[:4].tolist() == [11, 41, 13, 0]
