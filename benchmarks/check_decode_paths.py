@@ -1,6 +1,9 @@
 """GPU sanity check: compiled (Triton + decode CUDA graphs) and eager give the same greedy tokens on a
 tiny random Llama, also with sampling parameters that take the sampler's slower paths and with
-int8 weight-only quantization against its own eager graph.
+int8 weight-only quantization against its own eager graph; then, in bfloat16, the compiled path
+with `float_gemv` (Triton gemv for one-row linears) against the compiled path with cuBLAS at batch 1
+(bfloat16 sums in another order may flip a near-tie: the count is a report, the kernel tests are
+the check).
 
     python benchmarks/check_decode_paths.py
 """
@@ -25,6 +28,13 @@ def main() -> None:
                          .generate(prompts, params, use_tqdm=False)] for eager in (True, False)]
                 same = sum(a == b for a, b in zip(*runs))
                 print(f"{name:18} {'penalty' if params is edited else 'plain':8} compiled == eager for {same}/{len(prompts)} prompts")
+        bf16 = build_checkpoint(tmp + "/bf16", "LlamaForCausalLM", initializer_range=0.02, dtype="bfloat16")
+        runs = []
+        for gemv in (False, True):
+            llm = LLM(bf16, dtype="bfloat16", enforce_eager=False, compilation_config={"float_gemv": gemv})
+            runs.append([llm.generate(p, plain, use_tqdm=False)[0].outputs[0].token_ids for p in prompts])
+        same = sum(a == b for a, b in zip(*runs))
+        print(f"bf16 batch 1: float_gemv == cuBLAS for {same}/{len(prompts)} prompts")
 
 
 if __name__ == "__main__":

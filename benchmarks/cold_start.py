@@ -7,7 +7,8 @@ trace, passes, Inductor, decode CUDA graphs) and generates one token from a 128-
 
     python benchmarks/cold_start.py [--verbose] [--small] [--new-tokens N]
 
---verbose prints each start's phase timings (the engine's log) and a profile of its first generate.
+--verbose prints each start's phase timings (the engine's log), a profile of building the LLM
+(kiln's, Dynamo's, Inductor's and the loaders' functions) and one of its first generate.
 --small: a 16-layer Llama of hidden size 128 in float32 (a CPU check of the compile path; on a CPU
 the start compiles with Inductor's CPU backend, without CUDA graphs). --new-tokens: tokens the
 first generate makes (default 1; more also times the first decode steps, which on a CPU is when
@@ -31,18 +32,27 @@ logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(mess
 logging.getLogger("kiln").setLevel(logging.INFO)
 from kiln import LLM, SamplingParams
 t_import = time.time()
+verbose = sys.argv[5] == "1"  # (profiling the build slows Dynamo's tracing: only when asked)
+build = cProfile.Profile()
+if verbose:
+    build.enable()
 llm = LLM(sys.argv[1], enforce_eager=False, max_num_seqs=64, max_model_len=1024, **json.loads(sys.argv[3]))
+build.disable()
 t_built = time.time()
 prompt, params = {"prompt_token_ids": list(range(100, 228))}, SamplingParams(max_tokens=int(sys.argv[4]), ignore_eos=True)
 profile = cProfile.Profile()
-profile.enable()
+if verbose:
+    profile.enable()
 llm.generate(prompt, params, use_tqdm=False)
 profile.disable()
 t_first = time.time()
 llm.generate(prompt, params, use_tqdm=False)
 t_second = time.time()
 out = io.StringIO()
-pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(25)
+if verbose:
+    pstats.Stats(build, stream=out).sort_stats("cumulative").print_stats(
+        r"kiln|torch/_dynamo/(convert_frame|output_graph)|_inductor/(compile_fx|codecache)|cuda/graphs|safetensors", 40)
+    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(25)
 print(out.getvalue(), file=sys.stderr)
 print(json.dumps({"import": t_import - t0, "built": t_built - t0, "first_token": t_first - t0,
                   "second_call": t_second - t_first}))
@@ -74,7 +84,7 @@ def main() -> None:
         rows = []
         for label in ("no compile cache", "compile cache warm"):
             out = subprocess.run([sys.executable, "-c", PROBE, path, str(time.time()), json.dumps({"dtype": dtype}),
-                                  str(args.new_tokens)], env=env, capture_output=True,
+                                  str(args.new_tokens), "1" if verbose else "0"], env=env, capture_output=True,
                                  text=True, timeout=900)
             if out.returncode != 0:
                 sys.exit(out.stderr[-3000:])
@@ -82,7 +92,7 @@ def main() -> None:
             if verbose:  # the engine's phase timings, and where the first generate spent its time
                 print(f"--- {label}\n" + "\n".join(line for line in out.stderr.splitlines()
                                                     if " ms kiln:" in line or "cumtime" in line or "{" in line
-                                                    or line.strip()[:1].isdigit())[-6000:])
+                                                    or line.strip()[:1].isdigit()))
     import torch
 
     print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} | torch {torch.__version__}")

@@ -7,7 +7,8 @@ kiln's time per token (from a 128-token prompt, 256 new tokens, the prefill's ti
 its fraction of the roofline, and HF's tokens/s. Model: the Llama-3.2-1B shape (random bf16
 weights, built in a temp dir); --small for a quick check.
 
-`--async-scheduling` adds a bf16 row with the host's work overlapped with the device's (and
+`--float-gemv` adds a bf16 row whose one-row linears (and logits) run kiln's Triton gemv instead
+of cuBLAS (`compilation_config={"float_gemv": True}`). `--async-scheduling` adds a bf16 row with the host's work overlapped with the device's (and
 runs the quantized rows so). `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -83,6 +84,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quantization", default="", help="comma-separated schemes to time after bf16")
     p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--float-gemv", action="store_true",
+                   help="add a bf16 row whose batch-1 linears run kiln's Triton gemv instead of cuBLAS")
     p.add_argument("--async-scheduling", action="store_true",
                    help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
     args = p.parse_args()
@@ -100,12 +103,13 @@ def main() -> None:
     prompt = {"prompt_token_ids": list(range(100, 100 + args.prompt_len))}
     results = {}  # variant -> (bytes read per token, seconds per token, time to first token)
     variants = [("bf16", {})] + ([("bf16 async", {"async_scheduling": True})] if args.async_scheduling else [])
+    variants += [("bf16 gemv", {"float_gemv": True})] if args.float_gemv else []
     variants += [(scheme, {"quantization": scheme, "async_scheduling": args.async_scheduling})
                  for scheme in filter(None, args.quantization.split(","))]
     for name, kwargs in variants:
+        options = {"quantize_lm_head": args.quantize_lm_head, "float_gemv": kwargs.pop("float_gemv", False)}
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
-                  enable_prefix_caching=False, compilation_config={"quantize_lm_head": args.quantize_lm_head},
-                  **kwargs)
+                  enable_prefix_caching=False, compilation_config=options, **kwargs)
 
         def timed(n: int, llm=llm) -> float:
             torch.cuda.synchronize()

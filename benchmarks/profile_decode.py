@@ -28,13 +28,14 @@ def main() -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--float-gemv", action="store_true", help="compilation_config float_gemv (Triton gemv at batch 1)")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="kiln-prof-")
     path = build_checkpoint(tmp.name, "LlamaForCausalLM", dtype="bfloat16", tokenizer=train_tokenizer(),
                             vocab_size=128256, **LLAMA_1B)
     llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
               enable_prefix_caching=False, quantization=args.quantization,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, compilation_config={"float_gemv": args.float_gemv})
     prompt = {"prompt_token_ids": list(range(100, 228))}
     params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
     llm.generate(prompt, params, use_tqdm=False)

@@ -12,6 +12,12 @@ step's k/v). The per-sequence lengths go to the device as tensors once per step 
 every layer. A runner that captures CUDA graphs must hand them over already on the device, as
 `md.query_start_loc` [B+1] int32 and `md.seq_lens_tensor` [B] int32 (vLLM's names), since building
 them from the Python lists is a host-to-device copy that a graph cannot hold.
+
+`kiln::linear`, `merged_linear` and `logits` stay cuBLAS's (`F.linear`) unless `set_float_gemv(True)`
+(the engine's `compilation_config={"float_gemv": True}`): then a one-row product with float weights
+(batch-1 decode) streams the weight through the Triton gemv of `kernels.quant_gemm` instead. The
+choice is made per call, so a decode CUDA graph captured at batch 1 holds the gemv and the larger
+buckets hold cuBLAS.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from kiln.ir import quant_ops  # noqa: F401  (likewise the quantized ones)
 from kiln.ir.context import AttentionMetadata, get_forward_context
 
 _registered = False
+_float_gemv = False
 # (metadata, device) of the last step and its device tensors: every layer of a step shares them.
 _batch_cache: tuple[weakref.ref, torch.device, tuple] | None = None
 
@@ -88,6 +95,32 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
                            *ctx.kv_scale(layer))
 
 
+def set_float_gemv(enabled: bool) -> None:
+    """Whether one-row float linears run the Triton gemv (see the module's docstring)."""
+    global _float_gemv
+    _float_gemv = bool(enabled)
+
+
+def _gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_float_gemv and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.stride(-1) == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    from kiln.codegen.kernels.quant_gemm import float_linear
+
+    return float_linear(x, weight, bias) if _gemv_takes(x, weight) else torch.nn.functional.linear(x, weight, bias)
+
+
+def merged_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    weight = ops._adjacent(weights)
+    return linear(x, weight, ops._adjacent(biases) if biases else None)
+
+
+def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    return linear(hidden, lm_head).float()  # in the model dtype, then float32: the reference's rounding
+
+
 def register_cuda_kernels() -> bool:
     """Make the Triton kernels the CUDA implementations of the kiln ops they implement.
     Returns whether they are registered (False when triton is unavailable)."""
@@ -114,6 +147,9 @@ def register_cuda_kernels() -> bool:
         "kiln::silu_and_mul_quant": kernels.silu_and_mul_quant,
         "kiln::scaled_linear": kernels.scaled_linear,
         "kiln::weight_only_linear": kernels.weight_only_linear,
+        "kiln::linear": linear,
+        "kiln::merged_linear": merged_linear,
+        "kiln::logits": logits,
     }
     for name, fn in impls.items():
         torch.library.register_kernel(name, "cuda", fn)

@@ -225,14 +225,16 @@ class LLMEngine:
         from kiln.passes import PIPELINE, run_passes
 
         options = dict(self.config.compilation_config or {})
-        known = {"passes", "backend", "dump_ir", "cudagraph", "quantize_lm_head"}
+        known = {"passes", "backend", "dump_ir", "cudagraph", "quantize_lm_head", "float_gemv"}
         if set(options) - known:
             raise ValueError(f"compilation_config: unknown keys {sorted(set(options) - known)}; known: "
                              f"{', '.join(sorted(known))}")
+        float_gemv = bool(options.get("float_gemv", False)) and self.device.type == "cuda"
         if self.device.type == "cuda":
-            from kiln.codegen.triton_ops import register_cuda_kernels
+            from kiln.codegen.triton_ops import register_cuda_kernels, set_float_gemv
 
             register_cuda_kernels()
+            set_float_gemv(float_gemv)
         passes = list(options.get("passes", PIPELINE))
         if quantized and "quantize" not in passes:
             raise ValueError("a quantized model needs the 'quantize' pass: add it to compilation_config['passes']")
@@ -250,7 +252,8 @@ class LLMEngine:
 
         strict = self.model_impl == "kiln"
         self.runner.forward = trace(self.model, lower_graph, strict)
-        if quantized and self.runner.logits is not None:  # the output projection may be 8-bit too
+        # the output projection may be 8-bit too; with float_gemv its batch-1 product is the gemv's
+        if (quantized or float_gemv) and self.runner.logits is not None:
             self.runner.logits = trace(self.model, lower_graph, strict, method="compute_logits")
         logger.info("kiln: compiling with passes %s, backend %s%s (cache: %s)", passes, backend,
                     f", quantization {self.config.quantization}" if self.config.quantization else "",

@@ -211,6 +211,47 @@ def test_float_linear_is_f_linear(M, N, K, config, dtype, device, poisoned, clos
         quant_gemm.float_linear(x, w.to(torch.float16))
 
 
+def test_float_gemv_dispatch(device, close):
+    """With set_float_gemv(True) the CUDA implementations of linear, merged_linear and logits send a
+    one-row bfloat16 product to the gemv (the weight's rows land in the output: a call that fell
+    back to F.linear would pass too, so the gemv's use is checked by spying on it) and leave
+    several rows, float32 and a strided weight to F.linear."""
+    from kiln.codegen import triton_ops
+
+    calls = []
+    real = quant_gemm.float_linear
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    w1, w2 = (torch.randn(n, 64, device=device).to(torch.bfloat16) for n in (24, 40))
+    merged = torch.cat([w1, w2])
+    x = torch.randn(1, 64, device=device).to(torch.bfloat16)
+    truth = torch.nn.functional.linear(x.double(), merged.double())
+    try:
+        quant_gemm.float_linear = spy
+        triton_ops.set_float_gemv(True)
+        one = triton_ops.merged_linear(x, [merged[:24], merged[24:]], [])
+        assert calls == [(64, 64)]
+        close(one, truth, dtype=torch.bfloat16)
+        close(triton_ops.linear(x, w1), truth[:, :24], dtype=torch.bfloat16)
+        head = triton_ops.logits(x, merged)
+        assert head.dtype == torch.float32 and len(calls) == 3
+        assert torch.equal(head, head.to(torch.bfloat16).float())  # rounded to the model dtype, as the reference
+        close(head, truth, dtype=torch.bfloat16)
+        calls.clear()
+        triton_ops.linear(torch.randn(2, 64, device=device).to(torch.bfloat16), w1)  # two rows
+        triton_ops.linear(x.float(), w1.float())  # float32
+        triton_ops.linear(x, torch.randn(64, 24, device=device).to(torch.bfloat16).t())  # strided weight
+        triton_ops.set_float_gemv(False)
+        triton_ops.linear(x, w1)
+        assert calls == []
+    finally:
+        quant_gemm.float_linear = real
+        triton_ops.set_float_gemv(False)
+
+
 def test_weight_only_linear_leading_dims_and_float16(device, poisoned, close):
     """[..., K] in, [..., N] out; float16 activations take the int8 -> float16 exponent trick."""
     wq, w_scale = Q.quantize_weight(torch.randn(24, 80, device=device), "int8")
@@ -237,8 +278,12 @@ def test_scaled_linear_triton(M, N, K, config, kind, out_dtype, bias_dtype, devi
     assert out.dtype == out_dtype
     if kind == "fp8" and device.type == "cuda" and out_dtype == torch.float32:
         # Hopper's fp8 tensor cores accumulate with fewer than float32's bits (the known fp8
-        # "fast accumulation"): measured 8e-5 relative on an H200, against 1e-5 for float32 math
-        torch.testing.assert_close(out.double(), truth_scaled(xq, x_scale, wq, w_scale, bias), rtol=1e-3, atol=1e-3)
+        # "fast accumulation"): measured 8e-5 relative on an H200, against 1e-5 for float32 math.
+        # The error scales with the partial sums, not with each output: elementwise 1e-3 failed
+        # now and then on an H100 (M=37, K=70), so the bound is relative to the largest output.
+        truth = truth_scaled(xq, x_scale, wq, w_scale, bias)
+        assert ((out.double() - truth).norm() / truth.norm()).item() <= 1e-3
+        torch.testing.assert_close(out.double(), truth, rtol=1e-2, atol=2e-3 * truth.abs().max().item())
         return
     close(out, truth_scaled(xq, x_scale, wq, w_scale, bias), dtype=out_dtype)
     close(out, Q.scaled_linear(xq, x_scale, wq, w_scale, bias, out_dtype), dtype=out_dtype)
