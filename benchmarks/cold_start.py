@@ -7,7 +7,8 @@ trace, passes, Inductor, decode CUDA graphs) and generates one token from a 128-
 
     python benchmarks/cold_start.py [--verbose] [--small] [--new-tokens N]
 
---verbose prints each start's phase timings (the engine's log), a profile of building the LLM
+Each start's phase timings (the engine's log, ms since the process started) are printed; --verbose
+adds a profile of building the LLM
 (kiln's, Dynamo's, Inductor's and the loaders' functions) and one of its first generate.
 --small: a 16-layer Llama of hidden size 128 in float32 (a CPU check of the compile path; on a CPU
 the start compiles with Inductor's CPU backend, without CUDA graphs). --new-tokens: tokens the
@@ -89,10 +90,9 @@ def main() -> None:
             if out.returncode != 0:
                 sys.exit(out.stderr[-3000:])
             rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
-            if verbose:  # the engine's phase timings, and where the first generate spent its time
-                print(f"--- {label}\n" + "\n".join(line for line in out.stderr.splitlines()
-                                                    if " ms kiln:" in line or "cumtime" in line or "{" in line
-                                                    or line.strip()[:1].isdigit()))
+            # the engine's phase timings; with --verbose, the profiles of the build and the first generate
+            print(f"--- {label}\n" + "\n".join(line for line in out.stderr.splitlines() if " ms kiln:" in line or (
+                verbose and ("cumtime" in line or "{" in line or line.strip()[:1].isdigit()))), flush=True)
     import torch
 
     print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} | torch {torch.__version__}")

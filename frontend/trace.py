@@ -56,6 +56,15 @@ def trace(model: nn.Module, lower: Callable[[Graph], Callable], strict: bool = T
                 if isinstance(arg, torch.Tensor) and arg.dim() > 0:
                     torch._dynamo.decorators.mark_unbacked(arg, 0)
         try:
+            if not backend.graphs:
+                # The model's Python floats (eps, scales) are constants: left unspecialized (the
+                # default), Dynamo turns them into tensor inputs, fails to keep them so (they are
+                # kiln ops' float arguments), and traces the whole model a second time with them
+                # specialized: half the first compile (1.5 instead of 3.7 s, a 16-layer model on
+                # CPU with a warm cache). Patched around the calls that trace only: the patch
+                # costs ~65 us a call.
+                with torch._dynamo.config.patch(specialize_float=True):
+                    return compiled(*args, **kwargs)
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             if isinstance(e.inner_exception, VocabularyError):  # the model's fault: say so plainly

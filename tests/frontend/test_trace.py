@@ -37,7 +37,9 @@ def test_compiled_and_eager_give_the_same_tokens(arch, checkpoints, tmp_path):
     assert compiled.llm_engine.compiled and not eager.llm_engine.compiled
     assert greedy_tokens(compiled) == greedy_tokens(eager)
     graphs = sorted(os.listdir(tmp_path))
-    assert graphs, "the backend saw no graph"
+    # one trace: prompts and decode steps share the graph, and the model's floats do not make
+    # Dynamo restart its analysis (a second trace of the whole model)
+    assert graphs == ["graph0"], graphs
     dumps = sorted(os.listdir(tmp_path / graphs[0]))
     assert dumps == ["00-input.txt"] + [f"{i:02d}-{name}.txt" for i, name in enumerate(PIPELINE, start=1)]
     final = (tmp_path / graphs[0] / dumps[-1]).read_text()
