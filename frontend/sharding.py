@@ -67,15 +67,20 @@ def tp_plan(model_cls: type, config, architecture: str) -> dict[str, str]:
     return {pattern: _HF_STYLES[style] for pattern, style in hf_plan.items()}
 
 
-def check_divisible(config, world_size: int) -> None:
-    """ValueError unless N divides every field the plan splits (naming the field and N)."""
+def check_divisible(config, world_size: int, model_cls: type | None = None) -> None:
+    """ValueError unless N divides every field the plan splits (naming the field and N): the
+    config's DIVIDED_FIELDS, and the sizes a native model splits beyond them (`tp_sizes(config)`:
+    name -> global size, e.g. Falcon's KV heads, BLOOM's MLP width, which its config names otherwise
+    or not at all)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for field in DIVIDED_FIELDS:
-        value = getattr(text, field, None)
-        if field == "num_key_value_heads" and value is None:
-            value = text.num_attention_heads
+    sizes = {field: getattr(text, field, None) for field in DIVIDED_FIELDS}
+    if sizes["num_key_value_heads"] is None:
+        sizes["num_key_value_heads"] = text.num_attention_heads
+    if model_cls is not None and hasattr(model_cls, "tp_sizes"):
+        sizes.update(model_cls.tp_sizes(text))
+    for field, value in sizes.items():
         if value is not None and value % world_size:
-            hint = " (kiln does not replicate KV heads over ranks yet)" if field == "num_key_value_heads" else ""
+            hint = " (kiln does not replicate KV heads over ranks yet)" if "key_value" in field or "KV" in field else ""
             raise ValueError(f"tensor_parallel_size={world_size} does not divide the model's {field}={value}: each "
                              f"rank holds {field} / tensor_parallel_size{hint}")
 
@@ -96,8 +101,11 @@ class Shard:
         return None
 
     def local_config(self, config):
-        """The config this rank builds its model from: DIVIDED_FIELDS / N, head_dim pinned."""
+        """The config this rank builds its model from: DIVIDED_FIELDS / N, head_dim pinned, and
+        `tp_rank` / `tp_size` for what a model derives per rank itself (sizes its config does not
+        name as DIVIDED_FIELDS, BLOOM's ALiBi slopes of its own heads)."""
         local = copy.deepcopy(config)
+        local.tp_rank, local.tp_size = self.rank, self.world_size
         if getattr(local, "head_dim", None) is None:
             local.head_dim = config.hidden_size // config.num_attention_heads
         if getattr(local, "num_key_value_heads", None) is None:

@@ -27,15 +27,21 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 class BloomAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
+        # under tensor parallelism the config is rank-local: its heads are this rank's share
+        self.tp_rank, self.tp_size = getattr(config, "tp_rank", 0), getattr(config, "tp_size", 1)
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
+        self.head_dim = config.hidden_size // (self.num_heads * self.tp_size)
         self.layer_idx, self.scale = layer_idx, self.head_dim**-0.5
-        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.dense = Linear(config.hidden_size, config.hidden_size, bias=True)
+        width = self.num_heads * self.head_dim
+        self.query_key_value = Linear(config.hidden_size, 3 * width, bias=True)
+        self.dense = Linear(width, config.hidden_size, bias=True)
         self.register_buffer("alibi_slopes", torch.empty(0), persistent=False)
 
     def reset_buffers(self) -> None:
-        self.alibi_slopes = alibi_slopes(self.num_heads).to(self.alibi_slopes.device)
+        """The slopes of this rank's heads: a slice of the whole model's (they depend on the head count)."""
+        first = self.tp_rank * self.num_heads
+        slopes = alibi_slopes(self.num_heads * self.tp_size)[first:first + self.num_heads]
+        self.alibi_slopes = slopes.to(self.alibi_slopes.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = self.query_key_value(x).unflatten(-1, (self.num_heads, 3, self.head_dim))
@@ -47,8 +53,9 @@ class BloomAttention(nn.Module):
 class BloomMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense_h_to_4h = Linear(config.hidden_size, 4 * config.hidden_size, bias=True)
-        self.dense_4h_to_h = Linear(4 * config.hidden_size, config.hidden_size, bias=True)
+        width = 4 * config.hidden_size // getattr(config, "tp_size", 1)
+        self.dense_h_to_4h = Linear(config.hidden_size, width, bias=True)
+        self.dense_4h_to_h = Linear(width, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(ops.activation(self.dense_h_to_4h(x), "gelu_tanh"))
@@ -107,6 +114,16 @@ class BloomForCausalLM(LMHead, nn.Module):
 
     def embeddings(self) -> Embedding:
         return self.transformer.word_embeddings
+
+    # Tensor parallelism (frontend/sharding.py): query_key_value is laid out head by head, so N
+    # contiguous row blocks are N sets of whole heads (each with its query, key and value).
+    tp_plan = {"query_key_value": "colwise", "dense": "rowwise", "dense_h_to_4h": "colwise",
+               "dense_4h_to_h": "rowwise", "word_embeddings": "vocab", "lm_head": "vocab"}
+
+    @staticmethod
+    def tp_sizes(config) -> dict[str, int]:
+        """The MLP's width, which tensor parallelism splits and the config does not name."""
+        return {"MLP width (4 x hidden_size)": 4 * config.hidden_size}
 
     # A base-model checkpoint (BloomModel) names its weights without "transformer." (models/adapters.py).
     base_model_prefixes = {f"{name}.": f"transformer.{name}."

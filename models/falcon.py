@@ -19,16 +19,24 @@ from kiln.models.layers import Embedding, LMHead, LayerNorm, Linear, RotaryEmbed
 
 
 def _num_kv_heads(config) -> int:
+    """The KV heads of the whole model (of a rank-local config too: its `num_kv_heads` is not one
+    of the fields the shard divides, and its query heads are multiplied back)."""
     if config.new_decoder_architecture:
         return config.num_kv_heads
-    return 1 if config.multi_query else config.num_attention_heads
+    return 1 if config.multi_query else config.num_attention_heads * getattr(config, "tp_size", 1)
+
+
+def _ffn_size(config) -> int:
+    return config.ffn_hidden_size or 4 * config.hidden_size
 
 
 class FalconAttention(nn.Module):
     def __init__(self, config, layer_idx: int, max_positions: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, _num_kv_heads(config)
-        self.head_dim = config.hidden_size // self.num_heads
+        # under tensor parallelism the config is rank-local: its query heads are this rank's
+        tp = getattr(config, "tp_size", 1)
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, _num_kv_heads(config) // tp
+        self.head_dim = config.hidden_size // (self.num_heads * tp)
         self.layer_idx, self.scale = layer_idx, self.head_dim**-0.5
         self.new_decoder_architecture, self.multi_query = config.new_decoder_architecture, config.multi_query
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
@@ -58,7 +66,7 @@ class FalconAttention(nn.Module):
 class FalconMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        hidden, ffn = config.hidden_size, config.ffn_hidden_size or 4 * config.hidden_size
+        hidden, ffn = config.hidden_size, _ffn_size(config) // getattr(config, "tp_size", 1)
         self.dense_h_to_4h = Linear(hidden, ffn, config.bias)
         self.dense_4h_to_h = Linear(ffn, hidden, config.bias)
         self.act = HF_ACTIVATIONS[config.activation]
@@ -135,6 +143,17 @@ class FalconForCausalLM(LMHead, nn.Module):
         return self.transformer.word_embeddings
 
     ignored_weights = ("rotary_emb.inv_freq",)
+    # Tensor parallelism (frontend/sharding.py). The fused query_key_value splits by rows as it is:
+    # each of its layouts keeps a head's (or KV group's) query, key and value rows together, so N
+    # contiguous row blocks are N sets of whole heads. Falcon-7B's one KV head cannot split.
+    tp_plan = {"query_key_value": "colwise", "dense": "rowwise", "dense_h_to_4h": "colwise",
+               "dense_4h_to_h": "rowwise", "word_embeddings": "vocab", "lm_head": "vocab"}
+
+    @staticmethod
+    def tp_sizes(config) -> dict[str, int]:
+        """The sizes tensor parallelism splits that the config names otherwise (or not at all)."""
+        return {"KV heads": _num_kv_heads(config), "ffn_hidden_size": _ffn_size(config)}
+
     # A base-model checkpoint (FalconModel) names its weights without "transformer." (models/adapters.py).
     base_model_prefixes = {"word_embeddings.": "transformer.word_embeddings.", "h.": "transformer.h.",
                            "ln_f.": "transformer.ln_f."}

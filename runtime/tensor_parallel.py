@@ -64,7 +64,7 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
     if getattr(hf_config, "is_encoder_decoder", False):
         raise ValueError(f"tensor_parallel_size={n}: {architecture} is an encoder-decoder model, which tensor "
                          "parallelism does not serve yet")
-    check_divisible(hf_config, n)
+    check_divisible(hf_config, n, model_cls)
     tp_plan(model_cls, hf_config, architecture)  # (raises when the model has no plan kiln can run)
     if device.type == "cuda" and device.index not in (None, 0):
         raise ValueError(f"tensor_parallel_size={n} puts rank r on cuda:r: pass device='cuda' (not {device})")

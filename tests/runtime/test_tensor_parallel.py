@@ -20,6 +20,7 @@ import torch
 from kiln import LLM, SamplingParams
 from kiln.ir import ops
 from kiln.ir.parallel import tensor_parallel_group
+from kiln.models.bloom import alibi_slopes
 from kiln.runtime.demo import build_checkpoint
 
 PROMPTS = ["Hello, my name is", "The capital of France is",
@@ -35,7 +36,12 @@ def paths(tmp_path_factory, tokenizer):
     return {"llama": build_checkpoint(str(root / "llama"), "LlamaForCausalLM", tokenizer=tokenizer,
                                       attention_bias=True, vocab_size=len(tokenizer) + 1),
             "qwen3": build_checkpoint(str(root / "qwen3"), "Qwen3ForCausalLM", tokenizer=tokenizer,
-                                      tie_word_embeddings=True)}
+                                      tie_word_embeddings=True),
+            # Falcon-40B's layout (two KV groups: one per rank) and BLOOM's ALiBi over six heads
+            "falcon": build_checkpoint(str(root / "falcon"), "FalconForCausalLM", tokenizer=tokenizer,
+                                       new_decoder_architecture=True, num_kv_heads=2, bias=True),
+            "bloom": build_checkpoint(str(root / "bloom"), "BloomForCausalLM", tokenizer=tokenizer,
+                                      hidden_size=48, num_attention_heads=6)}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +80,20 @@ def test_two_ranks_give_one_rank_tokens_and_logprobs(paths, tp_llm, name, model_
     head = engine.model.hf.get_output_embeddings() if model_impl == "transformers" else (
         engine.model.model.embed_tokens if name == "qwen3" else engine.model.lm_head)  # (Qwen3's is tied)
     assert head.weight.shape[0] == -(-engine.vocab_size // 2)  # this rank's half of the (padded) vocabulary
+
+
+@pytest.mark.parametrize("name,kv_heads", [("falcon", 1), ("bloom", 3)])
+def test_falcon_and_bloom_over_two_ranks(paths, tp_llm, name, kv_heads):
+    """The fused query_key_value split by rows gives each rank whole heads (Falcon: whole KV
+    groups); BLOOM's ranks each take the ALiBi slopes of their own three heads."""
+    expected = LLM(paths[name], **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = tp_llm(name)
+    same_outputs(expected, llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    engine = llm.llm_engine
+    assert engine.runner.kv_caches[0][0].shape[2] == kv_heads
+    if name == "bloom":
+        whole = alibi_slopes(6)
+        assert torch.equal(engine.model.transformer.h[0].self_attention.alibi_slopes, whole[:3])
 
 
 def test_async_scheduling_over_two_ranks(paths):
