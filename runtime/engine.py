@@ -625,8 +625,8 @@ class LLMEngine:
             if to_encode:  # encoder runs of newly admitted requests, batched, before the decoder step
                 self.runner.encode(to_encode)
             hidden, rows = self.runner.execute(step)
-            logit_rows = [row for _, row in rows.sample] + [row for _, rs, _ in rows.prompt for row in rs]
-            logits = self.runner.compute_logits(hidden, logit_rows) if logit_rows else None
+            logit_rows = rows.logit_rows()
+            logits = self.runner.compute_logits(hidden, logit_rows, rows.device_rows) if logit_rows else None
             sampled = self.sampler(logits[:len(rows.sample)], [r for r, _ in rows.sample]) if rows.sample else None
         except Exception as e:
             self._fail_step([req for req, _ in step.scheduled], e)
@@ -684,7 +684,8 @@ class LLMEngine:
         try:
             hidden, rows = self.runner.execute(step, previous)
             sample = [r for r, _ in rows.sample]
-            tokens = self.sampler.tokens(self.runner.compute_logits(hidden, [row for _, row in rows.sample]),
+            index = rows.device_rows[:len(sample)] if rows.device_rows is not None else None
+            tokens = self.sampler.tokens(self.runner.compute_logits(hidden, [row for _, row in rows.sample], index),
                                          sample) if sample else None
         except Exception as e:
             self._inflight = None

@@ -21,6 +21,12 @@ class StepRows:
 
     sample: list[tuple[Request, int]]  # (request, row of its last token) for requests that sample now
     prompt: list[tuple[Request, list[int], list[int]]]  # (request, rows, positions they predict) for prompt logprobs
+    # the sample rows, then the prompt rows, as an int64 tensor already on the device (an eager step
+    # stages it with its inputs; None for a graph step, whose rows are every row in order)
+    device_rows: torch.Tensor | None = None
+
+    def logit_rows(self) -> list[int]:
+        return [row for _, row in self.sample] + [row for _, rs, _ in self.prompt for row in rs]
 
 
 @dataclass
@@ -31,18 +37,33 @@ class PendingTokens:
     index: dict  # Request -> row of `tokens`
 
 
-def fill_in(ids: torch.Tensor, tokens: torch.Tensor, rows: list[int], src: list[int]) -> None:
-    """ids[rows] = tokens[src], on the device, without waiting for `tokens` to be computed."""
+def fill_in(ids: torch.Tensor, tokens: torch.Tensor, rows: list[int], src: list[int],
+            index: torch.Tensor | None = None) -> None:
+    """ids[rows] = tokens[src], on the device, without waiting for `tokens` to be computed.
+    `index`: [rows, src] as a [2, F] int64 tensor already on the device (else made here)."""
     if rows == src == list(range(rows[-1] + 1)):  # the usual decode step: the same requests, in order
         ids[:len(rows)].copy_(tokens[:len(rows)])
         return
-    index = torch.tensor([rows, src], dtype=torch.long).to(ids.device, non_blocking=True)
+    if index is None:
+        index = _staged(ids.device, [[rows, src]])[0].view(2, -1)
     ids[index[0]] = tokens[index[1]]
 
 
-def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 tensor of a list on `device` (through numpy: a third of torch.tensor's cost per element)."""
-    return torch.from_numpy(np.array(values, dtype=np.int64)).to(device)
+def _staged(device: torch.device, fields: list) -> list[torch.Tensor]:
+    """int64 sequences (lists, nested lists, numpy arrays) -> each flattened, on `device`, moved in
+    one copy: through one pinned host buffer on CUDA, asynchronously. A copy from pageable memory
+    waits for all the work queued before it (under async scheduling, the step in flight), and one
+    copy per field costs a call each. Each field starts on a 64-byte boundary (Inductor's kernels
+    copy inputs that are not aligned)."""
+    arrays = [np.asarray(f, dtype=np.int64).reshape(-1) for f in fields]
+    starts = np.cumsum([0] + [-(-a.size // 8) * 8 for a in arrays])
+    cuda = device.type == "cuda"
+    staged = torch.empty(max(int(starts[-1]), 1), dtype=torch.int64, pin_memory=cuda)
+    buf = staged.numpy()
+    for a, start in zip(arrays, starts):
+        buf[start:start + a.size] = a
+    on_device = staged.to(device, non_blocking=cuda)
+    return [on_device[start:start + a.size] for a, start in zip(arrays, starts)]
 
 
 def kv_cache_layers(model: nn.Module) -> list[tuple[int, int, int]]:
@@ -154,20 +175,21 @@ class ModelRunner:
         table = np.zeros((len(step.scheduled), max_blocks), dtype=np.int64)
         for i, (req, _) in enumerate(step.scheduled):  # (numpy: a row from a list costs a tenth of torch.tensor's)
             table[i, :len(req.block_ids)] = req.block_ids
-        block_tables = torch.from_numpy(table)
-        metadata = AttentionMetadata(
-            slot_mapping=_long_tensor(slots, self.device),
-            block_tables=block_tables.to(self.device), query_lens=query_lens, seq_lens=seq_lens, block_size=bs,
-            cross_slots=[r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None)
-        extra = {}
+        types = []
         if any(r.token_type_ids is not None for r, _ in step.scheduled):
             types = [t for r, n in step.scheduled
                      for t in (r.token_type_ids or [0] * r.num_tokens)[r.num_computed_tokens:r.num_computed_tokens + n]]
-            extra["token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
-        ids = _long_tensor(input_ids, self.device)
+        # every input of the step in one copy (from pinned memory on CUDA: no wait for the step in flight)
+        ids, positions, slot_mapping, tables, fill_index, rows.device_rows, types = _staged(
+            self.device, [input_ids, positions, slots, table, [fill_rows, fill_src] if fill_rows else [],
+                          rows.logit_rows(), types])
+        metadata = AttentionMetadata(
+            slot_mapping=slot_mapping, block_tables=tables.view(table.shape), query_lens=query_lens,
+            seq_lens=seq_lens, block_size=bs,
+            cross_slots=[r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None)
+        extra = {"token_type_ids": types} if len(types) else {}
         if fill_rows:
-            fill_in(ids, fill.tokens, fill_rows, fill_src)
-        positions = _long_tensor(positions, self.device)
+            fill_in(ids, fill.tokens, fill_rows, fill_src, fill_index.view(2, -1))
         if self.state_slots is not None:
             return self._execute_per_sequence(step, ids, positions), rows
         with set_forward_context(ForwardContext(metadata, self.kv_caches, self.cross_kv_caches, self.kv_scales)):
@@ -186,12 +208,16 @@ class ModelRunner:
         return torch.cat(hidden)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of hidden[rows]. `index`: the rows as a device tensor (a prefix of the step's
+        staged `StepRows.device_rows`), so no copy waits here for the forward to finish."""
         if len(rows) == len(hidden) and rows == list(range(len(rows))):
             # every row (a decode step): no index to copy to the device, a copy that would wait
             # for the forward to finish before the host could queue the logits and the sampler
             return self.logits(hidden)
-        return self.logits(hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)])
+        if index is None:
+            index = _staged(hidden.device, [rows])[0]
+        return self.logits(hidden[index])
 
     @torch.inference_mode()
     def execute_pooling(self, step: SchedulerOutput) -> tuple[torch.Tensor, PoolingBatch]:

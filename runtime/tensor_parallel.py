@@ -357,13 +357,13 @@ class TensorParallelRunner(ModelRunner):
             return super().execute_pooling(step)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:
         shard = self.tp.model_shard
         with self.tp.step():
             if not shard.gathers_logits:
-                return super().compute_logits(hidden, rows)
+                return super().compute_logits(hidden, rows, index)
             self.tp.send(("logits", rows))
-            return ops.all_gather(super().compute_logits(hidden, rows), -1)[:, :shard.vocab_size]
+            return ops.all_gather(super().compute_logits(hidden, rows, index), -1)[:, :shard.vocab_size]
 
 
 def _broadcast_from_rank0(tensor: torch.Tensor, group) -> None:

@@ -155,3 +155,24 @@ def test_any_arrival_and_abort_order_gives_the_synchronous_outputs(engine_pair, 
     assert unaborted <= both  # a request nobody aborted finishes on both
     for engine in engine_pair:
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_staged_inputs_land_whole_and_aligned():
+    """An eager step's inputs go to the device in one buffer (pinned on CUDA, one asynchronous
+    copy): each field whole, flattened, on a 64-byte boundary; empty fields stay empty."""
+    import numpy as np
+    import torch
+
+    from kiln.runtime.model_runner import _staged, fill_in
+
+    table = np.arange(6).reshape(2, 3)
+    ids, empty, tables, pairs = _staged(torch.device("cpu"), [[5, 6, 7], [], table, [[1, 2], [0, 0]]])
+    assert ids.tolist() == [5, 6, 7] and empty.numel() == 0
+    assert tables.view(2, 3).tolist() == table.tolist() and pairs.view(2, -1).tolist() == [[1, 2], [0, 0]]
+    assert all(t.dtype == torch.int64 and t.storage_offset() % 8 == 0 for t in (ids, tables, pairs))
+    # async scheduling's fill: rows 1 and 2 of the step take the in-flight step's token 0
+    tokens, target = torch.tensor([40, 41]), torch.zeros(4, dtype=torch.long)
+    fill_in(target, tokens, [1, 2], [0, 0], pairs.view(2, -1))
+    assert target.tolist() == [0, 40, 40, 0]
+    fill_in(target, torch.tensor([9, 8, 7]), [0, 2], [2, 1])  # (no index given: staged here)
+    assert target.tolist() == [7, 40, 8, 0]
