@@ -625,7 +625,7 @@ class LLMEngine:
             if to_encode:  # encoder runs of newly admitted requests, batched, before the decoder step
                 self.runner.encode(to_encode)
             hidden, rows = self.runner.execute(step)
-            logit_rows = rows.logit_rows()
+            logit_rows = rows.logit_rows
             logits = self.runner.compute_logits(hidden, logit_rows, rows.device_rows) if logit_rows else None
             sampled = self.sampler(logits[:len(rows.sample)], [r for r, _ in rows.sample]) if rows.sample else None
         except Exception as e:

@@ -3,6 +3,7 @@ forward pass (no padding between sequences), and returns the hidden states the e
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,9 @@ class StepRows:
     # stages it with its inputs; None for a graph step, whose rows are every row in order)
     device_rows: torch.Tensor | None = None
 
+    @functools.cached_property
     def logit_rows(self) -> list[int]:
+        """The rows to turn into logits: the sample rows, then the prompt rows (once the step is built)."""
         return [row for _, row in self.sample] + [row for _, rs, _ in self.prompt for row in rs]
 
 
@@ -182,7 +185,7 @@ class ModelRunner:
         # every input of the step in one copy (from pinned memory on CUDA: no wait for the step in flight)
         ids, positions, slot_mapping, tables, fill_index, rows.device_rows, types = _staged(
             self.device, [input_ids, positions, slots, table, [fill_rows, fill_src] if fill_rows else [],
-                          rows.logit_rows(), types])
+                          rows.logit_rows, types])
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=tables.view(table.shape), query_lens=query_lens,
             seq_lens=seq_lens, block_size=bs,
