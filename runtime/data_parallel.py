@@ -1,5 +1,7 @@
 """Data parallelism: M engine replicas, each its own process (started with torch.multiprocessing,
-each on its own GPU when there are several), behind one `LLM`.
+each on its own GPU when there are several), behind one `LLM`. With tensor_parallel_size=N each
+replica is a tensor-parallel engine: replica r is rank 0 of its own group on GPUs rN..rN+N-1 and
+starts its N-1 workers itself.
 
 A call's prompts are split across the replicas by load (greedy: the next prompt goes to the
 replica with the fewest estimated tokens so far), each replica runs its share as an ordinary
@@ -9,21 +11,24 @@ with an error naming it, and the pool shuts down instead of hanging.
 
 from __future__ import annotations
 
+import atexit
 import traceback
+import weakref
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
 
-def _replica_main(conn, llm_kwargs: dict, rank: int) -> None:
-    """A replica: build an LLM, then serve ("call", method, args, kwargs) until ("stop",)."""
+def _replica_main(conn, llm_kwargs: dict, gpu: int) -> None:
+    """A replica: build an LLM (on cuda:gpu, its first GPU, when the machine has it), then serve
+    ("call", method, args, kwargs) until ("stop",)."""
     from kiln.runtime.llm import LLM
 
     try:
-        if torch.cuda.is_available() and torch.cuda.device_count() > rank:
-            llm_kwargs = {**llm_kwargs, "device": f"cuda:{rank}"}
-            torch.cuda.set_device(rank)  # (kernels launch and CUDA graphs capture on the current device)
+        if torch.cuda.is_available() and torch.cuda.device_count() > gpu:
+            llm_kwargs = {**llm_kwargs, "device": f"cuda:{gpu}"}
+            torch.cuda.set_device(gpu)  # (kernels launch and CUDA graphs capture on the current device)
         llm = LLM(**llm_kwargs)
         conn.send(("ready", None))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -33,8 +38,9 @@ def _replica_main(conn, llm_kwargs: dict, rank: int) -> None:
         try:
             message = conn.recv()
         except EOFError:
-            return
+            message = ("stop",)
         if message[0] == "stop":
+            llm.shutdown()  # (a tensor-parallel replica's workers)
             return
         _, method, args, kwargs = message
         try:
@@ -47,13 +53,25 @@ class ReplicaPool:
     def __init__(self, size: int, llm_kwargs: dict):
         if size < 2:
             raise ValueError(f"data_parallel_size must be >= 2 for a replica pool, got {size}")
-        if torch.cuda.is_available() and 1 < torch.cuda.device_count() < size:
-            raise ValueError(f"data_parallel_size={size} needs {size} GPUs; this machine has {torch.cuda.device_count()}")
+        tp = llm_kwargs.get("tensor_parallel_size", 1)
+        gpus = size * tp
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        # one GPU per replica (per rank, under TP) when the machine has several; one GPU is shared by replicas
+        if count and (count > 1 or tp > 1) and count < gpus:
+            layout = f"data_parallel_size={size}" + (f" x tensor_parallel_size={tp}" if tp > 1 else "")
+            raise ValueError(f"{layout} needs {gpus} GPUs; this machine has {count}")
         context = mp.get_context("spawn")
         self.replicas = []
+        # A replica that starts tensor-parallel workers cannot be a daemon process (those may not
+        # have children); it is stopped at exit before multiprocessing joins its non-daemon children
+        # (atexit runs the last registered first), else that join would wait on a replica that
+        # still waits for work.
+        daemon = tp == 1
+        if not daemon:
+            atexit.register(_shutdown_if_alive, weakref.ref(self))
         for rank in range(size):
             parent, child = context.Pipe()
-            process = context.Process(target=_replica_main, args=(child, llm_kwargs, rank), daemon=True,
+            process = context.Process(target=_replica_main, args=(child, llm_kwargs, rank * tp), daemon=daemon,
                                       name=f"kiln-replica-{rank}")
             process.start()
             child.close()
@@ -134,8 +152,14 @@ class ReplicaPool:
             except (BrokenPipeError, OSError):
                 pass
         for conn, process in self.replicas:
-            process.join(timeout=5)
+            process.join(timeout=30)  # (a tensor-parallel replica stops its workers first)
             if process.is_alive():
                 process.terminate()
             conn.close()
         self.replicas = []
+
+
+def _shutdown_if_alive(ref) -> None:
+    pool = ref()
+    if pool is not None:
+        pool.shutdown()

@@ -39,9 +39,6 @@ class LLM:
         self._replicas = None
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
-        if data_parallel_size > 1 and tensor_parallel_size > 1:
-            raise ValueError(f"data_parallel_size={data_parallel_size} with tensor_parallel_size={tensor_parallel_size}: "
-                             "data-parallel replicas of tensor-parallel engines are not supported yet")
         if data_parallel_size > 1:  # replicas in their own processes; this object only routes
             from kiln.runtime.data_parallel import ReplicaPool
 

@@ -66,14 +66,16 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
                          "parallelism does not serve yet")
     check_divisible(hf_config, n, model_cls)
     tp_plan(model_cls, hf_config, architecture)  # (raises when the model has no plan kiln can run)
-    if device.type == "cuda" and device.index not in (None, 0):
-        raise ValueError(f"tensor_parallel_size={n} puts rank r on cuda:r: pass device='cuda' (not {device})")
+    # rank r runs on cuda:(first + r), first being this engine's own GPU (a data-parallel replica's)
+    first = (device.index or 0) if device.type == "cuda" else 0
     backend = "nccl" if device.type == "cuda" else "gloo"
     if config.distributed_executor_backend == "ray":
+        if first:
+            raise ValueError(f"tensor_parallel_size={n} on Ray places its ranks itself: pass device='cuda' (not {device})")
         return _launch_ray(config, n, backend)
-    if device.type == "cuda" and torch.cuda.device_count() < n:
-        raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs, one per rank; this machine has "
-                         f"{torch.cuda.device_count()}")
+    if device.type == "cuda" and torch.cuda.device_count() < first + n:
+        raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs, one per rank{f' from cuda:{first}' if first else ''}; "
+                         f"this machine has {torch.cuda.device_count()}")
     if mp.current_process().daemon:
         raise ValueError(f"tensor_parallel_size={n}: a daemon process (a data-parallel replica) cannot start "
                          "tensor-parallel workers")
@@ -83,7 +85,7 @@ def launch(config, hf_config, model_cls: type, architecture: str, device: torch.
     for rank in range(1, n):
         parent, child = context.Pipe()
         process = context.Process(target=_worker_main, args=(child, config, rank, n, store.port, backend),
-                                  daemon=True, name=f"kiln-tp-worker-{rank}")
+                                  kwargs={"cuda_index": first + rank}, daemon=True, name=f"kiln-tp-worker-{rank}")
         process.start()
         child.close()
         workers.append(_Worker(rank, parent, process))

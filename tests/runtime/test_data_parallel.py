@@ -48,3 +48,21 @@ def test_a_dead_replica_is_a_clear_error(llama_path):
     with pytest.raises(RuntimeError, match="replica 1"):
         llm.generate(PROMPTS, SamplingParams(max_tokens=2))
     assert not llm._replicas.replicas  # shut down, no process left behind
+
+
+def test_replicas_of_tensor_parallel_engines(llama_path):
+    """data_parallel_size=2 x tensor_parallel_size=2 (gloo on CPU): each replica is rank 0 of its own
+    two-rank group, starting its worker itself; every request once, in order, with one engine's
+    tokens; shutdown stops the replicas and, through them, their workers."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    single = LLM(llama_path, max_model_len=128).generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(llama_path, data_parallel_size=2, tensor_parallel_size=2, max_model_len=128)
+    try:
+        outs = llm.generate(PROMPTS, params)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in single]
+        assert llm.apply_model(model_class_name) == ["LlamaForCausalLM", "LlamaForCausalLM"]
+        replicas = [process for _, process in llm._replicas.replicas]
+        assert not any(p.daemon for p in replicas)  # (they start processes of their own)
+    finally:
+        llm.shutdown()
+    assert not any(p.is_alive() for p in replicas)
