@@ -40,6 +40,7 @@ import torch.multiprocessing as mp
 from kiln.runtime.async_engine import (_ABORTED, _ACCEPTED, AsyncLLM, admitted, EngineDeadError, EngineOverloadedError,
                                       EngineStats, IterationStats, RequestStream)
 from kiln.runtime.config import EngineConfig
+from kiln.runtime.data_parallel import check_gpus, shutdown_at_exit
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.pooling_params import PoolingParams
@@ -77,13 +78,14 @@ class _ModelFacts:
 # ---------------------------------------------------------------- a replica process
 
 
-def _replica_main(conn, config: EngineConfig, rank: int) -> None:
-    """A replica: build an AsyncLLM, say ready (replica 0 with its PromptEngine), then serve the
-    front's messages until ("stop",) or the front is gone."""
+def _replica_main(conn, config: EngineConfig, rank: int, gpu: int) -> None:
+    """A replica: build an AsyncLLM (on cuda:gpu, its first GPU, when the machine has it), say ready
+    (replica 0 with its PromptEngine), then serve the front's messages until ("stop",) or the
+    front is gone."""
     try:
-        if config.device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > rank:
-            config = dataclasses.replace(config, device=f"cuda:{rank}")
-            torch.cuda.set_device(rank)  # (kernels launch and CUDA graphs capture on the current device)
+        if config.device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > gpu:
+            config = dataclasses.replace(config, device=f"cuda:{gpu}")
+            torch.cuda.set_device(gpu)  # (kernels launch and CUDA graphs capture on the current device)
         llm = AsyncLLM.from_config(config)
         conn.send(("ready", PromptEngine(llm.engine) if rank == 0 else None))
     except BaseException:  # noqa: BLE001 - reported to the front, which raises it
@@ -208,13 +210,8 @@ class AsyncLLMReplicas:
     def __init__(self, config: EngineConfig, data_parallel_size: int, max_pending_requests: int | None = None):
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
-        if config.tensor_parallel_size > 1:
-            raise ValueError(f"data_parallel_size={data_parallel_size} with tensor_parallel_size="
-                             f"{config.tensor_parallel_size}: data-parallel replicas of tensor-parallel engines are "
-                             "not supported yet")
-        if torch.cuda.is_available() and 1 < torch.cuda.device_count() < data_parallel_size:
-            raise ValueError(f"data_parallel_size={data_parallel_size} needs {data_parallel_size} GPUs; this machine "
-                             f"has {torch.cuda.device_count()}")
+        tp = config.tensor_parallel_size
+        check_gpus(data_parallel_size, tp)
         self.max_pending_requests = max_pending_requests
         self.stat_loggers: list[Callable[[IterationStats, EngineStats], None]] = []
         self._lock = threading.Lock()  # routing: the streams, the loads, the pending count
@@ -226,9 +223,11 @@ class AsyncLLMReplicas:
         self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-prompts")
         context = mp.get_context("spawn")
         self.replicas: list[_Replica] = []
+        if tp > 1:  # (replicas that start workers are not daemons)
+            shutdown_at_exit(self)
         for rank in range(data_parallel_size):
             parent, child = context.Pipe()
-            process = context.Process(target=_replica_main, args=(child, config, rank), daemon=True,
+            process = context.Process(target=_replica_main, args=(child, config, rank, rank * tp), daemon=tp == 1,
                                       name=f"kiln-replica-{rank}")
             process.start()
             child.close()

@@ -20,6 +20,22 @@ import torch
 import torch.multiprocessing as mp
 
 
+def check_gpus(size: int, tp: int) -> None:
+    """ValueError unless the machine has a GPU for each replica (for each rank of each, under
+    tensor parallelism): replica r then runs on cuda:r*tp. Replicas without TP share a lone GPU."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count and (count > 1 or tp > 1) and count < size * tp:
+        layout = f"data_parallel_size={size}" + (f" x tensor_parallel_size={tp}" if tp > 1 else "")
+        raise ValueError(f"{layout} needs {size * tp} GPUs; this machine has {count}")
+
+
+def shutdown_at_exit(pool) -> None:
+    """Replicas that start tensor-parallel workers cannot be daemon processes (those may not have
+    children). Stop them at exit before multiprocessing joins its non-daemon children (atexit runs
+    the last registered first), else that join would wait on replicas that still wait for work."""
+    atexit.register(_shutdown_if_alive, weakref.ref(pool))
+
+
 def _replica_main(conn, llm_kwargs: dict, gpu: int) -> None:
     """A replica: build an LLM (on cuda:gpu, its first GPU, when the machine has it), then serve
     ("call", method, args, kwargs) until ("stop",)."""
@@ -54,21 +70,12 @@ class ReplicaPool:
         if size < 2:
             raise ValueError(f"data_parallel_size must be >= 2 for a replica pool, got {size}")
         tp = llm_kwargs.get("tensor_parallel_size", 1)
-        gpus = size * tp
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        # one GPU per replica (per rank, under TP) when the machine has several; one GPU is shared by replicas
-        if count and (count > 1 or tp > 1) and count < gpus:
-            layout = f"data_parallel_size={size}" + (f" x tensor_parallel_size={tp}" if tp > 1 else "")
-            raise ValueError(f"{layout} needs {gpus} GPUs; this machine has {count}")
+        check_gpus(size, tp)
         context = mp.get_context("spawn")
         self.replicas = []
-        # A replica that starts tensor-parallel workers cannot be a daemon process (those may not
-        # have children); it is stopped at exit before multiprocessing joins its non-daemon children
-        # (atexit runs the last registered first), else that join would wait on a replica that
-        # still waits for work.
         daemon = tp == 1
         if not daemon:
-            atexit.register(_shutdown_if_alive, weakref.ref(self))
+            shutdown_at_exit(self)
         for rank in range(size):
             parent, child = context.Pipe()
             process = context.Process(target=_replica_main, args=(child, llm_kwargs, rank * tp), daemon=daemon,

@@ -19,7 +19,6 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from kiln import LLM  # noqa: E402
-from kiln.runtime.async_data_parallel import AsyncLLMReplicas  # noqa: E402
 from kiln.runtime.async_engine import AsyncLLM  # noqa: E402
 from kiln.runtime.cli import main  # noqa: E402
 from kiln.runtime.config import EngineConfig  # noqa: E402
@@ -143,6 +142,21 @@ def test_an_abandoned_stream_is_aborted_on_its_replica(dp):
     assert httpx.get(f"{dp.url}/health").status_code == 200
 
 
+def test_replicas_of_tensor_parallel_engines_behind_the_server(config, single):
+    """DP=2 x TP=2 (gloo on CPU): each replica is rank 0 of its own two-rank group; the completions
+    are one engine's, and the server's shutdown stops replicas and workers."""
+    import dataclasses
+
+    server = Server(AsyncLLM.from_config(dataclasses.replace(config, tensor_parallel_size=2), data_parallel_size=2))
+    try:
+        expected = asyncio.run(_completions(single, False))
+        assert [text for _, text, _ in asyncio.run(_completions(server, False))] == [t for _, t, _ in expected]
+        assert not any(r.process.daemon for r in server.llm.replicas)
+    finally:
+        server.stop()
+    assert not any(r.process.is_alive() for r in server.llm.replicas)
+
+
 def test_a_bad_data_parallel_size_is_a_clear_error(config, capsys):
     with pytest.raises(ValueError, match="data_parallel_size must be >= 1, got 0"):
         AsyncLLM.from_config(config, data_parallel_size=0)
@@ -150,8 +164,6 @@ def test_a_bad_data_parallel_size_is_a_clear_error(config, capsys):
         LLM(config.model, data_parallel_size=0)
     assert main(["serve", config.model, "--data-parallel-size", "0"]) == 1
     assert "kiln serve: error: data_parallel_size must be >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="data-parallel replicas of tensor-parallel engines are not supported"):
-        AsyncLLMReplicas(EngineConfig(model=config.model, tensor_parallel_size=2), 2)
 
 
 def test_a_dead_replica_turns_health_and_requests_to_503(dp):
