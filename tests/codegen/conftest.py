@@ -22,9 +22,12 @@ import torch  # noqa: E402
 # dtype -> (relative norm error, elementwise rtol, elementwise atol) against the reference op in the
 # same dtype. bfloat16 keeps 8 significant bits: a rounding that flips in an intermediate (the
 # reference rounds after each torch op, a kernel once) moves an element by up to 2 ulps, about 1.6%,
-# so the elementwise bound is a few ulps while the norm of the error stays under 1e-2. (Triton's
-# interpreter also truncates float32 -> bfloat16 casts where the GPU rounds to nearest.)
-TOLERANCES = {torch.float32: (1e-5, 1e-4, 1e-4), torch.bfloat16: (1e-2, 3e-2, 3e-2)}
+# so the elementwise bound is a few ulps while the norm of the error stays under 1e-2. Triton's
+# interpreter truncates float32 -> bfloat16 casts where the GPU rounds to nearest: up to a whole ulp
+# (0.8%) instead of half of one, which on a few hundred elements put the norm of a gated
+# activation's error at 0.86-1.09% of the reference's (300 seeds), so there the norm bound is 1.5e-2.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TOLERANCES = {torch.float32: (1e-5, 1e-4, 1e-4), torch.bfloat16: (1.5e-2 if _INTERPRETED else 1e-2, 3e-2, 3e-2)}
 
 
 @pytest.fixture
