@@ -41,6 +41,51 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+class FinalDetokenizer:
+    """The text of a request that is read only once it finishes (`RequestOutputKind.FINAL_ONLY`,
+    no stop strings): nothing per token; one decode of the whole output, after the prompt's last
+    tokens as context, when the text is asked for. That is IncrementalDetokenizer's text, whose
+    deltas are that decode cut up (for a byte-level BPE tokenizer, 3000 random and 3000 real token
+    streams gave the same text; tests/runtime/test_detokenizer.py), except where the output ends
+    inside a character: the incremental text leaves those bytes out, the one decode shows U+FFFD,
+    so then the incremental algorithm runs over the output instead. Only for tokenizers whose Rust
+    decode is the whole of their decode (`_rust_decode`); `output_token_ids`: the request's own
+    list, read when the text is."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], output_token_ids: list[int], decode, skip_special_tokens: bool):
+        self.tokenizer, self.decode, self.skip_special_tokens = tokenizer, decode, skip_special_tokens
+        self.context, self.output = list(prompt_token_ids[-_CONTEXT:]), output_token_ids
+        self._text, self._decoded = "", 0  # the text of the first `_decoded` output tokens
+
+    def add(self, token_id: int) -> str:
+        return ""
+
+    @property
+    def text(self) -> str:
+        if self._decoded != len(self.output):
+            ids, self._decoded = list(self.output), len(self.output)
+            text = self.decode(self.context + ids)[len(self.decode(self.context)):]
+            if text.endswith("\ufffd"):
+                incremental = IncrementalDetokenizer(self.tokenizer, self.context, self.skip_special_tokens)
+                text = "".join(incremental.add(t) for t in ids)
+            self._text = text
+        return self._text
+
+
+def make_detokenizer(tokenizer, prompt_token_ids: list[int], output_token_ids: list[int], params):
+    """The detokenizer a request needs: FinalDetokenizer when only its final text is read and the
+    tokenizer allows (see there), else IncrementalDetokenizer."""
+    from kiln.runtime.sampling_params import RequestOutputKind
+
+    if (params.output_kind is RequestOutputKind.FINAL_ONLY and not params.stop
+            and params.spaces_between_special_tokens):
+        decode = _rust_decode(tokenizer, params.skip_special_tokens)
+        if decode is not None:
+            return FinalDetokenizer(tokenizer, prompt_token_ids, output_token_ids, decode, params.skip_special_tokens)
+    return IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                  params.spaces_between_special_tokens)
+
+
 def _rust_decode(tokenizer, skip_special_tokens: bool):
     """The Rust tokenizer's own decode, when the transformers tokenizer's `decode` would return
     exactly its output (a fast tokenizer that overrides neither decode nor _decode and does no

@@ -22,7 +22,7 @@ from kiln.frontend.quantization import checkpoint_quantization, quantize_weights
 from kiln.models import resolve_architecture
 from kiln.runtime.block_manager import BlockManager
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.detokenizer import IncrementalDetokenizer, find_stop
+from kiln.runtime.detokenizer import FinalDetokenizer, IncrementalDetokenizer, find_stop, make_detokenizer
 from kiln.runtime.model_runner import ModelRunner, PendingTokens, kv_cache_layers
 from kiln.runtime.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
 from kiln.runtime.pooler import PooledStep, pool_step
@@ -71,7 +71,7 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
-    detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+    detokenizers: list[IncrementalDetokenizer | FinalDetokenizer | None] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -547,8 +547,7 @@ class LLMEngine:
             child.encoder_input = encoder_input
             detok = None
             if self.tokenizer is not None and params.detokenize:
-                detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                               params.spaces_between_special_tokens)
+                detok = make_detokenizer(self.tokenizer, ids, child.output_token_ids, params)
             child.parent, child.index = parent, len(parent.detokenizers)
             parent.detokenizers.append(detok)
             self.requests[child.request_id] = child

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.runtime.demo import train_tokenizer, train_wordpiece_tokenizer
-from kiln.runtime.detokenizer import IncrementalDetokenizer, _rust_decode
+from kiln.runtime.detokenizer import FinalDetokenizer, IncrementalDetokenizer, _rust_decode, make_detokenizer
 
 BPE = train_tokenizer()
 WORDPIECE = train_wordpiece_tokenizer()
@@ -39,3 +39,35 @@ def test_streamed_text_equals_one_decode(tokenizer, seed, skip):
     for n in range(1, len(output) + 1):  # every prefix's decode agrees with transformers' own
         ids = (prompt[-6:] + output[:n])
         assert detok.decode(ids) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("tokenizer", [BPE, WORDPIECE], ids=["bpe", "wordpiece"])
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31), skip=st.booleans())
+def test_final_text_equals_the_streamed_text(tokenizer, seed, skip):
+    """A request read only when it finishes decodes its output once: the same text as streaming it
+    token by token, random ids included (bytes of a character cut at the end: U+FFFD in one decode,
+    left out by the stream: the final detokenizer then streams), read again as the output grows."""
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 8))]
+    output: list[int] = []
+    final = FinalDetokenizer(tokenizer, prompt, output, _rust_decode(tokenizer, skip), skip)
+    streamed = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    for _ in range(rng.randint(1, 40)):
+        output.append(rng.randrange(vocab))
+        streamed.add(output[-1])
+        assert final.add(output[-1]) == ""
+        if rng.random() < 0.2:
+            assert final.text == streamed.text
+    assert final.text == streamed.text
+
+
+def test_which_detokenizer_a_request_gets():
+    from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
+
+    final = SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY)
+    assert isinstance(make_detokenizer(BPE, [1, 2], [], final), FinalDetokenizer)
+    for params in (SamplingParams(), final.clone(stop=["x"]), final.clone(spaces_between_special_tokens=False)):
+        assert isinstance(make_detokenizer(BPE, [1, 2], [], params), IncrementalDetokenizer)
+    assert isinstance(make_detokenizer(CLEANING, [1, 2], [], final), IncrementalDetokenizer)  # (no Rust decode)
