@@ -10,6 +10,18 @@ from __future__ import annotations
 import contextlib
 
 _group = None  # a torch.distributed process group (ProcessGroupGloo / ProcessGroupNCCL), or None
+# group -> a faster all-reduce for the tensors it `takes` (small ones on CUDA: see
+# runtime/tensor_parallel.py, OneShotAllReduce); the rest go through the group's own all_reduce
+_small_all_reduce: dict[int, object] = {}
+
+
+def register_small_all_reduce(group, reduce) -> None:
+    """`reduce(x)` -> the sum of x over `group`'s ranks (a new tensor) for every x `reduce.takes(x)`."""
+    _small_all_reduce[id(group)] = reduce
+
+
+def small_all_reduce(group):
+    return _small_all_reduce.get(id(group))
 
 
 def get_tensor_parallel_group():

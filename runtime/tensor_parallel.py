@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 
 from kiln.frontend.sharding import Shard, check_divisible, tp_plan
 from kiln.ir import ForwardContext, get_forward_context, ops, set_forward_context
-from kiln.ir.parallel import tensor_parallel_group
+from kiln.ir.parallel import register_small_all_reduce, tensor_parallel_group
 from kiln.runtime.model_runner import ModelRunner
 
 # A collective's time limit. Generous: the first one waits for every rank to load its shard.
@@ -181,6 +181,24 @@ class TensorParallel:
             t = torch.tensor([value], device="cuda" if self.backend == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
+
+    def enable_one_shot_all_reduce(self, numel: int, dtype: torch.dtype) -> bool:
+        """Experimental, off unless KILN_ONE_SHOT_ALL_REDUCE=1 (not yet run on GPUs): all-reduces of
+        up to `numel` elements of `dtype` (a decode batch's hidden states) through torch's
+        symmetric memory, one kernel that copies this rank's tensor into its buffer and sums every
+        rank's buffer over NVLink, instead of NCCL's. Collective: every rank calls it at the same
+        point of its engine's start. Returns whether it is on."""
+        if self.backend != "nccl" or os.environ.get("KILN_ONE_SHOT_ALL_REDUCE") != "1":
+            return False
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch._C._distributed_c10d import _SymmetricMemory
+
+        name = f"kiln-tp-{self.store.port}"
+        _SymmetricMemory.set_group_info(name, self.rank, self.world_size, dist.PrefixStore("kiln-symm-mem", self.store))
+        buffer = symm_mem.empty(numel, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+        symm_mem.rendezvous(buffer, name)
+        register_small_all_reduce(self.group, OneShotAllReduce(name, buffer))
+        return True
 
     def make_runner(self, *args, **kwargs) -> ModelRunner:
         """The engine's runner on this rank: rank 0's drives the workers; a worker's is a plain one."""
@@ -366,6 +384,22 @@ class TensorParallelRunner(ModelRunner):
                 return super().compute_logits(hidden, rows, index)
             self.tp.send(("logits", rows))
             return ops.all_gather(super().compute_logits(hidden, rows, index), -1)[:, :shard.vocab_size]
+
+
+class OneShotAllReduce:
+    """Sums small CUDA tensors over the group through a symmetric-memory buffer (torch's
+    `symm_mem::one_shot_all_reduce_copy`: no NVLink multicast)."""
+
+    def __init__(self, name: str, buffer: torch.Tensor):
+        self.name, self.buffer = name, buffer
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dtype == self.buffer.dtype and x.numel() <= self.buffer.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.contiguous().view(-1)
+        out = torch.ops.symm_mem.one_shot_all_reduce_copy(self.buffer[:flat.numel()], flat, "sum", self.name)
+        return out.view(x.shape)
 
 
 def _broadcast_from_rank0(tensor: torch.Tensor, group) -> None:
