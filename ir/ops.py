@@ -476,13 +476,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """x [...] -> the sum of x over the tensor-parallel ranks, same shape and dtype (a row-parallel
     linear's partial products, a vocab-parallel embedding's masked lookups)."""
     group = _parallel.get_tensor_parallel_group()
-    if group is not None and group.size() > 1:
-        small = _parallel.small_all_reduce(group)
-        if small is not None and small.takes(x):
-            return small(x)
+    if group is None or group.size() == 1:
+        return x.clone()
+    small = _parallel.small_all_reduce(group)
+    if small is not None and small.takes(x):
+        return small(x)
     out = x.clone()
-    if group is not None and group.size() > 1:
-        dist.all_reduce(out, group=group)
+    dist.all_reduce(out, group=group)
     return out
 
 
