@@ -188,9 +188,13 @@ def test_pooling_over_two_ranks(paths):
         two.shutdown()
 
 
-def test_layouts_that_do_not_split_are_clear_errors(paths):
+def test_layouts_that_do_not_split_are_clear_errors(paths, tmp_path, tokenizer):
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's num_attention_heads=4"):
         LLM(paths["llama"], tensor_parallel_size=3)
+    # a size the model names itself (`tp_sizes`): Falcon-7B's single KV head
+    mqa = build_checkpoint(str(tmp_path / "falcon-mqa"), "FalconForCausalLM", tokenizer=tokenizer, multi_query=True)
+    with pytest.raises(ValueError, match="does not divide the model's KV heads=1"):
+        LLM(mqa, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's num_key_value_heads=2"):
         LLM(paths["llama"], tensor_parallel_size=4)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
