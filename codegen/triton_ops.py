@@ -107,9 +107,11 @@ def _gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    from kiln.codegen.kernels.quant_gemm import float_linear
+    if _gemv_takes(x, weight):
+        from kiln.codegen.kernels.quant_gemm import float_linear
 
-    return float_linear(x, weight, bias) if _gemv_takes(x, weight) else torch.nn.functional.linear(x, weight, bias)
+        return float_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def merged_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:

@@ -478,7 +478,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     group = _parallel.get_tensor_parallel_group()
     if group is None or group.size() == 1:
         return x.clone()
-    small = _parallel.small_all_reduce(group)
+    small = _parallel.get_small_all_reduce()
     if small is not None and small.takes(x):
         return small(x)
     out = x.clone()

@@ -10,22 +10,17 @@ from __future__ import annotations
 import contextlib
 
 _group = None  # a torch.distributed process group (ProcessGroupGloo / ProcessGroupNCCL), or None
-# group -> a faster all-reduce for the tensors it `takes` (small ones on CUDA: see
-# runtime/tensor_parallel.py, OneShotAllReduce); the rest go through the group's own all_reduce
-_small_all_reduce: dict[int, object] = {}
-
-
-def register_small_all_reduce(group, reduce) -> None:
-    """`reduce(x)` -> the sum of x over `group`'s ranks (a new tensor) for every x `reduce.takes(x)`."""
-    _small_all_reduce[id(group)] = reduce
-
-
-def small_all_reduce(group):
-    return _small_all_reduce.get(id(group))
+# a faster all-reduce over the same group for the tensors it `takes` (small ones on CUDA: see
+# runtime/tensor_parallel.py, OneShotAllReduce), or None; the rest go through the group's own
+_small_all_reduce = None
 
 
 def get_tensor_parallel_group():
     return _group
+
+
+def get_small_all_reduce():
+    return _small_all_reduce
 
 
 def tensor_parallel_world_size() -> int:
@@ -37,11 +32,13 @@ def tensor_parallel_rank() -> int:
 
 
 @contextlib.contextmanager
-def tensor_parallel_group(group):
-    """Run the body's collectives over `group` (None: a single rank)."""
-    global _group
-    prev, _group = _group, group
+def tensor_parallel_group(group, small_all_reduce=None):
+    """Run the body's collectives over `group` (None: a single rank); `small_all_reduce(x)`, when
+    given, sums over the group every x that `small_all_reduce.takes(x)`."""
+    global _group, _small_all_reduce
+    prev = _group, _small_all_reduce
+    _group, _small_all_reduce = group, small_all_reduce
     try:
         yield
     finally:
-        _group = prev
+        _group, _small_all_reduce = prev

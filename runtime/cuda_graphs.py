@@ -119,11 +119,10 @@ class DecodeGraphs:
         self.graphs[padded].replay()
         return self.outputs[padded][:b]
 
-    @torch.inference_mode()
     def stage(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
               seq_lens: list[int], cross_slots: list[int] | None, padded: int) -> None:
         """Write the step's inputs, padded to `padded` rows, into a pinned host buffer and queue its
-        copy into the static buffers."""
+        copy into the static buffers. (Under run()'s inference mode: the buffers are inference tensors.)"""
         n, b, turn = self.rows, len(input_ids), self.turn
         self.turn ^= 1
         if self.copied[turn] is not None:

@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 
 from kiln.frontend.sharding import Shard, check_divisible, tp_plan
 from kiln.ir import ForwardContext, get_forward_context, ops, set_forward_context
-from kiln.ir.parallel import register_small_all_reduce, tensor_parallel_group
+from kiln.ir.parallel import tensor_parallel_group
 from kiln.runtime.model_runner import ModelRunner
 
 # A collective's time limit. Generous: the first one waits for every rank to load its shard.
@@ -163,6 +163,7 @@ class TensorParallel:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.store, self.group, self.workers = store, group, list(workers)
         self.model_shard: Shard | None = None
+        self.small_all_reduce = None  # (enable_one_shot_all_reduce)
         self.closed: str | None = None  # why the group was shut down
         # Called before the group is dropped: CUDA graphs that captured NCCL collectives hold the
         # communicator, whose destruction waits until they are gone (pytorch/pytorch#115388).
@@ -197,7 +198,7 @@ class TensorParallel:
         _SymmetricMemory.set_group_info(name, self.rank, self.world_size, dist.PrefixStore("kiln-symm-mem", self.store))
         buffer = symm_mem.empty(numel, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
         symm_mem.rendezvous(buffer, name)
-        register_small_all_reduce(self.group, OneShotAllReduce(name, buffer))
+        self.small_all_reduce = OneShotAllReduce(name, buffer)
         return True
 
     def make_runner(self, *args, **kwargs) -> ModelRunner:
@@ -211,7 +212,7 @@ class TensorParallel:
         """Around rank 0's part of a step: the collectives run over the group, and any failure ends
         the group with an error that names its cause (workers only set the group)."""
         if self.rank != 0:
-            with tensor_parallel_group(self.group):
+            with tensor_parallel_group(self.group, self.small_all_reduce):
                 yield
             return
         if self.closed is not None:
@@ -221,7 +222,7 @@ class TensorParallel:
             for worker in self.workers:
                 if not worker.is_alive():
                     raise RuntimeError(f"tensor-parallel worker {worker.rank} is gone")
-            with tensor_parallel_group(self.group):
+            with tensor_parallel_group(self.group, self.small_all_reduce):
                 yield
         except Exception as e:
             raise self.failed(e) from e
@@ -461,7 +462,7 @@ def _worker_main(conn, config, rank: int, world_size: int, port: int, backend: s
 @torch.inference_mode()
 def _serve(engine, conn, tp: TensorParallel) -> None:
     runner, hidden = engine.runner, None
-    with tensor_parallel_group(tp.group):
+    with tensor_parallel_group(tp.group, tp.small_all_reduce):
         while True:
             try:
                 kind, payload = conn.recv()

@@ -16,6 +16,7 @@ def test_bucket_sizes():
     assert bucket_sizes(8) == [1, 2, 4, 8]
 
 
+@torch.inference_mode()  # (as run(), which stages: the buffers are inference tensors)
 def test_stage_fills_rows_and_pads_to_the_bucket_with_the_scratch_block():
     g = _graphs()
     g.stage([11, 12, 13], [7, 3, 9], [29, 14, 37], [[7, 1], [3], [8, 2, 9]], [8, 4, 10], [5, 6, 7], padded=4)
@@ -28,6 +29,7 @@ def test_stage_fills_rows_and_pads_to_the_bucket_with_the_scratch_block():
     assert g.block_tables[2, :3].tolist() == [8, 2, 9] and g.block_tables[3, 0].item() == 9
 
 
+@torch.inference_mode()  # (as run(), which stages: the buffers are inference tensors)
 def test_a_smaller_step_after_a_larger_one_reads_only_its_own_rows():
     """Stale values stay only where nothing reads them: past `padded`, and past a row's blocks."""
     g = _graphs()

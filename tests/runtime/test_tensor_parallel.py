@@ -302,14 +302,13 @@ def test_one_rank_collectives_are_identities_and_trace_as_kiln_ops():
     assert {"kiln.all_reduce.default", "kiln.all_gather.default"} <= targets
 
 
-def test_a_registered_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
+def test_a_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
     """The experimental one-shot path's dispatch (its kernel needs CUDA and NVLink): a tensor the
-    group's small all-reduce takes goes to it, one it declines to the group's own all_reduce; the
+    step's small all-reduce takes goes to it, one it declines to the group's own all_reduce; the
     path stays off over gloo and unless asked for."""
-    from kiln.ir.parallel import register_small_all_reduce
     from kiln.runtime.tensor_parallel import TensorParallel
 
-    class Group:  # two ranks, whose own all_reduce doubles (what dist.all_reduce calls)
+    class Group:  # two ranks (their own all_reduce, dist.all_reduce, is patched to triple)
         def size(self):
             return 2
 
@@ -323,10 +322,8 @@ def test_a_registered_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch)
             calls.append(x.shape)
             return x * 2
 
-    group = Group()
-    register_small_all_reduce(group, Small())
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: t.mul_(3))
-    with tensor_parallel_group(group):
+    with tensor_parallel_group(Group(), Small()):
         assert torch.equal(ops.all_reduce(torch.ones(2, 2)), torch.full((2, 2), 2.0))
         assert torch.equal(ops.all_reduce(torch.ones(2, 3)), torch.full((2, 3), 3.0))
     assert calls == [(2, 2)]
