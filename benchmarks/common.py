@@ -85,3 +85,34 @@ def large_random_checkpoint(path: str, architecture: str = "LlamaForCausalLM", d
     hf_config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def report_syncs(fn, label: str) -> None:
+    """Call fn() once with CUDA's sync debug mode on, and print each distinct place (kiln's frames
+    of the Python stack) where the host waited for the device, with how often: a diagnostic for
+    waits that keep the host from running ahead of the device."""
+    import collections
+    import traceback
+    import warnings
+
+    seen = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/kiln/" in f.filename or "benchmarks" in f.filename]
+        seen[" < ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                        for f in reversed(frames[-4:]))] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"host waits for the device in {label}: {sum(seen.values())}")
+    for where, n in seen.most_common(12):
+        print(f"  {n:6d}  {where}")

@@ -14,7 +14,9 @@ Reports sentences/s (median of --repeats, the sides alternating) and the ratio k
 that both sides' embeddings agree (cosine), and splits each side's time per sentence into the
 model's forward calls and the rest (tokenizing, batching, pooling, output objects: the host's
 work, since on CPU the forward call is the compute; on CUDA it is only the kernel launches).
-kiln's time is the `embed` call, which returns vLLM's output objects (embeddings as lists).
+kiln's time is the `embed` call, which returns vLLM's output objects: each embedding a float32
+host tensor (`outputs.data`), its list of floats (`outputs.embedding`) made when first read; HF's
+is its float32 host tensor of all embeddings, the same data.
 
     python benchmarks/embed.py                       # MiniLM, CPU-sized defaults
     python benchmarks/embed.py --tiny-bert --num-sentences 2048 --batch-size 256 --threads 1   # host overhead, CPU
@@ -166,7 +168,8 @@ def main() -> None:
         t0 = time.perf_counter()
         tokenizer(sentences)
         tokenize.append(time.perf_counter() - t0)
-    kiln_out = torch.tensor([o.outputs.embedding for o in results["kiln"]])
+    kiln_out = torch.stack([o.outputs.data for o in results["kiln"]])
+    assert results["kiln"][0].outputs.embedding == kiln_out[0].tolist()
     cosine = F.cosine_similarity(kiln_out, results["hf"].float(), dim=-1)
     tokens = sum(len(tokenizer(s).input_ids) for s in sentences)
     model = {"base": "random BERT-base shape", "tiny": "random tiny BERT (hidden 32, 2 layers)"}.get(shape, "all-MiniLM-L6-v2")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import random
 import statistics
@@ -21,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import report_syncs  # noqa: E402
 from embed import WORDS, bert_base_path  # noqa: E402
 
 from kiln import LLM  # noqa: E402
@@ -69,6 +71,15 @@ def main() -> None:
                       (engine, "step"), (runner, "execute_pooling"), (runner, "forward"), (engine, "_collect_pooling")):
         setattr(obj, name, phases.wrap(name, getattr(obj, name)))
     engine_module.pool_step = phases.wrap("pool_step", engine_module.pool_step)
+    gc_started = []
+
+    def on_gc(phase, info):  # the time the collector pauses the call
+        if phase == "start":
+            gc_started.append(time.perf_counter())
+        elif gc_started:
+            phases.seconds["gc"] = phases.seconds.get("gc", 0.0) + time.perf_counter() - gc_started.pop()
+
+    gc.callbacks.append(on_gc)
     runs = []
     for _ in range(args.repeats):
         phases.seconds = {}
@@ -93,6 +104,12 @@ def main() -> None:
         ("  _run loop, output objects", med["embed"] - med["prepare_prompts"] - med["add_pooling_request"] - med["step"]),
     ]
     n = len(sentences)
+    # every call, so that a slow call shows which phase made it slow
+    print("calls, ms: " + "embed / tokenizer / add_pooling_request / step / forward / collect / gc pauses")
+    for r in runs:
+        print("  " + " / ".join(f"{r.get(k, 0.0) * 1e3:.1f}" for k in
+                                ("embed", "_encode_texts", "add_pooling_request", "step", "forward",
+                                 "_collect_pooling", "gc")))
     print(f"phases, median of {args.repeats} calls ({n} sentences):")
     print(f"{'':40}{'ms':>9}{'us/sentence':>13}")
     for label, seconds in rows:
@@ -105,11 +122,16 @@ def main() -> None:
     profile.disable()
     pstats.Stats(profile).sort_stats("tottime").print_stats(18)
     if cuda:
+        report_syncs(lambda: llm.embed(sentences, use_tqdm=False), "one embed call")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
             llm.embed(sentences, use_tqdm=False)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e3
+        print(f"device busy {busy:.1f} ms in one embed call")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
+        print(events.table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,15 @@ from kiln.ir.graph import Graph
 from kiln.ir.verify import VocabularyError, verify
 
 
+_compiled = 0  # graphs compiled by any backend in this process
+
+
+def graphs_compiled() -> int:
+    """How many graphs kiln's backends have compiled in this process (the runtime freezes the
+    garbage collector's heap again after a step that compiled: see engine.freeze_gc_heap)."""
+    return _compiled
+
+
 class KilnBackend:
     def __init__(self, lower: Callable[[Graph], Callable], strict: bool = True):
         self.lower = lower
@@ -24,6 +33,8 @@ class KilnBackend:
         self.graphs: list[Graph] = []  # every graph seen, for inspection
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        global _compiled
+        _compiled += 1
         graph = Graph(gm, example_inputs)
         if self.strict:
             verify(graph)

@@ -30,7 +30,7 @@ import torch
 
 from kiln.runtime.score_templates import cross_encoder_prompts
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.engine import LLMEngine, freeze_gc_heap
+from kiln.runtime.engine import LLMEngine
 from kiln.runtime.outputs import PoolingRequestOutput, RequestOutput
 from kiln.runtime.pooling_params import PoolingParams
 from kiln.runtime.sampling_params import SamplingParams
@@ -179,7 +179,7 @@ class AsyncLLM:
 
             return AsyncLLMReplicas(config, data_parallel_size, max_pending_requests)
         engine = LLMEngine(config)
-        freeze_gc_heap()
+        engine.freeze_gc_heap()
         return cls(engine, max_pending_requests)
 
     # ------------------------------------------------------------ what the model is (read-only)

@@ -45,26 +45,32 @@ class PooledStep:
     def __init__(self, blocks: list[tuple[list[int], torch.Tensor, bool]], num_requests: int):
         # blocks: (request indices, outputs, per_row): a group's [n, D], one row per request, or
         # one request's [rows, D]
-        self.blocks, self.num_requests, self.event = blocks, num_requests, None
+        self.blocks, self.num_requests, self.event, self.host = blocks, num_requests, None, None
         device = blocks[0][1].device
         if device.type != "cpu":
             flat = torch.cat([t.reshape(-1) for _, t, _ in blocks]) if len(blocks) > 1 else blocks[0][1].reshape(-1)
             cuda = device.type == "cuda"
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=cuda)
-            host.copy_(flat, non_blocking=cuda)
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=cuda)
+            self.host.copy_(flat, non_blocking=cuda)
             if cuda:
                 self.event = torch.cuda.Event()
                 self.event.record()
-            self.blocks, offset = [], 0
-            for idx, t, per_row in blocks:  # views of the host buffer, filled when the copy lands
-                self.blocks.append((idx, host[offset:offset + t.numel()].view(t.shape), per_row))
-                offset += t.numel()
 
     def result(self) -> list[torch.Tensor]:
-        if self.event is not None:
-            self.event.synchronize()
+        blocks = self.blocks
+        if self.host is not None:
+            if self.event is not None:
+                self.event.synchronize()
+            # the outputs are views of one pageable copy: views of the pinned buffer would keep it
+            # page-locked, and from the allocator's reuse, for as long as a caller holds one
+            flat = torch.empty(self.host.shape, dtype=self.host.dtype).copy_(self.host) \
+                if self.host.is_pinned() else self.host
+            blocks, offset = [], 0
+            for idx, t, per_row in self.blocks:
+                blocks.append((idx, flat[offset:offset + t.numel()].view(t.shape), per_row))
+                offset += t.numel()
         outputs: list[torch.Tensor] = [None] * self.num_requests
-        for idx, data, per_row in self.blocks:
+        for idx, data, per_row in blocks:
             if per_row:
                 for i, row in zip(idx, data.unbind(0)):
                     outputs[i] = row

@@ -1,10 +1,12 @@
 """The pooling runtime on a tiny BERT: many steps give what one prompt at a time gives, a step
-stays in flight while the next is queued (and an abort reaches it), the batched tokenization
+stays in flight while the next is queued (and an abort reaches it), an offline call tokenizes its
+prompts in chunks while the steps run, the batched tokenization
 gives the tokenizer's own ids, and mixed options in one step are grouped right."""
 
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import transformers
 from kiln import LLM, PoolingParams
 from kiln.runtime.demo import train_wordpiece_tokenizer
 from kiln.runtime.engine import PreparedPrompt
+from kiln.runtime.outputs import EmbeddingOutput
 
 WORDS = "the quick brown fox jumps over lazy dog paris france capital question answer number".split()
 
@@ -58,6 +61,38 @@ def test_a_step_stays_in_flight_while_another_follows(bert_path):
     engine.abort_request("1")
     assert [o.request_id for o in engine.step()] == ["2"]  # the last step is collected at once
     assert not engine.has_unfinished_requests() and not engine.parents and not engine.requests
+
+
+def test_a_call_prepares_its_prompts_in_chunks_while_steps_run(bert_path, monkeypatch):
+    from kiln.runtime import llm as llm_module
+
+    monkeypatch.setattr(llm_module, "PREPARE_CHUNK", 4)
+    llm = LLM(bert_path, runner="pooling")
+    engine = llm.llm_engine
+    prepares, steps = [], []
+    prepare, step = engine.prepare_prompts, engine.step
+    monkeypatch.setattr(engine, "prepare_prompts", lambda chunk, **kw: prepares.append(
+        (len(chunk), threading.current_thread().name)) or prepare(chunk, **kw))
+    monkeypatch.setattr(engine, "step", lambda **kw: steps.append(
+        (engine._pooling_in_flight is not None, kw["more_coming"])) or step(**kw))
+    texts = sentences(10, seed=3)
+    outs = llm.embed(texts, use_tqdm=False)
+    # chunks of 4 prepared on a worker thread, the main thread stepping meanwhile; each step but
+    # the last stays in flight while the next chunk is queued
+    assert [n for n, _ in prepares] == [4, 4, 2] and all(t.startswith("kiln-prepare") for _, t in prepares)
+    assert steps == [(False, True), (True, True), (True, False)]
+    alone = llm.embed(texts[7], use_tqdm=False)[0]
+    assert torch.allclose(outs[7].outputs.data, alone.outputs.data, atol=1e-6)
+    assert [o.prompt_token_ids for o in outs] == llm.get_tokenizer()(texts).input_ids
+    # vLLM's list of floats, made from the kept tensor when read
+    first = outs[0].outputs
+    assert first.hidden_size == 32 and first.embedding == first.data.tolist()
+    assert first == EmbeddingOutput(first.data.tolist()) and first != EmbeddingOutput([0.0] * 32)
+    # a bad prompt in a later chunk: the call raises, and what the earlier chunks queued is gone
+    with pytest.raises(ValueError):
+        llm.embed(texts[:9] + [" ".join(WORDS * 10)], use_tqdm=False)  # over the 64 positions
+    assert not engine.has_unfinished_requests() and not engine.parents and engine._pooling_in_flight is None
+    assert torch.allclose(llm.embed(texts[7], use_tqdm=False)[0].outputs.data, alone.outputs.data, atol=1e-6)
 
 
 def test_batched_tokenization_gives_the_tokenizers_ids(bert_path):
