@@ -225,7 +225,7 @@ class LLMEngine:
         if eager and not quantized:
             return
         from kiln import __version__
-        from kiln.codegen import ATEN_OPS, compile_cache_dir, lower
+        from kiln.codegen import compile_cache_dir, lower
         from kiln.frontend.trace import trace
         from kiln.passes import PIPELINE, run_passes
 
@@ -250,12 +250,10 @@ class LLMEngine:
         compile_cache_dir({**self.hf_config.to_dict(), "kiln_quantization": pass_options}, self.dtype, passes,
                           str(self.device), __version__)
         counter = iter(range(1000))
-        # (with float_gemv, a linear's CUDA implementation is not its reference: keep the op)
-        inline = tuple(name for name in ATEN_OPS if not (float_gemv and name == "linear"))
 
         def lower_graph(graph):
             folder = os.path.join(dump_dir, f"graph{next(counter)}") if dump_dir else None
-            return lower(run_passes(graph, passes, folder, pass_options), backend, inline)
+            return lower(run_passes(graph, passes, folder, pass_options), backend)
 
         strict = self.model_impl == "kiln"
         self.runner.forward = trace(self.model, lower_graph, strict)

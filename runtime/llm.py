@@ -21,6 +21,18 @@ from kiln.runtime.pooling_params import PoolingParams
 from kiln.runtime.sampling_params import RequestOutputKind, SamplingParams
 
 
+# An offline call's token budget per step on a GPU of 70 GiB or more, as vLLM's LLM class has it
+# (its server, like kiln's engine, keeps 8192 for inter-token latency; a smaller GPU keeps it for
+# the activations' memory): fewer, larger prefill steps, each reading the weights and running the
+# decode rows once. 1000 requests of the Llama-3.2-1B shape on an H100: prompt steps at 4.7 us a
+# token instead of 5.9, the whole run 5.7-6.0 s instead of 6.4-7.2.
+OFFLINE_BATCHED_TOKENS = 16384
+
+
+def _large_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory >= 70 << 30
+
+
 class LLM:
     """Load a model and generate from it in batches.
 
@@ -48,6 +60,8 @@ class LLM:
             self._replicas = ReplicaPool(data_parallel_size, {**local, **kwargs})
             self.llm_engine = None
             return
+        if max_num_batched_tokens is None and kwargs.get("device", "auto") != "cpu" and _large_gpu():
+            max_num_batched_tokens = OFFLINE_BATCHED_TOKENS
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,

@@ -4,6 +4,7 @@ forward pass (no padding between sequences), and returns the hidden states the e
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,14 +183,17 @@ class ModelRunner:
         if any(r.token_type_ids is not None for r, _ in step.scheduled):
             types = [t for r, n in step.scheduled
                      for t in (r.token_type_ids or [0] * r.num_tokens)[r.num_computed_tokens:r.num_computed_tokens + n]]
-        # every input of the step in one copy (from pinned memory on CUDA: no wait for the step in flight)
-        ids, positions, slot_mapping, tables, fill_index, rows.device_rows, types = _staged(
+        # every input of the step in one copy (from pinned memory on CUDA: no wait for the step in
+        # flight), the attention kernels' layout too (else their first layer copies it, and waits)
+        ids, positions, slot_mapping, tables, fill_index, rows.device_rows, types, layout = _staged(
             self.device, [input_ids, positions, slots, table, [fill_rows, fill_src] if fill_rows else [],
-                          rows.logit_rows, types])
+                          rows.logit_rows, types, [0, *itertools.accumulate(query_lens), *seq_lens]])
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=tables.view(table.shape), query_lens=query_lens,
             seq_lens=seq_lens, block_size=bs,
             cross_slots=[r.cross_slot for r, _ in step.scheduled] if self.cross_kv_caches is not None else None)
+        layout = layout.to(torch.int32)  # (what the kernels take: codegen/triton_ops._batch_tensors)
+        metadata.query_start_loc, metadata.seq_lens_tensor = layout[:len(seq_lens) + 1], layout[len(seq_lens) + 1:]
         extra = {"token_type_ids": types} if len(types) else {}
         if fill_rows:
             fill_in(ids, fill.tokens, fill_rows, fill_src, fill_index.view(2, -1))

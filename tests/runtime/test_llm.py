@@ -3,7 +3,10 @@ leave greedy tokens unchanged; SamplingParams fields do what vLLM users expect."
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+import torch
 
 from kiln import LLM, SamplingParams
 
@@ -38,9 +41,20 @@ def test_batch_of_mixed_lengths_equals_each_alone(llm, reference):
     assert tokens(llm.generate(PROMPTS, greedy(), use_tqdm=False)) == reference
 
 
-def test_chunked_prefill_gives_the_same_tokens(llama_path, reference):
+def test_chunked_prefill_gives_the_same_tokens(llama_path, reference, monkeypatch):
     chunked = LLM(llama_path, max_num_batched_tokens=5)
+    # each step's attention layout reaches the device with its inputs (one staged copy), as the
+    # attention kernels read it: query_start_loc [B+1] and seq_lens [B], int32
+    from kiln.ir.context import get_forward_context
+
+    runner, layouts = chunked.llm_engine.runner, []
+    forward = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda *a, **kw: layouts.append(get_forward_context().attn) or forward(*a, **kw))
     assert tokens(chunked.generate(PROMPTS, greedy(), use_tqdm=False)) == reference
+    assert layouts and all(md.query_start_loc.dtype == md.seq_lens_tensor.dtype == torch.int32 for md in layouts)
+    for md in layouts:
+        assert md.query_start_loc.tolist() == [0, *itertools.accumulate(md.query_lens)]
+        assert md.seq_lens_tensor.tolist() == md.seq_lens
 
 
 def test_preemption_gives_the_same_tokens(llama_path, reference):
@@ -178,3 +192,15 @@ def test_half_precision_dtypes_load_and_run(llama_path):
         assert llm.apply_model(lambda m: m.model.embed_tokens.weight.dtype) == [expect]
         out = llm.generate(PROMPTS[0], greedy(max_tokens=4), use_tqdm=False)[0]
         assert len(out.outputs[0].token_ids) == 4
+
+
+def test_offline_token_budget_on_a_large_gpu(llama_path, monkeypatch):
+    from kiln.runtime import llm as llm_module
+
+    def budget(**kw):
+        return LLM(llama_path, **kw).llm_engine.scheduler.max_num_batched_tokens
+
+    assert budget() == 8192  # the engine's (and the server's) default
+    monkeypatch.setattr(llm_module, "_large_gpu", lambda: True)
+    assert budget() == llm_module.OFFLINE_BATCHED_TOKENS == 16384
+    assert budget(max_num_batched_tokens=64) == 64 and budget(device="cpu") == 8192
