@@ -127,9 +127,7 @@ def main() -> None:
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
             llm.embed(sentences, use_tqdm=False)
             torch.cuda.synchronize()
-        events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 1e3
-        print(f"device busy {busy:.1f} ms in one embed call")
+        events = prof.key_averages()  # (each table ends with the device's busy time, "Self CUDA time total")
         print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
         print(events.table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
 
