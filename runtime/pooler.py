@@ -55,6 +55,8 @@ class PooledStep:
             if cuda:
                 self.event = torch.cuda.Event()
                 self.event.record()
+            # (the layout only: the device outputs are not kept alive until the step is collected)
+            self.blocks = [(idx, t.shape, per_row) for idx, t, per_row in blocks]
 
     def result(self) -> list[torch.Tensor]:
         blocks = self.blocks
@@ -66,9 +68,9 @@ class PooledStep:
             flat = torch.empty(self.host.shape, dtype=self.host.dtype).copy_(self.host) \
                 if self.host.is_pinned() else self.host
             blocks, offset = [], 0
-            for idx, t, per_row in self.blocks:
-                blocks.append((idx, flat[offset:offset + t.numel()].view(t.shape), per_row))
-                offset += t.numel()
+            for idx, shape, per_row in self.blocks:
+                blocks.append((idx, flat[offset:offset + shape.numel()].view(shape), per_row))
+                offset += shape.numel()
         outputs: list[torch.Tensor] = [None] * self.num_requests
         for idx, data, per_row in blocks:
             if per_row:
