@@ -7,8 +7,10 @@ kiln's time per token (from a 128-token prompt, 256 new tokens, the prefill's ti
 its fraction of the roofline, and HF's tokens/s. Model: the Llama-3.2-1B shape (random bf16
 weights, built in a temp dir); --small for a quick check.
 
-`--float-gemv` adds a bf16 row whose one-row linears (and logits) run kiln's Triton gemv instead
-of cuBLAS (`compilation_config={"float_gemv": True}`). `--async-scheduling` adds a bf16 row with the host's work overlapped with the device's (and
+On a Hopper GPU the one-row linears (and logits) run kiln's Triton gemv, chained to the other
+kernels by programmatic dependent launch; `--cublas` adds a bf16 row with them on cuBLAS
+(`compilation_config={"float_gemv": False}`), and `--compare-pdl` adds the bf16 rows again with
+kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` adds a bf16 row with the host's work overlapped with the device's (and
 runs the quantized rows so). `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -76,6 +78,24 @@ def bytes_read_per_token(llm: LLM) -> int:
     return sum(tensors.values())
 
 
+def hf_seconds(path: str, prompt_ids: list[int], new_tokens: int, repeats: int, device) -> float:
+    """HF generate's median seconds for `new_tokens` greedy tokens after the prompt, batch 1."""
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    ids = torch.tensor([prompt_ids], device=device)
+
+    @torch.inference_mode()
+    def hf_run(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                    pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    hf_run(8)
+    return statistics.median(hf_run(new_tokens) for _ in range(max(1, repeats - 1)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true")
@@ -84,8 +104,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quantization", default="", help="comma-separated schemes to time after bf16")
     p.add_argument("--quantize-lm-head", action="store_true")
-    p.add_argument("--float-gemv", action="store_true",
-                   help="add a bf16 row whose batch-1 linears run kiln's Triton gemv instead of cuBLAS")
+    p.add_argument("--cublas", action="store_true",
+                   help="add a bf16 row whose batch-1 linears run cuBLAS instead of kiln's Triton gemv")
+    p.add_argument("--compare-pdl", action="store_true",
+                   help="add bf16 rows with programmatic dependent launch off (compilation_config pdl=False)")
+    p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--async-scheduling", action="store_true",
                    help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
     args = p.parse_args()
@@ -103,11 +126,15 @@ def main() -> None:
     prompt = {"prompt_token_ids": list(range(100, 100 + args.prompt_len))}
     results = {}  # variant -> (bytes read per token, seconds per token, time to first token)
     variants = [("bf16", {})] + ([("bf16 async", {"async_scheduling": True})] if args.async_scheduling else [])
-    variants += [("bf16 gemv", {"float_gemv": True})] if args.float_gemv else []
+    variants += [("bf16 cuBLAS", {"float_gemv": False})] if args.cublas else []
+    if args.compare_pdl:
+        variants += [(f"{name}, no PDL", {**kw, "pdl": False}) for name, kw in list(variants)]
     variants += [(scheme, {"quantization": scheme, "async_scheduling": args.async_scheduling})
                  for scheme in filter(None, args.quantization.split(","))]
     for name, kwargs in variants:
-        options = {"quantize_lm_head": args.quantize_lm_head, "float_gemv": kwargs.pop("float_gemv", False)}
+        kwargs = dict(kwargs)
+        options = {"quantize_lm_head": args.quantize_lm_head,
+                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl") if key in kwargs}}
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)
 
@@ -128,20 +155,7 @@ def main() -> None:
     weight_bytes, per_token, first = results["bf16"]
     roofline = weight_bytes / bandwidth
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
-    ids = torch.tensor([prompt["prompt_token_ids"]], device=device)
-
-    @torch.inference_mode()
-    def hf_run(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                    pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    hf_run(8)
-    hf_s = statistics.median(hf_run(args.new_tokens) for _ in range(max(1, args.repeats - 1)))
+    hf_s = None if args.no_hf else hf_seconds(path, prompt["prompt_token_ids"], args.new_tokens, args.repeats, device)
 
     print(f"device {torch.cuda.get_device_name(device)} | torch {torch.__version__} | transformers {transformers.__version__}")
     print(f"model Llama{'-small' if args.small else '-3.2-1B'} shape, bf16, {weight_bytes / 1e9:.3f} GB of weights | "
@@ -155,9 +169,10 @@ def main() -> None:
               f"{read / bandwidth / secs:13.1%}{per_token / secs:9.2f}")
     if len(results) > 1:
         print(f"lm_head {'quantized' if args.quantize_lm_head else 'kept in bf16'} in the quantized rows")
-    hf_tok = hf_s / args.new_tokens
-    print(f"{'HF generate (eager)':28}{weight_bytes / 1e9:9.3f}{roofline * 1e3:13.3f}{hf_tok * 1e3:10.3f}"
-          f"{1 / hf_tok:10.1f}{roofline / hf_tok:13.1%}")
+    if hf_s is not None:
+        hf_tok = hf_s / args.new_tokens
+        print(f"{'HF generate (eager)':28}{weight_bytes / 1e9:9.3f}{roofline * 1e3:13.3f}{hf_tok * 1e3:10.3f}"
+              f"{1 / hf_tok:10.1f}{roofline / hf_tok:13.1%}")
     print(f"kiln time to first token (prefill of {args.prompt_len}) {first * 1e3:.1f} ms")
     tmp.cleanup()
 

@@ -1,6 +1,8 @@
 """Where a batch-1 decode step spends its time on the Llama-3.2-1B shape (compiled, CUDA graphs):
 the host (cProfile by own time, over 128 decode steps) and the device (torch.profiler: busy time
-per step against wall time per step). A diagnostic companion to decode_latency.py.
+per step against wall time per step), and each kernel of the step in launch order: its device
+time and the idle gap before it (from the profiler's trace; the gap is what one kernel's launch
+and ramp-up cost inside the graph). A diagnostic companion to decode_latency.py.
 
     python benchmarks/profile_decode.py [--quantization int8_weight_only] [--async-scheduling]
 """
@@ -8,7 +10,10 @@ per step against wall time per step). A diagnostic companion to decode_latency.p
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
+import json
+import os
 import pstats
 import sys
 import tempfile
@@ -23,19 +28,62 @@ from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.runtime.demo import build_checkpoint, train_tokenizer  # noqa: E402
 
 
+def kernel_table(trace_path: str, marker: str = "argmax") -> None:
+    """Per kind of kernel (name and grid) in one decode step: launches, its span (start to end) and
+    how far it moves the step's end past the previous kernel's end ("adds": its device time plus
+    the idle gap before it; with programmatic dependent launch a kernel starts before the previous
+    one ends, so its span overlaps and only "adds" sums to the step), in us, medians over the
+    profiled steps, in the order a step launches them. A step ends with
+    the kernel whose name holds `marker`, any case (the greedy sampler's argmax: one a step); only steps of
+    the most common kernel count (the decode steps) are kept."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    steps, current = [], []
+    for e in kernels:
+        current.append(e)
+        if marker in e["name"].lower():
+            steps.append(current)
+            current = []
+    per_step = collections.Counter(len(s) for s in steps).most_common(1)[0][0]
+    between = sorted(b[0]["ts"] - a[-1]["ts"] - a[-1]["dur"] for a, b in zip(steps, steps[1:])
+                     if len(a) == len(b) == per_step)
+    steps = [s for s in steps if len(s) == per_step]
+    rows: dict[tuple, list] = {}
+    for i, e in enumerate(steps[0]):  # the kinds of kernel, in a step's order
+        rows.setdefault((e["name"][:60], tuple(e.get("args", {}).get("grid", ()))), []).append(i)
+    def end(e):
+        return e["ts"] + e["dur"]
+
+    total = 0.0
+    print(f"{len(steps)} steps of {per_step} kernels | kernel, grid, launches a step, median span us, "
+          f"median adds us, adds us a step")
+    for (name, grid), idx in rows.items():
+        spans = sorted(s[i]["dur"] for s in steps for i in idx)
+        adds = sorted(end(s[i]) - (end(s[i - 1]) if i else s[i]["ts"]) for s in steps for i in idx)
+        d, a = spans[len(spans) // 2], adds[len(adds) // 2]
+        total += a * len(idx)
+        print(f"  {name:60} {str(grid):16} {len(idx):4} {d:8.2f} {a:7.2f} {a * len(idx):9.1f}")
+    span = sorted(end(s[-1]) - s[0]["ts"] for s in steps)[len(steps) // 2]
+    print(f"  a step: {span:.1f} us from its first kernel's start to its last's end (sum of the medians {total:.1f}); "
+          f"the device idle {between[len(between) // 2] if between else float('nan'):.1f} us between steps")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quantization", default=None)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--async-scheduling", action="store_true")
-    p.add_argument("--float-gemv", action="store_true", help="compilation_config float_gemv (Triton gemv at batch 1)")
+    p.add_argument("--cublas", action="store_true", help="compilation_config float_gemv=False (cuBLAS at batch 1)")
+    p.add_argument("--no-pdl", action="store_true", help="compilation_config pdl=False")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="kiln-prof-")
     path = build_checkpoint(tmp.name, "LlamaForCausalLM", dtype="bfloat16", tokenizer=train_tokenizer(),
                             vocab_size=128256, **LLAMA_1B)
     llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
               enable_prefix_caching=False, quantization=args.quantization,
-              async_scheduling=args.async_scheduling, compilation_config={"float_gemv": args.float_gemv})
+              async_scheduling=args.async_scheduling,
+              compilation_config={**({"float_gemv": False} if args.cublas else {}), "pdl": not args.no_pdl})
     prompt = {"prompt_token_ids": list(range(100, 228))}
     params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
     llm.generate(prompt, params, use_tqdm=False)
@@ -52,6 +100,9 @@ def main() -> None:
     print(f"wall {wall / args.steps * 1e3:.3f} ms/step | device busy {busy / args.steps * 1e3:.3f} ms/step "
           f"({busy / wall:.0%} of wall)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
+    trace = os.path.join(tmp.name, "trace.json")
+    prof.export_chrome_trace(trace)
+    kernel_table(trace)
 
     profile = cProfile.Profile()
     profile.enable()

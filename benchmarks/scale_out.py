@@ -13,7 +13,10 @@ fewer requests than one GPU batches at once, two replicas each decoding half of 
 as slowly as the one GPU decoding all (128 requests gave 1.79x). --small runs a 1B-ish shape for a
 quick check.
 
-    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--checkpoint DIR]
+`--one-shot-all-reduce` adds a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1 (the decode step's
+all-reduces through torch's symmetric memory instead of NCCL).
+
+    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--one-shot-all-reduce] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -85,14 +88,15 @@ def phase(name: str, path: str, args) -> dict:
     rng = random.Random(0)
     work = [([rng.randrange(6, shape["vocab_size"]) for _ in range(rng.randint(128, 1024))], 128)
             for _ in range(args.num_prompts)]
-    layout = {"tp1": {}, "tp2": {"tensor_parallel_size": 2}, "dp2": {"data_parallel_size": 2}}[name]
+    layout = {"tp1": {}, "tp2": {"tensor_parallel_size": 2}, "tp2-one-shot": {"tensor_parallel_size": 2},
+              "dp2": {"data_parallel_size": 2}}[name]
     t0 = time.perf_counter()
     llm = LLM(path, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, gpu_memory_utilization=0.85, **layout)
     result = {"built_s": time.perf_counter() - t0}
     if name != "dp2":
         result["tokens"] = greedy_tokens(llm)
         result["decode_ms"] = decode_ms_per_token(llm, args.new_tokens)
-    if name != "tp2" and not args.skip_dp:
+    if not name.startswith("tp2") and not args.skip_dp:
         result["throughput_s"] = throughput_s(llm, work)
     llm.shutdown()
     return result
@@ -106,7 +110,8 @@ def main() -> None:
     p.add_argument("--skip-dp", action="store_true")
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
-    p.add_argument("--phase", choices=["tp1", "tp2", "dp2"], help=argparse.SUPPRESS)  # (one configuration)
+    p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
+    p.add_argument("--phase", choices=["tp1", "tp2", "tp2-one-shot", "dp2"], help=argparse.SUPPRESS)  # (one configuration)
     args = p.parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.checkpoint, args)))
@@ -124,10 +129,12 @@ def main() -> None:
               f"shape {'small' if args.small else 'Llama-3.1-8B'} | bf16", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
-        for name in ["tp1"] + ([] if args.skip_tp else ["tp2"]) + ([] if args.skip_dp else ["dp2"]):
+        tp = [] if args.skip_tp else ["tp2"] + (["tp2-one-shot"] if args.one_shot_all_reduce else [])
+        for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
+            env = dict(os.environ, **({"KILN_ONE_SHOT_ALL_REDUCE": "1"} if name == "tp2-one-shot" else {}))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
-                                  *flags], capture_output=True, text=True)
+                                  *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -141,10 +148,17 @@ def main() -> None:
         print(f"TP=2 greedy tokens == TP=1 for {sum(s == t for s, t in zip(a, b))}/{len(a)} prompts "
               f"(first difference at {first})")
         rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
+    if "tp2-one-shot" in results:
+        b = results["tp2-one-shot"]["tokens"]
+        print(f"TP=2 one-shot all-reduce: greedy tokens == TP=2 (NCCL) for "
+              f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
+        rows.append(("batch-1 decode ms/token, one-shot all-reduce", results["tp1"]["decode_ms"],
+                     results["tp2-one-shot"]["decode_ms"]))
     if "dp2" in results:
         rows.append((f"{args.num_prompts} requests, s", results["tp1"]["throughput_s"], results["dp2"]["throughput_s"]))
     print("\n| | one GPU | two GPUs | speedup | target |\n|---|---|---|---|---|")
-    for (name, one, two), target in zip(rows, [1.75 if "tp2" in results else 1.9, 1.9]):
+    for name, one, two in rows:
+        target = 1.9 if name.endswith(", s") else 1.75
         print(f"| {name} | {one:.3f} | {two:.3f} | **{one / two:.2f}x** | {target}x |")
 
 

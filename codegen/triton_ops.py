@@ -14,7 +14,8 @@ every layer. A runner that captures CUDA graphs must hand them over already on t
 them from the Python lists is a host-to-device copy that a graph cannot hold.
 
 `kiln::linear`, `merged_linear` and `logits` stay cuBLAS's (`F.linear`) unless `set_float_gemv(True)`
-(the engine's `compilation_config={"float_gemv": True}`): then a one-row product with float weights
+(the engine's `compilation_config={"float_gemv": ...}`, on by default where kiln's kernels chain by
+programmatic dependent launch, see `kernels/pdl.py`): then a one-row product with float weights
 (batch-1 decode) streams the weight through the Triton gemv of `kernels.quant_gemm` instead. The
 choice is made per call, so a decode CUDA graph captured at batch 1 holds the gemv and the larger
 buckets hold cuBLAS.

@@ -66,6 +66,18 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary, [B, V] -> [B] int64. On CUDA, kiln's two-launch Triton kernel
+    (codegen/kernels/sampling.py): torch's reduces a 128K row with one thread block."""
+    if logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0:
+        try:
+            from kiln.codegen.kernels.sampling import argmax
+        except ImportError:  # (no triton)
+            return logits.argmax(-1)
+        return argmax(logits)
+    return logits.argmax(-1)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [B, V] float32, one row per request."""
@@ -118,7 +130,7 @@ class Sampler:
                 torch.tensor([p.frequency_penalty for p in params], device=device),
                 torch.tensor([p.presence_penalty for p in params], device=device))
 
-        tokens = logits.argmax(-1)
+        tokens = greedy_tokens(logits)
         if not all(p.greedy for p in params):
             greedy = torch.tensor([p.greedy for p in params], device=device)
             temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)

@@ -12,12 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+
 _ACT_SILU, _ACT_GELU, _ACT_GELU_TANH = 0, 1, 2
 _BLOCK = 1024
 
 
 @triton.jit
-def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, F, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, out_ptr, x_stride, F, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
@@ -45,7 +48,8 @@ def _launch(x: torch.Tensor, act: int) -> torch.Tensor:
     if rows == 0 or F == 0:
         return out
     block = min(_BLOCK, triton.next_power_of_2(F))
-    _act_and_mul_kernel[(rows, triton.cdiv(F, block))](x2, out, x2.stride(0), F, ACT=act, BLOCK=block, num_warps=4)
+    _act_and_mul_kernel[(rows, triton.cdiv(F, block))](x2, out, x2.stride(0), F, ACT=act, BLOCK=block, num_warps=4,
+                                                         **launch_args(x.device))
     return out
 
 

@@ -28,6 +28,7 @@ import triton.language as tl
 from kiln.codegen.kernels.attention_common import (
     block_dim, check_cache, dot_precision, dot_upcast, load_paged, log2_scores, mma,
 )
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 
 @triton.jit
@@ -38,7 +39,9 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -116,8 +119,10 @@ def _decode_kernel(
 def _merge_kernel(
     part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, H, DV,
     NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the splits' (m, l, acc) of one (sequence, head): [NUM_SPLITS] partials -> out row."""
+    wait_for_inputs(PDL)
     bh = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     s_mask = s < NUM_SPLITS
@@ -208,12 +213,12 @@ def decode_attention(
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0, HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages, **launch_args(q.device),
     )
     if num_splits > 1:
         _merge_kernel[(B * H,)](
             part_acc, part_ml, sinks_arg, out, H, DV,
             NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_DV=triton.next_power_of_2(DV), num_warps=4,
+            BLOCK_DV=triton.next_power_of_2(DV), num_warps=4, **launch_args(q.device),
         )
     return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+
 FP8_KV_DTYPE = torch.float8_e4m3fn
 
 
@@ -60,8 +62,9 @@ def _write_kv_kernel(
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     HKV, D, DV, block_size, k_scale, v_scale,
     FP8: tl.constexpr, EXACT_ROUND: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -102,4 +105,5 @@ def write_kv_cache(
         HKV, D, DV, k_cache.shape[1], float(k_scale), float(v_scale), **fp8_flags(k_cache),
         BLOCK_H=min(triton.next_power_of_2(HKV), max(1, 4096 // block_d)),
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), num_warps=4,
+        **launch_args(k.device),
     )

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+
 _MAX_SINGLE_BLOCK = 8192
 
 
@@ -46,8 +48,9 @@ def _chunked_rstd(x_row, res_row, sum_row, cols, E, eps,
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     x_stride, res_stride, E, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     res_row = res_ptr + row * res_stride
@@ -97,6 +100,7 @@ def _launch(x, residual, weight, eps, summed):
         x2, res2, weight.contiguous(), out, summed if summed is not None else out,
         x2.stride(0), res2.stride(0), E, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(E, block), num_warps=num_warps,
+        **launch_args(x.device),
     )
     return out
 

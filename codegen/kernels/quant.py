@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kiln.codegen.kernels.norm import _chunked_rstd, _norm_input, _rows
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.ir.quant_ops import QUANT_DTYPES, _check_kind
 
 _MAX_SINGLE_BLOCK = 8192
@@ -96,8 +97,9 @@ def _row_quant_kernel(
     x_ptr, res_ptr, w_ptr, sum_ptr, q_ptr, scale_ptr,
     x_stride, res_stride, E, eps,
     MODE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr,
-    Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     res_row = res_ptr + row * res_stride
@@ -158,7 +160,7 @@ def _launch(mode: int, x: torch.Tensor, kind: str, width: int, residual=None, we
         x2.stride(0), res2.stride(0), width, eps,
         MODE=mode, HAS_RESIDUAL=residual is not None, IS_INT8=kind == "int8",
         QMAX=127.0 if kind == "int8" else 448.0, Y_DTYPE=TL_DTYPES[y_dtype or x.dtype],
-        BLOCK=block, NUM_CHUNKS=triton.cdiv(width, block), num_warps=num_warps,
+        BLOCK=block, NUM_CHUNKS=triton.cdiv(width, block), num_warps=num_warps, **launch_args(x.device),
     )
     return q, scale
 

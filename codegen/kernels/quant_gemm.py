@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.quant import TL_DTYPES
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -185,8 +186,9 @@ def _finish(acc, rm, rn, M, N, pid_k, out_ptr, stride_om, w_scale_ptr, x_scale_p
 @triton.jit
 def _split_k_sum_kernel(part_ptr, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, M, N, stride_om, plane,
                         HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """out = epilogue(sum of the SPLIT_K partial planes), summed in plane order."""
+    wait_for_inputs(PDL)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
@@ -199,11 +201,25 @@ def _split_k_sum_kernel(part_ptr, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, M
 
 
 @triton.jit
+def _gemv_product(acc, w, x, ACC_INT: tl.constexpr, W_INT8: tl.constexpr):
+    """acc + w * x (broadcast over the tile's rows), in the accumulator's type. (One return: Triton
+    3.6 failed to compile the int32 branch written as early returns.)"""
+    if ACC_INT:
+        product = w.to(tl.int32) * x.to(tl.int32)[None, :]
+    elif W_INT8:
+        product = _int8_to_f32(w) * x.to(tl.float32)[None, :]
+    else:
+        product = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return acc + product
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr,
     N, K, stride_wn, k_per_split, plane,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr, EARLY_W: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -215,11 +231,29 @@ def _gemv_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_ptrs = w_ptr + wn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     x_ptrs = x_ptr + k_lo + rk
+    # The first K step is peeled: with EARLY_W its weight tile is loaded before waiting for the
+    # previous kernel, so the stream starts while that kernel finishes (see pdl.py). Every split
+    # has at least one step (the launcher makes no empty split).
+    if not EARLY_W:
+        wait_for_inputs(PDL)
+    if EVEN_K:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=((k_lo + rk) < K)[None, :], other=0.0)
+    if EARLY_W:
+        wait_for_inputs(PDL)
+    if EVEN_K:
+        x = tl.load(x_ptrs)
+    else:
+        x = tl.load(x_ptrs, mask=(k_lo + rk) < K, other=0.0)
     if ACC_INT:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
+    acc = _gemv_product(acc, w, x, ACC_INT, W_INT8)
+    w_ptrs += BLOCK_K
+    x_ptrs += BLOCK_K
+    for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
@@ -227,12 +261,7 @@ def _gemv_kernel(
             kmask = (k + rk) < K
             w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=kmask, other=0.0)
-        if ACC_INT:
-            acc += w.to(tl.int32) * x.to(tl.int32)[None, :]
-        elif W_INT8:
-            acc += _int8_to_f32(w) * x.to(tl.float32)[None, :]
-        else:
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc = _gemv_product(acc, w, x, ACC_INT, W_INT8)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     total = tl.sum(acc, axis=1)[None, :]
@@ -248,8 +277,9 @@ def _dot_kernel(
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, CONVERT_W: tl.constexpr,
     W_INT8: tl.constexpr, DOT_IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # grouped order: GROUP_M row tiles sweep the columns together, so weight tiles are reused in L2
@@ -318,6 +348,9 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     if K == 0:
         out.zero_()
         return out.add_(bias) if bias is not None else out
+    # Loading weights before the PDL wait is safe only where no kernel just wrote them: inside a
+    # captured forward (a graph never writes its weights), and not from a copy made here.
+    early_w = wq.stride(-1) == 1 and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if wq.stride(-1) != 1:
         wq = wq.contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
@@ -343,13 +376,14 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     else:
         part = out  # unused
     common = dict(HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
-                  SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **launch_args(x2.device))
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
     if cfg.kernel == "gemv":
         _gemv_kernel[(grid_n, split_k)](
             x2, wq, w_scale, x_scale_arg, bias_arg, out, part, N, K, wq.stride(0), k_per_split, M * N,
-            ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, **common,
+            ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and common["PDL"], **common,
         )
     else:
         _dot_kernel[(tiles, split_k)](
@@ -364,6 +398,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         _split_k_sum_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             part, out, w_scale, x_scale_arg, bias_arg, M, N, out.stride(0), M * N, HAS_X_SCALE=x_scale is not None,
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            **launch_args(x2.device),
         )
     return out
 
@@ -386,7 +421,8 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
                  config: GemmConfig | None = None) -> torch.Tensor:
     """F.linear(x, w, bias) for float weights (w in x's dtype) through the same Triton kernels, a
     scale of 1 per channel: the gemv at M == 1 against cuBLAS's (benchmarks/kernels.py --sweep
-    --sweep-kinds bf16). On no default path until it is measured faster."""
+    --sweep-kinds bf16). The engine's default for one-row float linears on a GPU with PDL
+    (`triton_ops.set_float_gemv`): there, chained to the other kernels, it beat cuBLAS."""
     if x.dtype not in TL_DTYPES or w.dtype != x.dtype:
         raise TypeError(f"float_linear: x and w must share a float dtype, got {x.dtype} and {w.dtype}")
     key = (w.device, w.shape[0])

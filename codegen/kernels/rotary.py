@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kiln.codegen.kernels.kv_cache import fp8_flags, to_cache
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 
 @triton.jit
@@ -71,7 +72,9 @@ def _rotary_kernel(
     HALF: tl.constexpr, IS_NEOX: tl.constexpr, WRITE_CACHE: tl.constexpr, FP8: tl.constexpr,
     EXACT_ROUND: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
@@ -142,7 +145,7 @@ def _launch(q, k, positions, cos_sin_cache, is_neox, v=None, k_cache=None, v_cac
         HALF=half, IS_NEOX=is_neox, WRITE_CACHE=write, **flags, BLOCK_H=block_h,
         BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
         BLOCK_PASS=triton.next_power_of_2(D - rot) if D > rot else 0,
-        BLOCK_DV=triton.next_power_of_2(dv), num_warps=4,
+        BLOCK_DV=triton.next_power_of_2(dv), num_warps=4, **launch_args(q.device),
     )
     return q_out, k_out
 

@@ -163,11 +163,12 @@ def test_silu_and_mul_quant(lead, F, dtype, kind, device, poisoned):
 # ---------------------------------------------------------------- GEMMs
 
 # (M, N, K, config): M = 1 on the gemv kernel (default tiling; forced split-K with a ragged last
-# split), small M on the dot kernel (default; forced split-K, K not a multiple of the block), M = 37
+# split; four whole K steps, the first peeled), small M on the dot kernel (default; forced split-K, K not a multiple of the block), M = 37
 # on the default tiling (M <= 64 bucket) and on 32 x 32 tiles with ragged edges in M, N and K.
 GEMM_CASES = [
     (1, 37, 100, None),
     (1, 24, 600, GemmConfig("gemv", 1, 8, 64, split_k=4)),
+    (1, 40, 512, GemmConfig("gemv", 1, 8, 128)),
     (5, 40, 300, GemmConfig("dot", 16, 16, 32, split_k=3)),
     (37, 50, 70, None),
     (37, 50, 128, GemmConfig("dot", 32, 32, 32, split_k=2)),
