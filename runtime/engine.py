@@ -730,7 +730,7 @@ class LLMEngine:
 
     def _collect(self, launched: PendingTokens) -> list[RequestOutput]:
         """Read a launched step's tokens back and give them to their requests, in order."""
-        token_ids = launched.tokens.tolist()
+        token_ids = launched.token_ids()
         sampled = SamplerOutput(token_ids, None, None, None)
         progressed = {}
         for req, i in launched.index.items():

@@ -35,10 +35,30 @@ class StepRows:
 
 @dataclass
 class PendingTokens:
-    """A step's sampled tokens still on the device (async scheduling), and each request's row."""
+    """A step's sampled tokens still on the device (async scheduling), and each request's row.
+
+    On CUDA their copy to the host is queued right behind the sampler, with an event after it:
+    `token_ids()` then waits for this step alone. A plain `tokens.tolist()` would be queued behind
+    the step launched after this one, so the host would wait for that step too, and nothing of
+    its work would overlap the device's."""
 
     tokens: torch.Tensor  # [B] int64
     index: dict  # Request -> row of `tokens`
+    _host: torch.Tensor | None = None  # (CUDA: the pinned copy, and the event that marks it done)
+    _copied: "torch.cuda.Event | None" = None
+
+    def __post_init__(self):
+        if self.tokens.is_cuda:
+            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self._host.copy_(self.tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def token_ids(self) -> list[int]:
+        if self._copied is None:
+            return self.tokens.tolist()
+        self._copied.synchronize()
+        return self._host.tolist()
 
 
 def fill_in(ids: torch.Tensor, tokens: torch.Tensor, rows: list[int], src: list[int],

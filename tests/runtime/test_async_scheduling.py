@@ -176,3 +176,20 @@ def test_staged_inputs_land_whole_and_aligned():
     assert target.tolist() == [0, 40, 40, 0]
     fill_in(target, torch.tensor([9, 8, 7]), [0, 2], [2, 1])  # (no index given: staged here)
     assert target.tolist() == [7, 40, 8, 0]
+
+
+def test_pending_tokens_are_read_without_waiting_for_the_next_step():
+    """The tokens of a launched step are read back through their own copy and event: on CUDA,
+    reading them must not wait for work queued after them (the next step, here a sleeping kernel)."""
+    import torch
+
+    from kiln.runtime.model_runner import PendingTokens
+
+    assert PendingTokens(torch.tensor([3, 4]), {}).token_ids() == [3, 4]  # (CPU: read directly)
+    if not torch.cuda.is_available():
+        pytest.skip("the overlap needs a CUDA device")
+    pending = PendingTokens(torch.tensor([5, 6, 7], device="cuda"), {})
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued behind the tokens
+    assert pending.token_ids() == [5, 6, 7]
+    assert not torch.cuda.current_stream().query()  # the sleep is still running: it was not waited for
+    torch.cuda.synchronize()
