@@ -107,17 +107,21 @@ def _gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.stride(-1) == 1)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           static_weight: bool = True) -> torch.Tensor:
+    """static_weight=False: `weight` was made by the forward (not a parameter), see float_linear."""
     if _gemv_takes(x, weight):
         from kiln.codegen.kernels.quant_gemm import float_linear
 
-        return float_linear(x, weight, bias)
+        return float_linear(x, weight, bias, static_weight=static_weight)
     return torch.nn.functional.linear(x, weight, bias)
 
 
 def merged_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     weight = ops._adjacent(weights)
-    return linear(x, weight, ops._adjacent(biases) if biases else None)
+    # a view of the parameters' one storage, or (weights not laid back to back) a cat made here
+    static = weight.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
+    return linear(x, weight, ops._adjacent(biases) if biases else None, static_weight=static)
 
 
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:

@@ -338,8 +338,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
-            bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None) -> torch.Tensor:
-    """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias."""
+            bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
+            static_weight: bool = True) -> torch.Tensor:
+    """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias.
+    static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
+    not made by a kernel of the forward (see early_w below)."""
     M, K = x2.shape
     N = wq.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=x2.device)
@@ -348,9 +351,12 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     if K == 0:
         out.zero_()
         return out.add_(bias) if bias is not None else out
-    # Loading weights before the PDL wait is safe only where no kernel just wrote them: inside a
-    # captured forward (a graph never writes its weights), and not from a copy made here.
-    early_w = wq.stride(-1) == 1 and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # Loading weights before the PDL wait is safe only where no kernel can just have written them:
+    # inside a captured forward (its kernels never write a parameter), for a weight that is one
+    # (static_weight) and not a copy made here. (A weight a graph computes, as a cat of separate
+    # ones, sits in the graph's memory pool, which other tensors reuse between replays.)
+    early_w = (static_weight and wq.stride(-1) == 1 and torch.cuda.is_available()
+               and torch.cuda.is_current_stream_capturing())
     if wq.stride(-1) != 1:
         wq = wq.contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
@@ -418,17 +424,18 @@ _unit_scales: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                 config: GemmConfig | None = None) -> torch.Tensor:
+                 config: GemmConfig | None = None, static_weight: bool = True) -> torch.Tensor:
     """F.linear(x, w, bias) for float weights (w in x's dtype) through the same Triton kernels, a
     scale of 1 per channel: the gemv at M == 1 against cuBLAS's (benchmarks/kernels.py --sweep
     --sweep-kinds bf16). The engine's default for one-row float linears on a GPU with PDL
-    (`triton_ops.set_float_gemv`): there, chained to the other kernels, it beat cuBLAS."""
+    (`triton_ops.set_float_gemv`): there, chained to the other kernels, it beat cuBLAS.
+    static_weight=False: w is made by the forward itself (see `_linear`)."""
     if x.dtype not in TL_DTYPES or w.dtype != x.dtype:
         raise TypeError(f"float_linear: x and w must share a float dtype, got {x.dtype} and {w.dtype}")
     key = (w.device, w.shape[0])
     if key not in _unit_scales:
         _unit_scales[key] = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
-    out = _linear(_rows(x), w, _unit_scales[key], None, bias, x.dtype, config)
+    out = _linear(_rows(x), w, _unit_scales[key], None, bias, x.dtype, config, static_weight)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

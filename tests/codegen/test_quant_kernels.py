@@ -219,11 +219,12 @@ def test_float_gemv_dispatch(device, close):
     several rows, float32 and a strided weight to F.linear."""
     from kiln.codegen import triton_ops
 
-    calls = []
+    calls, statics = [], []
     real = quant_gemm.float_linear
 
     def spy(*args, **kwargs):
         calls.append(args[1].shape)
+        statics.append(kwargs.get("static_weight", True))
         return real(*args, **kwargs)
 
     w1, w2 = (torch.randn(n, 64, device=device).to(torch.bfloat16) for n in (24, 40))
@@ -234,8 +235,12 @@ def test_float_gemv_dispatch(device, close):
         quant_gemm.float_linear = spy
         triton_ops.set_float_gemv(True)
         one = triton_ops.merged_linear(x, [merged[:24], merged[24:]], [])
-        assert calls == [(64, 64)]
+        assert calls == [(64, 64)] and statics == [True]  # a view of the parameters: static
         close(one, truth, dtype=torch.bfloat16)
+        # weights not back to back are concatenated by the forward: not static (no early loads)
+        close(triton_ops.merged_linear(x, [w1, w2], []), truth, dtype=torch.bfloat16)
+        assert statics == [True, False]
+        calls.pop()
         close(triton_ops.linear(x, w1), truth[:, :24], dtype=torch.bfloat16)
         head = triton_ops.logits(x, merged)
         assert head.dtype == torch.float32 and len(calls) == 3
