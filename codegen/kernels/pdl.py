@@ -10,8 +10,9 @@ The protocol every kiln kernel follows (`wait_for_inputs` at the top of the kern
 
 - Before the wait, a kernel reads only what no kernel before it can have written: the gemv loads
   its first weight tile there, so the weight stream starts while the previous kernel ends, and
-  only while a CUDA graph is being captured (a captured forward never writes its weights; in
-  eager code the kernel before may be the one that made them, a load-time quantization or copy).
+  only while a CUDA graph is being captured and for a weight the forward does not make (a
+  captured forward never writes a parameter; in eager code the kernel before may be the one that
+  made it, a load-time quantization or copy; see `quant_gemm._linear`).
 - Every kernel waits, before reading any activation, KV cache or batch-layout tensor and before
   any store, even one that reads nothing its predecessor wrote. A kernel's wait covers only its
   direct predecessor; because every kernel waits, each one completes after the one before it, so
