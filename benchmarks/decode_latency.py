@@ -10,8 +10,9 @@ weights, built in a temp dir); --small for a quick check.
 On a Hopper GPU the one-row linears (and logits) run kiln's Triton gemv, chained to the other
 kernels by programmatic dependent launch; `--cublas` adds a bf16 row with them on cuBLAS
 (`compilation_config={"float_gemv": False}`), and `--compare-pdl` adds the bf16 rows again with
-kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` adds a bf16 row with the host's work overlapped with the device's (and
-runs the quantized rows so). `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
+kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` adds a bf16 row with
+the host's work overlapped with the device's (and runs the quantized rows so).
+`--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
 --quantize-lm-head), and its speedup over bf16.

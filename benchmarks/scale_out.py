@@ -111,7 +111,8 @@ def main() -> None:
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
-    p.add_argument("--phase", choices=["tp1", "tp2", "tp2-one-shot", "dp2"], help=argparse.SUPPRESS)  # (one configuration)
+    p.add_argument("--phase", choices=["tp1", "tp2", "tp2-one-shot", "dp2"],  # (one configuration)
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.checkpoint, args)))
