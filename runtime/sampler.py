@@ -9,6 +9,7 @@ Logprobs are the model's raw log-softmax (before penalties and temperature), as 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,15 +67,21 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
+@functools.cache
+def _triton_argmax():
+    """kiln's two-launch argmax (codegen/kernels/sampling.py), or None without triton."""
+    try:
+        from kiln.codegen.kernels.sampling import argmax
+    except ImportError:
+        return None
+    return argmax
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary, [B, V] -> [B] int64. On CUDA, kiln's two-launch Triton kernel
-    (codegen/kernels/sampling.py): torch's reduces a 128K row with one thread block."""
-    if logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0:
-        try:
-            from kiln.codegen.kernels.sampling import argmax
-        except ImportError:  # (no triton)
-            return logits.argmax(-1)
-        return argmax(logits)
+    """argmax over the vocabulary, [B, V] -> [B] int64. On CUDA, kiln's two-launch Triton kernel:
+    torch's reduces a 128K row with one thread block."""
+    if logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0 and _triton_argmax() is not None:
+        return _triton_argmax()(logits)
     return logits.argmax(-1)
 
 

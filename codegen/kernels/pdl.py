@@ -44,10 +44,6 @@ def set_enabled(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-def is_enabled() -> bool:
-    return _enabled
-
-
 @functools.cache
 def _supported(device_index: int) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":

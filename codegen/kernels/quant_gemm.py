@@ -381,15 +381,15 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         part = torch.empty((split_k, M, N), dtype=torch.int32 if acc_int else torch.float32, device=x2.device)
     else:
         part = out  # unused
+    pdl = launch_args(x2.device)
     common = dict(HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
-                  SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **launch_args(x2.device))
+                  SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
     if cfg.kernel == "gemv":
         _gemv_kernel[(grid_n, split_k)](
             x2, wq, w_scale, x_scale_arg, bias_arg, out, part, N, K, wq.stride(0), k_per_split, M * N,
-            ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and common["PDL"], **common,
+            ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"], **common,
         )
     else:
         _dot_kernel[(tiles, split_k)](
@@ -403,8 +403,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         block_m, block_n = min(16, triton.next_power_of_2(M)), 128
         _split_k_sum_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             part, out, w_scale, x_scale_arg, bias_arg, M, N, out.stride(0), M * N, HAS_X_SCALE=x_scale is not None,
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-            **launch_args(x2.device),
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **pdl,
         )
     return out
 
