@@ -315,22 +315,26 @@ def bench_quant_gemms(table, dtype, device, K):
 
 
 def _weight_only_grid(M: int) -> list:
-    """The tilings --sweep tries at M (besides the default): gemv at M == 1, 16-row dot tiles to 16."""
+    """The tilings --sweep tries at M (besides the default): gemv at M == 1, dot tiles above."""
     from kiln.codegen.kernels.quant_gemm import GemmConfig
 
+    if M == 1:  # (the dot kernel never won at one row)
+        return [GemmConfig("gemv", 1, bn, bk, sk, num_warps=nw, num_stages=3)
+                for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048) for sk in (1, 2, 4, 8) for nw in (4, 8)]
     grid = []
-    if M == 1:
-        grid += [GemmConfig("gemv", 1, bn, bk, sk, num_warps=nw, num_stages=3)
-                 for bn in (4, 8, 16) for bk in (256, 512, 1024) for sk in (1, 2, 4) for nw in (4, 8)]
     bm = 16 if M <= 16 else 64
     grid += [GemmConfig("dot", bm, bn, bk, sk, num_warps=4, num_stages=ns)
-             for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4) for ns in ((4,) if M == 1 else (3, 4))]
+             for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4) for ns in (3, 4)]
     return grid
 
 
-def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes):
+def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes, chain=1):
     """Every tiling of `_weight_only_grid` per (M, kind, shape): graph-replay time, GB/s of the
-    fewest bytes, and the output checked against float32; the best three and the default."""
+    fewest bytes, and the output checked against float32; the best six and the default.
+    chain > 1: each graph launches the linear `chain` times back to back, over as many copies of
+    the weight (none is in L2 when read), and the time is per launch: as in a decode step, where
+    a kernel's launch and ramp overlap the previous one's tail (PDL), which one launch alone shows
+    as a fixed cost of several microseconds."""
     import torch.nn.functional as F
     from triton.testing import do_bench
 
@@ -359,7 +363,8 @@ def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes):
                     wq, ws = w.to(dtype), None
                     truth = F.linear(x.float(), wq.float())
                     moved = nbytes(x, wq) + M * N * x.element_size()
-                    cublas = graph_ms(lambda: F.linear(x, wq))
+                    copies = [wq] + [wq.clone() for _ in range(chain - 1)]
+                    cublas = graph_ms(lambda: [F.linear(x, c) for c in copies]) / chain
                     print(f"\nF.linear (cuBLAS) M={M} N={N} K={Kd} ({name}): {cublas:.4f} ms "
                           f"{100 * moved / cublas / 1e6 / copy_gbs:.0f}%copy")
                 else:
@@ -367,17 +372,21 @@ def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes):
                     wq, ws = Q.quantize_weight(w, kind)
                     truth = F.linear(x.float(), Q.dequantize_weight(wq, ws))
                     moved = nbytes(x, wq, ws) + M * N * x.element_size()
-                default = quant_gemm.pick_config(M, N, Kd, dtype, sms)
+                    copies = [wq] + [wq.clone() for _ in range(chain - 1)]
+                default = quant_gemm.pick_config(M, N, Kd, dtype, sms, wq.dtype)
                 results, failed = [], []
                 for cfg in dict.fromkeys([default, *_weight_only_grid(M)]):
-                    def run(cfg=cfg):
-                        if ws is None:
-                            return quant_gemm.float_linear(x, wq, None, config=cfg)
-                        return K.weight_only_linear(x, wq, ws, None, config=cfg)
+                    def run(cfg=cfg, weights=(wq,)):
+                        for c in weights:
+                            if ws is None:
+                                out = quant_gemm.float_linear(x, c, None, config=cfg)
+                            else:
+                                out = K.weight_only_linear(x, c, ws, None, config=cfg)
+                        return out
                     try:
                         out = run()
                         torch.cuda.synchronize()
-                        t = graph_ms(run)
+                        t = graph_ms(lambda cfg=cfg: run(cfg, copies)) / chain
                     except Exception as e:  # out of shared memory or registers: not a candidate
                         failed.append(f"{fmt(cfg)}: {type(e).__name__}")
                         continue
@@ -387,7 +396,7 @@ def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes):
                 print(f"\nweight_only[{kind}] M={M} N={N} K={Kd} ({name}): {len(results)} tilings, "
                       f"{len(failed)} did not run; floor {moved / copy_gbs / 1e6:.4f} ms at copy bandwidth")
                 wrong = [r for r in results if not r[2] <= 2e-2]
-                for t, cfg, err in results[:3] + [r for r in results[3:] if r[1] == default]:
+                for t, cfg, err in results[:6] + [r for r in results[6:] if r[1] == default]:
                     tag = " (default)" if cfg == default else ""
                     gbs = moved / t / 1e6
                     print(f"  {fmt(cfg):<40} {t:8.4f} ms {gbs:6.0f} GB/s {100 * gbs / copy_gbs:4.0f}% "
@@ -414,6 +423,8 @@ def main():
     parser.add_argument("--sweep-kinds", default="int8,fp8",
                         help="int8, fp8 (weight-only), bf16 (float weights in --dtype against cuBLAS's F.linear); "
                              "default int8,fp8")
+    parser.add_argument("--sweep-chain", type=int, default=1,
+                        help="time each tiling as N launches back to back over N weight copies (per launch)")
     parser.add_argument("--sweep-shapes", default=",".join(s[0] for s in LLAMA_1B_LINEARS),
                         help="which Llama-3.2-1B linears (default all: qkv,o,gate_up,down,lm_head)")
     args = parser.parse_args()
@@ -434,7 +445,7 @@ def main():
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written); '%copy' is against it\n")
     if args.sweep:
         sweep_weight_only(dtype, device, K, copy_gbs, [int(m) for m in args.sweep_m.split(",")],
-                          args.sweep_kinds.split(","), args.sweep_shapes.split(","))
+                          args.sweep_kinds.split(","), args.sweep_shapes.split(","), args.sweep_chain)
         return 0
     table = Table(copy_gbs)
     sections = {"norm": bench_norms, "activation": bench_activations, "rotary": bench_rotary}

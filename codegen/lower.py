@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, is_kiln_op
 
 
 def lower(graph: Graph, backend: str = "inductor") -> Callable:
@@ -28,8 +28,25 @@ def lower(graph: Graph, backend: str = "inductor") -> Callable:
     if backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
+        _register_fallbacks(graph)
         return compile_fx(graph.gm, graph.example_inputs)
     raise ValueError(f"compilation backend {backend!r} is not supported; use 'inductor' or 'eager'")
+
+
+def _register_fallbacks(graph: Graph) -> None:
+    """Make each kiln op of the graph an Inductor fallback kernel before Inductor sees it, with the
+    layout constraint Inductor would give it. Inductor makes that fallback itself on first sight of
+    an op, but torch 2.11 formats the op's arguments for a log line as it does so, whether or not the
+    line is logged (torch 2.13 defers it), and the IR of an argument prints everything it depends
+    on, repeated along every path: an op first seen at the end of a deep graph (the final norm of a
+    16-layer Llama, once the norms before it fused into the gemvs) printed for minutes."""
+    from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+    from torch._library.utils import get_layout_constraint_tag
+
+    for node in graph.graph.nodes:
+        if is_kiln_op(node) and node.target not in lowerings:
+            constraint = tag_to_layout_constraint(get_layout_constraint_tag(node.target, with_default=True))
+            make_fallback(node.target, layout_constraint=constraint, warn=False)
 
 
 def compile_cache_dir(config: dict, dtype: torch.dtype, passes: list[str], device: str, version: str) -> str:

@@ -13,12 +13,15 @@ every layer. A runner that captures CUDA graphs must hand them over already on t
 `md.query_start_loc` [B+1] int32 and `md.seq_lens_tensor` [B] int32 (vLLM's names), since building
 them from the Python lists is a host-to-device copy that a graph cannot hold.
 
-`kiln::linear`, `merged_linear` and `logits` stay cuBLAS's (`F.linear`) unless `set_float_gemv(True)`
-(the engine's `compilation_config={"float_gemv": ...}`, on by default where kiln's kernels chain by
-programmatic dependent launch, see `kernels/pdl.py`): then a one-row product with float weights
-(batch-1 decode) streams the weight through the Triton gemv of `kernels.quant_gemm` instead. The
-choice is made per call, so a decode CUDA graph captured at batch 1 holds the gemv and the larger
-buckets hold cuBLAS.
+`kiln::linear`, `merged_linear`, `logits` and the ops that fuse a norm or a gated activation
+into the linear after it (`rms_norm_linear`, `add_rms_norm_linear`, `act_and_mul_linear`: the
+norm or activation kernel, then the linear) stay cuBLAS's (`F.linear`) unless
+`set_float_gemv(True)` (the engine's `compilation_config={"float_gemv": ...}`, on by default where
+kiln's kernels chain by programmatic dependent launch, see `kernels/pdl.py`): then a one-row
+product with float weights (batch-1 decode) streams the weight through the Triton gemv of
+`kernels.quant_gemm` instead, which for the fused ops normalizes or gates its input row itself
+(one launch). The choice is made per call, so a decode CUDA graph captured at batch 1 holds the gemv and
+the larger buckets hold cuBLAS.
 """
 
 from __future__ import annotations
@@ -124,6 +127,56 @@ def merged_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
     return linear(x, weight, ops._adjacent(biases) if biases else None, static_weight=static)
 
 
+# the longest row the gemv normalizes itself (its statistics loop is unrolled over the row's K steps)
+_NORM_GEMV_MAX_K = 16384
+
+
+def _norm_linear(x, residual, norm_weight, eps, weights, biases):
+    """(merged_linear(rms_norm(s)), s), s = x + residual or x: one gemv launch for a one-row step
+    the gemv takes, else the norm kernel and then the linear."""
+    weight = ops._adjacent(weights)
+    if _gemv_takes(x, weight) and norm_weight.dtype == x.dtype and x.shape[-1] <= _NORM_GEMV_MAX_K and (
+            residual is None or residual.dtype == x.dtype):
+        from kiln.codegen.kernels.quant_gemm import rms_norm_gemv
+
+        static = weight.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
+        return rms_norm_gemv(x, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
+                             static_weight=static)
+    from kiln.codegen.kernels import add_rms_norm, rms_norm
+
+    if residual is None:
+        return merged_linear(rms_norm(x, norm_weight, eps), weights, biases), None
+    normed, summed = add_rms_norm(x, residual, norm_weight, eps)
+    return merged_linear(normed, weights, biases), summed
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
+                    biases: list[torch.Tensor]) -> torch.Tensor:
+    return _norm_linear(x, None, norm_weight, eps, weights, biases)[0]
+
+
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_linear(x, residual, norm_weight, eps, weights, biases)
+
+
+def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Tensor],
+                       biases: list[torch.Tensor]) -> torch.Tensor:
+    """One gemv launch for a one-row step the gemv takes, else the activation kernel and then the
+    linear."""
+    weight = ops._adjacent(weights)
+    if _gemv_takes(x, weight) and x.shape[-1] == 2 * weight.shape[1]:
+        from kiln.codegen.kernels.quant_gemm import act_and_mul_gemv
+
+        static = weight.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
+        return act_and_mul_gemv(x, activation, weight, ops._adjacent(biases) if biases else None,
+                                static_weight=static)
+    from kiln.codegen.kernels import gelu_and_mul, silu_and_mul
+
+    gated = silu_and_mul(x) if activation == "silu" else gelu_and_mul(x, "tanh" if activation == "gelu_tanh" else "none")
+    return merged_linear(gated, weights, biases)
+
+
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
     return linear(hidden, lm_head).float()  # in the model dtype, then float32: the reference's rounding
 
@@ -156,6 +209,9 @@ def register_cuda_kernels() -> bool:
         "kiln::weight_only_linear": kernels.weight_only_linear,
         "kiln::linear": linear,
         "kiln::merged_linear": merged_linear,
+        "kiln::rms_norm_linear": rms_norm_linear,
+        "kiln::add_rms_norm_linear": add_rms_norm_linear,
+        "kiln::act_and_mul_linear": act_and_mul_linear,
         "kiln::logits": logits,
     }
     for name, fn in impls.items():

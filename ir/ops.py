@@ -137,6 +137,34 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
+@kiln_op("rms_norm_linear")
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
+                    biases: list[torch.Tensor]) -> torch.Tensor:
+    """merged_linear(rms_norm(x, norm_weight, eps), weights, biases): an RMSNorm whose output only
+    a linear reads, as one op (the fuse_norm_linear pass). On a GPU a one-row step runs it as one
+    gemv that normalizes its input row itself, so the normalized row never goes to memory."""
+    return merged_linear(_rms_norm(x, norm_weight, eps), weights, biases)
+
+
+@rms_norm_linear.register_fake
+def _(x, norm_weight, eps, weights, biases):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+@kiln_op("add_rms_norm_linear")
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm whose normalized output only a linear reads, with that linear: returns
+    (merged_linear(rms_norm(x + residual)), x + residual)."""
+    summed = x + residual
+    return merged_linear(_rms_norm(summed, norm_weight, eps), weights, biases), summed
+
+
+@add_rms_norm_linear.register_fake
+def _(x, residual, norm_weight, eps, weights, biases):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))), torch.empty_like(x)
+
+
 @kiln_op("layer_norm")
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x [..., E], weight [E], bias [E] or None -> [..., E] (statistics over the last dim)."""
@@ -194,6 +222,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @silu_and_mul.register_fake
 def _(x):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+_GATED = {"silu": lambda x: silu_and_mul(x), "gelu": lambda x: gelu_and_mul(x, "none"),
+          "gelu_tanh": lambda x: gelu_and_mul(x, "tanh")}
+
+
+@kiln_op("act_and_mul_linear")
+def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Tensor],
+                       biases: list[torch.Tensor]) -> torch.Tensor:
+    """merged_linear(silu_and_mul(x)) (activation "silu"), or of gelu_and_mul(x) ("gelu", "gelu_tanh"):
+    a gated activation whose output only a linear reads, as one op (the fuse_activation_linear
+    pass). On a GPU a one-row step runs it as one gemv that gates its input row itself."""
+    if activation not in _GATED:
+        raise ValueError(f"act_and_mul_linear: activation must be one of {sorted(_GATED)}, got {activation!r}")
+    return merged_linear(_GATED[activation](x), weights, biases)
+
+
+@act_and_mul_linear.register_fake
+def _(x, activation, weights, biases):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
 # ---------------------------------------------------------------- rotary position embedding

@@ -18,6 +18,8 @@ PIPELINE = [
     "fuse_activation",  # act(a) * b over the halves of one tensor -> silu_and_mul / gelu_and_mul
     "fuse_add_rms_norm",  # add then rms_norm -> add_rms_norm
     "fuse_quant",  # norm / activation feeding a per-token quantize -> one op that does both
+    "fuse_norm_linear",  # RMSNorm read only by a linear -> one op (a batch-1 gemv normalizes its row)
+    "fuse_activation_linear",  # gated activation read only by a linear -> one op (the gemv gates its row)
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
 ]
 

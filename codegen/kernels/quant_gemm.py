@@ -22,6 +22,10 @@ Two kernels, picked per call by `pick_config` from M (the tokens of the step):
   The step is purely memory bound (every weight byte is read once, nothing is reused), so the
   tiling exists to keep enough bytes in flight: a small BLOCK_N gives N / BLOCK_N programs, about
   4 per SM, each with a few KB outstanding, and split-K adds programs when N is small.
+  The gemv may also transform its input row first (a `Prologue`): an RMSNorm (with or without the
+  residual add, whose sum it stores; `rms_norm_gemv`) or a gated activation over a (gate, up)
+  row (`act_and_mul_gemv`). Each program reads the whole activation row anyway,
+  so the norm's statistics cost a few KB of L2 reads per program instead of a launch of their own.
 - "dot" (everything else): a tiled tl.dot GEMM with float32 (int32) accumulation, grouped
   program order for L2 reuse at large M, BLOCK_M = 16 and a narrow BLOCK_N with split-K for
   small M (decode batches: still weight-bandwidth bound), 128 x 128 tiles for prefill.
@@ -33,7 +37,7 @@ the last program to arrive at a per-tile counter summed the partials, gave wrong
 programs really ran concurrently on an H200; it is gone.)
 
 Block sizes are overridable: pass `config=GemmConfig(...)` (benchmarks/kernels.py --sweep does).
-The defaults are reasoned, not yet measured: see `pick_config`.
+The batch-1 defaults are measured (`_GEMV_TILES`); the others are reasoned: see `pick_config`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.codegen.kernels.activation import act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.quant import TL_DTYPES
 
@@ -90,30 +95,52 @@ def _num_sms(device: torch.device) -> int:
 SPLIT_K_BY_DEFAULT = False
 
 
-def pick_config(M: int, N: int, K: int, x_dtype: torch.dtype, num_sms: int = 132) -> GemmConfig:
-    """The tiling for an [M, K] x [N, K]^T product with 8-bit weights (x_dtype: the A operand's).
+# Batch-1 tiles (block_n, block_k, num_warps) by weight width and matrix role, measured on an H100
+# as chains of 8 launches with PDL (`benchmarks/kernels.py --sweep --sweep-chain 8`, Llama-3.2-1B
+# shapes; benchmarks/RESULTS.md): each was the best or within 3% of it. The tiles that win differ
+# by role, not by a rule of thumb on bytes: wide outputs (gate_up, lm_head) want many short
+# programs, long rows (down's K=8192) and small matrices (o) 2048-wide K steps.
+_GEMV_TILES = {
+    # 16-bit weights (float_linear)
+    (2, "vocab"): (4, 1024, 4), (2, "wide"): (4, 1024, 4), (2, "long"): (8, 2048, 8),
+    (2, "small"): (8, 2048, 8), (2, "narrow"): (8, 1024, 8),
+    # 8-bit weights (int8 and fp8 alike)
+    (1, "vocab"): (16, 256, 4), (1, "wide"): (16, 512, 8), (1, "long"): (4, 2048, 8),
+    (1, "small"): (4, 2048, 4), (1, "narrow"): (4, 1024, 4),
+}
 
-    M == 1 is weight streaming: tiles as the sweep below measured, and split K when even 4-row
-    tiles leave SMs idle (N < ~1K on an H100), never below 2 K-steps a split. M <= 16 is still bandwidth bound: 16-row dot tiles,
-    32-column tiles, split-K up to ~2 programs per SM. Larger M moves to compute-bound tiles
-    (64 x 128, then 128 x 128 with 8 warps); 8-bit A operands take twice the K per step.
+
+def _gemv_role(N: int, K: int) -> str:
+    if N >= 65536:
+        return "vocab"
+    if N >= 16384:
+        return "wide"
+    if K >= 8192:
+        return "long"
+    return "small" if N <= 2048 else "narrow"
+
+
+def pick_config(M: int, N: int, K: int, x_dtype: torch.dtype, num_sms: int = 132,
+                w_dtype: torch.dtype = torch.int8) -> GemmConfig:
+    """The tiling for an [M, K] x [N, K]^T product (x_dtype: the A operand's, w_dtype the weight's).
+
+    M == 1 is weight streaming: the measured `_GEMV_TILES`, and split K when even 4-row tiles leave
+    SMs idle (N < ~1K on an H100), never below 2 K-steps a split. M <= 16 is still bandwidth bound:
+    16-row dot tiles, 32-column tiles, split-K up to ~2 programs per SM. Larger M moves to
+    compute-bound tiles (64 x 128, then 128 x 128 with 8 warps); 8-bit A operands take twice the K
+    per step.
     """
     eight_bit_a = x_dtype in _QUANT_WEIGHT_DTYPES
     if M == 1:
-        # Measured on an H200 (benchmarks/kernels.py --sweep, Llama-3.2-1B shapes, int8 and fp8
-        # alike): wide matrices (gate_up, lm_head) stream best as 16-row tiles with 256-wide K
-        # steps; narrow ones (N <= 4K: qkv, o, down) as 4-row tiles with 1024-wide K steps, and a
-        # long K (down's 8192) split in two. The defaults before the sweep were 5-40% slower.
-        if N >= 16384:
-            block_n, block_k, split_k = 16, 256, 1
-        else:
-            block_n, block_k, split_k = 4, 1024, 2 if K >= 8192 else 1
+        width = 1 if w_dtype.itemsize == 1 else 2
+        block_n, block_k, num_warps = _GEMV_TILES[(width, _gemv_role(N, K))]
         block_k = min(block_k, triton.next_power_of_2(K))
+        split_k = 1
         programs = triton.cdiv(N, block_n)
         if programs < 2 * num_sms:  # too few rows to fill the SMs: split K as well
             split_k = max(split_k, min(triton.cdiv(4 * num_sms, programs), K // (2 * block_k)))
         split_k = split_k if SPLIT_K_BY_DEFAULT else 1
-        return GemmConfig("gemv", 1, block_n, block_k, split_k, num_warps=4, num_stages=3)
+        return GemmConfig("gemv", 1, block_n, block_k, split_k, num_warps=num_warps, num_stages=3)
     if M <= 16:
         block_k = 256 if K >= 256 else max(16, triton.next_power_of_2(K))
         tiles = triton.cdiv(N, 32)
@@ -214,13 +241,77 @@ def _gemv_product(acc, w, x, ACC_INT: tl.constexpr, W_INT8: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr):
+    if EVEN:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+# What the gemv does to its input row before the product (`Prologue.kind`, the PROLOGUE constexpr)
+NO_PROLOGUE, RMS_NORM, ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, GELU_TANH_AND_MUL = range(6)
+
+
+@triton.jit
+def _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE: tl.constexpr, EVEN: tl.constexpr):
+    """The row the norm reads at offs: x, or (ADD_RMS_NORM) x + residual rounded to x's dtype, as
+    add_rms_norm sums it."""
+    s = _load(x_ptr + offs, mask, EVEN)
+    if PROLOGUE == 2:
+        s = (s.to(tl.float32) + _load(res_ptr + offs, mask, EVEN).to(tl.float32)).to(s.dtype)
+    return s
+
+
+@triton.jit
+def _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, program, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr,
+               K_CHUNKS: tl.constexpr, EVEN: tl.constexpr):
+    """rsqrt(mean(s^2) + eps) over the whole row s; with a residual, the first program (`program`
+    == 0) also stores s (the op's second output). Every program reads the row (from L2: a few KB);
+    the chunks are unrolled so their loads are in flight together."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for c in tl.static_range(K_CHUNKS):
+        offs = c * BLOCK_K + rk
+        mask = offs < K
+        s = _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE, EVEN)
+        if PROLOGUE == 2:
+            tl.store(sum_ptr + offs, s, mask=mask & (rk * 0 + program == 0))
+        sf = s.to(tl.float32)
+        acc += sf * sf
+    return tl.rsqrt(tl.sum(acc, axis=0) / K + eps)
+
+
+@triton.jit
+def _gemv_input(x_ptr, res_ptr, g_ptr, offs, mask, K, rstd, PROLOGUE: tl.constexpr, EVEN: tl.constexpr):
+    """The activation chunk at offs, rounded as the ops it replaces round it: x; the RMSNorm of the
+    row (statistics in float32, the scale by the norm weight in the row's dtype); or act(gate) * up
+    of a row holding (gate, up), 2K wide (`act_and_mul`)."""
+    if PROLOGUE == 0:
+        x = _load(x_ptr + offs, mask, EVEN)
+    elif PROLOGUE <= 2:
+        s = _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE, EVEN)
+        y = (s.to(tl.float32) * rstd).to(s.dtype)
+        g = _load(g_ptr + offs, mask, EVEN)
+        x = (g.to(tl.float32) * y.to(tl.float32)).to(s.dtype)
+    else:
+        gate = _load(x_ptr + offs, mask, EVEN)
+        up = _load(x_ptr + K + offs, mask, EVEN)
+        x = act_and_mul(gate, up, PROLOGUE - 3)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr,
-    N, K, stride_wn, k_per_split, plane,
+    x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, res_ptr, g_ptr, sum_ptr,
+    N, K, stride_wn, k_per_split, plane, eps,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr, EARLY_W: tl.constexpr,
+    PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
 ):
+    """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
+    (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
+    up): act(gate) * up), see the constants above."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -229,41 +320,31 @@ def _gemv_kernel(
     wn = tl.minimum(rn, N - 1)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    w_ptrs = w_ptr + wn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
-    x_ptrs = x_ptr + k_lo + rk
+    offs = k_lo + rk
+    w_ptrs = w_ptr + wn[:, None].to(tl.int64) * stride_wn + offs[None, :]
     # The first K step is peeled: with EARLY_W its weight tile is loaded before waiting for the
     # previous kernel, so the stream starts while that kernel finishes (see pdl.py). Every split
     # has at least one step (the launcher makes no empty split).
     if not EARLY_W:
         wait_for_inputs(PDL)
-    if EVEN_K:
-        w = tl.load(w_ptrs)
-    else:
-        w = tl.load(w_ptrs, mask=((k_lo + rk) < K)[None, :], other=0.0)
+    w = _load(w_ptrs, (offs < K)[None, :], EVEN_K)
     if EARLY_W:
         wait_for_inputs(PDL)
-    if EVEN_K:
-        x = tl.load(x_ptrs)
-    else:
-        x = tl.load(x_ptrs, mask=(k_lo + rk) < K, other=0.0)
+    rstd = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid_n + pid_k, PROLOGUE, BLOCK_K, K_CHUNKS, EVEN_K)
+    x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
     if ACC_INT:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc = _gemv_product(acc, w, x, ACC_INT, W_INT8)
-    w_ptrs += BLOCK_K
-    x_ptrs += BLOCK_K
     for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            kmask = (k + rk) < K
-            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=kmask, other=0.0)
-        acc = _gemv_product(acc, w, x, ACC_INT, W_INT8)
+        offs = k + rk
         w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+        w = _load(w_ptrs, (offs < K)[None, :], EVEN_K)
+        x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+        acc = _gemv_product(acc, w, x, ACC_INT, W_INT8)
     total = tl.sum(acc, axis=1)[None, :]
     rm = tl.arange(0, 1)
     _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
@@ -337,14 +418,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+@dataclass
+class Prologue:
+    """What a gemv does to its one input row first (`rms_norm_gemv`, `act_and_mul_gemv`). kind:
+    RMS_NORM, ADD_RMS_NORM (x + residual, also stored to `summed`), or SILU_AND_MUL /
+    GELU_AND_MUL / GELU_TANH_AND_MUL (the row holds (gate, up), twice the weight's K)."""
+
+    kind: int
+    weight: torch.Tensor | None = None  # the norm's [K]
+    eps: float = 0.0
+    residual: torch.Tensor | None = None  # [1, K], unit last stride
+    summed: torch.Tensor | None = None  # [1, K], written
+
+    @property
+    def gated(self) -> bool:
+        return self.kind >= SILU_AND_MUL
+
+
 def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
-            static_weight: bool = True) -> torch.Tensor:
+            static_weight: bool = True, prologue: Prologue | None = None) -> torch.Tensor:
     """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias.
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
-    not made by a kernel of the forward (see early_w below)."""
-    M, K = x2.shape
-    N = wq.shape[0]
+    not made by a kernel of the forward (see early_w below). prologue: what the gemv does to x2
+    first (a gated one reads x2 [1, 2K])."""
+    M, N, K = x2.shape[0], wq.shape[0], wq.shape[1]
+    if x2.shape[1] != (2 * K if prologue is not None and prologue.gated else K):
+        raise ValueError(f"input of shape {tuple(x2.shape)} for a weight of shape {tuple(wq.shape)}")
     out = torch.empty((M, N), dtype=out_dtype, device=x2.device)
     if M == 0 or N == 0:
         return out
@@ -364,9 +464,11 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         x_scale = x_scale.reshape(-1).float().contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    cfg = config or pick_config(M, N, K, x2.dtype, _num_sms(x2.device))
+    cfg = config or pick_config(M, N, K, x2.dtype, _num_sms(x2.device), wq.dtype)
     if cfg.kernel == "gemv" and M != 1:
         raise ValueError(f"the gemv kernel takes one row, got M={M} (config {cfg})")
+    if prologue is not None and cfg.kernel != "gemv":
+        raise ValueError(f"a prologue needs the gemv kernel, got {cfg}")
     acc_int = x2.dtype == torch.int8 and wq.dtype == torch.int8
     block_k = cfg.block_k
     k_steps = triton.cdiv(K, block_k)
@@ -387,9 +489,13 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
     if cfg.kernel == "gemv":
+        pro = prologue or Prologue(NO_PROLOGUE)
         _gemv_kernel[(grid_n, split_k)](
-            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, N, K, wq.stride(0), k_per_split, M * N,
-            ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"], **common,
+            x2, wq, w_scale, x_scale_arg, bias_arg, out, part,
+            *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
+            N, K, wq.stride(0), k_per_split, M * N, pro.eps,
+            ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
+            PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) else 1, **common,
         )
     else:
         _dot_kernel[(tiles, split_k)](
@@ -422,6 +528,14 @@ def weight_only_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
 _unit_scales: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
+def _unit_scale(w: torch.Tensor) -> torch.Tensor:
+    """A float weight's per-channel scale: ones, made once per (device, rows)."""
+    key = (w.device, w.shape[0])
+    if key not in _unit_scales:
+        _unit_scales[key] = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+    return _unit_scales[key]
+
+
 def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                  config: GemmConfig | None = None, static_weight: bool = True) -> torch.Tensor:
     """F.linear(x, w, bias) for float weights (w in x's dtype) through the same Triton kernels, a
@@ -431,10 +545,46 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     static_weight=False: w is made by the forward itself (see `_linear`)."""
     if x.dtype not in TL_DTYPES or w.dtype != x.dtype:
         raise TypeError(f"float_linear: x and w must share a float dtype, got {x.dtype} and {w.dtype}")
-    key = (w.device, w.shape[0])
-    if key not in _unit_scales:
-        _unit_scales[key] = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
-    out = _linear(_rows(x), w, _unit_scales[key], None, bias, x.dtype, config, static_weight)
+    out = _linear(_rows(x), w, _unit_scale(w), None, bias, x.dtype, config, static_weight)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  w: torch.Tensor, bias: torch.Tensor | None = None, config: GemmConfig | None = None,
+                  static_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One row: (F.linear(rms_norm(s), w, bias), s or None), s = x + residual (or x without one),
+    as `kiln::rms_norm_linear` / `add_rms_norm_linear` compute them, in one gemv launch that
+    normalizes its input row itself. x, residual, norm_weight and w share one float dtype."""
+    K = x.shape[-1]
+    if x.numel() != K:
+        raise ValueError(f"rms_norm_gemv takes one row, got x of shape {tuple(x.shape)}")
+    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight, w)):
+        raise TypeError(f"rms_norm_gemv: x, residual, norm_weight and w must share a float dtype, got {x.dtype}, "
+                        f"{None if residual is None else residual.dtype}, {norm_weight.dtype} and {w.dtype}")
+    summed = torch.empty_like(x) if residual is not None else None
+    prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
+                        _rows(residual) if residual is not None else None,
+                        summed.view(1, K) if summed is not None else None)
+    out = _linear(_rows(x), w, _unit_scale(w), None, bias, x.dtype, config, static_weight, prologue)
+    return out.reshape(*x.shape[:-1], w.shape[0]), summed
+
+
+_GATED = {"silu": SILU_AND_MUL, "gelu": GELU_AND_MUL, "gelu_tanh": GELU_TANH_AND_MUL}
+
+
+def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: torch.Tensor | None = None,
+                     config: GemmConfig | None = None, static_weight: bool = True) -> torch.Tensor:
+    """One row x [..., 2F] holding (gate, up): F.linear(act(gate) * up, w, bias), as
+    `kiln::act_and_mul_linear` computes it, in one gemv launch that gates its input row itself.
+    activation: "silu", "gelu" or "gelu_tanh"; x and w [N, F] share one float dtype."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"act_and_mul_gemv takes one row, got x of shape {tuple(x.shape)}")
+    if activation not in _GATED:
+        raise ValueError(f"act_and_mul_gemv: activation must be one of {sorted(_GATED)}, got {activation!r}")
+    if x.dtype not in TL_DTYPES or w.dtype != x.dtype:
+        raise TypeError(f"act_and_mul_gemv: x and w must share a float dtype, got {x.dtype} and {w.dtype}")
+    out = _linear(_rows(x), w, _unit_scale(w), None, bias, x.dtype, config, static_weight,
+                  Prologue(_GATED[activation]))
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

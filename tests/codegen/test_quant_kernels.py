@@ -258,6 +258,105 @@ def test_float_gemv_dispatch(device, close):
         triton_ops.set_float_gemv(False)
 
 
+NORM_GEMV_CASES = [
+    (40, 64, None),
+    (33, 96, GemmConfig("gemv", 1, 4, 32)),  # three K steps, rows past N
+    (24, 200, GemmConfig("gemv", 1, 8, 64, split_k=2)),  # uneven K, split: each split normalizes the whole row
+]
+
+
+@pytest.mark.parametrize("has_residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K, config", NORM_GEMV_CASES)
+def test_rms_norm_gemv(N, K, config, dtype, has_residual, device, poisoned, close):
+    """The gemv that normalizes its row first: the sum as the reference's, the output against
+    float64 F.linear of the reference op's normalized row (rounded as rms_norm rounds it)."""
+    from kiln.ir import ops
+
+    x = torch.randn(1, K, device=device).to(dtype)
+    residual = torch.randn(1, K, device=device).to(dtype) if has_residual else None
+    g = (torch.rand(K, device=device) + 0.5).to(dtype)
+    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    out, summed = poisoned(quant_gemm.rms_norm_gemv, x, residual, g, 1e-6, w, bias, config=config)
+    s = x + residual if has_residual else x
+    if has_residual:
+        close(summed, s)
+    else:
+        assert summed is None
+    truth = torch.nn.functional.linear(ops.rms_norm(s, g, 1e-6).double(), w.double(), bias.double())
+    assert out.dtype == dtype
+    close(out, truth, dtype=dtype)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K, config", NORM_GEMV_CASES)
+def test_act_and_mul_gemv(N, K, config, dtype, activation, device, poisoned, close):
+    """The gemv that gates its row first (x holds (gate, up)): against float64 F.linear of the
+    reference gated activation (rounded as its op rounds it)."""
+    from kiln.ir import ops
+
+    x = torch.randn(1, 2 * K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    out = poisoned(quant_gemm.act_and_mul_gemv, x, activation, w, bias, config=config)
+    gated = ops.silu_and_mul(x) if activation == "silu" else ops.gelu_and_mul(x, "tanh" if activation == "gelu_tanh" else "none")
+    assert out.dtype == dtype
+    close(out, torch.nn.functional.linear(gated.double(), w.double(), bias.double()), dtype=dtype)
+    with pytest.raises(ValueError, match="input of shape"):
+        quant_gemm.act_and_mul_gemv(x[:, :K], activation, w)
+    with pytest.raises(ValueError, match="activation must be"):
+        quant_gemm.act_and_mul_gemv(x, "relu", w)
+
+
+def test_rms_norm_gemv_checks(device):
+    w, g = torch.randn(8, 32, device=device), torch.ones(32, device=device)
+    with pytest.raises(ValueError, match="one row"):
+        quant_gemm.rms_norm_gemv(torch.randn(2, 32, device=device), None, g, 1e-6, w)
+    with pytest.raises(TypeError, match="share a float dtype"):
+        quant_gemm.rms_norm_gemv(torch.randn(1, 32, device=device), None, g.to(torch.bfloat16), 1e-6, w)
+
+
+def test_norm_linear_dispatch(device, close):
+    """With set_float_gemv(True) the CUDA implementations of rms_norm_linear / add_rms_norm_linear /
+    act_and_mul_linear send a one-row bfloat16 step to the normalizing (gating) gemv and several
+    rows to the norm (activation) kernel and the linear; both match the reference ops."""
+    from kiln.ir import ops
+
+    calls = []
+    real, real_act = quant_gemm.rms_norm_gemv, quant_gemm.act_and_mul_gemv
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    def spy_act(*args, **kwargs):
+        calls.append(("act", args[0].shape[0]))
+        return real_act(*args, **kwargs)
+
+    bf16 = torch.bfloat16
+    g = (torch.rand(64, device=device) + 0.5).to(bf16)
+    weights = [(torch.randn(n, 64, device=device) * 0.125).to(bf16) for n in (24, 40)]
+    try:
+        quant_gemm.rms_norm_gemv, quant_gemm.act_and_mul_gemv = spy, spy_act
+        triton_ops.set_float_gemv(True)
+        for rows in (1, 3):
+            x, r = (torch.randn(rows, 64, device=device).to(bf16) for _ in range(2))
+            close(triton_ops.rms_norm_linear(x, g, 1e-5, weights, []), ops.rms_norm_linear(x, g, 1e-5, weights, []))
+            out, summed = triton_ops.add_rms_norm_linear(x, r, g, 1e-5, weights, [])
+            ref, ref_sum = ops.add_rms_norm_linear(x, r, g, 1e-5, weights, [])
+            close(out, ref)
+            close(summed, ref_sum)
+            gate_up = torch.randn(rows, 128, device=device).to(bf16)
+            close(triton_ops.act_and_mul_linear(gate_up, "silu", weights, []),
+                  ops.act_and_mul_linear(gate_up, "silu", weights, []))
+        assert calls == [1, 1, ("act", 1)]
+    finally:
+        quant_gemm.rms_norm_gemv, quant_gemm.act_and_mul_gemv = real, real_act
+        triton_ops.set_float_gemv(False)
+
+
 def test_weight_only_linear_leading_dims_and_float16(device, poisoned, close):
     """[..., K] in, [..., N] out; float16 activations take the int8 -> float16 exponent trick."""
     wq, w_scale = Q.quantize_weight(torch.randn(24, 80, device=device), "int8")
@@ -371,6 +470,9 @@ def test_pick_config_buckets():
     sms = 132
     big = quant_gemm.pick_config(1, 16384, 2048, torch.bfloat16, sms)
     assert big.kernel == "gemv" and big.split_k == 1 and big.block_n == 16
+    float_down = quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.bfloat16)
+    assert (float_down.block_n, float_down.block_k, float_down.num_warps) == (8, 2048, 8)
+    assert quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.int8).block_n == 4
     small_n = quant_gemm.pick_config(1, 512, 4096, torch.bfloat16, sms)
     assert small_n.kernel == "gemv" and (small_n.split_k > 1) == quant_gemm.SPLIT_K_BY_DEFAULT
     assert quant_gemm.pick_config(8, 2048, 2048, torch.bfloat16, sms).block_m == 16

@@ -152,3 +152,55 @@ def test_rotary_cache_write_fusion_keeps_outputs_and_cache():
     assert caches["eager"][0].abs().sum() > 0
     assert count(graphs[0], "rotary") == 0 and count(graphs[0], "rotary_kv_write") == 1
     assert next(graphs[0].calls("attention")).kwargs.get("kv_written") is True
+
+
+class NormLinearBlock(nn.Module):
+    """A residual add + RMSNorm read only by sibling linears (merged by merge_linears), then a
+    plain RMSNorm read only by one biased linear, a norm read by two ops (not fused), and gated
+    activations (silu, gelu tanh) each read only by a linear."""
+
+    adjacent_weights = (("a", "b"),)
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, 8, bias=False), nn.Linear(d, 8, bias=False)
+        self.c = nn.Linear(16, d)
+        self.d, self.e = nn.Linear(8, 4), nn.Linear(8, 4, bias=False)
+        self.g1, self.g2, self.g3 = (nn.Parameter(torch.rand(d) + 0.5) for _ in range(3))
+
+    def forward(self, x, residual):
+        normed, summed = ops.add_rms_norm(x, residual, self.g1, 1e-6)
+        ab = torch.cat([ops.linear(normed, self.a.weight), ops.linear(normed, self.b.weight)], -1)
+        out = ops.linear(ops.rms_norm(ab, self.g2, 1e-6), self.c.weight, self.c.bias)
+        shared = ops.rms_norm(out + summed, self.g3, 1e-6)
+        gated = ops.linear(ops.silu_and_mul(ab), self.d.weight, self.d.bias)
+        gelu = ops.linear(ops.gelu_and_mul(ab, "tanh"), self.e.weight)
+        return out, summed, ops.linear(shared, self.a.weight) + shared[..., :8], gated, gelu
+
+
+def test_norm_and_activation_linear_fusions_keep_the_numbers():
+    torch._dynamo.reset()
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = NormLinearBlock().eval()
+    lay_out_adjacent(block)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(run_passes(Graph(gm, example_inputs), ["merge_linears", "noop_elimination",
+                                                             "fuse_norm_linear", "fuse_activation_linear"]))
+        return graphs[-1].gm.forward
+
+    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randn(3, 16), torch.randn(3, 16))
+        x, r = torch.randn(5, 16), torch.randn(5, 16)
+        for a, b in zip(block(x, r), compiled(x, r)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    graph = graphs[0]
+    assert count(graph, "add_rms_norm_linear") == 1 and count(graph, "add_rms_norm") == 0
+    assert count(graph, "rms_norm_linear") == 1 and count(graph, "rms_norm") == 1  # the shared one stays
+    assert count(graph, "merged_linear") == 0 and count(graph, "linear") == 1
+    fused = next(graph.calls("add_rms_norm_linear"))
+    assert len(fused.args[4]) == 2  # both sibling weights, one matrix
+    assert [n.args[1] for n in graph.calls("act_and_mul_linear")] == ["silu", "gelu_tanh"]
+    assert count(graph, "silu_and_mul") == 0 and count(graph, "gelu_and_mul") == 0
