@@ -131,50 +131,75 @@ def merged_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
 _NORM_GEMV_MAX_K = 16384
 
 
-def _norm_linear(x, residual, norm_weight, eps, weights, biases):
-    """(merged_linear(rms_norm(s)), s), s = x + residual or x: one gemv launch for a one-row step
-    the gemv takes, else the norm kernel and then the linear."""
+def _fused_gemv_weight(x: torch.Tensor, weights: list[torch.Tensor], w_scale: torch.Tensor | None,
+                       k: int) -> tuple[torch.Tensor | None, bool]:
+    """(the one matrix, whether it is static) when a fused op's one-row step `x` goes to the gemv
+    with a prologue, else (None, False). k: the row width the gemv reads for the weight's K.
+    8-bit weights (w_scale given) always do, as `weight_only_linear` runs the gemv at one row; float
+    ones where `set_float_gemv` sends one-row linears to it."""
     weight = ops._adjacent(weights)
-    if _gemv_takes(x, weight) and norm_weight.dtype == x.dtype and x.shape[-1] <= _NORM_GEMV_MAX_K and (
-            residual is None or residual.dtype == x.dtype):
+    one_row = x.numel() == x.shape[-1] == k
+    if w_scale is not None:
+        takes = one_row and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and weight.stride(-1) == 1
+    else:
+        takes = one_row and _gemv_takes(x, weight)
+    static = weight.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
+    return (weight, static) if takes else (None, False)
+
+
+def _then_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                 w_scale: torch.Tensor | None) -> torch.Tensor:
+    """The unfused path's linear: merged_linear, or the weight-only GEMM of one 8-bit weight."""
+    if w_scale is None:
+        return merged_linear(x, weights, biases)
+    from kiln.codegen.kernels import weight_only_linear
+
+    return weight_only_linear(x, weights[0], w_scale, biases[0] if biases else None)
+
+
+def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale):
+    """(linear(rms_norm(s)), s), s = x + residual or x: one gemv launch for a one-row step the
+    gemv takes, else the norm kernel and then the linear."""
+    same = norm_weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+    weight, static = _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1])
+    if weight is not None and same and x.shape[-1] <= _NORM_GEMV_MAX_K:
         from kiln.codegen.kernels.quant_gemm import rms_norm_gemv
 
-        static = weight.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
         return rms_norm_gemv(x, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
-                             static_weight=static)
+                             static_weight=static, w_scale=w_scale)
     from kiln.codegen.kernels import add_rms_norm, rms_norm
 
     if residual is None:
-        return merged_linear(rms_norm(x, norm_weight, eps), weights, biases), None
+        return _then_linear(rms_norm(x, norm_weight, eps), weights, biases, w_scale), None
     normed, summed = add_rms_norm(x, residual, norm_weight, eps)
-    return merged_linear(normed, weights, biases), summed
+    return _then_linear(normed, weights, biases, w_scale), summed
 
 
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
-                    biases: list[torch.Tensor]) -> torch.Tensor:
-    return _norm_linear(x, None, norm_weight, eps, weights, biases)[0]
+                    biases: list[torch.Tensor], w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _norm_linear(x, None, norm_weight, eps, weights, biases, w_scale)[0]
 
 
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                        weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _norm_linear(x, residual, norm_weight, eps, weights, biases)
+                        weights: list[torch.Tensor], biases: list[torch.Tensor],
+                        w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
 
 
 def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Tensor],
-                       biases: list[torch.Tensor]) -> torch.Tensor:
+                       biases: list[torch.Tensor], w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One gemv launch for a one-row step the gemv takes, else the activation kernel and then the
     linear."""
-    weight = ops._adjacent(weights)
-    if _gemv_takes(x, weight) and x.shape[-1] == 2 * weight.shape[1]:
+    weight, static = _fused_gemv_weight(x, weights, w_scale, 2 * weights[0].shape[1])
+    if weight is not None:
         from kiln.codegen.kernels.quant_gemm import act_and_mul_gemv
 
-        static = weight.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
         return act_and_mul_gemv(x, activation, weight, ops._adjacent(biases) if biases else None,
-                                static_weight=static)
+                                static_weight=static, w_scale=w_scale)
     from kiln.codegen.kernels import gelu_and_mul, silu_and_mul
 
     gated = silu_and_mul(x) if activation == "silu" else gelu_and_mul(x, "tanh" if activation == "gelu_tanh" else "none")
-    return merged_linear(gated, weights, biases)
+    return _then_linear(gated, weights, biases, w_scale)
 
 
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:

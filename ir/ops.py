@@ -137,31 +137,44 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
+def _fused_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                  w_scale: torch.Tensor | None) -> torch.Tensor:
+    """The linear a fused op ends with: merged_linear of float weights, or (w_scale given) the
+    weight-only GEMM of one 8-bit weight (`quant_ops.weight_only_linear`)."""
+    if w_scale is None:
+        return merged_linear(x, weights, biases)
+    from kiln.ir.quant_ops import weight_only_linear
+
+    return weight_only_linear(x, weights[0], w_scale, biases[0] if biases else None)
+
+
 @kiln_op("rms_norm_linear")
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
-                    biases: list[torch.Tensor]) -> torch.Tensor:
+                    biases: list[torch.Tensor], w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """merged_linear(rms_norm(x, norm_weight, eps), weights, biases): an RMSNorm whose output only
-    a linear reads, as one op (the fuse_norm_linear pass). On a GPU a one-row step runs it as one
-    gemv that normalizes its input row itself, so the normalized row never goes to memory."""
-    return merged_linear(_rms_norm(x, norm_weight, eps), weights, biases)
+    a linear reads, as one op (the fuse_norm_linear pass). With w_scale, the linear is the
+    weight-only GEMM of weights[0] (8-bit) instead. On a GPU a one-row step runs it as one gemv
+    that normalizes its input row itself, so the normalized row never goes to memory."""
+    return _fused_linear(_rms_norm(x, norm_weight, eps), weights, biases, w_scale)
 
 
 @rms_norm_linear.register_fake
-def _(x, norm_weight, eps, weights, biases):
+def _(x, norm_weight, eps, weights, biases, w_scale=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
 @kiln_op("add_rms_norm_linear")
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                        weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """add_rms_norm whose normalized output only a linear reads, with that linear: returns
-    (merged_linear(rms_norm(x + residual)), x + residual)."""
+                        weights: list[torch.Tensor], biases: list[torch.Tensor],
+                        w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm whose normalized output only a linear reads, with that linear (as in
+    rms_norm_linear): returns (linear(rms_norm(x + residual)), x + residual)."""
     summed = x + residual
-    return merged_linear(_rms_norm(summed, norm_weight, eps), weights, biases), summed
+    return _fused_linear(_rms_norm(summed, norm_weight, eps), weights, biases, w_scale), summed
 
 
 @add_rms_norm_linear.register_fake
-def _(x, residual, norm_weight, eps, weights, biases):
+def _(x, residual, norm_weight, eps, weights, biases, w_scale=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))), torch.empty_like(x)
 
 
@@ -230,17 +243,18 @@ _GATED = {"silu": lambda x: silu_and_mul(x), "gelu": lambda x: gelu_and_mul(x, "
 
 @kiln_op("act_and_mul_linear")
 def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Tensor],
-                       biases: list[torch.Tensor]) -> torch.Tensor:
+                       biases: list[torch.Tensor], w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """merged_linear(silu_and_mul(x)) (activation "silu"), or of gelu_and_mul(x) ("gelu", "gelu_tanh"):
     a gated activation whose output only a linear reads, as one op (the fuse_activation_linear
-    pass). On a GPU a one-row step runs it as one gemv that gates its input row itself."""
+    pass); with w_scale, the weight-only GEMM of weights[0] (8-bit). On a GPU a one-row step runs
+    it as one gemv that gates its input row itself."""
     if activation not in _GATED:
         raise ValueError(f"act_and_mul_linear: activation must be one of {sorted(_GATED)}, got {activation!r}")
-    return merged_linear(_GATED[activation](x), weights, biases)
+    return _fused_linear(_GATED[activation](x), weights, biases, w_scale)
 
 
 @act_and_mul_linear.register_fake
-def _(x, activation, weights, biases):
+def _(x, activation, weights, biases, w_scale=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 

@@ -1,6 +1,6 @@
 """A gated activation into the linear that reads it: `silu_and_mul` / `gelu_and_mul` whose output
-only a `linear` or `merged_linear` reads becomes one `act_and_mul_linear` with it (a Llama MLP's
-down projection).
+only a `linear`, `merged_linear` or `weight_only_linear` reads becomes one `act_and_mul_linear`
+with it (a Llama MLP's down projection).
 
 Same numbers everywhere (the op's reference is the two ops in a row). What it buys is on the GPU:
 a batch-1 step's gemv computes act(gate) * up from the gate/up projection's output as it streams
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ir.graph import Graph, is_kiln_op
-from kiln.passes.fuse_norm_linear import linear_reading, weights_and_biases
+from kiln.passes.fuse_norm_linear import linear_args, linear_reading
 
 NAME = "fuse_activation_linear"
 
@@ -31,9 +31,10 @@ def run(graph: Graph) -> Graph:
             activation = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
             if activation is None:
                 continue
-        weights, biases = weights_and_biases(linear)
+        weights, biases, w_scale = linear_args(linear)
         with g.inserting_before(linear):
-            fused = g.call_function(torch.ops.kiln.act_and_mul_linear.default, (act.args[0], activation, weights, biases))
+            fused = g.call_function(torch.ops.kiln.act_and_mul_linear.default,
+                                    (act.args[0], activation, weights, biases, w_scale))
         fused.meta["example_value"] = linear.meta.get("example_value")
         linear.replace_all_uses_with(fused)
     return graph.finish()

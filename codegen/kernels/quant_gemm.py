@@ -549,23 +549,36 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+def _check_weight(name: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
+    """The per-channel scale of a prologue gemv's weight: w in x's dtype (scale 1), or with
+    w_scale an 8-bit one (weight-only)."""
+    if w_scale is None and w.dtype != x.dtype:
+        raise TypeError(f"{name}: a float w must have x's dtype {x.dtype}, got {w.dtype}")
+    if w_scale is not None and w.dtype not in _QUANT_WEIGHT_DTYPES:
+        raise TypeError(f"{name}: with w_scale, w must be int8 or float8_e4m3fn, got {w.dtype}")
+    return _unit_scale(w) if w_scale is None else w_scale
+
+
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                   w: torch.Tensor, bias: torch.Tensor | None = None, config: GemmConfig | None = None,
-                  static_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  static_weight: bool = True, w_scale: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One row: (F.linear(rms_norm(s), w, bias), s or None), s = x + residual (or x without one),
     as `kiln::rms_norm_linear` / `add_rms_norm_linear` compute them, in one gemv launch that
-    normalizes its input row itself. x, residual, norm_weight and w share one float dtype."""
+    normalizes its input row itself. x, residual, norm_weight share one float dtype; w has it too,
+    or is 8-bit with its per-channel w_scale [N] (weight-only)."""
     K = x.shape[-1]
     if x.numel() != K:
         raise ValueError(f"rms_norm_gemv takes one row, got x of shape {tuple(x.shape)}")
-    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight, w)):
-        raise TypeError(f"rms_norm_gemv: x, residual, norm_weight and w must share a float dtype, got {x.dtype}, "
-                        f"{None if residual is None else residual.dtype}, {norm_weight.dtype} and {w.dtype}")
+    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight)):
+        raise TypeError(f"rms_norm_gemv: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
+                        f"{None if residual is None else residual.dtype} and {norm_weight.dtype}")
+    scale = _check_weight("rms_norm_gemv", x, w, w_scale)
     summed = torch.empty_like(x) if residual is not None else None
     prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
                         _rows(residual) if residual is not None else None,
                         summed.view(1, K) if summed is not None else None)
-    out = _linear(_rows(x), w, _unit_scale(w), None, bias, x.dtype, config, static_weight, prologue)
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue)
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 
 
@@ -573,18 +586,20 @@ _GATED = {"silu": SILU_AND_MUL, "gelu": GELU_AND_MUL, "gelu_tanh": GELU_TANH_AND
 
 
 def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: torch.Tensor | None = None,
-                     config: GemmConfig | None = None, static_weight: bool = True) -> torch.Tensor:
+                     config: GemmConfig | None = None, static_weight: bool = True,
+                     w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One row x [..., 2F] holding (gate, up): F.linear(act(gate) * up, w, bias), as
     `kiln::act_and_mul_linear` computes it, in one gemv launch that gates its input row itself.
-    activation: "silu", "gelu" or "gelu_tanh"; x and w [N, F] share one float dtype."""
+    activation: "silu", "gelu" or "gelu_tanh"; w [N, F] in x's float dtype, or 8-bit with its
+    per-channel w_scale [N] (weight-only)."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"act_and_mul_gemv takes one row, got x of shape {tuple(x.shape)}")
     if activation not in _GATED:
         raise ValueError(f"act_and_mul_gemv: activation must be one of {sorted(_GATED)}, got {activation!r}")
-    if x.dtype not in TL_DTYPES or w.dtype != x.dtype:
-        raise TypeError(f"act_and_mul_gemv: x and w must share a float dtype, got {x.dtype} and {w.dtype}")
-    out = _linear(_rows(x), w, _unit_scale(w), None, bias, x.dtype, config, static_weight,
-                  Prologue(_GATED[activation]))
+    if x.dtype not in TL_DTYPES:
+        raise TypeError(f"act_and_mul_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
+    scale = _check_weight("act_and_mul_gemv", x, w, w_scale)
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, Prologue(_GATED[activation]))
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

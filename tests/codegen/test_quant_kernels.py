@@ -265,49 +265,61 @@ NORM_GEMV_CASES = [
 ]
 
 
+def prologue_weight(N, K, dtype, kind, device):
+    """(w, w_scale, its float64 value): float weights in dtype, or 8-bit ones (weight-only)."""
+    w = torch.randn(N, K, device=device) * K ** -0.5
+    if kind is None:
+        return w.to(dtype), None, w.to(dtype).double()
+    wq, w_scale = Q.quantize_weight(w, kind)
+    return wq, w_scale, Q.dequantize_weight(wq, w_scale).double()
+
+
+@pytest.mark.parametrize("kind", [None, "int8", "fp8"])
 @pytest.mark.parametrize("has_residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K, config", NORM_GEMV_CASES)
-def test_rms_norm_gemv(N, K, config, dtype, has_residual, device, poisoned, close):
-    """The gemv that normalizes its row first: the sum as the reference's, the output against
-    float64 F.linear of the reference op's normalized row (rounded as rms_norm rounds it)."""
+def test_rms_norm_gemv(N, K, config, dtype, has_residual, kind, device, poisoned, close):
+    """The gemv that normalizes its row first, with float or 8-bit weights: the sum as the
+    reference's, the output against float64 F.linear of the reference op's normalized row
+    (rounded as rms_norm rounds it)."""
     from kiln.ir import ops
 
     x = torch.randn(1, K, device=device).to(dtype)
     residual = torch.randn(1, K, device=device).to(dtype) if has_residual else None
     g = (torch.rand(K, device=device) + 0.5).to(dtype)
-    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    w, w_scale, w64 = prologue_weight(N, K, dtype, kind, device)
     bias = torch.randn(N, device=device).to(dtype)
-    out, summed = poisoned(quant_gemm.rms_norm_gemv, x, residual, g, 1e-6, w, bias, config=config)
+    out, summed = poisoned(quant_gemm.rms_norm_gemv, x, residual, g, 1e-6, w, bias, config=config, w_scale=w_scale)
     s = x + residual if has_residual else x
     if has_residual:
         close(summed, s)
     else:
         assert summed is None
-    truth = torch.nn.functional.linear(ops.rms_norm(s, g, 1e-6).double(), w.double(), bias.double())
+    truth = torch.nn.functional.linear(ops.rms_norm(s, g, 1e-6).double(), w64, bias.double())
     assert out.dtype == dtype
     close(out, truth, dtype=dtype)
 
 
+@pytest.mark.parametrize("kind", [None, "int8", "fp8"])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K, config", NORM_GEMV_CASES)
-def test_act_and_mul_gemv(N, K, config, dtype, activation, device, poisoned, close):
-    """The gemv that gates its row first (x holds (gate, up)): against float64 F.linear of the
-    reference gated activation (rounded as its op rounds it)."""
+def test_act_and_mul_gemv(N, K, config, dtype, activation, kind, device, poisoned, close):
+    """The gemv that gates its row first (x holds (gate, up)), with float or 8-bit weights:
+    against float64 F.linear of the reference gated activation (rounded as its op rounds it)."""
     from kiln.ir import ops
 
     x = torch.randn(1, 2 * K, device=device).to(dtype)
-    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    w, w_scale, w64 = prologue_weight(N, K, dtype, kind, device)
     bias = torch.randn(N, device=device).to(dtype)
-    out = poisoned(quant_gemm.act_and_mul_gemv, x, activation, w, bias, config=config)
+    out = poisoned(quant_gemm.act_and_mul_gemv, x, activation, w, bias, config=config, w_scale=w_scale)
     gated = ops.silu_and_mul(x) if activation == "silu" else ops.gelu_and_mul(x, "tanh" if activation == "gelu_tanh" else "none")
     assert out.dtype == dtype
-    close(out, torch.nn.functional.linear(gated.double(), w.double(), bias.double()), dtype=dtype)
+    close(out, torch.nn.functional.linear(gated.double(), w64, bias.double()), dtype=dtype)
     with pytest.raises(ValueError, match="input of shape"):
-        quant_gemm.act_and_mul_gemv(x[:, :K], activation, w)
+        quant_gemm.act_and_mul_gemv(x[:, :K], activation, w, w_scale=w_scale)
     with pytest.raises(ValueError, match="activation must be"):
-        quant_gemm.act_and_mul_gemv(x, "relu", w)
+        quant_gemm.act_and_mul_gemv(x, "relu", w, w_scale=w_scale)
 
 
 def test_rms_norm_gemv_checks(device):
@@ -316,6 +328,10 @@ def test_rms_norm_gemv_checks(device):
         quant_gemm.rms_norm_gemv(torch.randn(2, 32, device=device), None, g, 1e-6, w)
     with pytest.raises(TypeError, match="share a float dtype"):
         quant_gemm.rms_norm_gemv(torch.randn(1, 32, device=device), None, g.to(torch.bfloat16), 1e-6, w)
+    with pytest.raises(TypeError, match="int8 or float8_e4m3fn"):
+        quant_gemm.rms_norm_gemv(torch.randn(1, 32, device=device), None, g, 1e-6, w, w_scale=torch.ones(8))
+    with pytest.raises(TypeError, match="must have x's dtype"):
+        quant_gemm.act_and_mul_gemv(torch.randn(1, 64, device=device), "silu", w.to(torch.bfloat16))
 
 
 def test_norm_linear_dispatch(device, close):
@@ -352,6 +368,22 @@ def test_norm_linear_dispatch(device, close):
             close(triton_ops.act_and_mul_linear(gate_up, "silu", weights, []),
                   ops.act_and_mul_linear(gate_up, "silu", weights, []))
         assert calls == [1, 1, ("act", 1)]
+        # 8-bit weights (weight-only) go to the gemv at one row whatever set_float_gemv says, as
+        # weight_only_linear does; against float64 with the exactly dequantized weight (the
+        # reference op rounds it to bf16 first)
+        triton_ops.set_float_gemv(False)
+        wq, ws = Q.quantize_weight(torch.randn(24, 64, device=device) * 0.125, "int8")
+        w64 = Q.dequantize_weight(wq, ws).double()
+        calls.clear()
+        for rows in (1, 3):
+            x, r = (torch.randn(rows, 64, device=device).to(bf16) for _ in range(2))
+            out, summed = triton_ops.add_rms_norm_linear(x, r, g, 1e-5, [wq], [], ws)
+            close(out, torch.nn.functional.linear(ops.rms_norm(x + r, g, 1e-5).double(), w64), dtype=bf16)
+            close(summed, x + r)
+            gate_up = torch.randn(rows, 128, device=device).to(bf16)
+            close(triton_ops.act_and_mul_linear(gate_up, "silu", [wq], [], ws),
+                  torch.nn.functional.linear(ops.silu_and_mul(gate_up).double(), w64), dtype=bf16)
+        assert calls == [1, ("act", 1)]
     finally:
         quant_gemm.rms_norm_gemv, quant_gemm.act_and_mul_gemv = real, real_act
         triton_ops.set_float_gemv(False)

@@ -59,19 +59,43 @@ def ops_in(graph: Graph) -> list[str]:
     return [str(n.target).split(".")[1] for n in graph.calls()]
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_weight_only_equals_the_dequantized_model(kind):
+def weight_only_outputs(names: list[str], kind: str):
+    """A fresh block compiled through `names` with weight-only `kind`: (its graph, its outputs on
+    random inputs, the outputs of the same block with every weight replaced by its dequantized
+    value)."""
     block = fresh_block()
-    compiled, graphs = compile_block(block, ["merge_linears", "quantize"], scheme=f"{kind}_weight_only")
+    compiled, graphs = compile_block(block, names, scheme=f"{kind}_weight_only")
     x, r = torch.randn(7, 32), torch.randn(7, 32)
     with torch.no_grad():
         got = compiled(x, r)
-        # the same block with every weight replaced by its dequantized value
         for p in (block.q.weight, block.k.weight, block.v.weight, block.gate_up, block.down):
             p.copy_(dequantize_weight(*quantize_weight(p, kind)))
-        want = block(x, r)
-    assert "linear" not in ops_in(graphs[0]) and "merged_linear" not in ops_in(graphs[0])
-    assert ops_in(graphs[0]).count("weight_only_linear") == 3  # qkv (merged), gate_up, down
+        return graphs[0], got, block(x, r)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_weight_only_equals_the_dequantized_model(kind):
+    graph, got, want = weight_only_outputs(["merge_linears", "quantize"], kind)
+    assert "linear" not in ops_in(graph) and "merged_linear" not in ops_in(graph)
+    assert ops_in(graph).count("weight_only_linear") == 3  # qkv (merged), gate_up, down
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_weight_only_linears_take_the_norm_and_activation_fusions(kind):
+    """The whole pipeline: each weight-only GEMM folds the norm or activation before it (its scale
+    the fused op's w_scale; the 8-bit constants the quantize pass put after the add + norm are
+    moved up), and the numbers stay the dequantized model's."""
+    from kiln.passes import PIPELINE
+
+    graph, got, want = weight_only_outputs(PIPELINE, kind)
+    names = ops_in(graph)
+    assert "weight_only_linear" not in names and "rms_norm" not in names and "silu_and_mul" not in names
+    fused = [n for n in graph.calls() if str(n.target).split(".")[1].endswith("_linear")]
+    assert sorted(str(n.target).split(".")[1] for n in fused) == [
+        "act_and_mul_linear", "add_rms_norm_linear", "rms_norm_linear"]
+    assert all(n.args[-1] is not None for n in fused)  # each with its weight's scale
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,64 @@
+"""Compile kernels for an H100 (sm_90) with the installed Triton, no GPU needed: Triton's own
+ptxas turns each variant into a cubin, so a variant the interpreter runs but the compiler rejects
+(Triton 3.6 once refused an int32 branch written as early returns) fails here, on a CPU. Run by
+test_compile_sm90.py in a subprocess (TRITON_INTERPRET=0: under the interpreter `triton.jit`
+makes no compilable function); also by hand with another Triton, e.g. the GPU machines' 3.6:
+
+    TRITON_INTERPRET=0 python tests/codegen/sm90_compile.py
+
+Prints one line per variant and exits non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kiln.codegen.kernels import quant_gemm
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False) -> None:
+    """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
+    "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load."""
+    out_ty = "bf16" if x_ty == "i8" else x_ty
+    sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
+           "bias_ptr": f"*{out_ty}", "out_ptr": f"*{out_ty}", "part_ptr": "*fp32", "res_ptr": f"*{x_ty}",
+           "g_ptr": f"*{x_ty}", "sum_ptr": f"*{x_ty}", "N": "i32", "K": "i32", "stride_wn": "i32",
+           "k_per_split": "i32", "plane": "i32", "eps": "fp32"}
+    consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=8, BLOCK_K=1024,
+                  SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2)
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    names = list(sig)
+    src = ASTSource(fn=quant_gemm._gemv_kernel, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=SM90, options={"num_warps": 8, "num_stages": 3})
+    assert kernel.asm["cubin"], "no cubin"
+
+
+def variants() -> list[tuple]:
+    out = [(x, x, p, early) for x in ("bf16", "fp16") for p in range(6) for early in (False, True)]
+    out += [("bf16", w, p, True) for w in ("i8", "fp8e4nv") for p in range(6)]
+    out += [("i8", "i8", quant_gemm.NO_PROLOGUE, True, True)]  # W8A8 int8: int32 accumulation
+    return out
+
+
+def main() -> int:
+    failed = 0
+    for case in variants():
+        try:
+            compile_gemv(*case)
+            print("ok", case)
+        except Exception as e:  # noqa: BLE001 (report every variant, then fail)
+            failed += 1
+            print("FAILED", case, f"{type(e).__name__}: {str(e)[:500]}")
+    print(f"triton {triton.__version__}: {len(variants()) - failed} of {len(variants())} compiled for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
