@@ -20,13 +20,16 @@ bandwidth (GB/s counts the bytes read: 8-bit weights, scales, activations, plus 
 next to bf16 F.linear on the same shape (its own row, and 'x' = bf16 time / quantized time); and
 scaled_linear fp8 (torch._scaled_mm and the Triton fallback) and int8 at M=1 and M=4096, with
 TFLOP/s. `--sweep` instead times every weight-only tiling of a grid per shape and M (CUDA
-graphs, L2 flushed, each output checked) and prints the best few against the default.
+graphs, L2 flushed, each output checked) and prints the best few against the default;
+`--sweep-chain N` times each as N launches back to back over N weight copies, per launch, so
+each overlaps the previous one's tail (PDL) as in a decode step (the defaults were chosen so).
 
     python benchmarks/kernels.py                 # everything, bfloat16
     python benchmarks/kernels.py --only attention --dtype float16
     python benchmarks/kernels.py --only quant
     python benchmarks/kernels.py --sweep --sweep-m 1,16 --sweep-kinds int8 --sweep-shapes qkv,down
     python benchmarks/kernels.py --sweep --sweep-kinds bf16      # the gemv on float weights vs cuBLAS
+    python benchmarks/kernels.py --sweep --sweep-kinds bf16,int8,fp8 --sweep-chain 8
 """
 
 from __future__ import annotations
