@@ -549,7 +549,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _check_weight(name: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
+def _weight_scale(name: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
     """The per-channel scale of a prologue gemv's weight: w in x's dtype (scale 1), or with
     w_scale an 8-bit one (weight-only)."""
     if w_scale is None and w.dtype != x.dtype:
@@ -573,7 +573,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight)):
         raise TypeError(f"rms_norm_gemv: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
                         f"{None if residual is None else residual.dtype} and {norm_weight.dtype}")
-    scale = _check_weight("rms_norm_gemv", x, w, w_scale)
+    scale = _weight_scale("rms_norm_gemv", x, w, w_scale)
     summed = torch.empty_like(x) if residual is not None else None
     prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
                         _rows(residual) if residual is not None else None,
@@ -598,7 +598,7 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
         raise ValueError(f"act_and_mul_gemv: activation must be one of {sorted(_GATED)}, got {activation!r}")
     if x.dtype not in TL_DTYPES:
         raise TypeError(f"act_and_mul_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
-    scale = _check_weight("act_and_mul_gemv", x, w, w_scale)
+    scale = _weight_scale("act_and_mul_gemv", x, w, w_scale)
     out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, Prologue(_GATED[activation]))
     return out.reshape(*x.shape[:-1], w.shape[0])
 
