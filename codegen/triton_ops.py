@@ -196,10 +196,9 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
 
         return act_and_mul_gemv(x, activation, weight, ops._adjacent(biases) if biases else None,
                                 static_weight=static, w_scale=w_scale)
-    from kiln.codegen.kernels import gelu_and_mul, silu_and_mul
+    from kiln.codegen.kernels.activation import act_and_mul_by_name
 
-    gated = silu_and_mul(x) if activation == "silu" else gelu_and_mul(x, "tanh" if activation == "gelu_tanh" else "none")
-    return _then_linear(gated, weights, biases, w_scale)
+    return _then_linear(act_and_mul_by_name(x, activation), weights, biases, w_scale)
 
 
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:

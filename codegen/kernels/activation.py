@@ -15,6 +15,8 @@ import triton.language as tl
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 _ACT_SILU, _ACT_GELU, _ACT_GELU_TANH = 0, 1, 2
+# the gated activations by name (as `kiln::act_and_mul_linear` names them) -> `act_and_mul`'s ACT
+ACTIVATIONS = {"silu": _ACT_SILU, "gelu": _ACT_GELU, "gelu_tanh": _ACT_GELU_TANH}
 _BLOCK = 1024
 
 
@@ -62,6 +64,11 @@ def _launch(x: torch.Tensor, act: int) -> torch.Tensor:
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2F] holding (gate, up) -> silu(gate) * up, [..., F]."""
     return _launch(x, _ACT_SILU)
+
+
+def act_and_mul_by_name(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """x [..., 2F] holding (gate, up) -> act(gate) * up, act one of ACTIVATIONS."""
+    return _launch(x, ACTIVATIONS[activation])
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

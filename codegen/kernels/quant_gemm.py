@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.codegen.kernels.activation import act_and_mul
+from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.quant import TL_DTYPES
 
@@ -249,7 +249,8 @@ def _load(ptrs, mask, EVEN: tl.constexpr):
     return v
 
 
-# What the gemv does to its input row before the product (`Prologue.kind`, the PROLOGUE constexpr)
+# What the gemv does to its input row before the product (`Prologue.kind`, the PROLOGUE constexpr);
+# the gated ones in `activation.ACTIVATIONS`' order, from SILU_AND_MUL on
 NO_PROLOGUE, RMS_NORM, ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, GELU_TANH_AND_MUL = range(6)
 
 
@@ -582,9 +583,6 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 
 
-_GATED = {"silu": SILU_AND_MUL, "gelu": GELU_AND_MUL, "gelu_tanh": GELU_TANH_AND_MUL}
-
-
 def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: torch.Tensor | None = None,
                      config: GemmConfig | None = None, static_weight: bool = True,
                      w_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -594,12 +592,12 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
     per-channel w_scale [N] (weight-only)."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"act_and_mul_gemv takes one row, got x of shape {tuple(x.shape)}")
-    if activation not in _GATED:
-        raise ValueError(f"act_and_mul_gemv: activation must be one of {sorted(_GATED)}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"act_and_mul_gemv: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if x.dtype not in TL_DTYPES:
         raise TypeError(f"act_and_mul_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
     scale = _weight_scale("act_and_mul_gemv", x, w, w_scale)
-    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, Prologue(_GATED[activation]))
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, Prologue(SILU_AND_MUL + ACTIVATIONS[activation]))
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
