@@ -4,7 +4,7 @@ per step against wall time per step), and each kernel of the step in launch orde
 time and the idle gap before it (from the profiler's trace; the gap is what one kernel's launch
 and ramp-up cost inside the graph). A diagnostic companion to decode_latency.py.
 
-    python benchmarks/profile_decode.py [--quantization int8_weight_only] [--async-scheduling]
+    python benchmarks/profile_decode.py [--quantization int8_weight_only] [--async-scheduling] [--host-only]
 """
 
 from __future__ import annotations
@@ -69,6 +69,58 @@ def kernel_table(trace_path: str, marker: str = "argmax") -> None:
           f"the device idle {between[len(between) // 2] if between else float('nan'):.1f} us between steps")
 
 
+def host_phases(llm, prompt, params, steps: int) -> None:
+    """The host's turn of a decode step, by phase (mean us a step, no profiler): the engine's
+    methods are wrapped with timers for one generate call. "waits" is the time spent blocked on the
+    device (the previous step's tokens); the rest of a step is host work the device must hide."""
+    from kiln.runtime import model_runner
+
+    engine = llm.llm_engine
+    totals: dict[str, float] = collections.defaultdict(float)
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[label] += time.perf_counter() - t
+        setattr(owner, name, wrapper)
+        return fn
+
+    runner = engine.runner
+    originals = [(engine, "step", timed(engine, "step", "step (all)")),
+                 (engine.scheduler, "schedule", timed(engine.scheduler, "schedule", "schedule")),
+                 (runner, "execute", timed(runner, "execute", "execute (inputs + replay)")),
+                 (runner, "compute_logits", timed(runner, "compute_logits", "compute_logits")),
+                 (engine.sampler, "tokens", timed(engine.sampler, "tokens", "sampler.tokens")),
+                 (engine, "_collect", timed(engine, "_collect", "collect (waits included)"))]
+    if runner.decode_graphs is not None:
+        originals.append((runner.decode_graphs, "stage", timed(runner.decode_graphs, "stage", "  of which stage")))
+        for graph in runner.decode_graphs.graphs.values():
+            originals.append((graph, "replay", timed(graph, "replay", "  of which replay")))
+    token_ids = model_runner.PendingTokens.token_ids
+    timed(model_runner.PendingTokens, "token_ids", "  of which waits")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    try:
+        sync()
+        t0 = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        sync()
+        wall = time.perf_counter() - t0
+    finally:
+        model_runner.PendingTokens.token_ids = token_ids
+        for owner, name, _ in originals:
+            delattr(owner, name)  # the instance attribute shadowed the class's method
+    print(f"host phases, us a step (wall {wall / steps * 1e6:.1f} us a step):")
+    for label, total in totals.items():
+        print(f"  {label:28} {total / steps * 1e6:8.1f}")
+    busy = totals["step (all)"] - totals["  of which waits"]
+    print(f"  {'host busy (step - waits)':28} {busy / steps * 1e6:8.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quantization", default=None)
@@ -76,6 +128,7 @@ def main() -> None:
     p.add_argument("--async-scheduling", action="store_true")
     p.add_argument("--cublas", action="store_true", help="compilation_config float_gemv=False (cuBLAS at batch 1)")
     p.add_argument("--no-pdl", action="store_true", help="compilation_config pdl=False")
+    p.add_argument("--host-only", action="store_true", help="only the host's phases (no profilers)")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="kiln-prof-")
     path = build_checkpoint(tmp.name, "LlamaForCausalLM", dtype="bfloat16", tokenizer=train_tokenizer(),
@@ -88,6 +141,10 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
     llm.generate(prompt, params, use_tqdm=False)
 
+    if args.host_only:
+        host_phases(llm, prompt, params, args.steps)
+        host_phases(llm, prompt, params, args.steps)
+        return
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     llm.generate(prompt, params, use_tqdm=False)
@@ -103,6 +160,8 @@ def main() -> None:
     trace = os.path.join(tmp.name, "trace.json")
     prof.export_chrome_trace(trace)
     kernel_table(trace)
+
+    host_phases(llm, prompt, params, args.steps)
 
     profile = cProfile.Profile()
     profile.enable()

@@ -277,10 +277,13 @@ class LLMEngine:
             # all_reduces recorded into the graphs (NCCL captures); rank 0 captures its own shard's
             # forward, not the one that also sends the step to the workers
             forward = getattr(self.runner, "shard_forward", self.runner.forward)
+            # the graphs compute the logits too, except under tensor parallelism (rank 0 gathers
+            # them from the workers outside the graphs)
+            logits = self.runner.logits if self.tp is None else None
             graphs = DecodeGraphs(forward, self.runner.kv_caches, self.config.block_size,
                                   -(-self.max_model_len // self.config.block_size), self.runner.num_blocks,
                                   self.config.max_num_seqs, self.device, self.runner.cross_kv_caches,
-                                  self.runner.kv_scales)
+                                  self.runner.kv_scales, logits)
             start = time.perf_counter()
             with self.tp.step() if self.tp is not None else contextlib.nullcontext():
                 graphs.capture()
@@ -655,7 +658,8 @@ class LLMEngine:
             hidden, rows = self.runner.execute(step)
             logit_rows = rows.logit_rows
             logits = self.runner.compute_logits(hidden, logit_rows, rows.device_rows) if logit_rows else None
-            sampled = self.sampler(logits[:len(rows.sample)], [r for r, _ in rows.sample]) if rows.sample else None
+            sampled = self.sampler(logits[:len(rows.sample)], [r for r, _ in rows.sample],
+                                   self.runner.captured_greedy(logits)) if rows.sample else None
         except Exception as e:
             self._fail_step([req for req, _ in step.scheduled], e)
 
@@ -713,8 +717,8 @@ class LLMEngine:
             hidden, rows = self.runner.execute(step, previous)
             sample = [r for r, _ in rows.sample]
             index = rows.device_rows[:len(sample)] if rows.device_rows is not None else None
-            tokens = self.sampler.tokens(self.runner.compute_logits(hidden, [row for _, row in rows.sample], index),
-                                         sample) if sample else None
+            logits = self.runner.compute_logits(hidden, [row for _, row in rows.sample], index) if sample else None
+            tokens = self.sampler.tokens(logits, sample, self.runner.captured_greedy(logits)) if sample else None
         except Exception as e:
             self._inflight = None
             self._fail_step([req for req, _ in step.scheduled] + list(previous.index if previous is not None else ()), e)

@@ -241,10 +241,16 @@ class ModelRunner:
         if len(rows) == len(hidden) and rows == list(range(len(rows))):
             # every row (a decode step): no index to copy to the device, a copy that would wait
             # for the forward to finish before the host could queue the logits and the sampler
-            return self.logits(hidden)
+            captured = self.decode_graphs.logits_of(hidden) if self.decode_graphs is not None else None
+            return captured if captured is not None else self.logits(hidden)
         if index is None:
             index = _staged(hidden.device, [rows])[0]
         return self.logits(hidden[index])
+
+    def captured_greedy(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The greedy tokens a decode graph computed with these logits (`compute_logits` returned
+        its captured ones), else None."""
+        return self.decode_graphs.greedy_of(logits) if self.decode_graphs is not None else None
 
     @torch.inference_mode()
     def execute_pooling(self, step: SchedulerOutput) -> tuple[torch.Tensor, PoolingBatch]:

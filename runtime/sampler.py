@@ -86,11 +86,13 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits [B, V] float32, one row per request."""
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 greedy: torch.Tensor | None = None) -> SamplerOutput:
+        """logits [B, V] float32, one row per request; `greedy`: their argmax, when already
+        computed (see `tokens`)."""
         want_logprobs = any(r.logprobs is not None for r in requests)
         raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
-        tokens = self.tokens(logits, requests)
+        tokens = self.tokens(logits, requests, greedy)
         token_list = tokens.tolist()
         if raw_logprobs is None:
             return SamplerOutput(token_list, None, None, None)
@@ -105,9 +107,11 @@ class Sampler:
                 topk[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
         return SamplerOutput(token_list, chosen[:, 0].tolist(), ranks.tolist(), topk)
 
-    def tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def tokens(self, logits: torch.Tensor, requests: list[Request],
+               greedy: torch.Tensor | None = None) -> torch.Tensor:
         """The sampled token of each row, [B] int64 on the logits' device, not read back (async
-        scheduling feeds it to the next step on the device)."""
+        scheduling feeds it to the next step on the device). `greedy`: the argmax of `logits`
+        when already computed (a decode CUDA graph's), used unless this batch edits the logits."""
         B, V = logits.shape
         device = logits.device
         params = [r.params for r in requests]
@@ -137,7 +141,7 @@ class Sampler:
                 torch.tensor([p.frequency_penalty for p in params], device=device),
                 torch.tensor([p.presence_penalty for p in params], device=device))
 
-        tokens = greedy_tokens(logits)
+        tokens = greedy if greedy is not None and not edits else greedy_tokens(logits)
         if not all(p.greedy for p in params):
             greedy = torch.tensor([p.greedy for p in params], device=device)
             temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)

@@ -56,3 +56,30 @@ def test_async_tokens_are_filled_into_the_staged_ids_that_the_graph_copies_in():
     g.run([11, -1, 13], [7, 3, 9], [29, 14, 37], [[7], [3], [8]], [8, 4, 10],
           fill=(torch.tensor([40, 41]), [1], [1]))
     assert g.input_ids[:4].tolist() == [11, 41, 13, 0]
+
+
+class _Replay:
+    """Stands in for a captured graph on CPU: counts its replays."""
+
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+@torch.inference_mode()
+def test_run_hands_over_the_logits_and_argmax_its_graph_computed():
+    g = _graphs()
+    g.graphs[2], g.outputs[2] = _Replay(), torch.randn(3, 4)
+    g.captured_logits[2] = (torch.randn(3, 5), torch.tensor([4, 0, 1]))
+    hidden = g.run([1, 2], [0, 0], [4, 5], [[1], [1]], [1, 1])
+    assert g.graphs[2].replays == 1 and hidden.shape == (2, 4)
+    logits = g.logits_of(hidden)
+    assert torch.equal(logits, g.captured_logits[2][0][:2])
+    assert g.greedy_of(logits).tolist() == [4, 0]
+    # other tensors, even equal ones, are not this replay's
+    assert g.logits_of(hidden.clone()) is None and g.greedy_of(logits.clone()) is None
+    # a bucket captured without logits hands over none
+    g.graphs[1], g.outputs[1] = _Replay(), torch.randn(2, 4)
+    assert g.logits_of(g.run([3], [1], [6], [[1]], [2])) is None

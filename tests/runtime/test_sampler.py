@@ -50,6 +50,21 @@ def test_greedy_picks_argmax_and_ignores_global_rng():
     assert a == b == logits.argmax(-1).tolist()
 
 
+def test_a_given_argmax_serves_plain_greedy_rows_and_edited_rows_recompute_it():
+    """A decode CUDA graph hands over the argmax it computed with the logits: the sampler takes it
+    for greedy rows, and recomputes it once penalties or min_tokens edit the logits."""
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0], [0.0, 1.0, 2.0, 0.5]])
+    captured = torch.tensor([0, 2])
+    plain = [_req(SamplingParams(temperature=0.0), rid=str(i)) for i in range(2)]
+    # a stand-in argmax that is not the logits' shows which one the sampler returned
+    assert Sampler()(logits, plain, torch.tensor([3, 3])).token_ids == [3, 3]
+    assert Sampler()(logits, plain, captured).token_ids == [0, 2]
+    penalised = [_req(SamplingParams(temperature=0.0, repetition_penalty=1.1), prompt=[0], rid="a"), plain[1]]
+    assert Sampler()(logits, penalised, torch.tensor([0, 2])).token_ids == [1, 2]
+    min_tokens = [_req(SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[0]), rid="b"), plain[1]]
+    assert Sampler()(logits, min_tokens, torch.tensor([0, 2])).token_ids == [1, 2]
+
+
 def test_temperature_near_zero_is_greedy():
     logits = _logits(B=32, seed=2)
     for t in (0.0, 1e-6):
