@@ -11,7 +11,10 @@ On a Hopper GPU the one-row linears (and logits) run kiln's Triton gemv, chained
 kernels by programmatic dependent launch; `--cublas` adds a bf16 row with them on cuBLAS
 (`compilation_config={"float_gemv": False}`), and `--compare-pdl` adds the bf16 rows again with
 kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` adds a bf16 row with
-the host's work overlapped with the device's (and runs the quantized rows so).
+the host's work overlapped with the device's (and runs the quantized rows so); `--compare-attention`
+adds async bf16 rows with rotary fused into the decode attention kernel or not (the
+fuse_rotary_attention pass) and the attention's splits merged by the kernel itself or by a second
+launch (`decode_attention.MERGE_IN_KERNEL`).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -23,6 +26,7 @@ their scales, and whatever stays bf16: norms, and the output projection unless
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import tempfile
 import time
@@ -32,7 +36,11 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
+from kiln.passes import PIPELINE
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
+
+# (the kernels package re-exports the launcher under the module's name)
+decode_kernels = importlib.import_module("kiln.codegen.kernels.decode_attention")
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, max_position_embeddings=2048, tie_word_embeddings=True, head_dim=64,
@@ -109,6 +117,9 @@ def main() -> None:
                    help="add a bf16 row whose batch-1 linears run cuBLAS instead of kiln's Triton gemv")
     p.add_argument("--compare-pdl", action="store_true",
                    help="add bf16 rows with programmatic dependent launch off (compilation_config pdl=False)")
+    p.add_argument("--compare-attention", action="store_true",
+                   help="add async bf16 rows: rotary fused into decode attention or not, splits merged in the "
+                        "attention kernel or by a second one")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--async-scheduling", action="store_true",
                    help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
@@ -130,12 +141,18 @@ def main() -> None:
     variants += [("bf16 cuBLAS", {"float_gemv": False})] if args.cublas else []
     if args.compare_pdl:
         variants += [(f"{name}, no PDL", {**kw, "pdl": False}) for name, kw in list(variants)]
+    if args.compare_attention:
+        unfused = [name for name in PIPELINE if name != "fuse_rotary_attention"]
+        variants += [(f"async, rotary {'fused' if fused else 'apart'}, merge {'in kernel' if here else 'kernel'}",
+                      {"async_scheduling": True, "merge_in_kernel": here, **({} if fused else {"passes": unfused})})
+                     for fused in (True, False) for here in (True, False)]
     variants += [(scheme, {"quantization": scheme, "async_scheduling": args.async_scheduling})
                  for scheme in filter(None, args.quantization.split(","))]
     for name, kwargs in variants:
         kwargs = dict(kwargs)
         options = {"quantize_lm_head": args.quantize_lm_head,
-                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl") if key in kwargs}}
+                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl", "passes") if key in kwargs}}
+        decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)  # (read while the graphs capture)
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)
 

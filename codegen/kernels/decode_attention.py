@@ -20,6 +20,7 @@ scales applied once per score and once per output row, not per element.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -28,7 +29,32 @@ import triton.language as tl
 from kiln.codegen.kernels.attention_common import (
     block_dim, check_cache, dot_precision, dot_upcast, load_paged, log2_scores, mma,
 )
+from kiln.codegen.kernels.kv_cache import fp8_flags, to_cache
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+from kiln.codegen.kernels.rotary import rope_rows
+
+
+@triton.jit
+def _new_kv(kn_ptr, vn_ptr, k_cache_ptr, v_cache_ptr, slot, kvh, cs_row, kn_stride_h, vn_stride_h, kc_stride_b, kc_stride_s,
+            kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, block_size, D, DV, k_scale, v_scale,
+            HALF: tl.constexpr, IS_NEOX: tl.constexpr, KV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """This step's key of kv head kvh, rotated, and its value, converted as the cache holds them
+    ([1, BLOCK_D] and [1, BLOCK_DV]); written into the caches at `slot` unless it is negative (a
+    padding row), as `rotary_kv_cache` writes them."""
+    one = tl.arange(0, 1)
+    k = to_cache(rope_rows(kn_ptr, kvh + one, kn_stride_h, one == 0, cs_row, D, HALF, IS_NEOX, BLOCK_D),
+                 k_cache_ptr, k_scale, KV_FP8, EXACT_ROUND)
+    dv = tl.arange(0, BLOCK_DV)
+    v = to_cache(tl.load(vn_ptr + kvh * vn_stride_h + dv[None, :], mask=(dv < DV)[None, :], other=0.0),
+                 v_cache_ptr, v_scale, KV_FP8, EXACT_ROUND)
+    if slot >= 0:
+        d = tl.arange(0, BLOCK_D)
+        kc = k_cache_ptr + (slot // block_size) * kc_stride_b + (slot % block_size) * kc_stride_s + kvh * kc_stride_h
+        tl.store(kc + d[None, :], k, mask=(d < D)[None, :])
+        vc = v_cache_ptr + (slot // block_size) * vc_stride_b + (slot % block_size) * vc_stride_s + kvh * vc_stride_h
+        tl.store(vc + dv[None, :], v, mask=(dv < DV)[None, :])
+    return k, v
 
 
 @triton.jit
@@ -36,9 +62,11 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
     part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale,
-    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    kn_ptr, vn_ptr, pos_ptr, cs_ptr, slot_ptr, kn_stride_b, kn_stride_h, vn_stride_b, vn_stride_h, cs_stride, k_scale,
+    counter_ptr, NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ROPE: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr, EXACT_ROUND: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -61,8 +89,18 @@ def _decode_kernel(
     d_mask = d < D
     dv = tl.arange(0, BLOCK_DV)
     dv_mask = dv < DV
-    q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    key_end = end
+    if ROPE:
+        # q and this step's k and v come as the projections made them: q is rotated here, and the
+        # split holding the query's own position takes the new key and value from registers
+        # after its loop (and writes them into the cache), so nothing waits for a store to land
+        cs_row = cs_ptr + tl.load(pos_ptr + b).to(tl.int64) * cs_stride
+        q = rope_rows(q_ptr + b * q_stride_b, heads, q_stride_h, g_mask, cs_row, D, HALF, IS_NEOX, BLOCK_D)
+        owner = (start < seq_len) & (seq_len <= end)
+        key_end = tl.where(owner, seq_len - 1, end)
+    else:
+        q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if not KV_FP8:  # (fp8 keys and values are converted to q's dtype instead)
         q = q.to(k_cache_ptr.dtype.element_ty)
     table_row = tables_ptr + b * table_stride
@@ -72,9 +110,9 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, key_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < end
+        n_mask = n < key_end
         k = load_paged(k_cache_ptr, table_row, n, n_mask, kvh, kc_stride_b, kc_stride_s, kc_stride_h, d, d_mask,
                        block_size)
         if KV_FP8:  # k_scale is folded into `scale` by the launcher
@@ -94,6 +132,22 @@ def _decode_kernel(
             v = v.to(q.dtype)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
+    if ROPE:
+        if owner:  # the query's own key and value, one more (last) key of the online softmax
+            k, v = _new_kv(kn_ptr + b * kn_stride_b, vn_ptr + b * vn_stride_b, k_cache_ptr, v_cache_ptr,
+                           tl.load(slot_ptr + b).to(tl.int64), kvh, cs_row, kn_stride_h, vn_stride_h, kc_stride_b,
+                           kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, block_size, D, DV,
+                           k_scale, v_scale, HALF, IS_NEOX, KV_FP8, EXACT_ROUND, BLOCK_D, BLOCK_DV)
+            if KV_FP8:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            # (ALiBi adds slope * 0 here: the key sits at the query's position)
+            s_new = log2_scores(tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1), scale, soft_cap, HAS_SOFT_CAP)
+            m_new = tl.maximum(m_i, s_new)
+            p = tl.exp2(s_new - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+            m_i = m_new
     if KV_FP8:  # the weighted sum of v / v_scale, times v_scale
         acc = acc * v_scale
 
@@ -113,6 +167,45 @@ def _decode_kernel(
         tl.store(part_acc_ptr + row[:, None] * DV + dv[None, :], acc, mask=g_mask[:, None] & dv_mask[None, :])
         tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+        if MERGE_HERE:
+            # The last split of this (sequence, kv head) to finish merges them all: every thread's
+            # stores above, then (barrier) one thread's acq_rel count; the last program's loads
+            # come after its own count, through L2 (.cg), as a CUTLASS semaphore hands over tiles.
+            tl.debug_barrier()
+            counter = counter_ptr + b * (H // GROUP) + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, b * H + heads, g_mask, dv, dv_mask,
+                             H, DV, NUM_SPLITS, HAS_SINKS)
+                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
+
+
+@triton.jit
+def _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, bh, bh_mask, dv, dv_mask, H, DV,
+                 NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """out rows bh [R] (sequence * H + head) from their NUM_SPLITS partial (acc, m, l), as
+    `_merge_kernel` merges one."""
+    m_max = tl.full(bh.shape, float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (bh * NUM_SPLITS + s) * 2, mask=bh_mask, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + bh % H, mask=bh_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty
+    l_tot = tl.zeros(bh.shape, tl.float32)
+    acc = tl.zeros((bh.shape[0], dv.shape[0]), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        row = bh * NUM_SPLITS + s
+        m = tl.load(part_ml_ptr + row * 2, mask=bh_mask, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(m - m_max)
+        l_tot += w * tl.load(part_ml_ptr + row * 2 + 1, mask=bh_mask, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(part_acc_ptr + row[:, None] * DV + dv[None, :],
+                                    mask=bh_mask[:, None] & dv_mask[None, :], other=0.0, cache_modifier=".cg")
+    if HAS_SINKS:
+        l_tot += tl.exp2(sink - m_max)
+    l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
+    tl.store(out_ptr + bh[:, None] * DV + dv[None, :], (acc / l_tot[:, None]).to(out_ptr.dtype.element_ty),
+             mask=bh_mask[:, None] & dv_mask[None, :])
 
 
 @triton.jit
@@ -151,6 +244,25 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Whether several splits merge in the decode kernel itself by default (benchmarks/decode_latency.py
+# --compare-attention times both).
+MERGE_IN_KERNEL = True
+
+# Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
+# program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
+# buffer made while capturing would be the graph's, and a capture first runs the same step eagerly.
+_counter_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor | None:
+    buf = _counter_buffers.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _counter_buffers[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
     """Enough splits for about four programs per multiprocessor, each at least one key tile long.
     A function of shapes only, so a CUDA-graph bucket always launches the same grid. (Measured on
@@ -162,18 +274,37 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n:
     return max(1, min(want, triton.cdiv(max_context, block_n), 32))
 
 
+@dataclass
+class Rope:
+    """What `decode_attention` does first when given one (`kiln::rotary_attention`'s decode step):
+    rotate q, and rotate this step's keys k [B, Hkv, D] and write them with the values v
+    [B, Hkv, Dv] into the caches at slot_mapping [B] (negative: skipped), as `rotary_kv_cache`
+    does; positions [B], cos_sin_cache [max_positions, rotary_dim] float32 and is_neox as `rotary`."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    is_neox: bool
+    slot_mapping: torch.Tensor
+
+
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, sliding_window: int = 0, soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, rope: Rope | None = None, merge_in_kernel: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
     it, block_n, num_warps and num_stages are tuning knobs that leave the result unchanged.
     k_scale / v_scale: an fp8 cache's scales (unused by other caches). alibi_slopes [H] float32:
-    ALiBi, slope * (k_pos - q_pos) added to the scores."""
+    ALiBi, slope * (k_pos - q_pos) added to the scores. rope: q and this step's k are not rotated
+    yet, and k / v not in the cache (see `Rope`): the kernel does both on its way in.
+    merge_in_kernel: with several splits, the last of each (sequence, kv head) merges them (one
+    launch); False, or no counters to be had (see `_counters`), launches the merge kernel after.
+    None: MERGE_IN_KERNEL."""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -205,17 +336,30 @@ def decode_attention(
     kc, vc = k_cache.stride(), v_cache.stride()
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     compute = q.dtype if fp8 else k_cache.dtype  # the dtype the dots multiply in
+    if rope is not None:
+        k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (rope.k, rope.v))
+        cs = rope.cos_sin_cache if rope.cos_sin_cache.stride(-1) == 1 else rope.cos_sin_cache.contiguous()
+        rope_args = (k_new, v_new, rope.positions, cs, rope.slot_mapping, k_new.stride(0), k_new.stride(1),
+                     v_new.stride(0), v_new.stride(1), cs.stride(0))
+        half = cs.shape[-1] // 2
+    else:
+        rope_args, half = (q, q, seq_lens, q, seq_lens, 0, 0, 0, 0, 0), 0  # unused
+    if merge_in_kernel is None:
+        merge_in_kernel = MERGE_IN_KERNEL
+    counters = _counters(q.device, B * HKV) if num_splits > 1 and merge_in_kernel else None
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
         block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
-        sliding_window, float(v_scale),
+        sliding_window, float(v_scale), *rope_args, float(k_scale),
+        counters if counters is not None else seq_lens, MERGE_HERE=counters is not None, ROPE=rope is not None, HALF=half, IS_NEOX=bool(rope is not None and rope.is_neox),
+        EXACT_ROUND=fp8_flags(k_cache)["EXACT_ROUND"],
         NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0, HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps,
         num_stages=num_stages, **launch_args(q.device),
     )
-    if num_splits > 1:
+    if num_splits > 1 and counters is None:
         _merge_kernel[(B * H,)](
             part_acc, part_ml, sinks_arg, out, H, DV,
             NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(num_splits),
