@@ -12,8 +12,7 @@ kernels by programmatic dependent launch; `--cublas` adds a bf16 row with them o
 (`compilation_config={"float_gemv": False}`), and `--compare-pdl` adds the bf16 rows again with
 kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` adds a bf16 row with
 the host's work overlapped with the device's (and runs the quantized rows so); `--compare-attention`
-adds async bf16 rows with rotary fused into the decode attention kernel or not (the
-fuse_rotary_attention pass) and the attention's splits merged by the kernel itself or by a second
+adds async bf16 rows with the decode attention's splits merged by the kernel itself and by a second
 launch (`decode_attention.MERGE_IN_KERNEL`).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
@@ -36,7 +35,6 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
-from kiln.passes import PIPELINE
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
 # (the kernels package re-exports the launcher under the module's name)
@@ -118,8 +116,8 @@ def main() -> None:
     p.add_argument("--compare-pdl", action="store_true",
                    help="add bf16 rows with programmatic dependent launch off (compilation_config pdl=False)")
     p.add_argument("--compare-attention", action="store_true",
-                   help="add async bf16 rows: rotary fused into decode attention or not, splits merged in the "
-                        "attention kernel or by a second one")
+                   help="add async bf16 rows with the attention's splits merged by the attention kernel and by a "
+                        "second one")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--async-scheduling", action="store_true",
                    help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
@@ -142,16 +140,15 @@ def main() -> None:
     if args.compare_pdl:
         variants += [(f"{name}, no PDL", {**kw, "pdl": False}) for name, kw in list(variants)]
     if args.compare_attention:
-        unfused = [name for name in PIPELINE if name != "fuse_rotary_attention"]
-        variants += [(f"async, rotary {'fused' if fused else 'apart'}, merge {'in kernel' if here else 'kernel'}",
-                      {"async_scheduling": True, "merge_in_kernel": here, **({} if fused else {"passes": unfused})})
-                     for fused in (True, False) for here in (True, False)]
+        variants += [(f"async, merge {'in kernel' if here else 'kernel'}", {"async_scheduling": True,
+                                                                             "merge_in_kernel": here})
+                     for here in (True, False)]
     variants += [(scheme, {"quantization": scheme, "async_scheduling": args.async_scheduling})
                  for scheme in filter(None, args.quantization.split(","))]
     for name, kwargs in variants:
         kwargs = dict(kwargs)
         options = {"quantize_lm_head": args.quantize_lm_head,
-                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl", "passes") if key in kwargs}}
+                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl") if key in kwargs}}
         decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)  # (read while the graphs capture)
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)

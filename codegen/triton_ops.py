@@ -99,30 +99,6 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
                            *ctx.kv_scale(layer))
 
 
-def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, scale: float, sliding_window: int = 0,
-                     causal: bool = True, soft_cap: float = 0.0, sinks: torch.Tensor | None = None,
-                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """`kiln::rotary_attention` on Triton: a pure decode step is one decode-attention launch that
-    rotates q and the step's key and writes the cache itself; any other step runs
-    `rotary_kv_write`, then `attention`."""
-    from kiln.codegen.kernels import decode_attention
-    from kiln.codegen.kernels.decode_attention import Rope
-
-    ctx = get_forward_context()
-    if ctx.kv_caches is not None:
-        md = ctx.attn
-        qsl, seq_lens, max_q = _batch_tensors(md, q.device, paged=True)
-        if max_q == 1:
-            k_cache, v_cache = ctx.kv_caches[layer]
-            k_scale, v_scale = ctx.kv_scale(layer)
-            return decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale, sliding_window, soft_cap,
-                                    sinks, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes,
-                                    rope=Rope(k, v, positions, cos_sin_cache, is_neox, md.slot_mapping))
-    q, k = rotary_kv_write(q, k, v, positions, cos_sin_cache, is_neox, layer)
-    return attention(q, k, v, layer, scale, sliding_window, causal, soft_cap, sinks, True, alibi_slopes)
-
-
 def set_float_gemv(enabled: bool) -> None:
     """Whether one-row float linears run the Triton gemv (see the module's docstring)."""
     global _float_gemv
@@ -249,7 +225,6 @@ def register_cuda_kernels() -> bool:
         "kiln::rotary": kernels.rotary,
         "kiln::attention": attention,
         "kiln::rotary_kv_write": rotary_kv_write,
-        "kiln::rotary_attention": rotary_attention,
         "kiln::quantize": kernels.quantize,
         "kiln::rms_norm_quant": kernels.rms_norm_quant,
         "kiln::add_rms_norm_quant": kernels.add_rms_norm_quant,

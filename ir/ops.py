@@ -503,25 +503,6 @@ def _(q, k, v, positions, cos_sin_cache, is_neox, layer):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-@kiln_op("rotary_attention")
-def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, scale: float, sliding_window: int = 0,
-                     causal: bool = True, soft_cap: float = 0.0, sinks: torch.Tensor | None = None,
-                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """`attention` of the rotated q and k: `rotary_kv_write` then `attention(..., kv_written=True)`
-    (the same arguments as those two), for an attention whose rotated q and k nothing else reads.
-    Produced by the fuse_rotary_attention pass; on CUDA a decode step's attention kernel rotates
-    and writes the cache on its way in (one launch instead of two)."""
-    q_rot, k_rot = rotary_kv_write(q, k, v, positions, cos_sin_cache, is_neox, layer)
-    return attention(q_rot, k_rot, v, layer, scale, sliding_window, causal, soft_cap, sinks, True, alibi_slopes)
-
-
-@rotary_attention.register_fake
-def _(q, k, v, positions, cos_sin_cache, is_neox, layer, scale, sliding_window=0, causal=True, soft_cap=0.0,
-      sinks=None, alibi_slopes=None):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
 def _write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
     if k_cache.dtype == FP8_KV_DTYPE:  # quantized; copied as bytes (index_copy_ has no fp8 kernel on CPU)
         k_cache.view(torch.uint8).flatten(0, 1).index_copy_(0, slot_mapping, quantize_kv(k, k_scale).view(torch.uint8))

@@ -21,7 +21,6 @@ PIPELINE = [
     "fuse_norm_linear",  # RMSNorm read only by a linear -> one op (a batch-1 gemv normalizes its row)
     "fuse_activation_linear",  # gated activation read only by a linear -> one op (the gemv gates its row)
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
-    "fuse_rotary_attention",  # rotary_kv_write read only by its attention -> one rotary_attention
 ]
 
 

@@ -110,36 +110,6 @@ def _rotary_kernel(
                       HKV, cos, sin, D, 1.0, HALF, IS_NEOX, False, False, False, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
 
 
-@triton.jit
-def rope_rows(ptr, rows, row_stride, row_mask, cs_row_ptr, D, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    """Rows [R, D] at ptr + rows * row_stride (unit stride along D), rotated as `rotary` rotates a
-    head at the position whose (cos | sin) row starts at cs_row_ptr -> [R, BLOCK_D] in the rows'
-    dtype (0 past D and in masked rows). For a kernel that rotates a few heads on its way in
-    (decode attention): each element pairs with its partner, loaded by a second, permuted load."""
-    d = tl.arange(0, BLOCK_D)
-    rot = d < 2 * HALF
-    if IS_NEOX:  # halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-        first = d < HALF
-        i = tl.where(first, d, d - HALF)
-        partner = tl.where(first, d + HALF, d - HALF)
-    else:  # interleaved pairs
-        first = d % 2 == 0
-        i = d // 2
-        partner = d ^ 1
-    partner = tl.where(rot, partner, d)
-    # cos and sin rounded to the rows' dtype first, as the reference does; outside the rotary
-    # dims cos 1 and sin 0 pass the element through
-    cos = tl.load(cs_row_ptr + i, mask=rot, other=1.0).to(ptr.dtype.element_ty).to(tl.float32)
-    sin = tl.load(cs_row_ptr + HALF + i, mask=rot, other=0.0).to(ptr.dtype.element_ty).to(tl.float32)
-    sin = tl.where(first, -sin, sin)
-    mask = row_mask[:, None] & (d < D)[None, :]
-    base = ptr + rows[:, None].to(tl.int64) * row_stride
-    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    return (x * cos[None, :] + xp * sin[None, :]).to(ptr.dtype.element_ty)
-
-
 def _heads(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 

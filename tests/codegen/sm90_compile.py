@@ -46,16 +46,16 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
 
 _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr": "i64", "seq_lens_ptr": "i32",
                     "sinks_ptr": "fp32", "alibi_ptr": "fp32", "part_acc_ptr": "fp32", "part_ml_ptr": "fp32",
-                    "pos_ptr": "i64", "cs_ptr": "fp32", "slot_ptr": "i64", "counter_ptr": "i32"}
+                    "counter_ptr": "i32"}
 
 
-def compile_decode(cache_ty: str, rope: bool, num_splits: int, is_neox: bool) -> None:
+def compile_decode(cache_ty: str, num_splits: int) -> None:
     """One `_decode_kernel` variant (Llama-3.2-1B heads: 32 over 8 kv heads of 64): the cache's
-    element type, the fused rotary + cache write, the splits (merged in the kernel)."""
+    element type, the splits (merged in the kernel)."""
     fn = decode_attention._decode_kernel
     consts = dict(NUM_SPLITS=num_splits, MERGE_HERE=num_splits > 1, HAS_WINDOW=False, HAS_SOFT_CAP=False, HAS_SINKS=False, HAS_ALIBI=False,
                   KV_FP8=cache_ty == "fp8e4nv", PRECISION="tf32", UPCAST=False, BLOCK_G=16, BLOCK_N=128, BLOCK_D=64,
-                  BLOCK_DV=64, ROPE=rope, HALF=32, IS_NEOX=is_neox, EXACT_ROUND=False, PDL=True)
+                  BLOCK_DV=64, PDL=True)
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -64,7 +64,7 @@ def compile_decode(cache_ty: str, rope: bool, num_splits: int, is_neox: bool) ->
             ty = _DECODE_POINTERS.get(name, "bf16")
             sig[name] = "*" + (cache_ty if ty == "cache" else ty)
         else:
-            sig[name] = "fp32" if name in ("scale", "soft_cap", "v_scale", "k_scale") else "i32"
+            sig[name] = "fp32" if name in ("scale", "soft_cap", "v_scale") else "i32"
     names = list(sig)
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     kernel = triton.compile(src, target=SM90, options={"num_warps": 4, "num_stages": 2})
@@ -75,8 +75,7 @@ def variants() -> list[tuple]:
     out = [(x, x, p, early) for x in ("bf16", "fp16") for p in range(6) for early in (False, True)]
     out += [("bf16", w, p, True) for w in ("i8", "fp8e4nv") for p in range(6)]
     out += [("i8", "i8", quant_gemm.NO_PROLOGUE, True, True)]  # W8A8 int8: int32 accumulation
-    out += [("decode", c, rope, splits, True) for c in ("bf16", "fp8e4nv") for rope in (False, True) for splits in (1, 16)]
-    out += [("decode", "bf16", True, 16, False)]  # gpt-j style pairs
+    out += [("decode", c, splits) for c in ("bf16", "fp8e4nv") for splits in (1, 16)]
     return out
 
 

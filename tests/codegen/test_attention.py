@@ -111,57 +111,6 @@ def test_in_kernel_merge_gives_the_same_output_launch_after_launch(device, poiso
     assert not _counter_buffers[q.device].any()
 
 
-def _cos_sin(rotary_dim: int, max_pos: int, device) -> torch.Tensor:
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    freqs = torch.arange(max_pos, device=device).float()[:, None] * inv_freq
-    return torch.cat((freqs.cos(), freqs.sin()), -1)
-
-
-@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("is_neox, rotary_dim", [(True, 32), (False, 32), (True, 16)])
-def test_decode_attention_with_rope_is_rotary_cache_write_then_attention(is_neox, rotary_dim, num_splits, dtype,
-                                                                          cache_dtype, device, poisoned, close):
-    """rope=Rope(...): the kernel rotates q and this step's k and writes k and v into the cache
-    itself; the same output and caches as `rotary_kv_cache` followed by plain decode attention.
-    A padding row (slot -1) writes nothing (its output, which nobody reads, may differ: the fused
-    kernel attends to its key from registers, the unfused one to the stale cache entry)."""
-    from kiln.codegen.kernels.decode_attention import Rope
-    from kiln.codegen.kernels.rotary import rotary_kv_cache
-
-    H, Hkv, D = 8, 2, 32
-    seq_lens = [1, 9, 23, 5]
-    md, k_cache, v_cache = make_batch([1] * 4, seq_lens, Hkv, D, 4, dtype, device)
-    if cache_dtype is not None:
-        k_cache, v_cache = (c.float().clamp(-448, 448).to(cache_dtype) for c in (k_cache, v_cache))
-    qkv = torch.randn(4, (H + 2 * Hkv) * D, device=device).to(dtype)  # q, k, v as views of one projection
-    q, k, v = (t.unflatten(-1, (-1, D)) for t in qkv.split([H * D, Hkv * D, Hkv * D], -1))
-    positions = torch.tensor(seq_lens, device=device) - 1
-    cs = _cos_sin(rotary_dim, 32, device)
-    slots = md.slot_mapping.clone()
-    slots[-1] = -1
-    scales = (0.5, 2.0) if cache_dtype is not None else (1.0, 1.0)
-    seq = lens_tensors(md, device)[1]
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    q_rot, _ = rotary_kv_cache(q, k, v, positions, cs, is_neox, ref_k, ref_v, slots, *scales)
-    ref = decode_attention(q_rot, ref_k, ref_v, md.block_tables, seq, 0.2, num_splits=num_splits, block_n=16,
-                           k_scale=scales[0], v_scale=scales[1])
-    out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables, seq, 0.2, num_splits=num_splits,
-                   block_n=16, k_scale=scales[0], v_scale=scales[1],
-                   rope=Rope(k, v, positions, cs, is_neox, slots))
-    close(out[:-1], ref[:-1], dtype=dtype)
-    # the same rotated keys, up to how the compiler fuses the rotation's multiply-adds (one float32
-    # ulp, which may flip a rounding to the cache's dtype)
-    if cache_dtype is None:
-        close(k_cache, ref_k, dtype=dtype)
-    else:
-        got, want = k_cache.float(), ref_k.float()
-        assert ((got - want).abs() <= want.abs() / 8 + 2 ** -9).all()  # within one e4m3 step
-        assert (got != want).float().mean() < 0.01
-    torch.testing.assert_close(v_cache, ref_v, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_attention_soft_cap_sinks_value_dim(num_splits, device, poisoned, close):
     """Soft-capped scores, attention sinks, a value head dim unlike the key's, int32 tables."""
@@ -249,28 +198,6 @@ def test_attention_op_matches_reference(step, window, dtype, device, poisoned, c
     torch.testing.assert_close(v_cache, ref_caches[0][1], rtol=0, atol=0)
     close(out, ref)
     close(out, dense_paged(q, md, k_cache, v_cache, 0.2, window=window), dtype=dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("step", list(STEPS))
-def test_rotary_attention_op_matches_reference(step, dtype, device, poisoned, close):
-    """`kiln::rotary_attention`'s CUDA implementation (one fused launch for a decode step, rotary +
-    cache write then attention for a mixed one): the reference's output and caches."""
-    query_lens, seq_lens = STEPS[step]
-    H, Hkv, D = 8, 2, 32
-    md, k_cache, v_cache = make_batch(query_lens, seq_lens, Hkv, D, 4, dtype, device)
-    T = sum(query_lens)
-    q, k, v = (torch.randn(T, h, D, device=device).to(dtype) for h in (H, Hkv, Hkv))
-    positions = torch.cat([torch.arange(n - q_len, n) for q_len, n in zip(query_lens, seq_lens)]).to(device)
-    cs = _cos_sin(D, 64, device)
-    ref_caches = [(k_cache.clone(), v_cache.clone())]
-    with set_forward_context(ForwardContext(md, [(k_cache, v_cache)])):
-        out = poisoned(triton_ops.rotary_attention, q, k, v, positions, cs, False, 0, 0.2, 8)
-    with set_forward_context(ForwardContext(md, ref_caches)):
-        ref = ops.rotary_attention(q, k, v, positions, cs, False, 0, 0.2, 8)
-    close(k_cache, ref_caches[0][0])
-    torch.testing.assert_close(v_cache, ref_caches[0][1], rtol=0, atol=0)
-    close(out, ref)
 
 
 def test_attention_op_soft_cap_and_sinks(device, poisoned, close):
