@@ -3,7 +3,7 @@ tiny random Llama, also with sampling parameters that take the sampler's slower 
 int8 weight-only quantization against its own eager graph; then, in bfloat16, the compiled path
 with `float_gemv` (Triton gemv for one-row linears) against the compiled path with cuBLAS at batch 1
 (bfloat16 sums in another order may flip a near-tie: the count is a report, the kernel tests are
-the check).
+the check); and async scheduling against steps in turn (float32: the same tokens).
 
     python benchmarks/check_decode_paths.py
 """
@@ -35,6 +35,16 @@ def main() -> None:
             runs.append([llm.generate(p, plain, use_tqdm=False)[0].outputs[0].token_ids for p in prompts])
         same = sum(a == b for a, b in zip(*runs))
         print(f"bf16 batch 1: float_gemv == cuBLAS for {same}/{len(prompts)} prompts")
+        # async scheduling (step n+1 launched before step n's tokens are read; its input row filled
+        # on the device) against steps in turn: the same tokens, one prompt at a time (the decode
+        # graphs' batch-1 bucket) and all together (requests joining and finishing mid-run)
+        uneven = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(len(prompts))]
+        for label, run in (("one at a time", lambda llm: [llm.generate(p, plain, use_tqdm=False)[0] for p in prompts]),
+                           ("together", lambda llm: llm.generate(prompts, uneven, use_tqdm=False))):
+            runs = [[o.outputs[0].token_ids for o in run(LLM(path, dtype="float32", enforce_eager=False,
+                                                             async_scheduling=a))] for a in (False, True)]
+            same = sum(a == b for a, b in zip(*runs))
+            print(f"async scheduling == steps in turn, {label}: {same}/{len(prompts)} prompts")
 
 
 if __name__ == "__main__":
