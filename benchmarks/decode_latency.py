@@ -13,7 +13,8 @@ kernels by programmatic dependent launch; `--cublas` adds a bf16 row with them o
 kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` adds a bf16 row with
 the host's work overlapped with the device's (and runs the quantized rows so); `--compare-attention`
 adds async bf16 rows with the decode attention's splits merged by the kernel itself and by a second
-launch (`decode_attention.MERGE_IN_KERNEL`).
+launch (`decode_attention.MERGE_IN_KERNEL`); `--compare-fp8-conversion` an async fp8 weight-only row
+whose gemv converts the weights by their bits (`quant_gemm.FP8_BY_BITS`).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -35,6 +36,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
+from kiln.codegen.kernels import quant_gemm
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
 # (the kernels package re-exports the launcher under the module's name)
@@ -118,6 +120,9 @@ def main() -> None:
     p.add_argument("--compare-attention", action="store_true",
                    help="add async bf16 rows with the attention's splits merged by the attention kernel and by a "
                         "second one")
+    p.add_argument("--compare-fp8-conversion", action="store_true",
+                   help="add an async fp8_weight_only row whose gemv reads e4m3 weights by their bits "
+                        "(quant_gemm.FP8_BY_BITS)")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--async-scheduling", action="store_true",
                    help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
@@ -145,11 +150,16 @@ def main() -> None:
                      for here in (True, False)]
     variants += [(scheme, {"quantization": scheme, "async_scheduling": args.async_scheduling})
                  for scheme in filter(None, args.quantization.split(","))]
+    if args.compare_fp8_conversion:
+        variants += [("fp8_weight_only, async, by bits", {"quantization": "fp8_weight_only", "async_scheduling": True,
+                                                          "fp8_by_bits": True})]
     for name, kwargs in variants:
         kwargs = dict(kwargs)
         options = {"quantize_lm_head": args.quantize_lm_head,
                    **{key: kwargs.pop(key) for key in ("float_gemv", "pdl") if key in kwargs}}
-        decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)  # (read while the graphs capture)
+        # (module switches, read while the graphs capture)
+        decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)
+        quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)
 

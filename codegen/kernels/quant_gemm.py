@@ -90,6 +90,10 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the interpreter: an H100's count, so CPU tests see the GPU's choices
 
 
+# The gemv converts fp8 weights by bits (`_e4m3_to_f32`) instead of through float16 when set: off
+# until timed on a GPU (benchmarks/decode_latency.py --compare-fp8-conversion), see codegen/NOTES.md.
+FP8_BY_BITS = False
+
 # Split-K is off by default: its second launch costs about what it could save at M=1 on these
 # shapes, and it has not been timed since the single-launch version was replaced. A config may ask for it.
 SPLIT_K_BY_DEFAULT = False
@@ -174,6 +178,18 @@ def _int8_to_f32(w):
 
 
 @triton.jit
+def _e4m3_to_f32(w):
+    """float8_e4m3fn -> float32 exactly, by bits: the byte's sign to bit 31 and its exponent and
+    mantissa under float32's (bits 26..20), which reads as the value times 2^-120 (e4m3 subnormals
+    become float32 subnormals, kept: Triton's float multiplies do not flush them), then times 2^120.
+    Integer ops and one multiply on full-rate pipes, where `w.to(tl.float32)` converts through
+    float16 on the quarter-rate conversion pipe. (No NaN: quantized weights are clamped.)"""
+    u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+    bits = ((u & 0x80) << 24) | ((u & 0x7F) << 20)
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36
+
+
+@triton.jit
 def _dequant(w, DTYPE: tl.constexpr, W_INT8: tl.constexpr):
     """An 8-bit weight tile in DTYPE (exact). int8 -> float16 by the same trick at 2^10."""
     if W_INT8:
@@ -228,13 +244,16 @@ def _split_k_sum_kernel(part_ptr, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, M
 
 
 @triton.jit
-def _gemv_product(acc, w, x, ACC_INT: tl.constexpr, W_INT8: tl.constexpr):
-    """acc + w * x (broadcast over the tile's rows), in the accumulator's type. (One return: Triton
-    3.6 failed to compile the int32 branch written as early returns.)"""
+def _gemv_product(acc, w, x, ACC_INT: tl.constexpr, W_INT8: tl.constexpr, FP8_BITS: tl.constexpr):
+    """acc + w * x (broadcast over the tile's rows), in the accumulator's type. FP8_BITS: w is
+    e4m3, converted by `_e4m3_to_f32`. (One return: Triton 3.6 failed to compile the int32 branch
+    written as early returns.)"""
     if ACC_INT:
         product = w.to(tl.int32) * x.to(tl.int32)[None, :]
     elif W_INT8:
         product = _int8_to_f32(w) * x.to(tl.float32)[None, :]
+    elif FP8_BITS:
+        product = _e4m3_to_f32(w) * x.to(tl.float32)[None, :]
     else:
         product = w.to(tl.float32) * x.to(tl.float32)[None, :]
     return acc + product
@@ -309,6 +328,7 @@ def _gemv_kernel(
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
+    FP8_BITS: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
@@ -339,13 +359,13 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc = _gemv_product(acc, w, x, ACC_INT, W_INT8)
+    acc = _gemv_product(acc, w, x, ACC_INT, W_INT8, FP8_BITS)
     for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         offs = k + rk
         w_ptrs += BLOCK_K
         w = _load(w_ptrs, (offs < K)[None, :], EVEN_K)
         x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
-        acc = _gemv_product(acc, w, x, ACC_INT, W_INT8)
+        acc = _gemv_product(acc, w, x, ACC_INT, W_INT8, FP8_BITS)
     total = tl.sum(acc, axis=1)[None, :]
     rm = tl.arange(0, 1)
     _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
@@ -496,7 +516,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
             N, K, wq.stride(0), k_per_split, M * N, pro.eps,
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
-            PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) else 1, **common,
+            PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) else 1,
+            FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn and not acc_int, **common,
         )
     else:
         _dot_kernel[(tiles, split_k)](

@@ -26,16 +26,18 @@ decode_attention = importlib.import_module("kiln.codegen.kernels.decode_attentio
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False) -> None:
+def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
+                 fp8_bits: bool = False) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
-    "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load."""
+    "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits."""
     out_ty = "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
            "bias_ptr": f"*{out_ty}", "out_ptr": f"*{out_ty}", "part_ptr": "*fp32", "res_ptr": f"*{x_ty}",
            "g_ptr": f"*{x_ty}", "sum_ptr": f"*{x_ty}", "N": "i32", "K": "i32", "stride_wn": "i32",
            "k_per_split": "i32", "plane": "i32", "eps": "fp32"}
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=8, BLOCK_K=1024,
-                  SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2)
+                  SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
+                  FP8_BITS=fp8_bits)
     sig.update(dict.fromkeys(consts, "constexpr"))
     names = list(sig)
     src = ASTSource(fn=quant_gemm._gemv_kernel, signature=sig,
@@ -75,6 +77,7 @@ def variants() -> list[tuple]:
     out = [(x, x, p, early) for x in ("bf16", "fp16") for p in range(6) for early in (False, True)]
     out += [("bf16", w, p, True) for w in ("i8", "fp8e4nv") for p in range(6)]
     out += [("i8", "i8", quant_gemm.NO_PROLOGUE, True, True)]  # W8A8 int8: int32 accumulation
+    out += [("bf16", "fp8e4nv", p, True, False, True) for p in range(6)]  # quant_gemm.FP8_BY_BITS
     out += [("decode", c, splits) for c in ("bf16", "fp8e4nv") for splits in (1, 16)]
     return out
 

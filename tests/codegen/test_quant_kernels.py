@@ -181,6 +181,24 @@ def truth_weight_only(x, wq, w_scale, bias):
                                       None if bias is None else bias.double())
 
 
+def test_fp8_gemv_by_bits_converts_every_e4m3_value_exactly(device, monkeypatch):
+    """quant_gemm.FP8_BY_BITS: the gemv reads e4m3 weights by their bits. Every finite e4m3 value
+    (subnormals, both zeros, +-448) times a one-hot row gives the value itself, as the conversion
+    through float16 does."""
+    from kiln.codegen.kernels import quant_gemm
+
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)  # (no NaN)
+    wq = codes.view(torch.float8_e4m3fn).reshape(-1, 1).to(device)  # one weight per output row
+    x = torch.ones(1, 1, device=device)
+    scale = torch.ones(wq.shape[0], device=device)
+    outs = []
+    for by_bits in (False, True):
+        monkeypatch.setattr(quant_gemm, "FP8_BY_BITS", by_bits)
+        outs.append(weight_only_linear(x, wq, scale, None, config=GemmConfig("gemv", 1, 8, 16))[0])
+    want = wq.float().reshape(-1)
+    assert torch.equal(outs[0], want) and torch.equal(outs[1], want)
+
+
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
