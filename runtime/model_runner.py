@@ -48,11 +48,15 @@ class PendingTokens:
     _copied: "torch.cuda.Event | None" = None
 
     def __post_init__(self):
+        # `tokens` may be a decode graph's output buffer, which the next replay rewrites: what is
+        # read back is a snapshot taken now (on CUDA the copy queued here, in stream order)
         if self.tokens.is_cuda:
             self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
             self._host.copy_(self.tokens, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
+        else:
+            self.tokens = self.tokens.clone()
 
     def token_ids(self) -> list[int]:
         if self._copied is None:

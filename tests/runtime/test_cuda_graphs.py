@@ -1,8 +1,10 @@
 """The decode graphs' inputs: staged on the host and copied in one go into the buffers the graphs
 read (the capture and replay need CUDA; the staging is checked here, on CPU)."""
 
+import pytest
 import torch
 
+from kiln import LLM, SamplingParams
 from kiln.runtime.cuda_graphs import DecodeGraphs, bucket_sizes
 
 
@@ -83,3 +85,72 @@ def test_run_hands_over_the_logits_and_argmax_its_graph_computed():
     # a bucket captured without logits hands over none
     g.graphs[1], g.outputs[1] = _Replay(), torch.randn(2, 4)
     assert g.logits_of(g.run([3], [1], [6], [[1]], [2])) is None
+
+
+class _EagerGraph:
+    """A captured decode graph's stand-in on CPU: replay runs what the capture records (the input
+    copies, the forward, the logits and their argmax) eagerly into the graph's static outputs. The
+    reference ops read the lengths from the metadata's lists, so they are rebuilt from the staged
+    buffers (the Triton kernels read the tensors). `shift`: the argmax written is the logits' plus
+    this (mod V), to show whose argmax the engine samples."""
+
+    def __init__(self, graphs, b, shift=0):
+        self.graphs, self.b, self.shift, self.replays = graphs, b, shift, 0
+
+    def replay(self):
+        from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+        from kiln.runtime.sampler import greedy_tokens
+
+        g, b = self.graphs, self.b
+        self.replays += 1
+        g.input_ids[:b].copy_(g.staged_ids[:b])
+        g.positions[:b].copy_(g.staged_positions[:b])
+        md = AttentionMetadata(slot_mapping=g.slot_mapping[:b], block_tables=g.block_tables[:b], query_lens=[1] * b,
+                               seq_lens=g.seq_lens_long[:b].tolist(), block_size=g.block_size)
+        with set_forward_context(ForwardContext(md, g.kv_caches)):
+            hidden = g.forward(g.input_ids[:b], g.positions[:b])
+        logits, greedy = g.captured_logits[b]
+        g.outputs[b].copy_(hidden)
+        logits.copy_(g.logits(hidden))
+        greedy.copy_((greedy_tokens(logits) + self.shift) % logits.shape[-1])
+
+
+def _eager_graphs(llm, shift=0):
+    """Decode graphs on the engine's runner whose replays run eagerly (see _EagerGraph)."""
+    engine = llm.llm_engine
+    runner, config = engine.runner, engine.config
+    graphs = DecodeGraphs(runner.forward, runner.kv_caches, config.block_size,
+                          -(-engine.max_model_len // config.block_size), runner.num_blocks, config.max_num_seqs,
+                          torch.device("cpu"), logits=runner.logits)
+    hidden, vocab = engine.hf_config.hidden_size, engine.hf_config.vocab_size
+    with torch.inference_mode():
+        for b in graphs.sizes:
+            graphs.graphs[b] = _EagerGraph(graphs, b, shift)
+            graphs.outputs[b] = torch.empty(b, hidden)
+            graphs.captured_logits[b] = (torch.empty(b, vocab), torch.empty(b, dtype=torch.long))
+    runner.decode_graphs = graphs
+    return graphs
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_decode_steps_sample_the_logits_and_argmax_their_graph_computed(llama_path, async_scheduling):
+    """The engine's decode steps through graphs that also compute the logits: the same tokens as
+    without graphs, and a plain greedy request takes the graph's argmax (here shifted by one, so
+    it shows), while one with a repetition penalty recomputes it from the logits."""
+    prompts = ["Hello, my name is", "one two three four five six", "a"]
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(llama_path).generate(prompts, plain, use_tqdm=False)]
+    llm = LLM(llama_path, async_scheduling=async_scheduling)
+    graphs = _eager_graphs(llm)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)] == want
+    assert sum(g.replays for g in graphs.graphs.values()) >= 5  # (the decode steps went through them)
+
+    shifted = _eager_graphs(llm, shift=1)
+    got = llm.generate(prompts[0], plain, use_tqdm=False)[0].outputs[0].token_ids
+    # the prompt's step runs no graph; the first decode step's token is the graph's argmax
+    assert got[0] == want[0][0] and got[1] == (want[0][1] + 1) % llm.llm_engine.hf_config.vocab_size
+    penalised = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3)
+    want_penalised = LLM(llama_path).generate(prompts[0], penalised, use_tqdm=False)[0].outputs[0].token_ids
+    replays = sum(g.replays for g in shifted.graphs.values())
+    assert llm.generate(prompts[0], penalised, use_tqdm=False)[0].outputs[0].token_ids == want_penalised
+    assert sum(g.replays for g in shifted.graphs.values()) > replays  # (through the graphs, their logits)
