@@ -84,7 +84,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.captured_logits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, argmax)
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the last replay's (hidden, logits, argmax)
+        # the last replay's (hidden, logits, argmax), as run() returned them
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.pool = None
 
     def _context(self, b: int) -> ForwardContext:

@@ -26,6 +26,14 @@ decode_attention = importlib.import_module("kiln.codegen.kernels.decode_attentio
 SM90 = GPUTarget("cuda", 90, 32)
 
 
+def _compile(fn, sig: dict, consts: dict, num_warps: int, num_stages: int) -> None:
+    """Compile fn for sm_90 with these argument types (sig, in argument order) and constexprs."""
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    assert kernel.asm["cubin"], "no cubin"
+
+
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
@@ -39,11 +47,7 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
                   FP8_BITS=fp8_bits)
     sig.update(dict.fromkeys(consts, "constexpr"))
-    names = list(sig)
-    src = ASTSource(fn=quant_gemm._gemv_kernel, signature=sig,
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=SM90, options={"num_warps": 8, "num_stages": 3})
-    assert kernel.asm["cubin"], "no cubin"
+    _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=8, num_stages=3)
 
 
 _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr": "i64", "seq_lens_ptr": "i32",
@@ -55,9 +59,9 @@ def compile_decode(cache_ty: str, num_splits: int) -> None:
     """One `_decode_kernel` variant (Llama-3.2-1B heads: 32 over 8 kv heads of 64): the cache's
     element type, the splits (merged in the kernel)."""
     fn = decode_attention._decode_kernel
-    consts = dict(NUM_SPLITS=num_splits, MERGE_HERE=num_splits > 1, HAS_WINDOW=False, HAS_SOFT_CAP=False, HAS_SINKS=False, HAS_ALIBI=False,
-                  KV_FP8=cache_ty == "fp8e4nv", PRECISION="tf32", UPCAST=False, BLOCK_G=16, BLOCK_N=128, BLOCK_D=64,
-                  BLOCK_DV=64, PDL=True)
+    consts = dict(NUM_SPLITS=num_splits, MERGE_HERE=num_splits > 1, HAS_WINDOW=False, HAS_SOFT_CAP=False,
+                  HAS_SINKS=False, HAS_ALIBI=False, KV_FP8=cache_ty == "fp8e4nv", PRECISION="tf32", UPCAST=False,
+                  BLOCK_G=16, BLOCK_N=128, BLOCK_D=64, BLOCK_DV=64, PDL=True)
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -67,10 +71,7 @@ def compile_decode(cache_ty: str, num_splits: int) -> None:
             sig[name] = "*" + (cache_ty if ty == "cache" else ty)
         else:
             sig[name] = "fp32" if name in ("scale", "soft_cap", "v_scale") else "i32"
-    names = list(sig)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=SM90, options={"num_warps": 4, "num_stages": 2})
-    assert kernel.asm["cubin"], "no cubin"
+    _compile(fn, sig, consts, num_warps=4, num_stages=2)
 
 
 def variants() -> list[tuple]:
