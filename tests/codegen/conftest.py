@@ -96,3 +96,19 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
 @pytest.fixture
 def close():
     return assert_close
+
+
+def kernel_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x's float32 values cast to `dtype` as a kernel's `.to(dtype)` casts them on this run's
+    backend: truncated to bfloat16 under the interpreter (see TOLERANCES), rounded to nearest
+    otherwise. A reference that rounds an intermediate the way the kernel does keeps a biased
+    truncation from piling up against the tolerance."""
+    x = x.float()
+    if _INTERPRETED and dtype == torch.bfloat16:
+        return (x.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return x.to(dtype)
+
+
+@pytest.fixture
+def cast():
+    return kernel_cast

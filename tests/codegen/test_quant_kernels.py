@@ -352,7 +352,7 @@ def test_rms_norm_gemv_checks(device):
         quant_gemm.act_and_mul_gemv(torch.randn(1, 64, device=device), "silu", w.to(torch.bfloat16))
 
 
-def test_norm_linear_dispatch(device, close):
+def test_norm_linear_dispatch(device, close, cast):
     """With set_float_gemv(True) the CUDA implementations of rms_norm_linear / add_rms_norm_linear /
     act_and_mul_linear send a one-row bfloat16 step to the normalizing (gating) gemv and several
     rows to the norm (activation) kernel and the linear; both match the reference ops."""
@@ -399,8 +399,12 @@ def test_norm_linear_dispatch(device, close):
             close(out, torch.nn.functional.linear(ops.rms_norm(x + r, g, 1e-5).double(), w64), dtype=bf16)
             close(summed, x + r)
             gate_up = torch.randn(rows, 128, device=device).to(bf16)
+            # the gated row rounded as the kernel rounds it (the interpreter truncates, so the
+            # reference op's rounding left the error at up to 1.5e-2 on some seeds)
+            gate, up = gate_up.float().chunk(2, dim=-1)
+            act = cast(cast(torch.nn.functional.silu(gate), bf16).float() * up, bf16)
             close(triton_ops.act_and_mul_linear(gate_up, "silu", [wq], [], ws),
-                  torch.nn.functional.linear(ops.silu_and_mul(gate_up).double(), w64), dtype=bf16)
+                  torch.nn.functional.linear(act.double(), w64), dtype=bf16)
         assert calls == [1, ("act", 1)]
     finally:
         quant_gemm.rms_norm_gemv, quant_gemm.act_and_mul_gemv = real, real_act
