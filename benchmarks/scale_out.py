@@ -13,10 +13,13 @@ fewer requests than one GPU batches at once, two replicas each decoding half of 
 as slowly as the one GPU decoding all (128 requests gave 1.79x). --small runs a 1B-ish shape for a
 quick check.
 
+`--async-scheduling` runs every configuration with `async_scheduling=True` (each step launched
+before the last one's tokens are read back; under TP rank 0 broadcasts them on the device).
 `--one-shot-all-reduce` adds a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1 (the decode step's
 all-reduces through torch's symmetric memory instead of NCCL).
 
-    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--one-shot-all-reduce] [--checkpoint DIR]
+    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--async-scheduling] [--one-shot-all-reduce]
+                                   [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def phase(name: str, path: str, args) -> dict:
     layout = {"tp1": {}, "tp2": {"tensor_parallel_size": 2}, "tp2-one-shot": {"tensor_parallel_size": 2},
               "dp2": {"data_parallel_size": 2}}[name]
     t0 = time.perf_counter()
-    llm = LLM(path, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, gpu_memory_utilization=0.85, **layout)
+    llm = LLM(path, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, gpu_memory_utilization=0.85,
+              async_scheduling=args.async_scheduling, **layout)
     result = {"built_s": time.perf_counter() - t0}
     if name != "dp2":
         result["tokens"] = greedy_tokens(llm)
@@ -111,6 +115,7 @@ def main() -> None:
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
+    p.add_argument("--async-scheduling", action="store_true", help="every configuration with async_scheduling=True")
     p.add_argument("--phase", choices=["tp1", "tp2", "tp2-one-shot", "dp2"],  # (one configuration)
                    help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -127,7 +132,8 @@ def main() -> None:
             large_random_checkpoint(path, **shape)
             print(f"checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
         print(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()} | torch {torch.__version__} | "
-              f"shape {'small' if args.small else 'Llama-3.1-8B'} | bf16", flush=True)
+              f"shape {'small' if args.small else 'Llama-3.1-8B'} | bf16"
+              f"{' | async scheduling' if args.async_scheduling else ''}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
         tp = [] if args.skip_tp else ["tp2"] + (["tp2-one-shot"] if args.one_shot_all_reduce else [])

@@ -186,20 +186,15 @@ class LLM:
         """Relevance of each (data_1, data_2) pair: one text against many (1:N) or pairwise (N:N).
         Cross-encoders and rerankers score the pair as one input (the tokenizer's sentence-pair
         encoding, or a score template); embedding models give the cosine of the two embeddings."""
-        if self._replicas is not None:
-            raise NotImplementedError("score with data_parallel_size > 1 is not supported yet")
+        first, second = _score_pairs(data_1, data_2)
+        if self._replicas is not None:  # the pairs spread over the replicas, each scoring its share
+            loads = [float(_size(a) + _size(b)) for a, b in zip(first, second)]
+            outs = self._replicas.call("score", first, second, loads, truncate_prompt_tokens=truncate_prompt_tokens,
+                                       use_tqdm=False, pooling_params=pooling_params, chat_template=chat_template)
+            for i, out in enumerate(outs):
+                out.request_id = str(i)
+            return outs
         engine = self.llm_engine
-        first = [data_1] if isinstance(data_1, str) else list(data_1)
-        second = [data_2] if isinstance(data_2, str) else list(data_2)
-        if not first or not second:
-            raise ValueError("score needs at least one text on each side")
-        if len(first) == 1:
-            first = first * len(second)
-        if len(first) != len(second):
-            raise ValueError(f"score: data_1 has {len(first)} texts and data_2 {len(second)}; "
-                             "give one text against many, or two lists of the same length")
-        if not all(isinstance(t, str) for t in first + second):
-            raise ValueError("score takes strings")
         if "classify" in engine.tasks:
             return self._cross_encode(first, second, truncate_prompt_tokens, use_tqdm, pooling_params, chat_template)
         if "embed" not in engine.tasks:
@@ -260,11 +255,18 @@ class LLM:
         array (with `sample_rate`), or a list of these (then a list of outputs). Audio longer than
         30 s is cut into 30-second windows, transcribed as one batch, and the texts joined.
         `language` None detects it from the first window; `task` "translate" translates to English."""
-        if self._replicas is not None:
-            raise NotImplementedError("transcribe with data_parallel_size > 1 is not supported yet")
         from kiln.runtime import audio as audio_io
         from kiln.runtime import transcription as tr
 
+        if self._replicas is not None:
+            # decoded here (bad audio fails before any replica works), the clips spread by duration
+            single = not isinstance(audio, list)
+            samples = [audio_io.load_audio(a, sample_rate) for a in ([audio] if single else audio)]
+            results = self._replicas.call(
+                "transcribe", samples, None, [float(len(x)) for x in samples], language=language, task=task,
+                timestamps=timestamps, sample_rate=audio_io.SAMPLE_RATE, sampling_params=sampling_params,
+                use_tqdm=False)
+            return results[0] if single else results
         engine, tokenizer = self.llm_engine, self.llm_engine.tokenizer
         if not engine.is_encoder_decoder:
             raise ValueError(f"{engine.architecture} is not a speech-to-text model")
@@ -388,6 +390,22 @@ def _tolists(tensors: list[torch.Tensor]) -> list[list]:
     if tensors and all(t.shape == tensors[0].shape for t in tensors):
         return torch.stack(tensors).tolist()
     return [t.tolist() for t in tensors]
+
+
+def _score_pairs(data_1, data_2) -> tuple[list[str], list[str]]:
+    """score's two sides as lists of the same length (one text against many repeated)."""
+    first = [data_1] if isinstance(data_1, str) else list(data_1)
+    second = [data_2] if isinstance(data_2, str) else list(data_2)
+    if not first or not second:
+        raise ValueError("score needs at least one text on each side")
+    if len(first) == 1:
+        first = first * len(second)
+    if len(first) != len(second):
+        raise ValueError(f"score: data_1 has {len(first)} texts and data_2 {len(second)}; "
+                         "give one text against many, or two lists of the same length")
+    if not all(isinstance(t, str) for t in first + second):
+        raise ValueError("score takes strings")
+    return first, second
 
 
 def _size(prompt) -> int:

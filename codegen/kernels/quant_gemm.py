@@ -201,14 +201,18 @@ def _dequant(w, DTYPE: tl.constexpr, W_INT8: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
-              HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc [BM, BN] -> (acc * x_scale[m]) * w_scale[n] (+ bias[n]), stored in out's dtype."""
+              HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
+    """acc [BM, BN] -> (acc * x_scale[m]) * w_scale[n] (+ bias[n]), stored in out's dtype; ROUND
+    (a dtype, or None): rounded to it first (the logits: the model dtype's product, stored as
+    float32, without a cast kernel after)."""
     out = acc.to(tl.float32)
     if HAS_X_SCALE:
         out = out * tl.load(x_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
     out = out * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if ROUND is not None:
+        out = out.to(ROUND)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -216,10 +220,11 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, b
 
 @triton.jit
 def _finish(acc, rm, rn, M, N, pid_k, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
-            HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+            HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, ROUND: tl.constexpr):
     """The epilogue; with K split, the partial tile's store to its plane of the workspace instead."""
     if SPLIT_K == 1:
-        _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS)
+        _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
+                  ROUND)
     else:
         mask = (rm < M)[:, None] & (rn < N)[None, :]
         part = part_ptr + pid_k.to(tl.int64) * plane + rm[:, None].to(tl.int64) * N + rn[None, :]
@@ -229,7 +234,7 @@ def _finish(acc, rm, rn, M, N, pid_k, out_ptr, stride_om, w_scale_ptr, x_scale_p
 @triton.jit
 def _split_k_sum_kernel(part_ptr, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, M, N, stride_om, plane,
                         HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr):
     """out = epilogue(sum of the SPLIT_K partial planes), summed in plane order."""
     wait_for_inputs(PDL)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -240,7 +245,8 @@ def _split_k_sum_kernel(part_ptr, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, M
     for _ in range(1, SPLIT_K):
         part += plane
         total += tl.load(part, mask=mask, other=0)
-    _epilogue(total, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS)
+    _epilogue(total, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
+              ROUND)
 
 
 @triton.jit
@@ -328,7 +334,7 @@ def _gemv_kernel(
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
-    FP8_BITS: tl.constexpr,
+    FP8_BITS: tl.constexpr, ROUND: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
@@ -369,7 +375,7 @@ def _gemv_kernel(
     total = tl.sum(acc, axis=1)[None, :]
     rm = tl.arange(0, 1)
     _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
-            HAS_X_SCALE, HAS_BIAS, SPLIT_K)
+            HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
 
 
 @triton.jit
@@ -379,7 +385,7 @@ def _dot_kernel(
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, CONVERT_W: tl.constexpr,
     W_INT8: tl.constexpr, DOT_IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, ROUND: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     pid = tl.program_id(0)
@@ -423,7 +429,7 @@ def _dot_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     _finish(acc, rm, rn, M, N, pid_k, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr,
-            plane, HAS_X_SCALE, HAS_BIAS, SPLIT_K)
+            plane, HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
 
 
 # ---------------------------------------------------------------- launchers
@@ -458,8 +464,10 @@ class Prologue:
 
 def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
-            static_weight: bool = True, prologue: Prologue | None = None) -> torch.Tensor:
-    """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias.
+            static_weight: bool = True, prologue: Prologue | None = None,
+            round_to: torch.dtype | None = None) -> torch.Tensor:
+    """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias
+    (rounded to `round_to` first, when given).
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
     not made by a kernel of the forward (see early_w below). prologue: what the gemv does to x2
     first (a gated one reads x2 [1, 2K])."""
@@ -506,7 +514,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         part = out  # unused
     pdl = launch_args(x2.device)
     common = dict(HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
-                  SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+                  SPLIT_K=split_k, EVEN_K=K % block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  ROUND=TL_DTYPES[round_to] if round_to is not None else None, **pdl)
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
     if cfg.kernel == "gemv":
@@ -531,7 +540,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         block_m, block_n = min(16, triton.next_power_of_2(M)), 128
         _split_k_sum_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             part, out, w_scale, x_scale_arg, bias_arg, M, N, out.stride(0), M * N, HAS_X_SCALE=x_scale is not None,
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **pdl,
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            ROUND=common["ROUND"], **pdl,
         )
     return out
 
@@ -559,15 +569,20 @@ def _unit_scale(w: torch.Tensor) -> torch.Tensor:
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                 config: GemmConfig | None = None, static_weight: bool = True) -> torch.Tensor:
+                 config: GemmConfig | None = None, static_weight: bool = True,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear(x, w, bias) for float weights (w in x's dtype) through the same Triton kernels, a
     scale of 1 per channel: the gemv at M == 1 against cuBLAS's (benchmarks/kernels.py --sweep
     --sweep-kinds bf16). The engine's default for one-row float linears on a GPU with PDL
     (`triton_ops.set_float_gemv`): there, chained to the other kernels, it beat cuBLAS.
-    static_weight=False: w is made by the forward itself (see `_linear`)."""
+    static_weight=False: w is made by the forward itself (see `_linear`). out_dtype (default x's):
+    the product is rounded to x's dtype, then stored in it, as `F.linear(x, w).to(out_dtype)`
+    gives without a second kernel."""
     if x.dtype not in TL_DTYPES or w.dtype != x.dtype:
         raise TypeError(f"float_linear: x and w must share a float dtype, got {x.dtype} and {w.dtype}")
-    out = _linear(_rows(x), w, _unit_scale(w), None, bias, x.dtype, config, static_weight)
+    out_dtype = out_dtype or x.dtype
+    out = _linear(_rows(x), w, _unit_scale(w), None, bias, out_dtype, config, static_weight,
+                  round_to=x.dtype if out_dtype != x.dtype else None)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

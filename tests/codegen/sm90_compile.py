@@ -15,6 +15,7 @@ import importlib
 import sys
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -34,18 +35,22 @@ def _compile(fn, sig: dict, consts: dict, num_warps: int, num_stages: int) -> No
     assert kernel.asm["cubin"], "no cubin"
 
 
+_TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
+
+
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
-                 fp8_bits: bool = False) -> None:
+                 fp8_bits: bool = False, round_to: str | None = None) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
-    "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits."""
-    out_ty = "bf16" if x_ty == "i8" else x_ty
+    "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
+    a float32 output rounded to `round_to` first (the logits)."""
+    out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
            "bias_ptr": f"*{out_ty}", "out_ptr": f"*{out_ty}", "part_ptr": "*fp32", "res_ptr": f"*{x_ty}",
            "g_ptr": f"*{x_ty}", "sum_ptr": f"*{x_ty}", "N": "i32", "K": "i32", "stride_wn": "i32",
            "k_per_split": "i32", "plane": "i32", "eps": "fp32"}
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=8, BLOCK_K=1024,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
-                  FP8_BITS=fp8_bits)
+                  FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None)
     sig.update(dict.fromkeys(consts, "constexpr"))
     _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=8, num_stages=3)
 
@@ -79,6 +84,7 @@ def variants() -> list[tuple]:
     out += [("bf16", w, p, True) for w in ("i8", "fp8e4nv") for p in range(6)]
     out += [("i8", "i8", quant_gemm.NO_PROLOGUE, True, True)]  # W8A8 int8: int32 accumulation
     out += [("bf16", "fp8e4nv", p, True, False, True) for p in range(6)]  # quant_gemm.FP8_BY_BITS
+    out += [(x, x, quant_gemm.NO_PROLOGUE, True, False, False, x) for x in ("bf16", "fp16")]  # the logits
     out += [("decode", c, splits) for c in ("bf16", "fp8e4nv") for splits in (1, 16)]
     return out
 

@@ -225,7 +225,12 @@ def test_float_linear_is_f_linear(M, N, K, config, dtype, device, poisoned, clos
     bias = torch.randn(N, device=device).to(dtype)
     out = poisoned(quant_gemm.float_linear, x, w, bias, config=config)
     assert out.dtype == dtype
-    close(out, torch.nn.functional.linear(x.double(), w.double(), bias.double()), dtype=dtype)
+    truth = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    close(out, truth, dtype=dtype)
+    # stored as float32 by the epilogue (the logits), rounded to x's dtype first: the same values
+    wide = poisoned(quant_gemm.float_linear, x, w, bias, config=config, out_dtype=torch.float32)
+    assert wide.dtype == torch.float32 and torch.equal(wide, out.float())
+    close(wide, truth, dtype=dtype)
     with pytest.raises(TypeError, match="share a float dtype"):
         quant_gemm.float_linear(x, w.to(torch.float16))
 

@@ -66,3 +66,39 @@ def test_replicas_of_tensor_parallel_engines(llama_path):
     finally:
         llm.shutdown()
     assert not any(p.is_alive() for p in replicas)
+
+
+def test_score_and_transcribe_spread_over_replicas(llama_path, tmp_path):
+    """score's pairs and transcribe's clips go to the replicas like prompts: the results are one
+    engine's, in order (clips decoded in the caller first, so bad audio fails before any replica works)."""
+    import numpy as np
+
+    from kiln.runtime.demo import build_whisper_checkpoint
+
+    docs = PROMPTS[1:6]
+    single = LLM(llama_path, runner="pooling", max_model_len=128).score(PROMPTS[0], docs, use_tqdm=False)
+    llm = LLM(llama_path, runner="pooling", max_model_len=128, data_parallel_size=2)
+    try:
+        outs = llm.score(PROMPTS[0], docs)
+        assert [o.outputs.score for o in outs] == pytest.approx([o.outputs.score for o in single], abs=1e-6)
+        assert [o.request_id for o in outs] == [str(i) for i in range(len(docs))]
+        with pytest.raises(ValueError, match="same length"):
+            llm.score(["a", "b"], ["c", "d", "e"])
+    finally:
+        llm.shutdown()
+
+    whisper = build_whisper_checkpoint(str(tmp_path / "whisper"), max_target_positions=24)
+    t = np.arange(16000 * 2) / 16000
+    clips = [np.sin(2 * np.pi * f * t[:16000 * (1 + i % 2)]).astype(np.float32) for i, f in enumerate((220, 440, 880))]
+    single = LLM(whisper).transcribe(clips, language="en", sample_rate=16000, use_tqdm=False)
+    llm = LLM(whisper, data_parallel_size=2)
+    try:
+        outs = llm.transcribe(clips, language="en", sample_rate=16000)
+        assert all(o.token_ids[0] for o in single)  # (something to compare)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in single]
+        assert [o.duration for o in outs] == [o.duration for o in single]
+        assert llm.transcribe(clips[0], language="en", sample_rate=16000).text == single[0].text
+        with pytest.raises(ValueError, match="sample_rate"):
+            llm.transcribe(clips[0], language="en")
+    finally:
+        llm.shutdown()
