@@ -3,6 +3,10 @@ each on its own GPU when there are several), behind one `LLM`. With tensor_paral
 replica is a tensor-parallel engine: replica r is rank 0 of its own group on GPUs rN..rN+N-1 and
 starts its N-1 workers itself.
 
+With distributed_executor_backend="ray" the replicas are Ray actors instead (`RayReplicaPool`),
+one GPU each (or one CPU), placed by Ray on any machine of its cluster; a tensor-parallel
+replica's workers are then Ray actors too, started by the replica as a single engine starts them.
+
 A call's prompts are split across the replicas by load (greedy: the next prompt goes to the
 replica with the fewest estimated tokens so far), each replica runs its share as an ordinary
 `LLM` call, and the outputs come back in the caller's order. A replica that dies fails the call
@@ -12,6 +16,7 @@ with an error naming it, and the pool shuts down instead of hanging.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import traceback
 import weakref
 from typing import Any
@@ -36,6 +41,23 @@ def shutdown_at_exit(pool) -> None:
     atexit.register(_shutdown_if_alive, weakref.ref(pool))
 
 
+def make_pool(size: int, llm_kwargs: dict) -> "ReplicaPool":
+    """The replicas: Ray actors with distributed_executor_backend="ray", else processes."""
+    if llm_kwargs.get("distributed_executor_backend") == "ray":
+        return RayReplicaPool(size, llm_kwargs)
+    return ReplicaPool(size, llm_kwargs)
+
+
+def _call(llm, message) -> tuple:
+    """A replica's answer to ("call", method, args, kwargs): ("ok", result) or ("error", (the
+    exception, its traceback))."""
+    _, method, args, kwargs = message
+    try:
+        return "ok", getattr(llm, method)(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported to the caller, which raises it
+        return "error", (e, traceback.format_exc())
+
+
 def _replica_main(conn, llm_kwargs: dict, gpu: int) -> None:
     """A replica: build an LLM (on cuda:gpu, its first GPU, when the machine has it), then serve
     ("call", method, args, kwargs) until ("stop",)."""
@@ -58,11 +80,7 @@ def _replica_main(conn, llm_kwargs: dict, gpu: int) -> None:
         if message[0] == "stop":
             llm.shutdown()  # (a tensor-parallel replica's workers)
             return
-        _, method, args, kwargs = message
-        try:
-            conn.send(("ok", getattr(llm, method)(*args, **kwargs)))
-        except BaseException as e:  # noqa: BLE001
-            conn.send(("error", (e, traceback.format_exc())))
+        conn.send(_call(llm, message))
 
 
 class ReplicaPool:
@@ -145,12 +163,7 @@ class ReplicaPool:
             code = process.exitcode
             self.shutdown()
             raise RuntimeError(f"data-parallel replica {rank} died (exit code {code}); the pool has been shut down") from None
-        if status == "error":
-            error, trace = payload
-            if isinstance(error, (ValueError, FileNotFoundError, OSError)):
-                raise error  # bad input: the same exception a single engine raises
-            raise RuntimeError(f"data-parallel replica {rank} failed:\n{trace}") from error
-        return payload
+        return _answer(rank, status, payload)
 
     def shutdown(self) -> None:
         for conn, process in self.replicas:
@@ -164,6 +177,111 @@ class ReplicaPool:
                 process.terminate()
             conn.close()
         self.replicas = []
+
+
+def _answer(rank: int, status: str, payload):
+    """A replica's answer -> its result, or the error it reports raised here."""
+    if status == "error":
+        error, trace = payload
+        if isinstance(error, (ValueError, FileNotFoundError, OSError)):
+            raise error  # bad input: the same exception a single engine raises
+        raise RuntimeError(f"data-parallel replica {rank} failed:\n{trace}") from error
+    return payload
+
+
+class RayReplica:
+    """A replica as a Ray actor (`ray.remote` is applied in RayReplicaPool, with its resources):
+    an LLM built by `start`, answering `handle` calls as a replica process answers its pipe."""
+
+    def __init__(self):
+        self.llm = None
+
+    def start(self, llm_kwargs: dict) -> tuple:
+        import ray
+
+        from kiln.runtime.llm import LLM
+
+        try:
+            self.llm = LLM(**llm_kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported to the pool, which raises it
+            return "error", (e, traceback.format_exc())
+        return "ready", ray.util.get_node_ip_address()
+
+    def handle(self, message) -> tuple:
+        return _call(self.llm, message)
+
+    def stop(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()  # (a tensor-parallel replica's worker actors)
+            self.llm = None
+
+
+class RayReplicaPool(ReplicaPool):
+    """The replicas as Ray actors, on whichever machines of the Ray cluster have the resources:
+    one GPU each when the cluster has GPUs and the model is not asked onto the CPU, else one CPU.
+    (A tensor-parallel replica asks the cluster for its other ranks itself.) The process joins
+    the cluster it is connected to, or starts a local one."""
+
+    def __init__(self, size: int, llm_kwargs: dict):
+        if size < 2:
+            raise ValueError(f"data_parallel_size must be >= 2 for a replica pool, got {size}")
+        from kiln.runtime.tensor_parallel import START_TIMEOUT_S, import_ray
+
+        ray = self.ray = import_ray()
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True)
+        tp = llm_kwargs.get("tensor_parallel_size", 1)
+        have = ray.cluster_resources()
+        gpu = str(llm_kwargs.get("device", "auto")) != "cpu" and have.get("GPU", 0) > 0
+        resource, need = ("GPU", size * tp) if gpu else ("CPU", size * tp)
+        if have.get(resource, 0) < need:
+            layout = f"data_parallel_size={size}" + (f" x tensor_parallel_size={tp}" if tp > 1 else "")
+            raise ValueError(f"{layout} with distributed_executor_backend='ray' needs {need:g} {resource} in the Ray "
+                             f"cluster (one per replica{', and per worker' if tp > 1 else ''}); it has "
+                             f"{have.get(resource, 0):g}")
+        actor_cls = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)(RayReplica)
+        self.replicas = [actor_cls.remote() for _ in range(size)]
+        self.pending: dict[int, object] = {}
+        self.nodes: list[str] = []
+        starts = [actor.start.remote(llm_kwargs) for actor in self.replicas]
+        try:
+            for rank, ref in enumerate(starts):
+                self.pending[rank] = ref
+                self.nodes.append(self._receive(rank, START_TIMEOUT_S))
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _send(self, rank: int, message) -> None:
+        self.pending[rank] = self.replicas[rank].handle.remote(message)
+
+    def _receive(self, rank: int, timeout: float | None = None):
+        ray, ref = self.ray, self.pending.pop(rank, None)
+        if ref is None:  # (shut down by another replica's failure in the same call)
+            raise RuntimeError(f"data-parallel replica {rank}: the pool has been shut down")
+        try:
+            status, payload = ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise RuntimeError(f"data-parallel replica {rank} (a Ray actor) did not start within {timeout:.0f} s; "
+                               f"the cluster has {ray.available_resources()} free") from None
+        except ray.exceptions.RayActorError as e:
+            self.shutdown()
+            detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"data-parallel replica {rank} (a Ray actor) died: {detail}; the pool has been shut "
+                               "down") from None
+        return _answer(rank, status, payload)
+
+    def shutdown(self) -> None:
+        ray = self.ray
+        if self.replicas and ray.is_initialized():
+            stops = [actor.stop.remote() for actor in self.replicas]
+            with contextlib.suppress(Exception):  # (dead actors)
+                ray.wait(stops, num_returns=len(stops), timeout=30)
+            for actor in self.replicas:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+        self.replicas, self.pending = [], {}
 
 
 def _shutdown_if_alive(ref) -> None:

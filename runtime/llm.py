@@ -54,10 +54,10 @@ class LLM:
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         if data_parallel_size > 1:  # replicas in their own processes; this object only routes
-            from kiln.runtime.data_parallel import ReplicaPool
+            from kiln.runtime.data_parallel import make_pool
 
-            local = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "data_parallel_size", "ReplicaPool")}
-            self._replicas = ReplicaPool(data_parallel_size, {**local, **kwargs})
+            local = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "data_parallel_size", "make_pool")}
+            self._replicas = make_pool(data_parallel_size, {**local, **kwargs})
             self.llm_engine = None
             return
         if max_num_batched_tokens is None and kwargs.get("device", "auto") != "cpu" and _large_gpu():

@@ -127,3 +127,51 @@ def test_a_cluster_without_the_workers_resources_is_a_clear_error(cluster, path)
     config = EngineConfig(path, tensor_parallel_size=2, distributed_executor_backend="ray")
     with pytest.raises(ValueError, match=r"needs 1 worker actor\(s\) of \{'CPU': 1.0, 'GPU': 1.0\}.*has 0 GPU"):
         launch(config, load_hf_config(path), LlamaForCausalLM, "LlamaForCausalLM", torch.device("cuda"))
+
+
+@needs_ray
+def test_data_parallel_replicas_as_ray_actors(cluster, path):
+    """data_parallel_size=2 on Ray: each replica an actor; every request once, in order, with one
+    engine's tokens; bad input raises and the pool goes on; a killed replica actor is a clear
+    error naming it, and the pool shuts down."""
+    expected = LLM(path, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = LLM(path, data_parallel_size=2, distributed_executor_backend="ray", **ENGINE)
+    try:
+        pool = llm._replicas
+        assert type(pool).__name__ == "RayReplicaPool"
+        assert pool.nodes == [ray.util.get_node_ip_address()] * 2
+        got = llm.generate(PROMPTS, GREEDY)
+        for a, c in zip(expected, got):
+            assert c.outputs[0].token_ids == a.outputs[0].token_ids
+            for lp_a, lp_c in zip(a.outputs[0].logprobs, c.outputs[0].logprobs):
+                assert lp_c.keys() == lp_a.keys()
+                assert all(abs(lp_c[t].logprob - lp_a[t].logprob) < 1e-5 for t in lp_a)
+        assert len({o.request_id for o in got}) == len(PROMPTS)
+        with pytest.raises(ValueError, match="empty"):
+            llm.generate(["fine", {"prompt_token_ids": []}], GREEDY)
+        assert len(llm.generate(PROMPTS, SamplingParams(max_tokens=2))) == len(PROMPTS)
+        ray.kill(pool.replicas[1])
+        with pytest.raises(RuntimeError, match=r"replica 1 \(a Ray actor\) died"):
+            llm.generate(PROMPTS, GREEDY)
+        assert not pool.replicas
+    finally:
+        llm.shutdown()
+
+
+@needs_ray
+def test_data_parallel_replicas_of_tensor_parallel_engines_on_ray(cluster, path):
+    """data_parallel_size=2 x tensor_parallel_size=2 on Ray: each replica actor is rank 0 of its
+    own group and asks the cluster for its worker actor; one engine's tokens, in order; a cluster
+    too small for the layout is a clear error before anything starts."""
+    with pytest.raises(ValueError, match=r"data_parallel_size=4 x tensor_parallel_size=2 .* needs 8 CPU"):
+        LLM(path, data_parallel_size=4, tensor_parallel_size=2, distributed_executor_backend="ray", **ENGINE)
+    expected = LLM(path, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = LLM(path, data_parallel_size=2, tensor_parallel_size=2, distributed_executor_backend="ray", **ENGINE)
+    try:
+        got = llm.generate(PROMPTS, GREEDY)
+        assert [c.outputs[0].token_ids for c in got] == [a.outputs[0].token_ids for a in expected]
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+        assert len(groups) == 2  # each replica's worker bundle
+    finally:
+        llm.shutdown()
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
