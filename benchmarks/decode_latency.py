@@ -14,7 +14,11 @@ kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` add
 the host's work overlapped with the device's (and runs the quantized rows so); `--compare-attention`
 adds async bf16 rows with the decode attention's splits merged by the kernel itself and by a second
 launch (`decode_attention.MERGE_IN_KERNEL`); `--compare-fp8-conversion` an async fp8 weight-only row
-whose gemv converts the weights by their bits (`quant_gemm.FP8_BY_BITS`).
+whose gemv converts the weights by their bits (`quant_gemm.FP8_BY_BITS`); `--compare-gemv-tiles
+"small=8x1024x8,long=8x1024x8;small=4x2048x4"` an async bf16 row per ';'-separated set of batch-1
+gemv tilings (`quant_gemm._GEMV_TILES`: role=rows x K step x warps; roles small (o), long (down),
+narrow (qkv), wide (gate_up), vocab (lm_head); "8bit.ROLE" for the 8-bit weights' rows), so a
+tiling is timed in the whole step, chained to its neighbours, rather than alone.
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -105,6 +109,18 @@ def hf_seconds(path: str, prompt_ids: list[int], new_tokens: int, repeats: int, 
     return statistics.median(hf_run(new_tokens) for _ in range(max(1, repeats - 1)))
 
 
+def gemv_tiles(spec: str) -> dict:
+    """"small=8x1024x8,8bit.long=4x2048x8" -> {(2, "small"): (8, 1024, 8), (1, "long"): (4, 2048, 8)}."""
+    tiles = {}
+    for item in spec.split(","):
+        role, _, tiling = item.strip().partition("=")
+        width, role = (1, role[5:]) if role.startswith("8bit.") else (2, role)
+        if (width, role) not in quant_gemm._GEMV_TILES:
+            raise SystemExit(f"--compare-gemv-tiles: unknown role {role!r} in {item!r}")
+        tiles[(width, role)] = tuple(int(v) for v in tiling.split("x"))
+    return tiles
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true")
@@ -123,6 +139,8 @@ def main() -> None:
     p.add_argument("--compare-fp8-conversion", action="store_true",
                    help="add an async fp8_weight_only row whose gemv reads e4m3 weights by their bits "
                         "(quant_gemm.FP8_BY_BITS)")
+    p.add_argument("--compare-gemv-tiles", default="",
+                   help="';'-separated sets of role=NxKxW gemv tilings, an async bf16 row each (see above)")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--async-scheduling", action="store_true",
                    help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
@@ -153,8 +171,14 @@ def main() -> None:
     if args.compare_fp8_conversion:
         variants += [("fp8_weight_only, async, by bits", {"quantization": "fp8_weight_only", "async_scheduling": True,
                                                           "fp8_by_bits": True})]
+    for spec in filter(None, args.compare_gemv_tiles.split(";")):
+        variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
+    default_tiles = dict(quant_gemm._GEMV_TILES)
     for name, kwargs in variants:
         kwargs = dict(kwargs)
+        quant_gemm._GEMV_TILES.clear()
+        quant_gemm._GEMV_TILES.update(default_tiles)
+        quant_gemm._GEMV_TILES.update(kwargs.pop("gemv_tiles", {}))
         options = {"quantize_lm_head": args.quantize_lm_head,
                    **{key: kwargs.pop(key) for key in ("float_gemv", "pdl") if key in kwargs}}
         # (module switches, read while the graphs capture)
