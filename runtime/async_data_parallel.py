@@ -15,6 +15,11 @@ an event loop that reads the front's messages from its pipe:
     replica -> front: ("accepted", id), ("output", id, output), ("end", id), ("error", id, exception),
                       ("stats", IterationStats, EngineStats) after each engine-loop turn that did something
 
+With distributed_executor_backend="ray" each replica is a Ray actor instead (`RayAsyncReplica`,
+placed by Ray on any machine of its cluster), running the same `_replica_main`: the front's
+messages reach it as numbered actor calls, and its own come back through a long poll (`take`),
+so the front sees a pipe-shaped channel and a process-shaped handle (`_RayChannel`, `_RayProcess`).
+
 Metrics are the sum over the replicas: the front feeds its stat loggers every replica's
 IterationStats, and `stats` sums the replicas' latest snapshots (the KV-cache usage is their
 mean). A replica that dies fails every request in flight with EngineDeadError naming it, the
@@ -24,10 +29,13 @@ other replicas are stopped, and `is_alive` (the server's /health) turns false.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
+import queue
 import threading
 import time
 import traceback
@@ -40,7 +48,8 @@ import torch.multiprocessing as mp
 from kiln.runtime.async_engine import (_ABORTED, _ACCEPTED, AsyncLLM, admitted, EngineDeadError, EngineOverloadedError,
                                       EngineStats, IterationStats, RequestStream)
 from kiln.runtime.config import EngineConfig
-from kiln.runtime.data_parallel import check_gpus, shutdown_at_exit
+from kiln.runtime.data_parallel import (check_gpus, connect_ray, ray_actor_death, ray_replica_resources,
+                                       shutdown_at_exit)
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.pooling_params import PoolingParams
@@ -166,6 +175,135 @@ def _portable(e: Exception) -> Exception:
     return RuntimeError(str(e))
 
 
+# ---------------------------------------------------------------- a replica as a Ray actor
+
+_CLOSED = "kiln-replica-closed"  # the last item a Ray replica's outbox holds: its channel's end
+
+
+class RayAsyncReplica:
+    """A replica as a Ray actor (`ray.remote` is applied by the front, with its resources and
+    enough concurrency for `serve`, `put` and `take` at once). `serve` is its life: it runs
+    `_replica_main` with the actor as the pipe's replica end."""
+
+    def __init__(self):
+        self.inbox: dict[int, Any] = {}  # the front's numbered messages (a threaded actor may run puts out of order)
+        self.next = 0
+        self.ready = threading.Condition()
+        self.outbox: queue.Queue = queue.Queue()
+
+    def hello(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), os.getpid()
+
+    def put(self, seq: int, message) -> None:
+        with self.ready:
+            self.inbox[seq] = message
+            self.ready.notify()
+
+    def take(self, timeout: float) -> list:
+        """The replica's messages to the front: what is there, after waiting up to `timeout` for one."""
+        try:
+            items = [self.outbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self.outbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def serve(self, config: EngineConfig, rank: int) -> None:
+        try:
+            _replica_main(self, config, rank, 0)  # (Ray gives the actor its GPU as cuda:0)
+        finally:
+            self.outbox.put(_CLOSED)
+
+    # the pipe's replica end, as _replica_main and _serve use it
+    def send(self, message) -> None:
+        self.outbox.put(message)
+
+    def recv(self):
+        with self.ready:
+            self.ready.wait_for(lambda: self.next in self.inbox)
+            self.next += 1
+            return self.inbox.pop(self.next - 1)
+
+
+class _RayChannel:
+    """The front's end of a Ray replica's channel, shaped like a pipe's: `send` numbers each message
+    (its sender holds the replica's lock), `recv` and `poll` read the replica's outbox through
+    `take`. A dead actor, or one whose `serve` returned, reads as a closed pipe (EOFError)."""
+
+    def __init__(self, ray, actor):
+        self.ray, self.actor = ray, actor
+        self.sent = 0
+        self.buffer: collections.deque = collections.deque()
+
+    def send(self, message) -> None:
+        self.actor.put.remote(self.sent, message)
+        self.sent += 1
+
+    def poll(self, timeout: float) -> bool:
+        if not self.buffer:
+            self._fill(timeout)
+        return bool(self.buffer)
+
+    def recv(self):
+        while not self.buffer:
+            self._fill(1.0)
+        item = self.buffer.popleft()
+        if isinstance(item, str) and item == _CLOSED:
+            self.buffer.appendleft(item)
+            raise EOFError("the replica's channel is closed")
+        return item
+
+    def _fill(self, timeout: float) -> None:
+        try:
+            self.buffer.extend(self.ray.get(self.actor.take.remote(timeout)))
+        except self.ray.exceptions.RayActorError:
+            self.buffer.append(_CLOSED)
+
+
+class _RayProcess:
+    """A Ray replica's handle, shaped like the multiprocessing.Process the front keeps for a
+    replica process: alive while its `serve` call runs."""
+
+    daemon = True
+
+    def __init__(self, ray, actor, serve_ref, node: str, pid: int):
+        self.ray, self.actor, self.serve_ref = ray, actor, serve_ref
+        self.node, self.pid = node, pid
+
+    def is_alive(self) -> bool:
+        return not self.ray.wait([self.serve_ref], timeout=0)[0]
+
+    def join(self, timeout: float | None = None) -> None:
+        self.ray.wait([self.serve_ref], timeout=timeout)
+
+    def terminate(self) -> None:
+        self.ray.kill(self.actor)
+
+    def death(self) -> str:
+        return f"Ray actor on {self.node}, pid {self.pid}: {ray_actor_death(self.ray, self.serve_ref)}"
+
+
+def _start_ray_replicas(config: EngineConfig, size: int) -> list:
+    """`size` replica actors, each serving: the front's (channel, process-shaped handle) pairs."""
+    ray = connect_ray()
+    resources = ray_replica_resources(ray, size, config.tensor_parallel_size, str(config.device))
+    actor_cls = ray.remote(max_concurrency=4, **resources)(RayAsyncReplica)
+    actors = [actor_cls.remote() for _ in range(size)]
+    try:
+        nodes = ray.get([actor.hello.remote() for actor in actors], timeout=START_TIMEOUT_S)
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+    return [(_RayChannel(ray, actor), _RayProcess(ray, actor, actor.serve.remote(config, rank), *node))
+            for rank, (actor, node) in enumerate(zip(actors, nodes))]
+
+
 # ---------------------------------------------------------------- the front
 
 
@@ -210,8 +348,6 @@ class AsyncLLMReplicas:
     def __init__(self, config: EngineConfig, data_parallel_size: int, max_pending_requests: int | None = None):
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
-        tp = config.tensor_parallel_size
-        check_gpus(data_parallel_size, tp)
         self.max_pending_requests = max_pending_requests
         self.stat_loggers: list[Callable[[IterationStats, EngineStats], None]] = []
         self._lock = threading.Lock()  # routing: the streams, the loads, the pending count
@@ -221,17 +357,12 @@ class AsyncLLMReplicas:
         self._dead: str | None = None  # why the replicas were stopped
         self._stopping = threading.Lock()  # (a reader that saw its replica die and shutdown may both stop them)
         self._prompts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-prompts")
-        context = mp.get_context("spawn")
         self.replicas: list[_Replica] = []
-        if tp > 1:  # (replicas that start workers are not daemons)
-            shutdown_at_exit(self)
-        for rank in range(data_parallel_size):
-            parent, child = context.Pipe()
-            process = context.Process(target=_replica_main, args=(child, config, rank, rank * tp), daemon=tp == 1,
-                                      name=f"kiln-replica-{rank}")
-            process.start()
-            child.close()
-            self.replicas.append(_Replica(rank, parent, process))
+        if config.distributed_executor_backend == "ray":
+            self.replicas = [_Replica(rank, channel, handle)
+                             for rank, (channel, handle) in enumerate(_start_ray_replicas(config, data_parallel_size))]
+        else:
+            self._start_processes(config, data_parallel_size)
         try:
             self.engine: PromptEngine = [self._expect_ready(r) for r in self.replicas][0]
         except BaseException:
@@ -243,6 +374,20 @@ class AsyncLLMReplicas:
         for reader in self._readers:
             reader.start()
 
+    def _start_processes(self, config: EngineConfig, size: int) -> None:
+        tp = config.tensor_parallel_size
+        check_gpus(size, tp)
+        context = mp.get_context("spawn")
+        if tp > 1:  # (replicas that start workers are not daemons)
+            shutdown_at_exit(self)
+        for rank in range(size):
+            parent, child = context.Pipe()
+            process = context.Process(target=_replica_main, args=(child, config, rank, rank * tp), daemon=tp == 1,
+                                      name=f"kiln-replica-{rank}")
+            process.start()
+            child.close()
+            self.replicas.append(_Replica(rank, parent, process))
+
     def _expect_ready(self, replica: _Replica):
         deadline = time.monotonic() + START_TIMEOUT_S
         while not replica.conn.poll(0.1):
@@ -252,8 +397,8 @@ class AsyncLLMReplicas:
             kind, payload = replica.conn.recv()
         except (EOFError, OSError):
             replica.process.join(timeout=5)
-            raise RuntimeError(f"data-parallel replica {replica.rank} died while starting (exit code "
-                               f"{replica.process.exitcode})") from None
+            raise RuntimeError(f"data-parallel replica {replica.rank} died while starting "
+                               f"({self._exit(replica)})") from None
         if kind != "ready":
             raise RuntimeError(f"data-parallel replica {replica.rank} failed while starting:\n{payload}")
         return payload
@@ -339,11 +484,20 @@ class AsyncLLMReplicas:
         # its pipe can close before the process is reaped: wait for the exit code. Another thread
         # (a /health check) may be reaping it at the same moment, and then this one's poll sees no
         # child and no code yet: hence the loop
+        if isinstance(replica.process, _RayProcess):
+            return (f"data-parallel replica {replica.rank} ({replica.process.death()}) died; the other replicas "
+                    "have been shut down")
         deadline = time.monotonic() + 5
         while replica.process.exitcode is None and time.monotonic() < deadline:
             replica.process.join(timeout=0.05)
         return (f"data-parallel replica {replica.rank} (pid {replica.process.pid}) died, exit code "
                 f"{replica.process.exitcode}; the other replicas have been shut down")
+
+    @staticmethod
+    def _exit(replica: _Replica) -> str:
+        if isinstance(replica.process, _RayProcess):
+            return replica.process.death()
+        return f"exit code {replica.process.exitcode}"
 
     # ------------------------------------------------------------ what RequestStream calls
 
@@ -429,3 +583,5 @@ class AsyncLLMReplicas:
                 if replica.process.is_alive():
                     replica.process.terminate()
                     replica.process.join(5)
+                elif isinstance(replica.process, _RayProcess):
+                    replica.process.terminate()  # (an actor outlives its `serve` call: free its resources)

@@ -189,6 +189,42 @@ def _answer(rank: int, status: str, payload):
     return payload
 
 
+def connect_ray():
+    """Ray, connected to the cluster this process knows (or a local one started here)."""
+    from kiln.runtime.tensor_parallel import import_ray
+
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)
+    return ray
+
+
+def ray_replica_resources(ray, size: int, tp: int, device: str) -> dict:
+    """A replica actor's resources: one GPU where the cluster has GPUs and the model is not asked
+    onto the CPU, else one CPU. ValueError when the cluster lacks them for `size` replicas (and
+    their tensor-parallel workers, one of the same each)."""
+    have = ray.cluster_resources()
+    gpu = device != "cpu" and have.get("GPU", 0) > 0
+    resource, need = ("GPU" if gpu else "CPU"), size * tp
+    if have.get(resource, 0) < need:
+        layout = f"data_parallel_size={size}" + (f" x tensor_parallel_size={tp}" if tp > 1 else "")
+        raise ValueError(f"{layout} with distributed_executor_backend='ray' needs {need:g} {resource} in the Ray "
+                         f"cluster (one per replica{', and per worker' if tp > 1 else ''}); it has "
+                         f"{have.get(resource, 0):g}")
+    return {"num_cpus": 0, "num_gpus": 1} if gpu else {"num_cpus": 1, "num_gpus": 0}
+
+
+def ray_actor_death(ray, ref) -> str:
+    """Why the actor whose call `ref` is has died: the last line of Ray's error."""
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError as e:
+        return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "it stopped"
+
+
 class RayReplica:
     """A replica as a Ray actor (`ray.remote` is applied in RayReplicaPool, with its resources):
     an LLM built by `start`, answering `handle` calls as a replica process answers its pipe."""
@@ -225,21 +261,12 @@ class RayReplicaPool(ReplicaPool):
     def __init__(self, size: int, llm_kwargs: dict):
         if size < 2:
             raise ValueError(f"data_parallel_size must be >= 2 for a replica pool, got {size}")
-        from kiln.runtime.tensor_parallel import START_TIMEOUT_S, import_ray
+        from kiln.runtime.tensor_parallel import START_TIMEOUT_S
 
-        ray = self.ray = import_ray()
-        if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True)
-        tp = llm_kwargs.get("tensor_parallel_size", 1)
-        have = ray.cluster_resources()
-        gpu = str(llm_kwargs.get("device", "auto")) != "cpu" and have.get("GPU", 0) > 0
-        resource, need = ("GPU", size * tp) if gpu else ("CPU", size * tp)
-        if have.get(resource, 0) < need:
-            layout = f"data_parallel_size={size}" + (f" x tensor_parallel_size={tp}" if tp > 1 else "")
-            raise ValueError(f"{layout} with distributed_executor_backend='ray' needs {need:g} {resource} in the Ray "
-                             f"cluster (one per replica{', and per worker' if tp > 1 else ''}); it has "
-                             f"{have.get(resource, 0):g}")
-        actor_cls = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)(RayReplica)
+        ray = self.ray = connect_ray()
+        resources = ray_replica_resources(ray, size, llm_kwargs.get("tensor_parallel_size", 1),
+                                          str(llm_kwargs.get("device", "auto")))
+        actor_cls = ray.remote(**resources)(RayReplica)
         self.replicas = [actor_cls.remote() for _ in range(size)]
         self.pending: dict[int, object] = {}
         self.nodes: list[str] = []
@@ -265,11 +292,10 @@ class RayReplicaPool(ReplicaPool):
             self.shutdown()
             raise RuntimeError(f"data-parallel replica {rank} (a Ray actor) did not start within {timeout:.0f} s; "
                                f"the cluster has {ray.available_resources()} free") from None
-        except ray.exceptions.RayActorError as e:
+        except ray.exceptions.RayActorError:
             self.shutdown()
-            detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise RuntimeError(f"data-parallel replica {rank} (a Ray actor) died: {detail}; the pool has been shut "
-                               "down") from None
+            raise RuntimeError(f"data-parallel replica {rank} (a Ray actor) died: {ray_actor_death(ray, ref)}; the pool "
+                               "has been shut down") from None
         return _answer(rank, status, payload)
 
     def shutdown(self) -> None:

@@ -157,6 +157,43 @@ def test_replicas_of_tensor_parallel_engines_behind_the_server(config, single):
     assert not any(r.process.is_alive() for r in server.llm.replicas)
 
 
+def test_replicas_as_ray_actors_behind_the_server(config, single):
+    """distributed_executor_backend="ray": the replicas are Ray actors (a local cluster started
+    here); streamed completions are one engine's text, spread over both; a killed replica actor
+    turns /health and the requests to 503, naming it; the server's shutdown ends the actors."""
+    import dataclasses
+
+    ray = pytest.importorskip("ray")
+    from kiln.runtime.async_data_parallel import _RayProcess
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        server = Server(AsyncLLM.from_config(dataclasses.replace(config, distributed_executor_backend="ray"),
+                                             data_parallel_size=2))
+        try:
+            assert all(isinstance(r.process, _RayProcess) for r in server.llm.replicas)
+            expected = asyncio.run(_completions(single, True))
+            got = asyncio.run(_completions(server, True))
+            assert [text for _, text, _ in got] == [text for _, text, _ in expected]
+            assert min(r.num_requests for r in server.llm.replicas) >= 2  # both served
+            ray.kill(server.llm.replicas[1].process.actor)
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{server.url}/health").status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert httpx.get(f"{server.url}/health").status_code == 503
+            with pytest.raises(openai.APIStatusError, match=r"data-parallel replica 1 \(Ray actor on .*\) died") as e:
+                server.client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=4)
+            assert e.value.status_code == 503
+        finally:
+            server.stop()
+        assert not any(r.process.is_alive() for r in server.llm.replicas)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def test_a_bad_data_parallel_size_is_a_clear_error(config, capsys):
     with pytest.raises(ValueError, match="data_parallel_size must be >= 1, got 0"):
         AsyncLLM.from_config(config, data_parallel_size=0)
