@@ -140,6 +140,11 @@ class ReplicaPool:
             raise error
         return results
 
+    def ask(self, method: str, *args, **kwargs):
+        """`method(*args, **kwargs)` of replica 0's LLM (what every replica would answer alike)."""
+        self._send(0, ("call", method, args, kwargs))
+        return self._receive(0)
+
     def apply(self, func) -> list:
         """func(model) on every replica (func must pickle: a module-level function)."""
         out = []

@@ -51,6 +51,7 @@ class LLM:
                  **kwargs: Any):
         self._ids = itertools.count()
         self._replicas = None
+        self._tokenizer = None  # (data parallelism: replica 0's, once asked for)
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         if data_parallel_size > 1:  # replicas in their own processes; this object only routes
@@ -72,8 +73,10 @@ class LLM:
         self.llm_engine.freeze_gc_heap()
 
     def get_tokenizer(self):
-        if self._replicas is not None:
-            raise NotImplementedError("get_tokenizer with data_parallel_size > 1: load it with AutoTokenizer")
+        if self._replicas is not None:  # replica 0's, sent over once
+            if self._tokenizer is None:
+                self._tokenizer = self._replicas.ask("get_tokenizer")
+            return self._tokenizer
         return self.llm_engine.tokenizer
 
     def _on_replicas(self, method: str, prompts, params, **kwargs) -> list:

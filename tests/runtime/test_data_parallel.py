@@ -34,6 +34,9 @@ def test_every_request_once_in_order_with_single_engine_tokens(pool, llama_path)
     per_prompt = [SamplingParams(temperature=0.0, max_tokens=2 + i, ignore_eos=True) for i in range(len(PROMPTS))]
     assert [len(o.outputs[0].token_ids) for o in pool.generate(PROMPTS, per_prompt)] == [2 + i for i in range(7)]
     assert pool.apply_model(model_class_name) == ["LlamaForCausalLM", "LlamaForCausalLM"]
+    tokenizer = pool.get_tokenizer()
+    assert tokenizer is pool.get_tokenizer()  # (asked of replica 0 once)
+    assert tokenizer(PROMPTS[0])["input_ids"] == single[0].prompt_token_ids
 
 
 def test_bad_input_raises_and_the_pool_keeps_serving(pool):
