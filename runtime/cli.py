@@ -1,4 +1,4 @@
-"""The `kiln` command line: `kiln serve`, `kiln generate`, `kiln bench`, `kiln models`."""
+"""The `kiln` command line: `kiln serve`, `kiln generate`, `kiln compile`, `kiln bench`, `kiln models`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,46 @@ def _generate(args) -> int:
                               "token_ids": out.outputs[0].token_ids, "finish_reason": out.outputs[0].finish_reason}))
         else:
             print(f"{out.prompt!r} -> {out.outputs[0].text!r} ({out.outputs[0].finish_reason})")
+    return 0
+
+
+def _compile(args) -> int:
+    """Build the model compiled, run one short forward so every graph is traced (on CUDA the
+    decode graphs' capture traces them already), and with --dump-ir list the IR files written:
+    the graph before the passes and after each one, per traced graph."""
+    import time
+
+    from kiln import LLM, SamplingParams
+    from kiln.passes import PIPELINE
+
+    model = _model_or_demo(args)
+    if model is None:
+        return 2
+    options = {"backend": args.backend}
+    if args.dump_ir:
+        options["dump_ir"] = args.dump_ir
+    if args.passes is not None:
+        options["passes"] = [p for p in args.passes.split(",") if p]
+        unknown = [p for p in options["passes"] if p not in PIPELINE]
+        if unknown:
+            raise ValueError(f"unknown passes {unknown}; known: {', '.join(PIPELINE)}")
+    t0 = time.perf_counter()
+    llm = LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, trust_remote_code=args.trust_remote_code,
+              enforce_eager=False, model_impl=args.model_impl, runner=args.runner, device=args.device,
+              quantization=args.quantization, compilation_config=options)
+    engine = llm.llm_engine
+    ids = {"prompt_token_ids": list(range(1, min(9, engine.vocab_size)))}
+    if engine.is_pooling:
+        llm.encode(ids, use_tqdm=False)
+    else:
+        llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    print(f"kiln compile: {engine.architecture} compiled ({args.backend}) and run in {time.perf_counter() - t0:.1f} s; "
+          f"compile cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')}")
+    if args.dump_ir:
+        for folder in sorted(os.listdir(args.dump_ir)):
+            files = sorted(os.listdir(os.path.join(args.dump_ir, folder)))
+            print(f"  {os.path.join(args.dump_ir, folder)}: {', '.join(files)}")
+    llm.shutdown()
     return 0
 
 
@@ -149,6 +189,24 @@ def main(argv: list[str] | None = None) -> int:
                      help="never compile (default: compile on CUDA, eager on CPU)")
     gen.add_argument("--model-impl", choices=["auto", "kiln", "transformers"], default="auto")
     gen.set_defaults(func=_generate)
+    comp = sub.add_parser("compile", help="compile a model (trace, passes, codegen) and dump its IR per pass",
+                          description="Compile MODEL as the engine does and run one short forward; with --dump-ir DIR "
+                          "write each traced graph's IR before the passes and after each one "
+                          "(DIR/graphN/00-input.txt, 01-merge_linears.txt, ...).")
+    comp.add_argument("model", nargs="?", help="a local checkpoint directory or a hub id")
+    comp.add_argument("--demo", action="store_true", help="compile the tiny local demo checkpoint")
+    comp.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after each pass here")
+    comp.add_argument("--passes", help="comma-separated passes to run (default: all, in pipeline order)")
+    comp.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
+                      help="codegen: Inductor (the default), or the passed FX graph run as is (no code generated)")
+    comp.add_argument("--runner", choices=["generate", "pooling"], default="generate")
+    comp.add_argument("--model-impl", default="auto", choices=["auto", "kiln", "transformers"])
+    comp.add_argument("--dtype", default="auto")
+    comp.add_argument("--device", default="auto")
+    comp.add_argument("--max-model-len", type=int)
+    comp.add_argument("--quantization", choices=["int8", "fp8", "int8_weight_only", "fp8_weight_only"])
+    comp.add_argument("--trust-remote-code", action="store_true")
+    comp.set_defaults(func=_compile)
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     srv.add_argument("model", nargs="?", help="a local checkpoint directory or a hub id")
     srv.add_argument("--demo", action="store_true", help="serve the tiny local demo checkpoint")

@@ -87,3 +87,25 @@ def test_kiln_models_lists_native_and_backend_architectures(capsys):
     assert "GPT2LMHeadModel" in everything and "transformers backend" in everything
     llama = [line for line in everything.splitlines() if line.split()[0] == "LlamaForCausalLM"]
     assert len(llama) == 1 and "native" in llama[0]  # a native architecture is listed once, as native
+
+
+def test_kiln_compile_dumps_the_ir_before_and_after_each_pass(llama_path, tmp_path, capsys):
+    """`kiln compile MODEL --dump-ir DIR` (the eager codegen here: no Inductor compile on a 2-core
+    host) writes one file per pass, in pipeline order, and the files show the passes' work; an
+    unknown pass is a clear error."""
+    from kiln.passes import PIPELINE
+
+    out = tmp_path / "ir"
+    assert main(["compile", llama_path, "--dump-ir", str(out), "--backend", "eager", "--device", "cpu"]) == 0
+    files = sorted(os.listdir(out / "graph0"))
+    assert files == ["00-input.txt"] + [f"{i:02d}-{name}.txt" for i, name in enumerate(PIPELINE, start=1)]
+    text = {f: (out / "graph0" / f).read_text() for f in files}
+    assert "kiln.merged_linear" not in text["00-input.txt"] and "kiln.merged_linear" in text["01-merge_linears.txt"]
+    assert "kiln.rotary_kv_write" in text[files[-1]] and "kiln.rotary(" not in text[files[-1]]
+    assert "graph0: 00-input.txt, 01-merge_linears.txt" in capsys.readouterr().out
+    subset = tmp_path / "subset"
+    assert main(["compile", llama_path, "--dump-ir", str(subset), "--backend", "eager", "--device", "cpu",
+                 "--passes", "merge_linears"]) == 0
+    assert sorted(os.listdir(subset / "graph0")) == ["00-input.txt", "01-merge_linears.txt"]
+    assert main(["compile", llama_path, "--passes", "fuse_everything", "--device", "cpu"]) == 1
+    assert "unknown passes ['fuse_everything']" in capsys.readouterr().err
