@@ -18,7 +18,9 @@ whose gemv converts the weights by their bits (`quant_gemm.FP8_BY_BITS`); `--com
 "small=8x1024x8,long=8x1024x8;small=4x2048x4"` an async bf16 row per ';'-separated set of batch-1
 gemv tilings (`quant_gemm._GEMV_TILES`: role=rows x K step x warps; roles small (o), long (down),
 narrow (qkv), wide (gate_up), vocab (lm_head); "8bit.ROLE" for the 8-bit weights' rows), so a
-tiling is timed in the whole step, chained to its neighbours, rather than alone.
+tiling is timed in the whole step, chained to its neighbours, rather than alone;
+`--compare-rope-fusion` an async bf16 row without the fuse_linear_rope pass (rotary and the cache
+write as a kernel of their own instead of in the q/k/v gemv's epilogue).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -141,6 +143,8 @@ def main() -> None:
                         "(quant_gemm.FP8_BY_BITS)")
     p.add_argument("--compare-gemv-tiles", default="",
                    help="';'-separated sets of role=NxKxW gemv tilings, an async bf16 row each (see above)")
+    p.add_argument("--compare-rope-fusion", action="store_true",
+                   help="add an async bf16 row without the fuse_linear_rope pass")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--async-scheduling", action="store_true",
                    help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
@@ -171,6 +175,11 @@ def main() -> None:
     if args.compare_fp8_conversion:
         variants += [("fp8_weight_only, async, by bits", {"quantization": "fp8_weight_only", "async_scheduling": True,
                                                           "fp8_by_bits": True})]
+    if args.compare_rope_fusion:
+        from kiln.passes import PIPELINE
+
+        variants += [("async, rotary apart", {"async_scheduling": True,
+                                              "passes": [p for p in PIPELINE if p != "fuse_linear_rope"]})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     default_tiles = dict(quant_gemm._GEMV_TILES)
@@ -180,7 +189,7 @@ def main() -> None:
         quant_gemm._GEMV_TILES.update(default_tiles)
         quant_gemm._GEMV_TILES.update(kwargs.pop("gemv_tiles", {}))
         options = {"quantize_lm_head": args.quantize_lm_head,
-                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl") if key in kwargs}}
+                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl", "passes") if key in kwargs}}
         # (module switches, read while the graphs capture)
         decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)
         quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)

@@ -186,6 +186,54 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
     return _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
 
 
+def _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox,
+                      layer, num_heads, num_kv_heads, head_dim):
+    """(the rotated q/k/v projection, x + residual or None): one gemv launch for a one-row step the
+    gemv takes (the norm in its prologue; rotary and the cache write in its epilogue), else the
+    norm + linear and then the rotary kernel, rotating the projection's q and k where they are."""
+    ctx = get_forward_context()
+    same = norm_weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+    weight, static = _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1])
+    if (weight is not None and same and x.shape[-1] <= _NORM_GEMV_MAX_K and ctx.kv_caches is not None
+            and cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0):
+        from kiln.codegen.kernels.quant_gemm import GPTJ, NEOX, Rope, rope_gemv
+
+        k_cache, v_cache = ctx.kv_caches[layer]
+        rope = Rope(NEOX if is_neox else GPTJ, positions, cos_sin_cache, ctx.attn.slot_mapping, k_cache, v_cache,
+                    num_heads, num_kv_heads, head_dim, *ctx.kv_scale(layer))
+        return rope_gemv(x, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None, rope,
+                         static_weight=static, w_scale=w_scale)
+    from kiln.codegen.kernels.rotary import rotary_in_place
+
+    out, summed = _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
+    q_cols, k_cols = num_heads * head_dim, num_kv_heads * head_dim
+    q = out[:, :q_cols].unflatten(-1, (num_heads, head_dim))
+    k = out[:, q_cols:q_cols + k_cols].unflatten(-1, (num_kv_heads, head_dim))
+    if ctx.kv_caches is None:
+        rotary_in_place(q, k, positions, cos_sin_cache, is_neox)
+    else:
+        v = out[:, q_cols + k_cols:].unflatten(-1, (num_kv_heads, -1))
+        rotary_in_place(q, k, positions, cos_sin_cache, is_neox, v, *ctx.kv_caches[layer], ctx.attn.slot_mapping,
+                        *ctx.kv_scale(layer))
+    return out, summed
+
+
+def rms_norm_linear_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
+                         biases: list[torch.Tensor], w_scale: torch.Tensor | None, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, num_heads: int, num_kv_heads: int,
+                         head_dim: int) -> torch.Tensor:
+    return _norm_linear_rope(x, None, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox,
+                             layer, num_heads, num_kv_heads, head_dim)[0]
+
+
+def add_rms_norm_linear_rope(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             weights: list[torch.Tensor], biases: list[torch.Tensor], w_scale: torch.Tensor | None,
+                             positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, layer: int,
+                             num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache,
+                             is_neox, layer, num_heads, num_kv_heads, head_dim)
+
+
 def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Tensor],
                        biases: list[torch.Tensor], w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One gemv launch for a one-row step the gemv takes, else the activation kernel and then the
@@ -242,6 +290,8 @@ def register_cuda_kernels() -> bool:
         "kiln::rms_norm_linear": rms_norm_linear,
         "kiln::add_rms_norm_linear": add_rms_norm_linear,
         "kiln::act_and_mul_linear": act_and_mul_linear,
+        "kiln::rms_norm_linear_rope": rms_norm_linear_rope,
+        "kiln::add_rms_norm_linear_rope": add_rms_norm_linear_rope,
         "kiln::logits": logits,
     }
     for name, fn in impls.items():

@@ -503,6 +503,53 @@ def _(q, k, v, positions, cos_sin_cache, is_neox, layer):
     return torch.empty_like(q), torch.empty_like(k)
 
 
+def _rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, layer: int,
+              num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv [T, (H + Hkv) * D + Hkv * Dv], a merged q/k/v projection's output -> the same layout with
+    the q and k heads rotated (`rotary_kv_write`: k and v written into the cache)."""
+    q_cols, k_cols = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_cols, k_cols, qkv.shape[-1] - q_cols - k_cols], dim=-1)
+    q, k = rotary_kv_write(q.unflatten(-1, (num_heads, head_dim)), k.unflatten(-1, (num_kv_heads, head_dim)),
+                           v.unflatten(-1, (num_kv_heads, -1)), positions, cos_sin_cache, is_neox, layer)
+    return torch.cat([q.flatten(-2), k.flatten(-2), v], dim=-1)
+
+
+@kiln_op("rms_norm_linear_rope")
+def rms_norm_linear_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
+                         biases: list[torch.Tensor], w_scale: torch.Tensor | None, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, num_heads: int, num_kv_heads: int,
+                         head_dim: int) -> torch.Tensor:
+    """rms_norm_linear whose output is a merged q/k/v projection, with the `rotary_kv_write` that
+    follows it: the output's q and k heads come out rotated, and k and v go into the cache (the
+    fuse_linear_rope pass). On a GPU a one-row step is one gemv that normalizes its row, rotates
+    its q/k outputs in its epilogue and stores k and v to the cache."""
+    out = rms_norm_linear(x, norm_weight, eps, weights, biases, w_scale)
+    return _rope_qkv(out, positions, cos_sin_cache, is_neox, layer, num_heads, num_kv_heads, head_dim)
+
+
+@rms_norm_linear_rope.register_fake
+def _(x, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox, layer, num_heads,
+      num_kv_heads, head_dim):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+@kiln_op("add_rms_norm_linear_rope")
+def add_rms_norm_linear_rope(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             weights: list[torch.Tensor], biases: list[torch.Tensor], w_scale: torch.Tensor | None,
+                             positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, layer: int,
+                             num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_linear with the rotary and cache write of rms_norm_linear_rope: returns
+    (the rotated q/k/v projection, x + residual)."""
+    out, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
+    return _rope_qkv(out, positions, cos_sin_cache, is_neox, layer, num_heads, num_kv_heads, head_dim), summed
+
+
+@add_rms_norm_linear_rope.register_fake
+def _(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox, layer, num_heads,
+      num_kv_heads, head_dim):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))), torch.empty_like(x)
+
+
 def _write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
     if k_cache.dtype == FP8_KV_DTYPE:  # quantized; copied as bytes (index_copy_ has no fp8 kernel on CPU)
         k_cache.view(torch.uint8).flatten(0, 1).index_copy_(0, slot_mapping, quantize_kv(k, k_scale).view(torch.uint8))

@@ -21,6 +21,7 @@ PIPELINE = [
     "fuse_norm_linear",  # RMSNorm read only by a linear -> one op (a batch-1 gemv normalizes its row)
     "fuse_activation_linear",  # gated activation read only by a linear -> one op (the gemv gates its row)
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
+    "fuse_linear_rope",  # norm + q/k/v linear feeding rotary_kv_write -> one op (a batch-1 gemv rotates its outputs)
 ]
 
 

@@ -299,8 +299,8 @@ class RayReplicaPool(ReplicaPool):
                                f"the cluster has {ray.available_resources()} free") from None
         except ray.exceptions.RayActorError:
             self.shutdown()
-            raise RuntimeError(f"data-parallel replica {rank} (a Ray actor) died: {ray_actor_death(ray, ref)}; the pool "
-                               "has been shut down") from None
+            raise RuntimeError(f"data-parallel replica {rank} (a Ray actor) died: {ray_actor_death(ray, ref)}; "
+                               "the pool has been shut down") from None
         return _answer(rank, status, payload)
 
     def shutdown(self) -> None:

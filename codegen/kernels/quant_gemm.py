@@ -42,6 +42,7 @@ The batch-1 defaults are measured (`_GEMV_TILES`); the others are reasoned: see 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ import triton.language as tl
 
 from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -331,30 +333,43 @@ def _gemv_input(x_ptr, res_ptr, g_ptr, offs, mask, K, rstd, PROLOGUE: tl.constex
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, res_ptr, g_ptr, sum_ptr,
     N, K, stride_wn, k_per_split, plane, eps,
+    pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
+    k_scale, v_scale, QD, KD, DV,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
-    FP8_BITS: tl.constexpr, ROUND: tl.constexpr,
+    FP8_BITS: tl.constexpr, ROUND: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
-    up): act(gate) * up), see the constants above."""
+    up): act(gate) * up), see the constants above. ROPE (NEOX, GPTJ): out is a q/k/v projection
+    whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the
+    arguments from pos_ptr on are its, unused otherwise)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # with ROPE, two tiles of BLOCK_N / 2 rows, a rotation pair's members (rope_epilogue.rope_rows)
+    ROWS: tl.constexpr = BLOCK_N // 2 if ROPE != 0 else BLOCK_N
+    if ROPE != 0:
+        rn, rn_b, freqs = rope_rows(pid_n, QD + KD, HEAD_D, ROWS, ROPE)
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # rows past N read row N-1 (no mask on the weight stream) and are never stored
-    wn = tl.minimum(rn, N - 1)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     offs = k_lo + rk
-    w_ptrs = w_ptr + wn[:, None].to(tl.int64) * stride_wn + offs[None, :]
+    w_ptrs = w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn + offs[None, :]
+    if ROPE != 0:
+        w_ptrs_b = w_ptr + tl.minimum(rn_b, N - 1)[:, None].to(tl.int64) * stride_wn + offs[None, :]
     # The first K step is peeled: with EARLY_W its weight tile is loaded before waiting for the
     # previous kernel, so the stream starts while that kernel finishes (see pdl.py). Every split
     # has at least one step (the launcher makes no empty split).
     if not EARLY_W:
         wait_for_inputs(PDL)
     w = _load(w_ptrs, (offs < K)[None, :], EVEN_K)
+    if ROPE != 0:
+        w_b = _load(w_ptrs_b, (offs < K)[None, :], EVEN_K)
     if EARLY_W:
         wait_for_inputs(PDL)
     rstd = 1.0
@@ -362,20 +377,37 @@ def _gemv_kernel(
         rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid_n + pid_k, PROLOGUE, BLOCK_K, K_CHUNKS, EVEN_K)
     x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
     if ACC_INT:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+        acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.int32)
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
     acc = _gemv_product(acc, w, x, ACC_INT, W_INT8, FP8_BITS)
+    if ROPE != 0:
+        acc_b = _gemv_product(tl.zeros((ROWS, BLOCK_K), dtype=tl.float32), w_b, x, False, W_INT8, FP8_BITS)
     for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         offs = k + rk
         w_ptrs += BLOCK_K
         w = _load(w_ptrs, (offs < K)[None, :], EVEN_K)
+        if ROPE != 0:
+            w_ptrs_b += BLOCK_K
+            w_b = _load(w_ptrs_b, (offs < K)[None, :], EVEN_K)
         x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
         acc = _gemv_product(acc, w, x, ACC_INT, W_INT8, FP8_BITS)
-    total = tl.sum(acc, axis=1)[None, :]
-    rm = tl.arange(0, 1)
-    _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
-            HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
+        if ROPE != 0:
+            acc_b = _gemv_product(acc_b, w_b, x, False, W_INT8, FP8_BITS)
+    if ROPE == 0:
+        total = tl.sum(acc, axis=1)[None, :]
+        rm = tl.arange(0, 1)
+        _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
+                HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
+    else:  # (the launcher makes it one split, without x scales)
+        cos, sin, slot = rope_tables(pid_n, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, ROWS)
+        vals_a = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
+        vals_b = tl.sum(acc_b, axis=1) * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
+        if HAS_BIAS:
+            vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+            vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
+        rope_store(vals_a, vals_b, rn, rn_b, pid_n, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
+                   vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, ROWS, KV_FP8, EXACT_ROUND)
 
 
 @triton.jit
@@ -462,10 +494,59 @@ class Prologue:
         return self.kind >= SILU_AND_MUL
 
 
+@dataclass
+class Rope:
+    """What a gemv does with its outputs, a q/k/v projection of one token (`rope_gemv`): rotate
+    the q and k heads at `position`, store k and v into the paged caches at `slot` (see
+    `rope_epilogue.py`)."""
+
+    style: int  # NEOX or GPTJ
+    position: torch.Tensor  # [1] int
+    cos_sin_cache: torch.Tensor  # [max_positions, head_dim] float32, (cos | sin)
+    slot: torch.Tensor  # [1] int; negative: a padding token, no cache write
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor  # [num_blocks, block_size, Hkv, DV]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+    @property
+    def fp8(self) -> bool:
+        return self.k_cache.dtype == torch.float8_e4m3fn
+
+    def args(self) -> tuple:
+        kc, vc = self.k_cache.stride(), self.v_cache.stride()
+        cs = self.cos_sin_cache
+        return (self.position, cs, self.slot, self.k_cache, self.v_cache, cs.stride(0), kc[0], kc[1], kc[2], vc[0],
+                vc[1], vc[2], self.k_cache.shape[1], float(self.k_scale), float(self.v_scale),
+                self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.v_cache.shape[-1])
+
+
+def _rope_config(cfg: GemmConfig, rope: Rope, x_scale: torch.Tensor | None) -> GemmConfig:
+    """The tiling with a rope epilogue: the gemv, one split (the epilogue needs whole sums), and
+    programs of whole pairs inside one head (BLOCK_N even, dividing head_dim)."""
+    if cfg.kernel != "gemv" or x_scale is not None:
+        raise ValueError(f"a rope epilogue needs the weight-only or float gemv, got {cfg}"
+                         + (" with activation scales" if x_scale is not None else ""))
+    block_n = cfg.block_n
+    while block_n > 2 and rope.head_dim % block_n:
+        block_n //= 2
+    if block_n < 2 or rope.head_dim % block_n:
+        raise ValueError(f"a rope epilogue needs an even head_dim, got {rope.head_dim}")
+    return dataclasses.replace(cfg, block_n=block_n, split_k=1)
+
+
+def _no_rope_args(x: torch.Tensor) -> tuple:
+    """The rope arguments of a gemv without the epilogue: placeholders it never reads."""
+    return (x, x, x, x, x) + (0,) * 8 + (1.0, 1.0) + (0, 0, 1)
+
+
 def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
             static_weight: bool = True, prologue: Prologue | None = None,
-            round_to: torch.dtype | None = None) -> torch.Tensor:
+            round_to: torch.dtype | None = None, rope: Rope | None = None) -> torch.Tensor:
     """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias
     (rounded to `round_to` first, when given).
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
@@ -494,6 +575,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     if bias is not None:
         bias = bias.contiguous()
     cfg = config or pick_config(M, N, K, x2.dtype, _num_sms(x2.device), wq.dtype)
+    if rope is not None:
+        cfg = _rope_config(cfg, rope, x_scale)
     if cfg.kernel == "gemv" and M != 1:
         raise ValueError(f"the gemv kernel takes one row, got M={M} (config {cfg})")
     if prologue is not None and cfg.kernel != "gemv":
@@ -523,7 +606,10 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         _gemv_kernel[(grid_n, split_k)](
             x2, wq, w_scale, x_scale_arg, bias_arg, out, part,
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
-            N, K, wq.stride(0), k_per_split, M * N, pro.eps,
+            N, K, wq.stride(0), k_per_split, M * N, pro.eps, *(rope.args() if rope is not None else _no_rope_args(x2)),
+            ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
+            EXACT_ROUND=rope is not None and rope.fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+            HEAD_D=rope.head_dim if rope is not None else 2,
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) else 1,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn and not acc_int, **common,
@@ -616,6 +702,36 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
                         _rows(residual) if residual is not None else None,
                         summed.view(1, K) if summed is not None else None)
     out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue)
+    return out.reshape(*x.shape[:-1], w.shape[0]), summed
+
+
+def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
+              bias: torch.Tensor | None, rope: Rope, config: GemmConfig | None = None, static_weight: bool = True,
+              w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`rms_norm_gemv` whose output is a q/k/v projection of one token, [H*D | Hkv*D | Hkv*DV]:
+    its q and k heads come out rotated and its k and v columns also go into the caches, as
+    `kiln::rms_norm_linear_rope` / `add_rms_norm_linear_rope` compute them (`Rope` says how;
+    `rope_epilogue.py`). One launch: the norm in its prologue, rotary and the cache write in its
+    epilogue. Full rotary only (the cos/sin table as wide as a head)."""
+    K = x.shape[-1]
+    if x.numel() != K:
+        raise ValueError(f"rope_gemv takes one row, got x of shape {tuple(x.shape)}")
+    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight)):
+        raise TypeError(f"rope_gemv: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
+                        f"{None if residual is None else residual.dtype} and {norm_weight.dtype}")
+    D, H, HKV = rope.head_dim, rope.num_heads, rope.num_kv_heads
+    if rope.cos_sin_cache.shape[-1] != D or rope.style not in (NEOX, GPTJ):
+        raise ValueError(f"rope_gemv: full rotary only (a cos/sin table {D} wide), NEOX or GPTJ; got a table "
+                         f"{rope.cos_sin_cache.shape[-1]} wide, style {rope.style}")
+    if w.shape[0] != (H + HKV) * D + HKV * rope.v_cache.shape[-1]:
+        raise ValueError(f"rope_gemv: a weight of {w.shape[0]} rows for {H} q and {HKV} kv heads of {D}")
+    scale = _weight_scale("rope_gemv", x, w, w_scale)
+    summed = torch.empty_like(x) if residual is not None else None
+    prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
+                        _rows(residual) if residual is not None else None,
+                        summed.view(1, K) if summed is not None else None)
+    rope = dataclasses.replace(rope, cos_sin_cache=rope.cos_sin_cache.contiguous())
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue, rope=rope)
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 
 

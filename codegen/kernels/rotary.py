@@ -66,7 +66,7 @@ def _rotate_heads(
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride,
+    q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, qo_stride_t, ko_stride_t, cs_stride,
     kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     H, HKV, D, DV, block_size, k_scale, v_scale,
     HALF: tl.constexpr, IS_NEOX: tl.constexpr, WRITE_CACHE: tl.constexpr, FP8: tl.constexpr,
@@ -82,7 +82,7 @@ def _rotary_kernel(
     # The reference rounds cos/sin to the activations' dtype before rotating.
     cos = tl.load(cs_ptr + pos * cs_stride + i, mask=cmask, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + i, mask=cmask, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
-    _rotate_heads(q_ptr + t * q_stride_t, q_stride_h, q_out_ptr + t * H * D, D, q_out_ptr, 0,
+    _rotate_heads(q_ptr + t * q_stride_t, q_stride_h, q_out_ptr + t * qo_stride_t, D, q_out_ptr, 0,
                   H, cos, sin, D, 1.0, HALF, IS_NEOX, False, False, False, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
     if WRITE_CACHE:
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -91,7 +91,7 @@ def _rotary_kernel(
         slot = tl.where(valid, slot, 0)
         kc = k_cache_ptr + (slot // block_size) * kc_stride_b + (slot % block_size) * kc_stride_s
         if valid:
-            _rotate_heads(k_ptr + t * k_stride_t, k_stride_h, k_out_ptr + t * HKV * D, D, kc, kc_stride_h,
+            _rotate_heads(k_ptr + t * k_stride_t, k_stride_h, k_out_ptr + t * ko_stride_t, D, kc, kc_stride_h,
                           HKV, cos, sin, D, k_scale, HALF, IS_NEOX, True, FP8, EXACT_ROUND, BLOCK_H, BLOCK_HALF,
                           BLOCK_PASS)
             vc = v_cache_ptr + (slot // block_size) * vc_stride_b + (slot % block_size) * vc_stride_s
@@ -103,10 +103,10 @@ def _rotary_kernel(
                 tl.store(vc + h[:, None] * vc_stride_h + dv[None, :],
                          to_cache(vals, v_cache_ptr, v_scale, FP8, EXACT_ROUND), mask=vmask)
         else:
-            _rotate_heads(k_ptr + t * k_stride_t, k_stride_h, k_out_ptr + t * HKV * D, D, k_out_ptr, 0,
+            _rotate_heads(k_ptr + t * k_stride_t, k_stride_h, k_out_ptr + t * ko_stride_t, D, k_out_ptr, 0,
                           HKV, cos, sin, D, 1.0, HALF, IS_NEOX, False, False, False, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
     else:
-        _rotate_heads(k_ptr + t * k_stride_t, k_stride_h, k_out_ptr + t * HKV * D, D, k_out_ptr, 0,
+        _rotate_heads(k_ptr + t * k_stride_t, k_stride_h, k_out_ptr + t * ko_stride_t, D, k_out_ptr, 0,
                       HKV, cos, sin, D, 1.0, HALF, IS_NEOX, False, False, False, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
 
 
@@ -115,14 +115,19 @@ def _heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(q, k, positions, cos_sin_cache, is_neox, v=None, k_cache=None, v_cache=None, slot_mapping=None,
-            k_scale=1.0, v_scale=1.0):
+            k_scale=1.0, v_scale=1.0, in_place=False):
     T, H, D = q.shape
     HKV = k.shape[1]
     rot = cos_sin_cache.shape[-1]
     half = rot // 2
-    q, k = _heads(q), _heads(k)
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if in_place:  # (each element is read before it is written, by the same program)
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or q.stride(1) != D or k.stride(1) != D:
+            raise ValueError("rotary in place needs heads laid out [..., head, dim] with unit last stride")
+        q_out, k_out = q, k
+    else:
+        q, k = _heads(q), _heads(k)
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T == 0:
         return q_out, k_out
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
@@ -139,7 +144,8 @@ def _launch(q, k, positions, cos_sin_cache, is_neox, v=None, k_cache=None, v_cac
     block_h = min(triton.next_power_of_2(max(H, HKV)), max(1, 4096 // triton.next_power_of_2(D)))
     _rotary_kernel[(T,)](
         q, k, v, positions, cs, q_out, k_out, k_cache, v_cache, slot_mapping,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0), k_out.stride(0),
+        cs.stride(0),
         kc_s[0], kc_s[1], kc_s[2], vc_s[0], vc_s[1], vc_s[2],
         H, HKV, D, dv, block_size, float(k_scale), float(v_scale),
         HALF=half, IS_NEOX=is_neox, WRITE_CACHE=write, **flags, BLOCK_H=block_h,
@@ -167,3 +173,13 @@ def rotary_kv_cache(
     [num_blocks, block_size, Hkv, D|Dv] at slot_mapping [T] (negative slots skipped; an fp8 cache
     gets k / k_scale and v / v_scale). Returns (rotated q, rotated k); the caches are updated in place."""
     return _launch(q, k, positions, cos_sin_cache, is_neox, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def rotary_in_place(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                    is_neox: bool, v: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                    v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """rotary (with the cache write when the caches are given) rotating q and k where they are:
+    views of one q/k/v projection's output, [T, heads, D] with any token stride (a fused
+    projection's fallback for several rows, `triton_ops.rms_norm_linear_rope`)."""
+    _launch(q, k, positions, cos_sin_cache, is_neox, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, in_place=True)

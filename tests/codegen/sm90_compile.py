@@ -39,18 +39,25 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
-                 fp8_bits: bool = False, round_to: str | None = None) -> None:
+                 fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
+                 cache_ty: str | None = None) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
-    a float32 output rounded to `round_to` first (the logits)."""
+    a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
+    NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type)."""
     out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
            "bias_ptr": f"*{out_ty}", "out_ptr": f"*{out_ty}", "part_ptr": "*fp32", "res_ptr": f"*{x_ty}",
            "g_ptr": f"*{x_ty}", "sum_ptr": f"*{x_ty}", "N": "i32", "K": "i32", "stride_wn": "i32",
            "k_per_split": "i32", "plane": "i32", "eps": "fp32"}
+    sig.update({"pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64", "kc_ptr": f"*{cache_ty or out_ty}",
+                "vc_ptr": f"*{cache_ty or out_ty}"})
+    sig.update(dict.fromkeys(("cs_stride", "kc_sb", "kc_ss", "kc_sh", "vc_sb", "vc_ss", "vc_sh", "block_size"), "i32"))
+    sig.update({"k_scale": "fp32", "v_scale": "fp32", "QD": "i32", "KD": "i32", "DV": "i32"})
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=8, BLOCK_K=1024,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
-                  FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None)
+                  FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
+                  KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64)
     sig.update(dict.fromkeys(consts, "constexpr"))
     _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=8, num_stages=3)
 
@@ -85,6 +92,10 @@ def variants() -> list[tuple]:
     out += [("i8", "i8", quant_gemm.NO_PROLOGUE, True, True)]  # W8A8 int8: int32 accumulation
     out += [("bf16", "fp8e4nv", p, True, False, True) for p in range(6)]  # quant_gemm.FP8_BY_BITS
     out += [(x, x, quant_gemm.NO_PROLOGUE, True, False, False, x) for x in ("bf16", "fp16")]  # the logits
+    # the q/k/v gemv with its rotary epilogue: float and 8-bit weights, both norms, an fp8 cache
+    out += [("bf16", w, p, True, False, False, None, rope, cache) for w in ("bf16", "i8")
+            for p in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM) for rope in (quant_gemm.NEOX, quant_gemm.GPTJ)
+            for cache in (None, "fp8e4nv")]
     out += [("decode", c, splits) for c in ("bf16", "fp8e4nv") for splits in (1, 16)]
     return out
 

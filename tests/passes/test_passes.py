@@ -204,3 +204,72 @@ def test_norm_and_activation_linear_fusions_keep_the_numbers():
     assert len(fused.args[4]) == 2  # both sibling weights, one matrix
     assert [n.args[1] for n in graph.calls("act_and_mul_linear")] == ["silu", "gelu_tanh"]
     assert count(graph, "silu_and_mul") == 0 and count(graph, "gelu_and_mul") == 0
+
+
+class NormAttentionBlock(nn.Module):
+    """A residual add + RMSNorm read by sibling q/k/v projections, rotary, then paged attention
+    (a Llama layer's attention half), then a plain RMSNorm feeding another such attention: what
+    fuse_linear_rope looks for, in both norm forms, after merge_linears, fuse_add_rms_norm,
+    fuse_norm_linear and fuse_rotary_cache_write."""
+
+    adjacent_weights = (("wq", "wk", "wv"), ("wq2", "wk2", "wv2"))
+
+    def __init__(self, heads=4, kv_heads=2, head_dim=8, neox=True):
+        super().__init__()
+        d = heads * head_dim
+        self.heads, self.kv_heads, self.head_dim, self.neox = heads, kv_heads, head_dim, neox
+        for suffix in ("", "2"):
+            for name, n in (("wq", heads), ("wk", kv_heads), ("wv", kv_heads)):
+                setattr(self, name + suffix, nn.Parameter(torch.randn(n * head_dim, d) * 0.2))
+        self.g1, self.g2 = (nn.Parameter(torch.rand(d) + 0.5) for _ in range(2))
+        freqs = torch.arange(64).float()[:, None] / (100 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), -1))
+
+    def attend(self, x, positions, layer, suffix):
+        q = ops.linear(x, getattr(self, "wq" + suffix)).unflatten(-1, (self.heads, self.head_dim))
+        k = ops.linear(x, getattr(self, "wk" + suffix)).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = ops.linear(x, getattr(self, "wv" + suffix)).unflatten(-1, (self.kv_heads, self.head_dim))
+        q, k = ops.rotary(q, k, positions, self.cos_sin, self.neox)
+        return ops.attention(q, k, v, layer, self.head_dim ** -0.5).flatten(-2)
+
+    def forward(self, x, residual, positions):
+        out = self.attend(ops.rms_norm(x + residual, self.g1, 1e-6), positions, 0, "")
+        return self.attend(ops.rms_norm(out, self.g2, 1e-6), positions, 1, "2"), x + residual
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_linear_rope_fusion_keeps_outputs_and_caches(neox):
+    from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+
+    torch._dynamo.reset()
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = NormAttentionBlock(neox=neox).eval()
+    lay_out_adjacent(block)
+    graphs = []
+    names = ["merge_linears", "fuse_add_rms_norm", "fuse_norm_linear", "fuse_rotary_cache_write", "fuse_linear_rope"]
+
+    def backend(gm, example_inputs):
+        graphs.append(run_passes(Graph(gm, example_inputs), names))
+        return graphs[-1].gm.forward
+
+    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    lens = [3, 4]  # two sequences prefilled into scattered slots of a 9-block cache of 4-token blocks
+    blocks = torch.randperm(9)[:4].reshape(2, 2)
+    slots = torch.cat([blocks[i, p // 4] * 4 + p % 4 for i, n in enumerate(lens) for p in torch.arange(n)[None]])
+    md = AttentionMetadata(slots, blocks, lens, lens, 4)
+    x, r, positions = torch.randn(7, 32), torch.randn(7, 32), torch.cat([torch.arange(n) for n in lens])
+    results = {}
+    for name, fn in (("eager", block), ("compiled", compiled)):
+        caches = [(torch.zeros(9, 4, 2, 8), torch.zeros(9, 4, 2, 8)) for _ in range(2)]
+        with set_forward_context(ForwardContext(md, caches)), torch.no_grad():
+            results[name] = fn(x, r, positions), caches
+    for a, b in zip(results["eager"][0], results["compiled"][0]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for (k_a, v_a), (k_b, v_b) in zip(results["eager"][1], results["compiled"][1]):
+        assert k_a.abs().sum() > 0
+        torch.testing.assert_close(k_b, k_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v_b, v_a, rtol=1e-5, atol=1e-5)
+    graph = graphs[0]
+    assert count(graph, "add_rms_norm_linear_rope") == 1 and count(graph, "rms_norm_linear_rope") == 1
+    assert count(graph, "rotary_kv_write") == 0 and count(graph, "add_rms_norm_linear") == 0
+    assert all(att.kwargs.get("kv_written") is True for att in graph.calls("attention"))
