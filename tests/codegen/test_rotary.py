@@ -76,3 +76,22 @@ def test_rotary_kv_cache(dtype, is_neox, device, poisoned, close):
     ref_v_cache.flatten(0, 1)[slots[:-1]] = v[:-1]
     close(k_cache, ref_k_cache)
     torch.testing.assert_close(v_cache, ref_v_cache, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_rotary_in_place_on_a_projections_views(is_neox, device, close):
+    """rotary_in_place rotates q and k where they are: head views of one [T, (H + 2 Hkv) D]
+    projection (token stride wider than the heads), as rotary does on copies; v is untouched."""
+    from kiln.codegen.kernels.rotary import rotary_in_place
+
+    T, H, Hkv, D = 5, 4, 2, 32
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, device=device)
+    before = qkv.clone()
+    q, k = qkv[:, :H * D].unflatten(-1, (H, D)), qkv[:, H * D:(H + Hkv) * D].unflatten(-1, (Hkv, D))
+    positions = torch.randint(0, MAX_POS, (T,), device=device)
+    cache = _cos_sin_cache(D, device)
+    ref_q, ref_k = ops.rotary(q.clone(), k.clone(), positions, cache, is_neox)
+    rotary_in_place(q, k, positions, cache, is_neox)
+    close(q, ref_q)
+    close(k, ref_k)
+    assert torch.equal(qkv[:, (H + Hkv) * D:], before[:, (H + Hkv) * D:])
