@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU checks and timings the open issues need, section by section, in one call on a lent GPU:
+# each section's full output goes to $OUT/<section>.txt and its summary lines to stdout.
+#
+#   bash benchmarks/gpu_session.sh [SECTION ...]     (default: kernels paths decode)
+#
+# Sections:
+#   kernels     the Triton kernel tests compiled on the GPU (TRITON_INTERPRET=0)
+#   paths       check_decode_paths.py: compiled == eager, gemv vs cuBLAS, async == steps in turn
+#   decode      batch-1 decode (Llama-3.2-1B shape), async, with the A/B rows of the switches not
+#               yet timed: rotary in the q/k/v gemv, fp8 read by its bits
+#   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
+#   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
+#   throughput  1000 requests against HF generate (issue 8), async scheduling
+#   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
+#   tp          scale_out.py --skip-dp --async-scheduling (2 GPUs: TP=2 against TP=1)
+# The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
+set -u
+OUT=${OUT:-/tmp/kiln-gpu}
+mkdir -p "$OUT" /tmp/kiln-path
+ln -sfn "$PWD" /tmp/kiln-path/kiln
+export PYTHONPATH=/tmp/kiln-path PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+LLAMA_1B_WORKLOAD="--num-prompts 1000 --min-input 128 --max-input 1024 --min-output 128 --max-output 128
+  --hidden-size 2048 --num-layers 16 --num-heads 32 --num-kv-heads 8 --intermediate-size 8192 --vocab-size 128256
+  --hf-batch-size 64 --repeats 1"
+
+run() {  # run NAME SECONDS COMMAND...: the command's output to $OUT/NAME.txt, its exit status to stdout
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "== $name: exit $?"
+}
+
+section() {
+    case $1 in
+        kernels)
+            TRITON_INTERPRET=0 run kernels 300 python -m pytest -q -p no:cacheprovider -W ignore \
+                tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py tests/codegen/test_rotary.py \
+                tests/codegen/test_attention.py
+            tail -3 "$OUT/kernels.txt" | cut -c1-300 ;;
+        paths)
+            run paths 300 python benchmarks/check_decode_paths.py
+            grep -E "==|Error" "$OUT/paths.txt" ;;
+        decode)
+            run decode 500 python benchmarks/decode_latency.py --no-hf --async-scheduling --repeats 3 \
+                --compare-rope-fusion --quantization fp8_weight_only --compare-fp8-conversion
+            grep -A12 "^device" "$OUT/decode.txt" ;;
+        quant)
+            run quant 400 python benchmarks/decode_latency.py --no-hf --async-scheduling --repeats 3 \
+                --quantization int8_weight_only,fp8_weight_only
+            grep -A10 "^device" "$OUT/quant.txt" ;;
+        tiles)
+            run tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
+                --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
+            grep -A12 "^device" "$OUT/tiles.txt" ;;
+        throughput)
+            # shellcheck disable=SC2086
+            run throughput 500 python benchmarks/throughput.py $LLAMA_1B_WORKLOAD --async-scheduling
+            grep -iE "kiln|ratio|HF|limit|device" "$OUT/throughput.txt" | tail -8 ;;
+        coldstart)
+            run coldstart 500 python benchmarks/cold_start.py
+            tail -8 "$OUT/coldstart.txt" ;;
+        tp)
+            run tp 580 python benchmarks/scale_out.py --skip-dp --async-scheduling
+            tail -8 "$OUT/tp.txt" ;;
+        *)
+            echo "unknown section $1 (see the comment at the top)" >&2
+            return 2 ;;
+    esac
+}
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for s in "${@:-kernels paths decode}"; do
+    for one in $s; do
+        section "$one"
+    done
+done
