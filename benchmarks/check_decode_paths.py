@@ -3,7 +3,9 @@ tiny random Llama, also with sampling parameters that take the sampler's slower 
 int8 weight-only quantization against its own eager graph; then, in bfloat16, the compiled path
 with `float_gemv` (Triton gemv for one-row linears) against the compiled path with cuBLAS at batch 1
 (bfloat16 sums in another order may flip a near-tie: the count is a report, the kernel tests are
-the check); and async scheduling against steps in turn (float32: the same tokens).
+the check), and with rotary in the q/k/v gemv's epilogue against the rotary kernel apart (the same
+roundings: the same tokens expected); and async scheduling against steps in turn (float32: the
+same tokens).
 
     python benchmarks/check_decode_paths.py
 """
@@ -35,6 +37,15 @@ def main() -> None:
             runs.append([llm.generate(p, plain, use_tqdm=False)[0].outputs[0].token_ids for p in prompts])
         same = sum(a == b for a, b in zip(*runs))
         print(f"bf16 batch 1: float_gemv == cuBLAS for {same}/{len(prompts)} prompts")
+        # rotary + the cache write in the q/k/v gemv's epilogue (fuse_linear_rope) against the rotary
+        # kernel after the gemv: the same roundings in the same order, so the same tokens expected
+        from kiln.passes import PIPELINE
+
+        apart = LLM(bf16, dtype="bfloat16", enforce_eager=False,
+                    compilation_config={"passes": [p for p in PIPELINE if p != "fuse_linear_rope"]})
+        rotary_apart = [apart.generate(p, plain, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        same = sum(a == b for a, b in zip(runs[1], rotary_apart))
+        print(f"bf16 batch 1: fuse_linear_rope == rotary apart for {same}/{len(prompts)} prompts")
         # async scheduling (step n+1 launched before step n's tokens are read; its input row filled
         # on the device) against steps in turn: the same tokens, one prompt at a time (the decode
         # graphs' batch-1 bucket) and all together (requests joining and finishing mid-run)
