@@ -399,7 +399,7 @@ def _gemv_kernel(
         rm = tl.arange(0, 1)
         _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
                 HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
-    else:  # (the launcher makes it one split, without x scales)
+    else:  # (the launcher makes it one split, without x scales; the tables only now: see rope_tables)
         cos, sin, slot = rope_tables(pid_n, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, ROWS)
         vals_a = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
         vals_b = tl.sum(acc_b, axis=1) * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)

@@ -101,7 +101,8 @@ def test_kiln_compile_dumps_the_ir_before_and_after_each_pass(llama_path, tmp_pa
     assert files == ["00-input.txt"] + [f"{i:02d}-{name}.txt" for i, name in enumerate(PIPELINE, start=1)]
     text = {f: (out / "graph0" / f).read_text() for f in files}
     assert "kiln.merged_linear" not in text["00-input.txt"] and "kiln.merged_linear" in text["01-merge_linears.txt"]
-    assert "kiln.rotary_kv_write" in text[files[-1]] and "kiln.rotary(" not in text[files[-1]]
+    assert "kiln.rotary_kv_write" in text[files[-2]] and "kiln.rotary(" not in text[files[-2]]
+    assert "kiln.add_rms_norm_linear_rope" in text[files[-1]] and "kiln.rotary_kv_write" not in text[files[-1]]
     assert "graph0: 00-input.txt, 01-merge_linears.txt" in capsys.readouterr().out
     subset = tmp_path / "subset"
     assert main(["compile", llama_path, "--dump-ir", str(subset), "--backend", "eager", "--device", "cpu",
