@@ -96,13 +96,19 @@ def host_phases(llm, prompt, params, steps: int) -> None:
                  (runner, "execute", timed(runner, "execute", "execute (inputs + replay)")),
                  (runner, "compute_logits", timed(runner, "compute_logits", "compute_logits")),
                  (engine.sampler, "tokens", timed(engine.sampler, "tokens", "sampler.tokens")),
-                 (engine, "_collect", timed(engine, "_collect", "collect (waits included)"))]
+                 (engine, "_advance", timed(engine, "_advance", "advance (blocks)")),
+                 (engine, "_collect", timed(engine, "_collect", "collect (waits included)")),
+                 (engine, "_append_token", timed(engine, "_append_token", "  of which append_token")),
+                 (engine, "_output", timed(engine, "_output", "  of which outputs")),
+                 (engine, "has_unfinished_requests", timed(engine, "has_unfinished_requests", "has_unfinished (LLM loop)"))]
     if runner.decode_graphs is not None:
         originals.append((runner.decode_graphs, "stage", timed(runner.decode_graphs, "stage", "  of which stage")))
         for graph in runner.decode_graphs.graphs.values():
             originals.append((graph, "replay", timed(graph, "replay", "  of which replay")))
     token_ids = model_runner.PendingTokens.token_ids
     timed(model_runner.PendingTokens, "token_ids", "  of which waits")
+    snapshot = model_runner.PendingTokens.__post_init__
+    timed(model_runner.PendingTokens, "__post_init__", "pending tokens (pinned copy, event)")
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     try:
         sync()
@@ -112,6 +118,7 @@ def host_phases(llm, prompt, params, steps: int) -> None:
         wall = time.perf_counter() - t0
     finally:
         model_runner.PendingTokens.token_ids = token_ids
+        model_runner.PendingTokens.__post_init__ = snapshot
         for owner, name, _ in originals:
             delattr(owner, name)  # the instance attribute shadowed the class's method
     print(f"host phases, us a step (wall {wall / steps * 1e6:.1f} us a step):")
@@ -119,6 +126,10 @@ def host_phases(llm, prompt, params, steps: int) -> None:
         print(f"  {label:28} {total / steps * 1e6:8.1f}")
     busy = totals["step (all)"] - totals["  of which waits"]
     print(f"  {'host busy (step - waits)':28} {busy / steps * 1e6:8.1f}")
+    named = sum(totals[k] for k in ("schedule", "execute (inputs + replay)", "compute_logits", "sampler.tokens",
+                                    "advance (blocks)", "collect (waits included)", "pending tokens (pinned copy, event)"))
+    print(f"  {'step, outside those phases':28} {(totals['step (all)'] - named) / steps * 1e6:8.1f}")
+    print(f"  {'generate, outside step':28} {(wall - totals['step (all)']) / steps * 1e6:8.1f}")
 
 
 def main() -> None:
