@@ -12,6 +12,7 @@
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   throughput  1000 requests against HF generate (issue 8), async scheduling
+#   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
 #   tp          scale_out.py --skip-dp --async-scheduling (2 GPUs: TP=2 against TP=1)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
@@ -57,6 +58,12 @@ section() {
             # shellcheck disable=SC2086
             run throughput 500 python benchmarks/throughput.py $LLAMA_1B_WORKLOAD --async-scheduling
             grep -iE "kiln|ratio|HF|limit|device" "$OUT/throughput.txt" | tail -8 ;;
+        host)
+            run host 300 python benchmarks/profile_decode.py --async-scheduling --host-only
+            run host_int8 300 python benchmarks/profile_decode.py --async-scheduling --host-only \
+                --quantization int8_weight_only
+            grep -A16 "host phases" "$OUT/host.txt" | tail -17
+            grep -A16 "host phases" "$OUT/host_int8.txt" | tail -17 ;;
         coldstart)
             run coldstart 500 python benchmarks/cold_start.py
             tail -8 "$OUT/coldstart.txt" ;;
