@@ -11,6 +11,7 @@
 #               yet timed: rotary in the q/k/v gemv, fp8 read by its bits
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
+#   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
 #   throughput  1000 requests against HF generate (issue 8), async scheduling
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
@@ -54,6 +55,10 @@ section() {
             run tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
             grep -A12 "^device" "$OUT/tiles.txt" ;;
+        tp2tiles)
+            run tp2tiles 500 python benchmarks/kernels.py --sweep --sweep-kinds bf16 --sweep-chain 8 \
+                --sweep-model llama-8b-tp2
+            sed -n '/sweep summary/,$p' "$OUT/tp2tiles.txt" ;;
         throughput)
             # shellcheck disable=SC2086
             run throughput 500 python benchmarks/throughput.py $LLAMA_1B_WORKLOAD --async-scheduling

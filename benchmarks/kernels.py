@@ -30,6 +30,11 @@ each overlaps the previous one's tail (PDL) as in a decode step (the defaults we
     python benchmarks/kernels.py --sweep --sweep-m 1,16 --sweep-kinds int8 --sweep-shapes qkv,down
     python benchmarks/kernels.py --sweep --sweep-kinds bf16      # the gemv on float weights vs cuBLAS
     python benchmarks/kernels.py --sweep --sweep-kinds bf16,int8,fp8 --sweep-chain 8
+    python benchmarks/kernels.py --sweep --sweep-kinds bf16 --sweep-chain 8 --sweep-model llama-8b-tp2
+
+`--sweep-model` picks whose linears: the Llama-3.2-1B shape (default; the tiles' roles were
+measured there), the Llama-3.1-8B shape, or one rank's of it under two-way tensor parallelism,
+where the roles' thresholds put different matrices in each role (gate_up is "narrow" there).
 """
 
 from __future__ import annotations
@@ -242,6 +247,15 @@ def bench_attention(table, dtype, device, K, triton_ops):
 
 LLAMA_1B_LINEARS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192),
                     ("lm_head", 128256, 2048))
+# --sweep-model: the linears (name, N, K) of one rank of other shapes, for the gemv's tiles there
+SWEEP_MODELS = {
+    "llama-1b": LLAMA_1B_LINEARS,
+    "llama-8b": (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+                 ("lm_head", 128256, 4096)),
+    # one of two tensor-parallel ranks: heads, the MLP's width and the vocabulary halved
+    "llama-8b-tp2": (("qkv", 3072, 4096), ("o", 4096, 2048), ("gate_up", 14336, 4096), ("down", 4096, 7168),
+                     ("lm_head", 64128, 4096)),
+}
 
 
 def bench_quant_rows(table, dtype, device, K):
@@ -331,7 +345,7 @@ def _weight_only_grid(M: int) -> list:
     return grid
 
 
-def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes, chain=1):
+def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes, chain=1, linears=LLAMA_1B_LINEARS):
     """Every tiling of `_weight_only_grid` per (M, kind, shape): graph-replay time, GB/s of the
     fewest bytes, and the output checked against float32; the best six and the default.
     chain > 1: each graph launches the linear `chain` times back to back, over as many copies of
@@ -359,7 +373,7 @@ def sweep_weight_only(dtype, device, K, copy_gbs, ms, kinds, shapes, chain=1):
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     for M in ms:
         for kind in kinds:
-            for name, N, Kd in (s for s in LLAMA_1B_LINEARS if s[0] in shapes):
+            for name, N, Kd in (s for s in linears if s[0] in shapes):
                 x = torch.randn(M, Kd, device=device, dtype=dtype)
                 w = torch.randn(N, Kd, device=device) * Kd ** -0.5
                 if kind == "bf16":  # float weights in the run's dtype, scale 1: the kernels against cuBLAS
@@ -429,7 +443,9 @@ def main():
     parser.add_argument("--sweep-chain", type=int, default=1,
                         help="time each tiling as N launches back to back over N weight copies (per launch)")
     parser.add_argument("--sweep-shapes", default=",".join(s[0] for s in LLAMA_1B_LINEARS),
-                        help="which Llama-3.2-1B linears (default all: qkv,o,gate_up,down,lm_head)")
+                        help="which of the model's linears (default all: qkv,o,gate_up,down,lm_head)")
+    parser.add_argument("--sweep-model", default="llama-1b", choices=sorted(SWEEP_MODELS),
+                        help="whose linears --sweep times (llama-8b-tp2: one rank's of two)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py times Triton kernels on a CUDA device; none is available here.")
@@ -448,7 +464,8 @@ def main():
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written); '%copy' is against it\n")
     if args.sweep:
         sweep_weight_only(dtype, device, K, copy_gbs, [int(m) for m in args.sweep_m.split(",")],
-                          args.sweep_kinds.split(","), args.sweep_shapes.split(","), args.sweep_chain)
+                          args.sweep_kinds.split(","), args.sweep_shapes.split(","), args.sweep_chain,
+                          SWEEP_MODELS[args.sweep_model])
         return 0
     table = Table(copy_gbs)
     sections = {"norm": bench_norms, "activation": bench_activations, "rotary": bench_rotary}
