@@ -401,7 +401,11 @@ def test_norm_linear_dispatch(device, close, cast):
         for rows in (1, 3):
             x, r = (torch.randn(rows, 64, device=device).to(bf16) for _ in range(2))
             out, summed = triton_ops.add_rms_norm_linear(x, r, g, 1e-5, [wq], [], ws)
-            close(out, torch.nn.functional.linear(ops.rms_norm(x + r, g, 1e-5).double(), w64), dtype=bf16)
+            # the normalized row rounded as the kernel rounds it (against the reference op's the
+            # error reached 1.24e-2 of 1.5e-2 over 150 seeds under the interpreter)
+            s = cast(x.float() + r.float(), bf16).float()
+            row = cast(g.float() * cast(s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5), bf16).float(), bf16)
+            close(out, torch.nn.functional.linear(row.double(), w64), dtype=bf16)
             close(summed, x + r)
             gate_up = torch.randn(rows, 128, device=device).to(bf16)
             # the gated row rounded as the kernel rounds it (the interpreter truncates, so the
