@@ -690,19 +690,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     as `kiln::rms_norm_linear` / `add_rms_norm_linear` compute them, in one gemv launch that
     normalizes its input row itself. x, residual, norm_weight share one float dtype; w has it too,
     or is 8-bit with its per-channel w_scale [N] (weight-only)."""
-    K = x.shape[-1]
-    if x.numel() != K:
-        raise ValueError(f"rms_norm_gemv takes one row, got x of shape {tuple(x.shape)}")
-    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight)):
-        raise TypeError(f"rms_norm_gemv: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
-                        f"{None if residual is None else residual.dtype} and {norm_weight.dtype}")
-    scale = _weight_scale("rms_norm_gemv", x, w, w_scale)
-    summed = torch.empty_like(x) if residual is not None else None
-    prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
-                        _rows(residual) if residual is not None else None,
-                        summed.view(1, K) if summed is not None else None)
-    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue)
-    return out.reshape(*x.shape[:-1], w.shape[0]), summed
+    return _norm_gemv("rms_norm_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale)
 
 
 def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
@@ -713,24 +701,28 @@ def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     `kiln::rms_norm_linear_rope` / `add_rms_norm_linear_rope` compute them (`Rope` says how;
     `rope_epilogue.py`). One launch: the norm in its prologue, rotary and the cache write in its
     epilogue. Full rotary only (the cos/sin table as wide as a head)."""
-    K = x.shape[-1]
-    if x.numel() != K:
-        raise ValueError(f"rope_gemv takes one row, got x of shape {tuple(x.shape)}")
-    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight)):
-        raise TypeError(f"rope_gemv: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
-                        f"{None if residual is None else residual.dtype} and {norm_weight.dtype}")
     D, H, HKV = rope.head_dim, rope.num_heads, rope.num_kv_heads
     if rope.cos_sin_cache.shape[-1] != D or rope.style not in (NEOX, GPTJ):
         raise ValueError(f"rope_gemv: full rotary only (a cos/sin table {D} wide), NEOX or GPTJ; got a table "
                          f"{rope.cos_sin_cache.shape[-1]} wide, style {rope.style}")
     if w.shape[0] != (H + HKV) * D + HKV * rope.v_cache.shape[-1]:
         raise ValueError(f"rope_gemv: a weight of {w.shape[0]} rows for {H} q and {HKV} kv heads of {D}")
-    scale = _weight_scale("rope_gemv", x, w, w_scale)
+    rope = dataclasses.replace(rope, cos_sin_cache=rope.cos_sin_cache.contiguous())
+    return _norm_gemv("rope_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope)
+
+
+def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope=None):
+    K = x.shape[-1]
+    if x.numel() != K:
+        raise ValueError(f"{name} takes one row, got x of shape {tuple(x.shape)}")
+    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight)):
+        raise TypeError(f"{name}: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
+                        f"{None if residual is None else residual.dtype} and {norm_weight.dtype}")
+    scale = _weight_scale(name, x, w, w_scale)
     summed = torch.empty_like(x) if residual is not None else None
     prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
                         _rows(residual) if residual is not None else None,
                         summed.view(1, K) if summed is not None else None)
-    rope = dataclasses.replace(rope, cos_sin_cache=rope.cos_sin_cache.contiguous())
     out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue, rope=rope)
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 

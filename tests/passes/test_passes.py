@@ -123,8 +123,19 @@ class AttentionBlock(nn.Module):
         return ops.attention(q, k, v, 0, self.head_dim ** -0.5)
 
 
+def scattered_prefill():
+    """(attention metadata, positions): two sequences of 3 and 4 tokens prefilled into scattered
+    slots of a 9-block cache of 4-token blocks."""
+    from kiln.ir import AttentionMetadata
+
+    lens = [3, 4]
+    blocks = torch.randperm(9)[:4].reshape(2, 2)
+    slots = torch.cat([blocks[i, p // 4] * 4 + p % 4 for i, n in enumerate(lens) for p in torch.arange(n)[None]])
+    return AttentionMetadata(slots, blocks, lens, lens, 4), torch.cat([torch.arange(n) for n in lens])
+
+
 def test_rotary_cache_write_fusion_keeps_outputs_and_cache():
-    from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+    from kiln.ir import ForwardContext, set_forward_context
 
     torch._dynamo.reset()
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
@@ -136,11 +147,8 @@ def test_rotary_cache_write_fusion_keeps_outputs_and_cache():
         return graphs[-1].gm.forward
 
     compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
-    lens = [3, 4]  # two sequences prefilled into scattered slots of a 9-block cache of 4-token blocks
-    blocks = torch.randperm(9)[:4].reshape(2, 2)
-    slots = torch.cat([blocks[i, p // 4] * 4 + p % 4 for i, n in enumerate(lens) for p in torch.arange(n)[None]])
-    md = AttentionMetadata(slots, blocks, lens, lens, 4)
-    x, positions = torch.randn(7, 32), torch.cat([torch.arange(n) for n in lens])
+    md, positions = scattered_prefill()
+    x = torch.randn(7, 32)
     caches = {}
     for name, fn in (("eager", block), ("compiled", compiled)):
         caches[name] = (torch.zeros(9, 4, 2, 8), torch.zeros(9, 4, 2, 8))
@@ -239,7 +247,7 @@ class NormAttentionBlock(nn.Module):
 
 @pytest.mark.parametrize("neox", [True, False])
 def test_linear_rope_fusion_keeps_outputs_and_caches(neox):
-    from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+    from kiln.ir import ForwardContext, set_forward_context
 
     torch._dynamo.reset()
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
@@ -253,11 +261,8 @@ def test_linear_rope_fusion_keeps_outputs_and_caches(neox):
         return graphs[-1].gm.forward
 
     compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
-    lens = [3, 4]  # two sequences prefilled into scattered slots of a 9-block cache of 4-token blocks
-    blocks = torch.randperm(9)[:4].reshape(2, 2)
-    slots = torch.cat([blocks[i, p // 4] * 4 + p % 4 for i, n in enumerate(lens) for p in torch.arange(n)[None]])
-    md = AttentionMetadata(slots, blocks, lens, lens, 4)
-    x, r, positions = torch.randn(7, 32), torch.randn(7, 32), torch.cat([torch.arange(n) for n in lens])
+    md, positions = scattered_prefill()
+    x, r = torch.randn(7, 32), torch.randn(7, 32)
     results = {}
     for name, fn in (("eager", block), ("compiled", compiled)):
         caches = [(torch.zeros(9, 4, 2, 8), torch.zeros(9, 4, 2, 8)) for _ in range(2)]

@@ -179,13 +179,7 @@ def test_replicas_as_ray_actors_behind_the_server(config, single):
             assert [text for _, text, _ in got] == [text for _, text, _ in expected]
             assert min(r.num_requests for r in server.llm.replicas) >= 2  # both served
             ray.kill(server.llm.replicas[1].process.actor)
-            deadline = time.monotonic() + 10
-            while httpx.get(f"{server.url}/health").status_code == 200 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert httpx.get(f"{server.url}/health").status_code == 503
-            with pytest.raises(openai.APIStatusError, match=r"data-parallel replica 1 \(Ray actor on .*\) died") as e:
-                server.client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=4)
-            assert e.value.status_code == 503
+            assert_dead_replica_is_503(server, r"data-parallel replica 1 \(Ray actor on .*\) died")
         finally:
             server.stop()
         assert not any(r.process.is_alive() for r in server.llm.replicas)
@@ -203,12 +197,17 @@ def test_a_bad_data_parallel_size_is_a_clear_error(config, capsys):
     assert "kiln serve: error: data_parallel_size must be >= 1, got 0" in capsys.readouterr().err
 
 
+def assert_dead_replica_is_503(server: Server, message: str) -> None:
+    """/health turns 503 within 10 s of a replica's death, and a request gets 503 with `message`."""
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{server.url}/health").status_code == 503
+    with pytest.raises(openai.APIStatusError, match=message) as e:
+        server.client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=4)
+    assert e.value.status_code == 503
+
+
 def test_a_dead_replica_turns_health_and_requests_to_503(dp):
     os.kill(dp.llm.replicas[1].process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{dp.url}/health").status_code == 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert httpx.get(f"{dp.url}/health").status_code == 503
-    with pytest.raises(openai.APIStatusError, match=r"data-parallel replica 1 \(pid \d+\) died, exit code -9") as e:
-        dp.client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=4)
-    assert e.value.status_code == 503
+    assert_dead_replica_is_503(dp, r"data-parallel replica 1 \(pid \d+\) died, exit code -9")
