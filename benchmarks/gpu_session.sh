@@ -16,6 +16,7 @@
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
 #   tp          scale_out.py --skip-dp --async-scheduling (2 GPUs: TP=2 against TP=1)
+#   tp-ll       the same with NCCL_PROTO=LL (NCCL's low-latency protocol for the step's 8 KB all-reduces)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
 set -u
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -75,6 +76,9 @@ section() {
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --async-scheduling
             tail -8 "$OUT/tp.txt" ;;
+        tp-ll)
+            NCCL_PROTO=LL run tp-ll 580 python benchmarks/scale_out.py --skip-dp --async-scheduling
+            tail -8 "$OUT/tp-ll.txt" ;;
         *)
             echo "unknown section $1 (see the comment at the top)" >&2
             return 2 ;;
