@@ -83,8 +83,11 @@ def _compile(args) -> int:
           f"compile cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')}")
     if args.dump_ir:
         for folder in sorted(os.listdir(args.dump_ir)):
-            files = sorted(os.listdir(os.path.join(args.dump_ir, folder)))
-            print(f"  {os.path.join(args.dump_ir, folder)}: {', '.join(files)}")
+            print(f"  {os.path.join(args.dump_ir, folder)}: nodes, kiln ops after each step")
+            for name in sorted(os.listdir(os.path.join(args.dump_ir, folder))):
+                with open(os.path.join(args.dump_ir, folder, name)) as f:
+                    nodes = [line for line in f if line.startswith("%")]
+                print(f"    {name:34} {len(nodes):5} {sum(' = kiln.' in n for n in nodes):5}")
     llm.shutdown()
     return 0
 
