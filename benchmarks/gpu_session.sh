@@ -18,6 +18,8 @@
 #   tp          scale_out.py --skip-dp --async-scheduling (2 GPUs: TP=2 against TP=1)
 #   tp-ll       the same with NCCL_PROTO=LL (NCCL's low-latency protocol for the step's 8 KB all-reduces)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
+# A lent GPU runs one command for at most 600 s: split the sections over calls, e.g.
+#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp tp-ll`
 set -u
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT" /tmp/kiln-path
