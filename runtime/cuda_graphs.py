@@ -12,9 +12,15 @@ Padding rows compute garbage that nobody reads: they write their key and value i
 block the block manager never hands out, and attend over it alone (length 1).
 
 Under tensor parallelism every rank captures the same buckets in the same order, its all_reduces
-(NCCL) recorded in its graphs; rank 0 sends each replayed step's inputs to the workers, which
-replay theirs (runtime/tensor_parallel.py). Such graphs hold NCCL's communicator: they must go
-before the process group does.
+(NCCL) recorded in its graphs, and the vocabulary-parallel logits' all_gather too; rank 0 sends
+each replayed step's inputs to the workers, which replay theirs (runtime/tensor_parallel.py). Such
+graphs hold NCCL's communicator: they must go before the process group does.
+
+`emulate=True` (`compilation_config={"cudagraph": "emulate"}`) builds the same object on any
+device without CUDA graphs: each "replay" runs what a capture records, eagerly, into the same
+static buffers (`EmulatedGraph`). It is how the engine's graph path (staging, padding, the
+captured logits and argmax, async scheduling's fill, the tensor-parallel step protocol) is tested
+on a CPU.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, forward: Callable, kv_caches, block_size: int, max_blocks_per_seq: int, scratch_block: int,
                  max_num_seqs: int, device: torch.device, cross_kv_caches=None, kv_scales=None,
-                 logits: Callable | None = None):
+                 logits: Callable | None = None, emulate: bool = False):
         self.forward, self.kv_caches, self.block_size = forward, kv_caches, block_size
+        self.emulate = emulate
         self.logits = logits  # hidden [B, H] -> logits [B, V] float32, captured after the forward when given
         self.kv_scales = kv_scales  # an fp8 cache's per-layer (k_scale, v_scale): plain floats, baked into the graphs
         self.cross_kv_caches = cross_kv_caches  # encoder-decoder models: each row reads its cross-cache slot
@@ -98,6 +105,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if self.emulate:
+            for b in reversed(self.sizes):
+                self.graphs[b] = EmulatedGraph(self, b)
+                self.graphs[b].record()
+            return
         for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             with set_forward_context(self._context(b)):
                 for _ in range(2):  # warm up: compile for this size, let the allocator settle
@@ -178,3 +190,42 @@ class DecodeGraphs:
         if self.copied[turn] is not None:
             self.copied[turn].record()
         self.block_tables[:padded, :width].copy_(self.staging[5 * n:end].view(padded, width))
+
+
+class EmulatedGraph:
+    """A decode graph's stand-in without CUDA graphs (`DecodeGraphs(emulate=True)`): `replay`
+    runs what the capture records (the input copies, the forward, the logits and their argmax)
+    eagerly, into the graphs' static outputs. Its forward context carries the lengths as lists
+    too, rebuilt from the staged buffers, since the reference ops read those (the Triton kernels
+    read the tensors)."""
+
+    def __init__(self, graphs: DecodeGraphs, b: int):
+        self.graphs, self.b = graphs, b
+        self.replays = 0
+
+    def record(self) -> None:
+        """The capture's counterpart: one run makes the static outputs (and compiles, as a capture's
+        warm-up would)."""
+        g, b = self.graphs, self.b
+        with set_forward_context(g._context(b)):
+            g.outputs[b] = g.forward(g.input_ids[:b], g.positions[:b]).clone()
+            if g.logits is not None:
+                logits = g.logits(g.outputs[b]).clone()
+                g.captured_logits[b] = (logits, greedy_tokens(logits).clone())
+
+    @torch.inference_mode()
+    def replay(self) -> None:
+        g, b = self.graphs, self.b
+        self.replays += 1
+        g.input_ids[:b].copy_(g.staged_ids[:b])
+        g.positions[:b].copy_(g.staged_positions[:b])
+        g.seq_lens[:b].copy_(g.seq_lens_long[:b])
+        context = g._context(b)
+        context.attn.seq_lens = g.seq_lens_long[:b].tolist()
+        with set_forward_context(context):
+            hidden = g.forward(g.input_ids[:b], g.positions[:b])
+            g.outputs[b].copy_(hidden)
+            if g.logits is not None:
+                logits, greedy = g.captured_logits[b]
+                logits.copy_(g.logits(g.outputs[b]))
+                greedy.copy_(greedy_tokens(logits))

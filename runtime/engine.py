@@ -234,6 +234,9 @@ class LLMEngine:
         if set(options) - known:
             raise ValueError(f"compilation_config: unknown keys {sorted(set(options) - known)}; known: "
                              f"{', '.join(sorted(known))}")
+        cudagraph = options.get("cudagraph", True)
+        if cudagraph not in (True, False, "emulate"):
+            raise ValueError(f"compilation_config['cudagraph'] must be True, False or 'emulate', got {cudagraph!r}")
         float_gemv = False
         if self.device.type == "cuda":
             from kiln.codegen.kernels import pdl
@@ -269,7 +272,7 @@ class LLMEngine:
         logger.info("kiln: compiling with passes %s, backend %s%s (cache: %s)", passes, backend,
                     f", quantization {self.config.quantization}" if self.config.quantization else "",
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-        if (not eager and self.device.type == "cuda" and options.get("cudagraph", True)
+        if (not eager and (cudagraph == "emulate" or (self.device.type == "cuda" and cudagraph))
                 and self.runner.kv_caches is not None):
             from kiln.runtime.cuda_graphs import DecodeGraphs
 
@@ -277,13 +280,13 @@ class LLMEngine:
             # all_reduces recorded into the graphs (NCCL captures); rank 0 captures its own shard's
             # forward, not the one that also sends the step to the workers
             forward = getattr(self.runner, "shard_forward", self.runner.forward)
-            # the graphs compute the logits too, except under tensor parallelism (rank 0 gathers
-            # them from the workers outside the graphs)
-            logits = self.runner.logits if self.tp is None else None
+            # the graphs compute the logits and their argmax too (under tensor parallelism the
+            # vocabulary-parallel logits' all_gather with them, on every rank)
+            logits = self.runner.logits if self.tp is None else self.tp.gathered_logits(self.runner.logits)
             graphs = DecodeGraphs(forward, self.runner.kv_caches, self.config.block_size,
                                   -(-self.max_model_len // self.config.block_size), self.runner.num_blocks,
                                   self.config.max_num_seqs, self.device, self.runner.cross_kv_caches,
-                                  self.runner.kv_scales, logits)
+                                  self.runner.kv_scales, logits, emulate=cudagraph == "emulate")
             start = time.perf_counter()
             with self.tp.step() if self.tp is not None else contextlib.nullcontext():
                 graphs.capture()

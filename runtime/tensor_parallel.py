@@ -9,7 +9,8 @@ shard of the weights and its own KV cache (sharded by KV heads), then waits for 
 rank 0 sends the step's inputs (token ids, positions, the forward context's attention metadata) to
 every worker (down a pipe, or as an actor call), and all ranks run their shard's forward, meeting
 in its all_reduces; when rank 0 asks for logits, the workers join the all_gather of the
-vocab-parallel head. Only rank 0 samples.
+vocab-parallel head. A decode step the CUDA graphs cover is one message: every rank's graph
+computes its shard's logits and gathers them too. Only rank 0 samples.
 
 The group is torch.distributed's own process group, built on a TCPStore at rank 0 (127.0.0.1, or
 with Ray the node's IP; what `init_method="tcp://..."` builds), but not installed as the process's
@@ -216,6 +217,19 @@ class TensorParallel:
         self.small_all_reduce = OneShotAllReduce(name, buffer)
         return True
 
+    def gathered_logits(self, logits):
+        """The decode graphs' logits function on every rank: `logits` (this rank's shard of the
+        vocabulary, for a vocabulary-parallel head), all-gathered into the whole vocabulary. Every
+        rank runs it inside its graphs, so the gather is captured with them; only rank 0 reads it."""
+        shard = self.model_shard
+        if logits is None or not shard.gathers_logits:
+            return logits
+
+        def gathered(hidden: torch.Tensor) -> torch.Tensor:
+            return ops.all_gather(logits(hidden), -1)[:, :shard.vocab_size]
+
+        return gathered
+
     def make_runner(self, *args, **kwargs) -> ModelRunner:
         """The engine's runner on this rank: rank 0's drives the workers; a worker's is a plain one."""
         return TensorParallelRunner(self, *args, **kwargs) if self.rank == 0 else ModelRunner(*args, **kwargs)
@@ -395,6 +409,9 @@ class TensorParallelRunner(ModelRunner):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:
         shard = self.tp.model_shard
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.logits_of(hidden) is not None and rows == list(range(len(hidden))):
+            return graphs.logits_of(hidden)  # (gathered inside every rank's graph: no message to the workers)
         with self.tp.step():
             if not shard.gathers_logits:
                 return super().compute_logits(hidden, rows, index)
@@ -437,6 +454,12 @@ class _GraphsOverGroup:
 
     def fits(self, batch: int) -> bool:
         return self.graphs.fits(batch)
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.graphs.logits_of(hidden)
+
+    def greedy_of(self, logits: torch.Tensor) -> torch.Tensor | None:
+        return self.graphs.greedy_of(logits)
 
     def run(self, input_ids: list[int], *args, fill=None) -> torch.Tensor:
         tokens, rows, src = fill if fill is not None else (None, None, None)

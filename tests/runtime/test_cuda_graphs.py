@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kiln import LLM, SamplingParams
-from kiln.runtime.cuda_graphs import DecodeGraphs, bucket_sizes
+from kiln.runtime.cuda_graphs import DecodeGraphs, EmulatedGraph, bucket_sizes
 
 
 def _graphs(max_num_seqs=6, max_blocks=5, scratch_block=9, block_size=4):
@@ -87,47 +87,29 @@ def test_run_hands_over_the_logits_and_argmax_its_graph_computed():
     assert g.logits_of(g.run([3], [1], [6], [[1]], [2])) is None
 
 
-class _EagerGraph:
-    """A captured decode graph's stand-in on CPU: replay runs what the capture records (the input
-    copies, the forward, the logits and their argmax) eagerly into the graph's static outputs. The
-    reference ops read the lengths from the metadata's lists, so they are rebuilt from the staged
-    buffers (the Triton kernels read the tensors). `shift`: the argmax written is the logits' plus
-    this (mod V), to show whose argmax the engine samples."""
+class _ShiftedGraph(EmulatedGraph):
+    """An emulated decode graph (`cuda_graphs.EmulatedGraph`: the capture's work replayed eagerly)
+    whose argmax is the logits' plus `shift` (mod V), to show whose argmax the engine samples."""
 
     def __init__(self, graphs, b, shift=0):
-        self.graphs, self.b, self.shift, self.replays = graphs, b, shift, 0
+        super().__init__(graphs, b)
+        self.shift = shift
 
     def replay(self):
-        from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
-        from kiln.runtime.sampler import greedy_tokens
-
-        g, b = self.graphs, self.b
-        self.replays += 1
-        g.input_ids[:b].copy_(g.staged_ids[:b])
-        g.positions[:b].copy_(g.staged_positions[:b])
-        md = AttentionMetadata(slot_mapping=g.slot_mapping[:b], block_tables=g.block_tables[:b], query_lens=[1] * b,
-                               seq_lens=g.seq_lens_long[:b].tolist(), block_size=g.block_size)
-        with set_forward_context(ForwardContext(md, g.kv_caches)):
-            hidden = g.forward(g.input_ids[:b], g.positions[:b])
-        logits, greedy = g.captured_logits[b]
-        g.outputs[b].copy_(hidden)
-        logits.copy_(g.logits(hidden))
-        greedy.copy_((greedy_tokens(logits) + self.shift) % logits.shape[-1])
+        super().replay()
+        greedy = self.graphs.captured_logits[self.b][1]
+        greedy.copy_((greedy + self.shift) % self.graphs.captured_logits[self.b][0].shape[-1])
 
 
 def _eager_graphs(llm, shift=0):
-    """Decode graphs on the engine's runner whose replays run eagerly (see _EagerGraph)."""
+    """Emulated decode graphs on an eager engine's runner (see _ShiftedGraph)."""
     engine = llm.llm_engine
     runner, config = engine.runner, engine.config
     graphs = DecodeGraphs(runner.forward, runner.kv_caches, config.block_size,
                           -(-engine.max_model_len // config.block_size), runner.num_blocks, config.max_num_seqs,
-                          torch.device("cpu"), logits=runner.logits)
-    hidden, vocab = engine.hf_config.hidden_size, engine.hf_config.vocab_size
-    with torch.inference_mode():
-        for b in graphs.sizes:
-            graphs.graphs[b] = _EagerGraph(graphs, b, shift)
-            graphs.outputs[b] = torch.empty(b, hidden)
-            graphs.captured_logits[b] = (torch.empty(b, vocab), torch.empty(b, dtype=torch.long))
+                          torch.device("cpu"), logits=runner.logits, emulate=True)
+    graphs.capture()
+    graphs.graphs = {b: _ShiftedGraph(graphs, b, shift) for b in graphs.graphs}
     runner.decode_graphs = graphs
     return graphs
 
@@ -154,3 +136,19 @@ def test_decode_steps_sample_the_logits_and_argmax_their_graph_computed(llama_pa
     replays = sum(g.replays for g in shifted.graphs.values())
     assert llm.generate(prompts[0], penalised, use_tqdm=False)[0].outputs[0].token_ids == want_penalised
     assert sum(g.replays for g in shifted.graphs.values()) > replays  # (through the graphs, their logits)
+
+
+def test_emulated_graphs_through_the_engine(llama_path):
+    """compilation_config={"cudagraph": "emulate"}: the compiled engine builds its decode graphs on
+    a CPU, replayed eagerly, and gives the eager engine's tokens; a bad value is a clear error."""
+    prompts = ["Hello, my name is", "one two three four five six", "a"]
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(llama_path).generate(prompts, plain, use_tqdm=False)]
+    llm = LLM(llama_path, enforce_eager=False, max_num_seqs=4,
+              compilation_config={"backend": "eager", "cudagraph": "emulate"})
+    graphs = llm.llm_engine.runner.decode_graphs
+    assert graphs is not None and graphs.emulate and graphs.sizes == [1, 2, 4]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)] == want
+    assert sum(g.replays for g in graphs.graphs.values()) >= 5
+    with pytest.raises(ValueError, match=r"\['cudagraph'\] must be True, False or 'emulate', got 'yes'"):
+        LLM(llama_path, enforce_eager=False, compilation_config={"backend": "eager", "cudagraph": "yes"})

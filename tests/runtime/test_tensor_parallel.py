@@ -174,6 +174,38 @@ def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast():
             peer.kill()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_decode_graphs_over_two_ranks_gather_the_logits_inside(paths, async_scheduling):
+    """Decode graphs over two ranks (emulated: `cudagraph="emulate"` replays what a capture
+    records, eagerly, as on a GPU without the CUDA graph): TP=1's greedy tokens and logprobs; the
+    decode steps go through the graphs, whose logits every rank gathers itself, so rank 0 sends
+    the workers one message per decode step ("graph") and asks for logits only after prompts."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = LLM(paths["llama"], **ENGINE).generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(paths["llama"], tensor_parallel_size=2, enforce_eager=False, max_num_seqs=4,
+              async_scheduling=async_scheduling, compilation_config={"backend": "eager", "cudagraph": "emulate"},
+              **ENGINE)
+    try:
+        engine = llm.llm_engine
+        sent, send = [], engine.tp.send
+        engine.tp.send = lambda message: (sent.append(message[0]), send(message))
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+        replays = sum(g.replays for g in engine.runner.decode_graphs.graphs.graphs.values())
+        assert replays == sent.count("graph") >= 7  # (the decode steps: 7 each, the prompts batched)
+        assert sent.count("logits") == sent.count("step")  # only the prompt steps ask for logits
+        one = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2),
+                           use_tqdm=False)[0].outputs[0]  # (logprobs: steps in turn, logits from the graph)
+        want = LLM(paths["llama"], **ENGINE).generate(
+            PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2),
+            use_tqdm=False)[0].outputs[0]
+        assert one.token_ids == want.token_ids
+        for a, b in zip(one.logprobs, want.logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    finally:
+        llm.shutdown()
+
+
 def test_pooling_over_two_ranks(paths):
     """An embedding model (a decoder through convert="embed") over two ranks gives one rank's
     embeddings: rank 0 pools what the reduced hidden states give."""
