@@ -75,7 +75,10 @@ section() {
         coldstart)
             run coldstart 500 python benchmarks/cold_start.py
             tail -8 "$OUT/coldstart.txt" ;;
-        tp)
+        tp)  # (the decode graphs gather the logits inside since session 19: checked first)
+            run tp-check 300 python benchmarks/check_tensor_parallel.py --compiled --dtype float32 --hidden-size 1024 \
+                --num-layers 4
+            tail -4 "$OUT/tp-check.txt"
             run tp 580 python benchmarks/scale_out.py --skip-dp --async-scheduling
             tail -8 "$OUT/tp.txt" ;;
         tp-ll)
