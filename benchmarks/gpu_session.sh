@@ -15,11 +15,12 @@
 #   throughput  1000 requests against HF generate (issue 8), async scheduling
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
+#   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs (2 GPUs)
 #   tp          scale_out.py --skip-dp --async-scheduling (2 GPUs: TP=2 against TP=1)
 #   tp-ll       the same with NCCL_PROTO=LL (NCCL's low-latency protocol for the step's 8 KB all-reduces)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
 # A lent GPU runs one command for at most 600 s: split the sections over calls, e.g.
-#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp tp-ll`
+#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp-check` | `tp` | `tp-ll`
 set -u
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT" /tmp/kiln-path
@@ -75,10 +76,11 @@ section() {
         coldstart)
             run coldstart 500 python benchmarks/cold_start.py
             tail -8 "$OUT/coldstart.txt" ;;
-        tp)  # (the decode graphs gather the logits inside since session 19: checked first)
+        tp-check)  # (the decode graphs gather the logits inside since session 19)
             run tp-check 300 python benchmarks/check_tensor_parallel.py --compiled --dtype float32 --hidden-size 1024 \
                 --num-layers 4
-            tail -4 "$OUT/tp-check.txt"
+            tail -4 "$OUT/tp-check.txt" ;;
+        tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --async-scheduling
             tail -8 "$OUT/tp.txt" ;;
         tp-ll)
