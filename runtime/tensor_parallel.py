@@ -409,9 +409,9 @@ class TensorParallelRunner(ModelRunner):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:
         shard = self.tp.model_shard
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.logits_of(hidden) is not None and rows == list(range(len(hidden))):
-            return graphs.logits_of(hidden)  # (gathered inside every rank's graph: no message to the workers)
+        captured = self.decode_graphs.logits_of(hidden) if self.decode_graphs is not None else None
+        if captured is not None and rows == list(range(len(hidden))):
+            return captured  # (gathered inside every rank's graph: no message to the workers)
         with self.tp.step():
             if not shard.gathers_logits:
                 return super().compute_logits(hidden, rows, index)
