@@ -157,12 +157,20 @@ def _then_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torc
     return weight_only_linear(x, weights[0], w_scale, biases[0] if biases else None)
 
 
+def _norm_gemv_weight(x, residual, norm_weight, weights, w_scale) -> tuple[torch.Tensor | None, bool]:
+    """_fused_gemv_weight for a gemv that normalizes its row: also x, residual and the norm's
+    weight in one dtype, and a row short enough for its unrolled statistics loop."""
+    same = norm_weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+    if not same or x.shape[-1] > _NORM_GEMV_MAX_K:
+        return None, False
+    return _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1])
+
+
 def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale):
     """(linear(rms_norm(s)), s), s = x + residual or x: one gemv launch for a one-row step the
     gemv takes, else the norm kernel and then the linear."""
-    same = norm_weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
-    weight, static = _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1])
-    if weight is not None and same and x.shape[-1] <= _NORM_GEMV_MAX_K:
+    weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
+    if weight is not None:
         from kiln.codegen.kernels.quant_gemm import rms_norm_gemv
 
         return rms_norm_gemv(x, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
@@ -192,10 +200,8 @@ def _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, p
     gemv takes (the norm in its prologue; rotary and the cache write in its epilogue), else the
     norm + linear and then the rotary kernel, rotating the projection's q and k where they are."""
     ctx = get_forward_context()
-    same = norm_weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
-    weight, static = _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1])
-    if (weight is not None and same and x.shape[-1] <= _NORM_GEMV_MAX_K and ctx.kv_caches is not None
-            and cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0):
+    weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
+    if weight is not None and ctx.kv_caches is not None and cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0:
         from kiln.codegen.kernels.quant_gemm import GPTJ, NEOX, Rope, rope_gemv
 
         k_cache, v_cache = ctx.kv_caches[layer]
@@ -206,13 +212,10 @@ def _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, p
     from kiln.codegen.kernels.rotary import rotary_in_place
 
     out, summed = _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
-    q_cols, k_cols = num_heads * head_dim, num_kv_heads * head_dim
-    q = out[:, :q_cols].unflatten(-1, (num_heads, head_dim))
-    k = out[:, q_cols:q_cols + k_cols].unflatten(-1, (num_kv_heads, head_dim))
+    q, k, v = ops.qkv_heads(out, num_heads, num_kv_heads, head_dim)
     if ctx.kv_caches is None:
         rotary_in_place(q, k, positions, cos_sin_cache, is_neox)
     else:
-        v = out[:, q_cols + k_cols:].unflatten(-1, (num_kv_heads, -1))
         rotary_in_place(q, k, positions, cos_sin_cache, is_neox, v, *ctx.kv_caches[layer], ctx.attn.slot_mapping,
                         *ctx.kv_scale(layer))
     return out, summed

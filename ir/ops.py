@@ -503,15 +503,23 @@ def _(q, k, v, positions, cos_sin_cache, is_neox, layer):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-def _rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, layer: int,
-              num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    """qkv [T, (H + Hkv) * D + Hkv * Dv], a merged q/k/v projection's output -> the same layout with
-    the q and k heads rotated (`rotary_kv_write`: k and v written into the cache)."""
+def qkv_heads(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [T, (H + Hkv) * D + Hkv * Dv], a merged q/k/v projection's output -> its q [T, H, D],
+    k [T, Hkv, D] and v [T, Hkv, Dv] heads, views of it."""
     q_cols, k_cols = num_heads * head_dim, num_kv_heads * head_dim
     q, k, v = qkv.split([q_cols, k_cols, qkv.shape[-1] - q_cols - k_cols], dim=-1)
-    q, k = rotary_kv_write(q.unflatten(-1, (num_heads, head_dim)), k.unflatten(-1, (num_kv_heads, head_dim)),
-                           v.unflatten(-1, (num_kv_heads, -1)), positions, cos_sin_cache, is_neox, layer)
-    return torch.cat([q.flatten(-2), k.flatten(-2), v], dim=-1)
+    return (q.unflatten(-1, (num_heads, head_dim)), k.unflatten(-1, (num_kv_heads, head_dim)),
+            v.unflatten(-1, (num_kv_heads, -1)))
+
+
+def _rope_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, layer: int,
+              num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv, a merged q/k/v projection's output (`qkv_heads`) -> the same layout with the q and k
+    heads rotated (`rotary_kv_write`: k and v written into the cache)."""
+    q, k, v = qkv_heads(qkv, num_heads, num_kv_heads, head_dim)
+    q, k = rotary_kv_write(q, k, v, positions, cos_sin_cache, is_neox, layer)
+    return torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
 
 
 @kiln_op("rms_norm_linear_rope")
