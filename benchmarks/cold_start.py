@@ -8,8 +8,8 @@ trace, passes, Inductor, decode CUDA graphs) and generates one token from a 128-
     python benchmarks/cold_start.py [--verbose] [--small] [--new-tokens N]
 
 Each start's phase timings (the engine's log, ms since the process started) are printed; --verbose
-adds a profile of building the LLM
-(kiln's, Dynamo's, Inductor's and the loaders' functions) and one of its first generate.
+adds where the start's main thread spent its time up to the first token, sampled every 20 ms (the
+innermost kiln frame and the innermost frame; cProfile loses the outer frames while Dynamo traces).
 --small: a 16-layer Llama of hidden size 128 in float32 (a CPU check of the compile path; on a CPU
 the start compiles with Inductor's CPU backend, without CUDA graphs). --new-tokens: tokens the
 first generate makes (default 1; more also times the first decode steps, which on a CPU is when
@@ -27,34 +27,54 @@ import tempfile
 import time
 
 PROBE = """
-import sys, time, json, logging, cProfile, pstats, io
+import sys, time, json, logging, threading, collections, os, importlib.util
 t0 = float(sys.argv[2])
 logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(message)s")
 logging.getLogger("kiln").setLevel(logging.INFO)
+verbose = sys.argv[5] == "1"
+samples = collections.Counter()  # (innermost kiln frame, innermost frame) -> samples of the main thread
+main_id, done, PERIOD = threading.get_ident(), threading.Event(), 0.02
+ours_dir = os.path.dirname(importlib.util.find_spec("kiln").origin) + os.sep  # (found, not imported)
+
+
+def where(frame):
+    leaf, ours = None, "(outside kiln)"
+    while frame is not None:
+        code = frame.f_code
+        name = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}({code.co_name})"
+        leaf = leaf or name
+        if code.co_filename.startswith(ours_dir) and ours == "(outside kiln)":
+            ours = name
+        frame = frame.f_back
+    return ours, leaf
+
+
+def sample():  # a sampling profiler: cProfile loses the outer frames while Dynamo traces
+    while not done.wait(PERIOD):
+        frame = sys._current_frames().get(main_id)
+        if frame is not None:
+            samples[where(frame)] += 1
+
+
+if verbose:
+    threading.Thread(target=sample, daemon=True).start()
 from kiln import LLM, SamplingParams
 t_import = time.time()
-verbose = sys.argv[5] == "1"  # (profiling the build slows Dynamo's tracing: only when asked)
-build = cProfile.Profile()
-if verbose:
-    build.enable()
 llm = LLM(sys.argv[1], enforce_eager=False, max_num_seqs=64, max_model_len=1024, **json.loads(sys.argv[3]))
-build.disable()
 t_built = time.time()
 prompt, params = {"prompt_token_ids": list(range(100, 228))}, SamplingParams(max_tokens=int(sys.argv[4]), ignore_eos=True)
-profile = cProfile.Profile()
-if verbose:
-    profile.enable()
 llm.generate(prompt, params, use_tqdm=False)
-profile.disable()
 t_first = time.time()
+done.set()
 llm.generate(prompt, params, use_tqdm=False)
 t_second = time.time()
-out = io.StringIO()
-if verbose:
-    pstats.Stats(build, stream=out).sort_stats("cumulative").print_stats(
-        r"kiln|torch/_dynamo/(convert_frame|output_graph)|_inductor/(compile_fx|codecache)|cuda/graphs|safetensors", 40)
-    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(25)
-print(out.getvalue(), file=sys.stderr)
+by_ours = collections.Counter()
+for (ours, _), n in samples.items():
+    by_ours[ours] += n
+for ours, n in by_ours.most_common(15):
+    print(f"sampled {n * PERIOD:6.2f} s  {ours}", file=sys.stderr)
+for (ours, leaf), n in samples.most_common(20):
+    print(f"sampled {n * PERIOD:6.2f} s  {ours:<60} {leaf}", file=sys.stderr)
 print(json.dumps({"import": t_import - t0, "built": t_built - t0, "first_token": t_first - t0,
                   "second_call": t_second - t_first}))
 """
@@ -92,7 +112,7 @@ def main() -> None:
             rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
             # the engine's phase timings; with --verbose, the profiles of the build and the first generate
             print(f"--- {label}\n" + "\n".join(line for line in out.stderr.splitlines() if " ms kiln:" in line or (
-                verbose and ("cumtime" in line or "{" in line or line.strip()[:1].isdigit()))), flush=True)
+                verbose and line.startswith("sampled"))), flush=True)
     import torch
 
     print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} | torch {torch.__version__}")

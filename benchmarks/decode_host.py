@@ -25,7 +25,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=50)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +54,7 @@ def main() -> None:
             llm.generate(prompts, params, use_tqdm=False)
             rests.append((time.perf_counter() - t0 - forward_s[0]) / args.new_tokens)
     print(f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, tiny Llama, 1 thread"
-          f"{', async scheduling' if args.async_scheduling else ''}")
+          f"{', async scheduling' if llm.llm_engine.async_scheduling else ', steps in turn'}")
     print(f"host time per step outside the forward: median {statistics.median(rests) * 1e3:.2f} ms "
           f"(runs: {' '.join(f'{r * 1e3:.2f}' for r in rests)})")
 

@@ -10,14 +10,16 @@ weights, built in a temp dir); --small for a quick check.
 On a Hopper GPU the one-row linears (and logits) run kiln's Triton gemv, chained to the other
 kernels by programmatic dependent launch; `--cublas` adds a bf16 row with them on cuBLAS
 (`compilation_config={"float_gemv": False}`), and `--compare-pdl` adds the bf16 rows again with
-kiln's kernels launched without PDL (`{"pdl": False}`). `--async-scheduling` adds a bf16 row with
-the host's work overlapped with the device's (and runs the quantized rows so); `--compare-attention`
+kiln's kernels launched without PDL (`{"pdl": False}`). Every row runs with async scheduling (the
+engine's default on CUDA: the host's work overlapped with the device's) unless it says otherwise;
+`--sync-scheduling` adds a bf16 row with the steps in turn; `--compare-attention`
 adds async bf16 rows with the decode attention's splits merged by the kernel itself and by a second
 launch (`decode_attention.MERGE_IN_KERNEL`); `--compare-fp8-conversion` an async fp8 weight-only row
 whose gemv converts the weights by their bits (`quant_gemm.FP8_BY_BITS`); `--compare-gemv-tiles
 "small=8x1024x8,long=8x1024x8;small=4x2048x4"` an async bf16 row per ';'-separated set of batch-1
 gemv tilings (`quant_gemm._GEMV_TILES`: role=rows x K step x warps; roles small (o), long (down),
-narrow (qkv), wide (gate_up), vocab (lm_head); "8bit.ROLE" for the 8-bit weights' rows), so a
+narrow (qkv), wide (gate_up), vocab (lm_head), deep (8B's K >= 4096 matrices); "8bit.ROLE" for the
+8-bit weights' rows), so a
 tiling is timed in the whole step, chained to its neighbours, rather than alone;
 `--compare-rope-fusion` an async bf16 row without the fuse_linear_rope pass (rotary and the cache
 write as a kernel of their own instead of in the q/k/v gemv's epilogue).
@@ -146,8 +148,8 @@ def main() -> None:
     p.add_argument("--compare-rope-fusion", action="store_true",
                    help="add an async bf16 row without the fuse_linear_rope pass")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="add a bf16 row with async_scheduling=True (and run the quantized rows with it)")
+    p.add_argument("--sync-scheduling", action="store_true",
+                   help="add a bf16 row with the steps in turn (async_scheduling=False)")
     args = p.parse_args()
     device = torch.device("cuda")
     shape = dict(LLAMA_1B)
@@ -162,7 +164,7 @@ def main() -> None:
 
     prompt = {"prompt_token_ids": list(range(100, 100 + args.prompt_len))}
     results = {}  # variant -> (bytes read per token, seconds per token, time to first token)
-    variants = [("bf16", {})] + ([("bf16 async", {"async_scheduling": True})] if args.async_scheduling else [])
+    variants = [("bf16", {})] + ([("bf16 steps in turn", {"async_scheduling": False})] if args.sync_scheduling else [])
     variants += [("bf16 cuBLAS", {"float_gemv": False})] if args.cublas else []
     if args.compare_pdl:
         variants += [(f"{name}, no PDL", {**kw, "pdl": False}) for name, kw in list(variants)]
@@ -170,7 +172,7 @@ def main() -> None:
         variants += [(f"async, merge {'in kernel' if here else 'kernel'}", {"async_scheduling": True,
                                                                              "merge_in_kernel": here})
                      for here in (True, False)]
-    variants += [(scheme, {"quantization": scheme, "async_scheduling": args.async_scheduling})
+    variants += [(scheme, {"quantization": scheme})
                  for scheme in filter(None, args.quantization.split(","))]
     if args.compare_fp8_conversion:
         variants += [("fp8_weight_only, async, by bits", {"quantization": "fp8_weight_only", "async_scheduling": True,
@@ -222,7 +224,7 @@ def main() -> None:
           f"({1 / roofline:.0f} tok/s)")
     print(f"{'':28}{'GB read':>9}{'roofline ms':>13}{'ms/token':>10}{'tok/s':>10}{'of roofline':>13}{'vs bf16':>9}")
     for name, (read, secs, _) in results.items():
-        label = "kiln (compiled + graphs)" if name == "bf16" else f"kiln {name}"
+        label = "kiln bf16 (compiled + graphs)" if name == "bf16" else f"kiln {name}"
         print(f"{label:28}{read / 1e9:9.3f}{read / bandwidth * 1e3:13.3f}{secs * 1e3:10.3f}{1 / secs:10.1f}"
               f"{read / bandwidth / secs:13.1%}{per_token / secs:9.2f}")
     if len(results) > 1:

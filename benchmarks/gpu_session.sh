@@ -7,16 +7,17 @@
 # Sections:
 #   kernels     the Triton kernel tests compiled on the GPU (TRITON_INTERPRET=0)
 #   paths       check_decode_paths.py: compiled == eager, gemv vs cuBLAS, async == steps in turn
-#   decode      batch-1 decode (Llama-3.2-1B shape), async, with the A/B rows of the switches not
-#               yet timed: rotary in the q/k/v gemv, fp8 read by its bits
+#   decode      batch-1 decode (Llama-3.2-1B shape; async scheduling, the default on CUDA, and a row with
+#               the steps in turn), with the A/B rows of two switches: rotary in the q/k/v gemv (on:
+#               won in session 20), fp8 read by its bits (off: lost in session 20)
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
-#   throughput  1000 requests against HF generate (issue 8), async scheduling
+#   throughput  1000 requests against HF generate (issue 8)
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs (2 GPUs)
-#   tp          scale_out.py --skip-dp --async-scheduling (2 GPUs: TP=2 against TP=1)
+#   tp          scale_out.py --skip-dp (2 GPUs: TP=2 against TP=1)
 #   tp-ll       the same with NCCL_PROTO=LL (NCCL's low-latency protocol for the step's 8 KB all-reduces)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
 # A lent GPU runs one command for at most 600 s: split the sections over calls, e.g.
@@ -48,11 +49,11 @@ section() {
             run paths 300 python benchmarks/check_decode_paths.py
             grep -E "==|Error" "$OUT/paths.txt" ;;
         decode)
-            run decode 500 python benchmarks/decode_latency.py --no-hf --async-scheduling --repeats 3 \
+            run decode 500 python benchmarks/decode_latency.py --no-hf --sync-scheduling --repeats 3 \
                 --compare-rope-fusion --quantization fp8_weight_only --compare-fp8-conversion
             grep -A12 "^device" "$OUT/decode.txt" ;;
         quant)
-            run quant 400 python benchmarks/decode_latency.py --no-hf --async-scheduling --repeats 3 \
+            run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --quantization int8_weight_only,fp8_weight_only
             grep -A10 "^device" "$OUT/quant.txt" ;;
         tiles)
@@ -65,11 +66,11 @@ section() {
             sed -n '/sweep summary/,$p' "$OUT/tp2tiles.txt" ;;
         throughput)
             # shellcheck disable=SC2086
-            run throughput 500 python benchmarks/throughput.py $LLAMA_1B_WORKLOAD --async-scheduling
+            run throughput 500 python benchmarks/throughput.py $LLAMA_1B_WORKLOAD
             grep -iE "kiln|ratio|HF|limit|device" "$OUT/throughput.txt" | tail -8 ;;
         host)
-            run host 300 python benchmarks/profile_decode.py --async-scheduling --host-only
-            run host_int8 300 python benchmarks/profile_decode.py --async-scheduling --host-only \
+            run host 300 python benchmarks/profile_decode.py --host-only
+            run host_int8 300 python benchmarks/profile_decode.py --host-only \
                 --quantization int8_weight_only
             grep -A16 "host phases" "$OUT/host.txt" | tail -17
             grep -A16 "host phases" "$OUT/host_int8.txt" | tail -17 ;;
@@ -81,10 +82,10 @@ section() {
                 --num-layers 4
             tail -4 "$OUT/tp-check.txt" ;;
         tp)
-            run tp 580 python benchmarks/scale_out.py --skip-dp --async-scheduling
+            run tp 580 python benchmarks/scale_out.py --skip-dp
             tail -8 "$OUT/tp.txt" ;;
         tp-ll)
-            NCCL_PROTO=LL run tp-ll 580 python benchmarks/scale_out.py --skip-dp --async-scheduling
+            NCCL_PROTO=LL run tp-ll 580 python benchmarks/scale_out.py --skip-dp
             tail -8 "$OUT/tp-ll.txt" ;;
         *)
             echo "unknown section $1 (see the comment at the top)" >&2

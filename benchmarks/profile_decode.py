@@ -4,7 +4,7 @@ per step against wall time per step), and each kernel of the step in launch orde
 time and the idle gap before it (from the profiler's trace; the gap is what one kernel's launch
 and ramp-up cost inside the graph). A diagnostic companion to decode_latency.py.
 
-    python benchmarks/profile_decode.py [--quantization int8_weight_only] [--async-scheduling] [--host-only]
+    python benchmarks/profile_decode.py [--quantization int8_weight_only] [--no-async-scheduling] [--host-only]
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quantization", default=None)
     p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--cublas", action="store_true", help="compilation_config float_gemv=False (cuBLAS at batch 1)")
     p.add_argument("--no-pdl", action="store_true", help="compilation_config pdl=False")
     p.add_argument("--host-only", action="store_true", help="only the host's phases (no profilers)")

@@ -53,7 +53,8 @@ def main() -> None:
     p.add_argument("--profile-prompts", type=int, default=200, help="requests of the torch.profiler run")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="kiln-prof-")
     path = build_checkpoint(tmp.name, "LlamaForCausalLM", dtype="bfloat16", tokenizer=train_tokenizer(),

@@ -13,12 +13,12 @@ fewer requests than one GPU batches at once, two replicas each decoding half of 
 as slowly as the one GPU decoding all (128 requests gave 1.79x). --small runs a 1B-ish shape for a
 quick check.
 
-`--async-scheduling` runs every configuration with `async_scheduling=True` (each step launched
+`--no-async-scheduling` runs every configuration with its steps in turn (async scheduling, each step launched
 before the last one's tokens are read back; under TP rank 0 broadcasts them on the device).
 `--one-shot-all-reduce` adds a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1 (the decode step's
 all-reduces through torch's symmetric memory instead of NCCL).
 
-    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--async-scheduling] [--one-shot-all-reduce]
+    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--one-shot-all-reduce]
                                    [--checkpoint DIR]
 """
 
@@ -115,7 +115,8 @@ def main() -> None:
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
-    p.add_argument("--async-scheduling", action="store_true", help="every configuration with async_scheduling=True")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", choices=["tp1", "tp2", "tp2-one-shot", "dp2"],  # (one configuration)
                    help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -133,7 +134,7 @@ def main() -> None:
             print(f"checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
         print(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()} | torch {torch.__version__} | "
               f"shape {'small' if args.small else 'Llama-3.1-8B'} | bf16"
-              f"{' | async scheduling' if args.async_scheduling else ''}", flush=True)
+              f"{' | steps in turn' if args.async_scheduling is False else ' | async scheduling (on CUDA)'}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
         tp = [] if args.skip_tp else ["tp2"] + (["tp2-one-shot"] if args.one_shot_all_reduce else [])

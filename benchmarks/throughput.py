@@ -71,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model-impl", choices=["kiln", "transformers"], default="kiln",
                    help="transformers: also time kiln's Transformers modeling backend against the native model")
     p.add_argument("--quantization", default=None, help="also time kiln with this quantization (e.g. fp8)")
-    p.add_argument("--async-scheduling", action="store_true", help="kiln with async_scheduling=True")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--no-hf", action="store_true", help="skip HF (with --quantization: bf16 against quantized only)")
     return p.parse_args()
 

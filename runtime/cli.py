@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--quantization", choices=["int8", "fp8", "int8_weight_only", "fp8_weight_only"],
                      help="quantize the weights at load (a pre-quantized checkpoint needs none)")
     srv.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
-    srv.add_argument("--async-scheduling", action="store_true",
-                     help="launch each decode step before reading back the previous one's tokens")
+    srv.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                     help="launch each decode step before reading back the previous one's tokens "
+                          "(default: on for CUDA, off on CPU)")
     srv.add_argument("--tensor-parallel-size", type=int, default=1,
                      help="split the model over N ranks (worker processes; NCCL on CUDA, gloo on CPU)")
     srv.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])

@@ -43,8 +43,9 @@ class EngineConfig:
     quantization: str | None = None
     # launch each decode step before reading back the previous one's tokens, so the host's work
     # (scheduling, inputs, detokenizing) overlaps the device's; applies while every live request
-    # samples without host-side state (no logprobs, penalties or min_tokens), else steps run in turn
-    async_scheduling: bool = False
+    # samples without host-side state (no logprobs, penalties or min_tokens), else steps run in turn.
+    # None: on for a CUDA device (as vLLM has it), off on CPU, where host and "device" are one
+    async_scheduling: bool | None = None
     hf_overrides: dict | Callable | None = None
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False

@@ -91,6 +91,8 @@ class LLMEngine:
         self.config = config
         self._frozen_at: int | None = None  # graphs_compiled() at the last freeze_gc_heap, once called
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
         if self.device.type == "cuda" and self.device.index is not None and tp is None:
             # Triton kernels launch, and CUDA graphs capture, on the current device: make it this one
             torch.cuda.set_device(self.device)
@@ -697,7 +699,7 @@ class LLMEngine:
         (logprobs, penalties, min_tokens: they read the history). Under tensor parallelism a decode
         step the CUDA graphs cover broadcasts the tokens on the device; another step's inputs go to
         the workers from the host, which then waits for them."""
-        if not self.config.async_scheduling or self.is_encoder_decoder:
+        if not self.async_scheduling or self.is_encoder_decoder:
             return False
         for req in self.requests.values():
             p = req.params

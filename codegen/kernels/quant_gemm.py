@@ -106,19 +106,24 @@ SPLIT_K_BY_DEFAULT = False
 # shapes; benchmarks/RESULTS.md): each was the best or within 3% of it. The tiles that win differ
 # by role, not by a rule of thumb on bytes: wide outputs (gate_up, lm_head) want many short
 # programs, long rows (down's K=8192) and small matrices (o) 2048-wide K steps.
+# "deep" (16-bit weights only): the matrices of Llama-3.1-8B, whole or halved by TP=2 (K >= 4096), swept
+# in session 20 (`--sweep-model llama-8b` / `llama-8b-tp2`): 4 x 2048 x 8 was the best or within 1%
+# of it for every one of them; the 1B roles they fell into were 1-11% slower (TP=2's down: 10%).
 _GEMV_TILES = {
     # 16-bit weights (float_linear)
     (2, "vocab"): (4, 1024, 4), (2, "wide"): (4, 1024, 4), (2, "long"): (8, 2048, 8),
-    (2, "small"): (8, 2048, 8), (2, "narrow"): (8, 1024, 8),
+    (2, "small"): (8, 2048, 8), (2, "narrow"): (8, 1024, 8), (2, "deep"): (4, 2048, 8),
     # 8-bit weights (int8 and fp8 alike)
     (1, "vocab"): (16, 256, 4), (1, "wide"): (16, 512, 8), (1, "long"): (4, 2048, 8),
     (1, "small"): (4, 2048, 4), (1, "narrow"): (4, 1024, 4),
 }
 
 
-def _gemv_role(N: int, K: int) -> str:
+def _gemv_role(N: int, K: int, width: int = 2) -> str:
     if N >= 65536:
         return "vocab"
+    if width == 2 and K >= 4096 and N >= 3072:
+        return "deep"
     if N >= 16384:
         return "wide"
     if K >= 8192:
@@ -139,7 +144,7 @@ def pick_config(M: int, N: int, K: int, x_dtype: torch.dtype, num_sms: int = 132
     eight_bit_a = x_dtype in _QUANT_WEIGHT_DTYPES
     if M == 1:
         width = 1 if w_dtype.itemsize == 1 else 2
-        block_n, block_k, num_warps = _GEMV_TILES[(width, _gemv_role(N, K))]
+        block_n, block_k, num_warps = _GEMV_TILES[(width, _gemv_role(N, K, width))]
         block_k = min(block_k, triton.next_power_of_2(K))
         split_k = 1
         programs = triton.cdiv(N, block_n)

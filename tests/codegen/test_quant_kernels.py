@@ -544,6 +544,12 @@ def test_pick_config_buckets():
     float_down = quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.bfloat16)
     assert (float_down.block_n, float_down.block_k, float_down.num_warps) == (8, 2048, 8)
     assert quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.int8).block_n == 4
+    # Llama-3.1-8B's 16-bit matrices, whole and halved by TP=2, take the "deep" tiles; its 8-bit ones keep theirs
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (3072, 4096), (4096, 7168)):
+        deep = quant_gemm.pick_config(1, n, k, torch.bfloat16, sms, torch.bfloat16)
+        assert (deep.block_n, deep.block_k, deep.num_warps) == (4, 2048, 8), (n, k)
+    assert quant_gemm.pick_config(1, 4096, 14336, torch.bfloat16, sms, torch.int8).block_n == 4
+    assert quant_gemm.pick_config(1, 6144, 4096, torch.bfloat16, sms, torch.int8).block_k == 1024
     small_n = quant_gemm.pick_config(1, 512, 4096, torch.bfloat16, sms)
     assert small_n.kernel == "gemv" and (small_n.split_k > 1) == quant_gemm.SPLIT_K_BY_DEFAULT
     assert quant_gemm.pick_config(8, 2048, 2048, torch.bfloat16, sms).block_m == 16

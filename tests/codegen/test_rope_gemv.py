@@ -36,11 +36,6 @@ def reference(x, residual, g, weights, biases, w_scale, position, cs, is_neox, s
                                             H, HKV, D)
 
 
-# (H, HKV, D, weights, residual, bias, a block_n that leaves several programs per head)
-CASES = [(4, 2, 16, "float", True, False, 4), (2, 1, 32, "float", False, True, 8), (4, 2, 16, "int8", True, True, 4),
-         (4, 1, 16, "fp8", False, False, 8)]
-
-
 def emulated(x, residual, g, w, w_scale, bias, position, cs, style, H, D, cast):
     """What the kernel computes, in float64 but rounded where it rounds (`cast`: to x's dtype as
     this run's backend casts): the sum and the normalized row, the product, then the rotation."""

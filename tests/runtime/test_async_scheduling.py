@@ -39,7 +39,7 @@ def mixed_params() -> list[SamplingParams]:
 ], ids=["plain", "chunked", "preempting", "two-seqs", "max-len"])
 def test_same_outputs_as_the_synchronous_engine(llama_path, engine_args):
     params = mixed_params()
-    sync = LLM(llama_path, **engine_args).generate(PROMPTS, params, use_tqdm=False)
+    sync = LLM(llama_path, async_scheduling=False, **engine_args).generate(PROMPTS, params, use_tqdm=False)
     llm = LLM(llama_path, async_scheduling=True, **engine_args)
     got = llm.generate(PROMPTS, params, use_tqdm=False)
     assert outputs(got) == outputs(sync)
@@ -82,7 +82,7 @@ def test_abort_while_a_step_is_in_flight(llama_path):
             if out.finished:
                 finished[out.request_id] = out
     assert sorted(finished) == ["a", "c"]
-    want = LLM(llama_path).generate([PROMPTS[0], PROMPTS[2]], greedy, use_tqdm=False)
+    want = LLM(llama_path, async_scheduling=False).generate([PROMPTS[0], PROMPTS[2]], greedy, use_tqdm=False)
     assert [finished[r].outputs[0].token_ids for r in "ac"] == [o.outputs[0].token_ids for o in want]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
@@ -91,7 +91,7 @@ def test_a_request_that_reads_its_history_runs_the_steps_in_turn(llama_path):
     """logprobs and penalties need the previous token on the host: while such a request lives,
     steps are not overlapped, and everyone's outputs stay the synchronous engine's."""
     params = mixed_params()[:3] + [SamplingParams(temperature=0, max_tokens=10, logprobs=2, repetition_penalty=1.2)]
-    sync = LLM(llama_path).generate(PROMPTS[:4], params, use_tqdm=False)
+    sync = LLM(llama_path, async_scheduling=False).generate(PROMPTS[:4], params, use_tqdm=False)
     got = LLM(llama_path, async_scheduling=True).generate(PROMPTS[:4], params, use_tqdm=False)
     assert outputs(got) == outputs(sync)
     assert [o.outputs[0].logprobs for o in got] == [o.outputs[0].logprobs for o in sync]
@@ -101,7 +101,8 @@ def test_a_request_that_reads_its_history_runs_the_steps_in_turn(llama_path):
 def engine_pair(llama_path):
     """(synchronous, async) engines with a tight cache, so that runs preempt."""
     args = dict(block_size=4, num_gpu_blocks_override=24, max_model_len=64, max_num_seqs=4)
-    return LLM(llama_path, **args).llm_engine, LLM(llama_path, async_scheduling=True, **args).llm_engine
+    return (LLM(llama_path, async_scheduling=False, **args).llm_engine,
+            LLM(llama_path, async_scheduling=True, **args).llm_engine)
 
 
 def _drive(engine, script) -> dict:
@@ -193,3 +194,15 @@ def test_pending_tokens_are_read_without_waiting_for_the_next_step():
     assert pending.token_ids() == [5, 6, 7]
     assert not torch.cuda.current_stream().query()  # the sleep is still running: it was not waited for
     torch.cuda.synchronize()
+
+
+def test_on_by_default_only_where_the_host_and_the_device_are_two(llama_path):
+    """Unset, async scheduling is on for a CUDA device (as vLLM has it) and off on the CPU, where
+    the host is the device and there is nothing to overlap; either way an explicit setting wins."""
+    import torch
+
+    assert LLM(llama_path, device="cpu").llm_engine.async_scheduling is False
+    assert LLM(llama_path, async_scheduling=True).llm_engine.async_scheduling is True
+    if torch.cuda.is_available():
+        assert LLM(llama_path, device="cuda").llm_engine.async_scheduling is True
+        assert LLM(llama_path, device="cuda", async_scheduling=False).llm_engine.async_scheduling is False
