@@ -40,11 +40,13 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
-                 cache_ty: str | None = None) -> None:
+                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8)) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
-    NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type)."""
+    NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type), the tile (rows, K step,
+    warps)."""
+    block_n, block_k, num_warps = tile
     out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
            "bias_ptr": f"*{out_ty}", "out_ptr": f"*{out_ty}", "part_ptr": "*fp32", "res_ptr": f"*{x_ty}",
@@ -54,12 +56,12 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                 "vc_ptr": f"*{cache_ty or out_ty}"})
     sig.update(dict.fromkeys(("cs_stride", "kc_sb", "kc_ss", "kc_sh", "vc_sb", "vc_ss", "vc_sh", "block_size"), "i32"))
     sig.update({"k_scale": "fp32", "v_scale": "fp32", "QD": "i32", "KD": "i32", "DV": "i32"})
-    consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=8, BLOCK_K=1024,
+    consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=block_n, BLOCK_K=block_k,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
                   FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
                   KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64)
     sig.update(dict.fromkeys(consts, "constexpr"))
-    _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=8, num_stages=3)
+    _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3)
 
 
 _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr": "i64", "seq_lens_ptr": "i32",
@@ -96,6 +98,10 @@ def variants() -> list[tuple]:
     out += [("bf16", w, p, True, False, False, None, rope, cache) for w in ("bf16", "i8")
             for p in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM) for rope in (quant_gemm.NEOX, quant_gemm.GPTJ)
             for cache in (None, "fp8e4nv")]
+    # the "deep" tile (Llama-3.1-8B's 16-bit matrices): o, down with SwiGLU, gate_up with its norm, q/k/v with rotary
+    out += [("bf16", "bf16", p, True, False, False, None, rope, None, (4, 2048, 8))
+            for p, rope in ((quant_gemm.NO_PROLOGUE, 0), (quant_gemm.SILU_AND_MUL, 0),
+                            (quant_gemm.ADD_RMS_NORM, 0), (quant_gemm.ADD_RMS_NORM, quant_gemm.NEOX))]
     out += [("decode", c, splits) for c in ("bf16", "fp8e4nv") for splits in (1, 16)]
     return out
 
