@@ -487,6 +487,23 @@ def test_native_families_give_the_same_tokens_through_the_backend(arch, checkpoi
         assert a.outputs[0].token_ids == b.outputs[0].token_ids, a.prompt
 
 
+# ---------------------------------------------------------------- async scheduling (the default on CUDA)
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "MambaForCausalLM", "JambaForCausalLM", "MixtralForCausalLM"])
+def test_async_scheduling_gives_the_steps_in_turn_outputs(arch, tokenizer, checkpoint_root):
+    """On CUDA every model runs with async scheduling unless told otherwise: through the backend
+    too — plain attention, recurrent state (per sequence), a hybrid of both, a mixture of experts —
+    it gives the synchronous engine's tokens, greedy, seeded sampling and a stop string alike."""
+    path = build_checkpoint(str(checkpoint_root / f"async-{arch}"), arch, tokenizer)
+    params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, stop=["e"])]
+    outs = [[[c.token_ids for c in o.outputs]
+             for o in LLM(path, model_impl="transformers", async_scheduling=overlap, max_num_seqs=4).generate(
+                 PROMPTS, params, use_tqdm=False)] for overlap in (False, True)]
+    assert outs[0] == outs[1]
+
+
 # ---------------------------------------------------------------- the compiled path
 
 @pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "GptOssForCausalLM"])

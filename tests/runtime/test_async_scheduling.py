@@ -206,3 +206,13 @@ def test_on_by_default_only_where_the_host_and_the_device_are_two(llama_path):
     if torch.cuda.is_available():
         assert LLM(llama_path, device="cuda").llm_engine.async_scheduling is True
         assert LLM(llama_path, device="cuda", async_scheduling=False).llm_engine.async_scheduling is False
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "FalconForCausalLM",
+                                  "BloomForCausalLM"])
+def test_every_native_family_gives_the_steps_in_turn_outputs(arch, checkpoints):
+    """Sliding windows, yarn, q/k norms, Falcon's parallel layout, ALiBi: with async scheduling
+    (the default on CUDA) each family gives the synchronous engine's outputs (Llama: above)."""
+    params = mixed_params()
+    sync = LLM(checkpoints[arch], async_scheduling=False).generate(PROMPTS, params, use_tqdm=False)
+    assert outputs(LLM(checkpoints[arch], async_scheduling=True).generate(PROMPTS, params, use_tqdm=False)) == outputs(sync)
