@@ -19,9 +19,11 @@
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs (2 GPUs)
 #   tp          scale_out.py --skip-dp (2 GPUs: TP=2 against TP=1)
 #   tp-ll       the same with NCCL_PROTO=LL (NCCL's low-latency protocol for the step's 8 KB all-reduces)
+#   tp-two-rank kiln's two-rank all-reduce kernel (KILN_TWO_RANK_ALL_REDUCE=1, session 20, never run on GPUs):
+#               TP=2's tokens against TP=1's with it, then TP=1, TP=2 and TP=2 with it timed (2 GPUs)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
 # A lent GPU runs one command for at most 600 s: split the sections over calls, e.g.
-#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp-check` | `tp` | `tp-ll`
+#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp-check` | `tp` | `tp-ll` | `tp-two-rank`
 set -u
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT" /tmp/kiln-path
@@ -87,6 +89,13 @@ section() {
         tp-ll)
             NCCL_PROTO=LL run tp-ll 580 python benchmarks/scale_out.py --skip-dp
             tail -8 "$OUT/tp-ll.txt" ;;
+        tp-two-rank)
+            KILN_TWO_RANK_ALL_REDUCE=1 run tp-two-rank-check 150 python benchmarks/check_tensor_parallel.py --compiled \
+                --dtype float32 --hidden-size 1024 --num-layers 4
+            tail -4 "$OUT/tp-two-rank-check.txt"
+            grep -q "4/4" "$OUT/tp-two-rank-check.txt" || return 1  # (wrong sums: no timing)
+            run tp-two-rank 430 python benchmarks/scale_out.py --skip-dp --two-rank-all-reduce
+            tail -9 "$OUT/tp-two-rank.txt" ;;
         *)
             echo "unknown section $1 (see the comment at the top)" >&2
             return 2 ;;

@@ -16,10 +16,11 @@ quick check.
 `--no-async-scheduling` runs every configuration with its steps in turn (async scheduling, each step launched
 before the last one's tokens are read back; under TP rank 0 broadcasts them on the device).
 `--one-shot-all-reduce` adds a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1 (the decode step's
-all-reduces through torch's symmetric memory instead of NCCL).
+all-reduces through torch's symmetric memory instead of NCCL), `--two-rank-all-reduce` one with
+KILN_TWO_RANK_ALL_REDUCE=1 (through kiln's kernel, codegen/kernels/two_rank_all_reduce.py).
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--one-shot-all-reduce]
-                                   [--checkpoint DIR]
+                                   [--two-rank-all-reduce] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
     return (full - prefill) / new_tokens * 1e3
 
 
+# the TP=2 runs with another all-reduce for the decode step: phase -> (the switch, a label)
+ALL_REDUCES = {"tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "one-shot all-reduce"),
+               "tp2-two-rank": ("KILN_TWO_RANK_ALL_REDUCE", "two-rank all-reduce")}
+
+
 def throughput_s(llm, work) -> float:
     from kiln import SamplingParams
 
@@ -91,8 +97,7 @@ def phase(name: str, path: str, args) -> dict:
     rng = random.Random(0)
     work = [([rng.randrange(6, shape["vocab_size"]) for _ in range(rng.randint(128, 1024))], 128)
             for _ in range(args.num_prompts)]
-    layout = {"tp1": {}, "tp2": {"tensor_parallel_size": 2}, "tp2-one-shot": {"tensor_parallel_size": 2},
-              "dp2": {"data_parallel_size": 2}}[name]
+    layout = {"tp1": {}, "dp2": {"data_parallel_size": 2}}.get(name, {"tensor_parallel_size": 2})
     t0 = time.perf_counter()
     llm = LLM(path, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, gpu_memory_utilization=0.85,
               async_scheduling=args.async_scheduling, **layout)
@@ -115,9 +120,10 @@ def main() -> None:
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
+    p.add_argument("--two-rank-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=1")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
-    p.add_argument("--phase", choices=["tp1", "tp2", "tp2-one-shot", "dp2"],  # (one configuration)
+    p.add_argument("--phase", choices=["tp1", "tp2", *ALL_REDUCES, "dp2"],  # (one configuration)
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
@@ -137,10 +143,11 @@ def main() -> None:
               f"{' | steps in turn' if args.async_scheduling is False else ' | async scheduling (on CUDA)'}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
-        tp = [] if args.skip_tp else ["tp2"] + (["tp2-one-shot"] if args.one_shot_all_reduce else [])
+        asked = {"tp2-one-shot": args.one_shot_all_reduce, "tp2-two-rank": args.two_rank_all_reduce}
+        tp = [] if args.skip_tp else ["tp2"] + [name for name in ALL_REDUCES if asked[name]]
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
-            env = dict(os.environ, **({"KILN_ONE_SHOT_ALL_REDUCE": "1"} if name == "tp2-one-shot" else {}))
+            env = dict(os.environ, **({ALL_REDUCES[name][0]: "1"} if name in ALL_REDUCES else {}))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
                                   *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -156,12 +163,12 @@ def main() -> None:
         print(f"TP=2 greedy tokens == TP=1 for {sum(s == t for s, t in zip(a, b))}/{len(a)} prompts "
               f"(first difference at {first})")
         rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
-    if "tp2-one-shot" in results:
-        b = results["tp2-one-shot"]["tokens"]
-        print(f"TP=2 one-shot all-reduce: greedy tokens == TP=2 (NCCL) for "
-              f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
-        rows.append(("batch-1 decode ms/token, one-shot all-reduce", results["tp1"]["decode_ms"],
-                     results["tp2-one-shot"]["decode_ms"]))
+    for name, (_, label) in ALL_REDUCES.items():
+        if name in results:
+            b = results[name]["tokens"]
+            print(f"TP=2 {label}: greedy tokens == TP=2 (NCCL) for "
+                  f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
+            rows.append((f"batch-1 decode ms/token, {label}", results["tp1"]["decode_ms"], results[name]["decode_ms"]))
     if "dp2" in results:
         rows.append((f"{args.num_prompts} requests, s", results["tp1"]["throughput_s"], results["dp2"]["throughput_s"]))
     print("\n| | one GPU | two GPUs | speedup | target |\n|---|---|---|---|---|")

@@ -178,8 +178,10 @@ class LLMEngine:
         if self.tp is not None:  # every rank's cache holds as many blocks
             num_blocks = self.tp.agree(num_blocks)
             # (experimental, off by default: a decode batch's all-reduces through symmetric memory)
-            self.tp.enable_one_shot_all_reduce(config.max_num_seqs * self.hf_config.get_text_config().hidden_size,
-                                               self.dtype)
+            small = self.tp.enable_small_all_reduce(
+                config.max_num_seqs * self.hf_config.get_text_config().hidden_size, self.dtype)
+            if small != "nccl" and self.tp.rank == 0:
+                logger.info("kiln: small all-reduces through %s", small)
         if self.is_encoder_decoder and num_cross_slots < 1:
             raise ValueError("the cache budget holds no cross-attention slot: give the cache more memory")
         if num_blocks * block_size < self.max_model_len:

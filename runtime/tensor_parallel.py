@@ -164,8 +164,8 @@ class TensorParallel:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.store, self.group, self.workers = store, group, list(workers)
         self.model_shard: Shard | None = None
-        self.small_all_reduce = None  # (enable_one_shot_all_reduce)
-        self._named_group = None  # (enable_one_shot_all_reduce: the group as symmetric memory finds it)
+        self.small_all_reduce = None  # (enable_small_all_reduce)
+        self._named_group = None  # (enable_small_all_reduce: the group as symmetric memory finds it)
         self.closed: str | None = None  # why the group was shut down
         # Called before the group is dropped: CUDA graphs that captured NCCL collectives hold the
         # communicator, whose destruction waits until they are gone (pytorch/pytorch#115388).
@@ -185,25 +185,56 @@ class TensorParallel:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
-    def enable_one_shot_all_reduce(self, numel: int, dtype: torch.dtype) -> bool:
-        """Experimental, off unless KILN_ONE_SHOT_ALL_REDUCE=1 (on two H100s it gave NCCL's tokens
-        but was the slower, 4.38 against 4.21 ms/token at the Llama-3.1-8B shape): all-reduces of
-        up to `numel` elements of `dtype` (a decode batch's hidden states) through torch's
-        symmetric memory, one kernel that copies this rank's tensor into its buffer and sums every
-        rank's buffer over NVLink, instead of NCCL's. Collective: every rank calls it at the same
-        point of its engine's start. Returns whether it is on."""
-        if self.backend != "nccl" or os.environ.get("KILN_ONE_SHOT_ALL_REDUCE") != "1":
-            return False
+    def enable_small_all_reduce(self, numel: int, dtype: torch.dtype) -> str:
+        """Experimental, off by default: all-reduces of up to `numel` elements of `dtype` (a decode
+        batch's hidden states) through symmetric memory (NVLink) instead of NCCL. Collective: every
+        rank calls it at the same point of its engine's start. Returns what is on: "nccl" (the
+        default), or what the environment asks for:
+        - KILN_ONE_SHOT_ALL_REDUCE=1: torch's one-shot kernel (copies this rank's tensor into its
+          buffer, then sums every rank's). On two H100s it gave NCCL's tokens but was the slower,
+          4.38 against 4.21 ms/token at the Llama-3.1-8B shape.
+        - KILN_TWO_RANK_ALL_REDUCE=1 (two ranks): kiln's kernel, which pushes each rank's tensor
+          into the peer's buffer and sums there, no copy of the input and no NCCL kernel
+          (codegen/kernels/two_rank_all_reduce.py); up to 128K elements, NCCL beyond."""
+        one_shot = os.environ.get("KILN_ONE_SHOT_ALL_REDUCE") == "1"
+        two_rank = os.environ.get("KILN_TWO_RANK_ALL_REDUCE") == "1" and self.world_size == 2
+        if self.backend != "nccl" or not (one_shot or two_rank):
+            return "nccl"
         import torch.distributed._symmetric_memory as symm_mem
-        from torch._C._distributed_c10d import _SymmetricMemory
+
+        name, device = self._symmetric_memory_group(), torch.device("cuda", torch.cuda.current_device())
+        if one_shot:
+            buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+            symm_mem.rendezvous(buffer, name)
+            self.small_all_reduce = OneShotAllReduce(name, buffer)
+            return "one_shot"
+        from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankBuffers
+
+        capacity = min(-(-numel // BLOCK), 128) * BLOCK  # (at most 128 programs: all resident at once)
+        programs, data = capacity // BLOCK, 2 * capacity * dtype.itemsize  # (data: a multiple of 4 bytes)
+        buffer = symm_mem.empty(data + 4 * programs, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(buffer, name)
+        peer = 1 - self.rank
+
+        def views(rank: int):
+            return (handle.get_buffer(rank, (2, capacity), dtype, 0),
+                    handle.get_buffer(rank, (programs,), torch.int32, data // 4))
+
+        (recv, flags), (peer_recv, peer_flags) = views(self.rank), views(peer)
+        flags.zero_()
+        torch.cuda.synchronize()
+        self.agree(0)  # both ranks' flags are zero before either rank's first call writes the other's
+        self.small_all_reduce = TwoRankAllReduce(TwoRankBuffers(recv, peer_recv, flags, peer_flags))
+        return "two_rank"
+
+    def _symmetric_memory_group(self) -> str:
+        """The group's name as symmetric memory looks it up. It finds groups by name in c10d's
+        registry, which holds ProcessGroups; ours is a bare NCCL backend (built without
+        init_process_group): wrap it in one, as init_process_group would, and register that. Older
+        torch took the group's rank, size and store directly instead."""
+        from torch._C._distributed_c10d import _register_process_group, _SymmetricMemory
 
         name = f"kiln-tp-{self.store.port}"
-        # Symmetric memory finds its group by name in c10d's registry, which holds ProcessGroups;
-        # ours is a bare NCCL backend (built without init_process_group): wrap it in one, as
-        # init_process_group would, and register that. Older torch took the group's rank, size and
-        # store directly instead.
-        from torch._C._distributed_c10d import _register_process_group
-
         named = dist.ProcessGroup(dist.PrefixStore("kiln-symm-mem", self.store), self.rank, self.world_size)
         named._set_default_backend(dist.ProcessGroup.BackendType.NCCL)
         named._register_backend(torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL, self.group)
@@ -212,10 +243,7 @@ class TensorParallel:
         if hasattr(_SymmetricMemory, "set_group_info"):
             _SymmetricMemory.set_group_info(name, self.rank, self.world_size,
                                             dist.PrefixStore("kiln-symm-mem", self.store))
-        buffer = symm_mem.empty(numel, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
-        symm_mem.rendezvous(buffer, name)
-        self.small_all_reduce = OneShotAllReduce(name, buffer)
-        return True
+        return name
 
     def gathered_logits(self, logits):
         """The decode graphs' logits function on every rank: `logits` (this rank's shard of the
@@ -417,6 +445,21 @@ class TensorParallelRunner(ModelRunner):
                 return super().compute_logits(hidden, rows, index)
             self.tp.send(("logits", rows))
             return ops.all_gather(super().compute_logits(hidden, rows, index), -1)[:, :shard.vocab_size]
+
+
+class TwoRankAllReduce:
+    """Sums small CUDA tensors over a group of two through kiln's kernel (see enable_small_all_reduce)."""
+
+    def __init__(self, buffers):
+        self.buffers = buffers
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and self.buffers.takes(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from kiln.codegen.kernels.two_rank_all_reduce import two_rank_all_reduce
+
+        return two_rank_all_reduce(x, self.buffers)
 
 
 class OneShotAllReduce:

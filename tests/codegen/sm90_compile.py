@@ -88,6 +88,19 @@ def compile_decode(cache_ty: str, num_splits: int) -> None:
     _compile(fn, sig, consts, num_warps=4, num_stages=2)
 
 
+def compile_two_rank_all_reduce(ty: str) -> None:
+    """The two-rank all-reduce kernel for an activation type: its system-scope flags included."""
+    from kiln.codegen.kernels import two_rank_all_reduce as m
+
+    fn = m._two_rank_all_reduce_kernel
+    consts = dict(BLOCK=m.BLOCK, PDL=True)
+    pointers = {"x_ptr": ty, "out_ptr": ty, "recv_ptr": ty, "peer_recv_ptr": ty, "flags_ptr": "i32",
+                "peer_flags_ptr": "i32", "epochs_ptr": "i32"}
+    sig = {name: "constexpr" if name in consts else f"*{pointers[name]}" if name in pointers else "i32"
+           for name in fn.arg_names}
+    _compile(fn, sig, consts, num_warps=4, num_stages=1)
+
+
 def variants() -> list[tuple]:
     out = [(x, x, p, early) for x in ("bf16", "fp16") for p in range(6) for early in (False, True)]
     out += [("bf16", w, p, True) for w in ("i8", "fp8e4nv") for p in range(6)]
@@ -103,6 +116,7 @@ def variants() -> list[tuple]:
             for p, rope in ((quant_gemm.NO_PROLOGUE, 0), (quant_gemm.SILU_AND_MUL, 0),
                             (quant_gemm.ADD_RMS_NORM, 0), (quant_gemm.ADD_RMS_NORM, quant_gemm.NEOX))]
     out += [("decode", c, splits) for c in ("bf16", "fp8e4nv") for splits in (1, 16)]
+    out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
     return out
 
 
@@ -112,6 +126,8 @@ def main() -> int:
         try:
             if case[0] == "decode":
                 compile_decode(*case[1:])
+            elif case[0] == "two_rank_all_reduce":
+                compile_two_rank_all_reduce(*case[1:])
             else:
                 compile_gemv(*case)
             print("ok", case)

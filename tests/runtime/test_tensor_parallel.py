@@ -359,6 +359,7 @@ def test_a_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
         assert torch.equal(ops.all_reduce(torch.ones(2, 2)), torch.full((2, 2), 2.0))
         assert torch.equal(ops.all_reduce(torch.ones(2, 3)), torch.full((2, 3), 3.0))
     assert calls == [(2, 2)]
-    assert not TensorParallel(0, 2, "gloo", None).enable_one_shot_all_reduce(16, torch.float32)
-    monkeypatch.setenv("KILN_ONE_SHOT_ALL_REDUCE", "1")
-    assert not TensorParallel(0, 2, "gloo", None).enable_one_shot_all_reduce(16, torch.float32)
+    assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "nccl"
+    for switch in ("KILN_ONE_SHOT_ALL_REDUCE", "KILN_TWO_RANK_ALL_REDUCE"):  # (NCCL groups only)
+        monkeypatch.setenv(switch, "1")
+        assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "nccl"
