@@ -21,8 +21,10 @@ both ranks make the same calls in the same order, as they do NCCL's. Two slots a
 can be at most one call ahead of its peer (it cannot finish call n + 1 before the peer has
 published n + 1, which the peer does only after finishing call n), so it never overwrites the slot
 the peer is still reading. A peer that never arrives (its process died) would spin the GPU
-forever; the wait gives up after `max_spins` polls, leaving garbage in the output, and the host
-learns of the dead worker as it does under NCCL (runtime/tensor_parallel.py).
+forever: the wait gives up after `max_spins` polls and fails a device-side assert, so the step
+raises instead of handing on a sum with garbage in it. That error is sticky: every later CUDA call
+in the process fails too. Rank 0 then finds the dead worker and shuts the group down, as it does
+when an NCCL collective fails (runtime/tensor_parallel.py).
 
 Tested on CPU with two processes over shared memory under the Triton interpreter
 (tests/codegen/test_two_rank_all_reduce.py). On GPUs it is off unless KILN_TWO_RANK_ALL_REDUCE=1
@@ -40,10 +42,12 @@ import triton.language as tl
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 BLOCK = 1024  # elements a program moves (2 KB in bf16: batch-1 Llama-8B is 4 programs)
-MAX_SPINS = 1 << 26  # polls of the flag before a program gives up on its peer (seconds on a GPU)
+# Polls of the flag before a program gives up on its peer: minutes on a GPU (a poll is a barrier and
+# a load), longer than ranks drift apart while one compiles what the other found in its cache.
+MAX_SPINS = 1 << 28
 
 
-@triton.jit
+@triton.jit(debug=True)  # (for the device_assert: a peer that never arrives is an error, not garbage)
 def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_ptr, peer_recv_ptr, flags_ptr, peer_flags_ptr, epochs_ptr,
                                 n, slot_stride, max_spins, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
@@ -61,6 +65,7 @@ def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_ptr, peer_recv_ptr, flags_p
     while (seen < epoch) & (spins < max_spins):
         seen = tl.atomic_add(flags_ptr + pid, 0, sem="acquire", scope="sys")
         spins += 1
+    tl.device_assert(seen >= epoch, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
     theirs = tl.load(recv_ptr + slot * slot_stride + offs, mask=mask, cache_modifier=".cg")
     tl.store(out_ptr + offs, (mine.to(tl.float32) + theirs.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(epochs_ptr + pid, epoch)

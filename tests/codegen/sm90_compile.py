@@ -27,12 +27,15 @@ decode_attention = importlib.import_module("kiln.codegen.kernels.decode_attentio
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def _compile(fn, sig: dict, consts: dict, num_warps: int, num_stages: int) -> None:
-    """Compile fn for sm_90 with these argument types (sig, in argument order) and constexprs."""
+def _compile(fn, sig: dict, consts: dict, num_warps: int, num_stages: int) -> str:
+    """Compile fn for sm_90 with these argument types (sig, in argument order) and constexprs, and
+    the kernel's own debug flag; its PTX."""
     names = list(sig)
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "debug": bool(fn.debug)}
+    kernel = triton.compile(src, target=SM90, options=options)
     assert kernel.asm["cubin"], "no cubin"
+    return kernel.asm["ptx"]
 
 
 _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
@@ -98,7 +101,9 @@ def compile_two_rank_all_reduce(ty: str) -> None:
                 "peer_flags_ptr": "i32", "epochs_ptr": "i32"}
     sig = {name: "constexpr" if name in consts else f"*{pointers[name]}" if name in pointers else "i32"
            for name in fn.arg_names}
-    _compile(fn, sig, consts, num_warps=4, num_stages=1)
+    ptx = _compile(fn, sig, consts, num_warps=4, num_stages=1)
+    assert "__assertfail" in ptx, "the wait's device_assert was compiled out"
+    assert "atom.global.sys.release.exch" in ptx and "ld.global.sys.acquire" in ptx, "the flags lost their ordering"
 
 
 def variants() -> list[tuple]:

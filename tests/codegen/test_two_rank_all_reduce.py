@@ -7,6 +7,7 @@ inputs rounded once (as this backend rounds: `cast`), and the two ranks' outputs
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -85,17 +86,23 @@ def test_two_ranks_sum_their_inputs_call_after_call(dtype, device, cast, tmp_pat
         assert flags.tolist() == [sum(n > p * BLOCK for n in CALLS) for p in range(flags.numel())]
 
 
-def test_a_peer_that_never_comes_is_given_up_on(device, tmp_path):
-    """Alone (the peer's process gone), the wait ends after max_spins polls instead of spinning
-    forever: the call returns, and the host learns of the dead worker its own way."""
+def test_a_peer_that_never_comes_is_an_error_not_a_hang(device, tmp_path, monkeypatch):
+    """Alone (the peer's process gone), the wait ends after max_spins polls in a device-side
+    assert: the call fails instead of spinning forever or returning a sum with garbage in it."""
     if device.type != "cpu":
-        pytest.skip("run on CPU (a GPU would spin max_spins polls)")
+        pytest.skip("run on CPU (on a GPU the assert leaves the process's CUDA context unusable)")
+    from triton.runtime import interpreter
+
+    # The kernel is compiled with debug=True, which keeps its device_assert on a GPU; the interpreter
+    # ignores a kernel's flag (its builder's options are fixed), so turn debug on there as well.
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
     path = tmp_path / "shared"
     path.write_bytes(bytes(2 * _region_bytes(torch.float32)))
     buffers = buffers_of(str(path), 0, torch.float32)
-    out = two_rank_all_reduce(torch.ones(10), buffers, max_spins=20)
-    assert out.shape == (10,)
-    assert buffers.peer_flags[0].item() == 1 and buffers.epochs[0].item() == 1  # it published and moved on
+    with pytest.raises(Exception, match="peer rank never arrived"):  # (the interpreter wraps the AssertionError)
+        two_rank_all_reduce(torch.ones(10), buffers, max_spins=20)
+    assert buffers.peer_flags[0].item() == 1  # it had published its part
 
 
 def test_inputs_it_cannot_take_are_refused(tmp_path):
