@@ -208,7 +208,7 @@ class TensorParallel:
             symm_mem.rendezvous(buffer, name)
             self.small_all_reduce = OneShotAllReduce(name, buffer)
             return "one_shot"
-        from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankBuffers
+        from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankAllReduce
 
         capacity = min(-(-numel // BLOCK), 128) * BLOCK  # (at most 128 programs: all resident at once)
         programs, data = capacity // BLOCK, 2 * capacity * dtype.itemsize  # (data: a multiple of 4 bytes)
@@ -224,7 +224,7 @@ class TensorParallel:
         flags.zero_()
         torch.cuda.synchronize()
         self.agree(0)  # both ranks' flags are zero before either rank's first call writes the other's
-        self.small_all_reduce = TwoRankAllReduce(TwoRankBuffers(recv, peer_recv, flags, peer_flags))
+        self.small_all_reduce = TwoRankAllReduce(recv, peer_recv, flags, peer_flags)
         return "two_rank"
 
     def _symmetric_memory_group(self) -> str:
@@ -445,21 +445,6 @@ class TensorParallelRunner(ModelRunner):
                 return super().compute_logits(hidden, rows, index)
             self.tp.send(("logits", rows))
             return ops.all_gather(super().compute_logits(hidden, rows, index), -1)[:, :shard.vocab_size]
-
-
-class TwoRankAllReduce:
-    """Sums small CUDA tensors over a group of two through kiln's kernel (see enable_small_all_reduce)."""
-
-    def __init__(self, buffers):
-        self.buffers = buffers
-
-    def takes(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and self.buffers.takes(x)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from kiln.codegen.kernels.two_rank_all_reduce import two_rank_all_reduce
-
-        return two_rank_all_reduce(x, self.buffers)
 
 
 class OneShotAllReduce:

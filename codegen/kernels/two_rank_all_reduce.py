@@ -71,10 +71,11 @@ def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_ptr, peer_recv_ptr, flags_p
     tl.store(epochs_ptr + pid, epoch)
 
 
-class TwoRankBuffers:
-    """One rank's side: its receive buffer [2, capacity] and flags [capacity / BLOCK] (in memory the
-    peer can write), the peer's same two as this process sees them, and this rank's per-program
-    call counters. The flags and counters must start at zero on both ranks."""
+class TwoRankAllReduce:
+    """One rank's side, called as `ops.all_reduce`'s small path (`takes(x)`, then `self(x)`): its
+    receive buffer [2, capacity] and flags [capacity / BLOCK] (in memory the peer can write), the
+    peer's same two as this process sees them, and this rank's per-program call counters. The flags
+    and counters must start at zero on both ranks."""
 
     def __init__(self, recv: torch.Tensor, peer_recv: torch.Tensor, flags: torch.Tensor, peer_flags: torch.Tensor):
         if recv.shape != peer_recv.shape or recv.dim() != 2 or recv.shape[0] != 2:
@@ -93,8 +94,11 @@ class TwoRankBuffers:
     def takes(self, x: torch.Tensor) -> bool:
         return x.device == self.recv.device and x.dtype == self.recv.dtype and x.numel() <= self.capacity
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return two_rank_all_reduce(x, self)
 
-def two_rank_all_reduce(x: torch.Tensor, buffers: TwoRankBuffers, max_spins: int = MAX_SPINS) -> torch.Tensor:
+
+def two_rank_all_reduce(x: torch.Tensor, buffers: TwoRankAllReduce, max_spins: int = MAX_SPINS) -> torch.Tensor:
     """x summed with the peer rank's x (which calls this at the same point), in a new tensor."""
     if not buffers.takes(x):
         raise ValueError(f"two_rank_all_reduce takes {buffers.recv.dtype} tensors of at most {buffers.capacity} "

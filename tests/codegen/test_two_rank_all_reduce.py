@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankBuffers, two_rank_all_reduce  # noqa: E402
+from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankAllReduce, two_rank_all_reduce  # noqa: E402
 
 CALLS = [3000, 1024, 5000, 1, 4096, 2500]  # element counts, one call each, in this order
 CAPACITY = 5120
@@ -38,7 +38,7 @@ def _region_bytes(dtype: torch.dtype) -> int:
     return 2 * CAPACITY * dtype.itemsize + 4 * programs
 
 
-def buffers_of(path: str, rank: int, dtype: torch.dtype) -> TwoRankBuffers:
+def buffers_of(path: str, rank: int, dtype: torch.dtype) -> TwoRankAllReduce:
     """Rank `rank`'s buffers over the shared file: [rank 0's receive buffer, flags | rank 1's ...]."""
     region, data = _region_bytes(dtype), 2 * CAPACITY * dtype.itemsize
     whole = torch.from_file(path, shared=True, size=2 * region, dtype=torch.uint8)
@@ -48,7 +48,7 @@ def buffers_of(path: str, rank: int, dtype: torch.dtype) -> TwoRankBuffers:
         return base[:data].view(dtype).view(2, CAPACITY), base[data:].view(torch.int32)
 
     (recv, flags), (peer_recv, peer_flags) = side(rank), side(1 - rank)
-    return TwoRankBuffers(recv, peer_recv, flags, peer_flags)
+    return TwoRankAllReduce(recv, peer_recv, flags, peer_flags)
 
 
 def inputs(rank: int, call: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -114,4 +114,4 @@ def test_inputs_it_cannot_take_are_refused(tmp_path):
     with pytest.raises(ValueError, match="float32"):
         two_rank_all_reduce(torch.ones(4, dtype=torch.bfloat16), buffers)
     with pytest.raises(ValueError, match="int32 flags"):
-        TwoRankBuffers(buffers.recv, buffers.peer_recv, buffers.flags[:2], buffers.peer_flags)
+        TwoRankAllReduce(buffers.recv, buffers.peer_recv, buffers.flags[:2], buffers.peer_flags)
