@@ -110,7 +110,7 @@ def main() -> None:
             if out.returncode != 0:
                 sys.exit(out.stderr[-3000:])
             rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
-            # the engine's phase timings; with --verbose, the profiles of the build and the first generate
+            # the engine's phase timings; with --verbose, where the start spent its time (sampled)
             print(f"--- {label}\n" + "\n".join(line for line in out.stderr.splitlines() if " ms kiln:" in line or (
                 verbose and line.startswith("sampled"))), flush=True)
     import torch
