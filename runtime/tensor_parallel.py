@@ -32,6 +32,7 @@ import datetime
 import functools
 import gc
 import os
+import tempfile
 import threading
 import time
 import traceback
@@ -187,45 +188,71 @@ class TensorParallel:
 
     def enable_small_all_reduce(self, numel: int, dtype: torch.dtype) -> str:
         """Experimental, off by default: all-reduces of up to `numel` elements of `dtype` (a decode
-        batch's hidden states) through symmetric memory (NVLink) instead of NCCL. Collective: every
-        rank calls it at the same point of its engine's start. Returns what is on: "nccl" (the
-        default), or what the environment asks for:
-        - KILN_ONE_SHOT_ALL_REDUCE=1: torch's one-shot kernel (copies this rank's tensor into its
-          buffer, then sums every rank's). On two H100s it gave NCCL's tokens but was the slower,
-          4.38 against 4.21 ms/token at the Llama-3.1-8B shape.
+        batch's hidden states) through memory the ranks share (NVLink) instead of the group's own
+        collective. Collective: every rank calls it at the same point of its engine's start. Returns
+        what sums them: the backend's name ("nccl", "gloo"; the default), or what the environment
+        asks for:
+        - KILN_ONE_SHOT_ALL_REDUCE=1 (NCCL): torch's one-shot kernel over symmetric memory (copies
+          this rank's tensor into its buffer, then sums every rank's). On two H100s it gave NCCL's
+          tokens but was the slower, 4.38 against 4.21 ms/token at the Llama-3.1-8B shape.
         - KILN_TWO_RANK_ALL_REDUCE=1 (two ranks): kiln's kernel, which pushes each rank's tensor
           into the peer's buffer and sums there, no copy of the input and no NCCL kernel
-          (codegen/kernels/two_rank_all_reduce.py); up to 128K elements, NCCL beyond."""
-        one_shot = os.environ.get("KILN_ONE_SHOT_ALL_REDUCE") == "1"
-        two_rank = os.environ.get("KILN_TWO_RANK_ALL_REDUCE") == "1" and self.world_size == 2
-        if self.backend != "nccl" or not (one_shot or two_rank):
-            return "nccl"
-        import torch.distributed._symmetric_memory as symm_mem
-
-        name, device = self._symmetric_memory_group(), torch.device("cuda", torch.cuda.current_device())
+          (codegen/kernels/two_rank_all_reduce.py); up to 128K elements, the backend's beyond. Over
+          NCCL the buffers are symmetric memory; over gloo under Triton's interpreter (tests), a
+          shared-memory file stands in for it, as `cudagraph="emulate"` does for CUDA graphs."""
+        one_shot = os.environ.get("KILN_ONE_SHOT_ALL_REDUCE") == "1" and self.backend == "nccl"
+        two_rank = (os.environ.get("KILN_TWO_RANK_ALL_REDUCE") == "1" and self.world_size == 2
+                    and (self.backend == "nccl" or os.environ.get("TRITON_INTERPRET") == "1"))
         if one_shot:
-            buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buffer = symm_mem.empty(numel, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+            name = self._symmetric_memory_group()
             symm_mem.rendezvous(buffer, name)
             self.small_all_reduce = OneShotAllReduce(name, buffer)
             return "one_shot"
+        if not two_rank:
+            return self.backend
         from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankAllReduce
 
         capacity = min(-(-numel // BLOCK), 128) * BLOCK  # (at most 128 programs: all resident at once)
         programs, data = capacity // BLOCK, 2 * capacity * dtype.itemsize  # (data: a multiple of 4 bytes)
-        buffer = symm_mem.empty(data + 4 * programs, dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(buffer, name)
-        peer = 1 - self.rank
+        nbytes = data + 4 * programs
+        side = self._symmetric_sides(nbytes) if self.backend == "nccl" else self._shared_file_sides(nbytes)
 
-        def views(rank: int):
-            return (handle.get_buffer(rank, (2, capacity), dtype, 0),
-                    handle.get_buffer(rank, (programs,), torch.int32, data // 4))
+        def buffers(rank: int):  # rank's receive buffer [2, capacity] and flags, as this process sees them
+            raw = side(rank)
+            return raw[:data].view(dtype).view(2, capacity), raw[data:].view(torch.int32)
 
-        (recv, flags), (peer_recv, peer_flags) = views(self.rank), views(peer)
+        (recv, flags), (peer_recv, peer_flags) = buffers(self.rank), buffers(1 - self.rank)
         flags.zero_()
-        torch.cuda.synchronize()
+        if self.backend == "nccl":
+            torch.cuda.synchronize()
         self.agree(0)  # both ranks' flags are zero before either rank's first call writes the other's
         self.small_all_reduce = TwoRankAllReduce(recv, peer_recv, flags, peer_flags)
         return "two_rank"
+
+    def _symmetric_sides(self, nbytes: int):
+        """rank -> that rank's `nbytes` of symmetric memory (NVLink), as this process sees them."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+        handle = symm_mem.rendezvous(buffer, self._symmetric_memory_group())
+        return lambda rank: handle.get_buffer(rank, (nbytes,), torch.uint8, 0)
+
+    def _shared_file_sides(self, nbytes: int):
+        """The same over gloo: one shared-memory file that every rank maps (rank 0 makes it zeroed,
+        and removes its name once every rank has mapped it)."""
+        path = os.path.join(tempfile.gettempdir(), f"kiln-two-rank-{self.store.port}")
+        if self.rank == 0:
+            with open(path, "wb") as f:
+                f.truncate(self.world_size * nbytes)
+        self.agree(0)
+        whole = torch.from_file(path, shared=True, size=self.world_size * nbytes, dtype=torch.uint8)
+        self.agree(0)
+        if self.rank == 0:
+            os.unlink(path)
+        return lambda rank: whole[rank * nbytes:(rank + 1) * nbytes]
 
     def _symmetric_memory_group(self) -> str:
         """The group's name as symmetric memory looks it up. It finds groups by name in c10d's

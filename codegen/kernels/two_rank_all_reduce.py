@@ -26,8 +26,9 @@ raises instead of handing on a sum with garbage in it. That error is sticky: eve
 in the process fails too. Rank 0 then finds the dead worker and shuts the group down, as it does
 when an NCCL collective fails (runtime/tensor_parallel.py).
 
-Tested on CPU with two processes over shared memory under the Triton interpreter
-(tests/codegen/test_two_rank_all_reduce.py). On GPUs it is off unless KILN_TWO_RANK_ALL_REDUCE=1
+Tested on CPU with two processes over shared memory under the Triton interpreter: the kernel
+alone (tests/codegen/test_two_rank_all_reduce.py) and inside TP=2 engines over gloo
+(tests/runtime/test_tensor_parallel.py, where a shared-memory file stands in for symmetric memory). On GPUs it is off unless KILN_TWO_RANK_ALL_REDUCE=1
 (`TensorParallel.enable_small_all_reduce`): check it with `KILN_TWO_RANK_ALL_REDUCE=1 python
 benchmarks/check_tensor_parallel.py --compiled --dtype float32`, time it with `scale_out.py
 --two-rank-all-reduce`.

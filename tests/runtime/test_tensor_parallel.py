@@ -206,6 +206,31 @@ def test_decode_graphs_over_two_ranks_gather_the_logits_inside(paths, async_sche
         llm.shutdown()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling):
+    """KILN_TWO_RANK_ALL_REDUCE=1: the small all-reduces of the step go through kiln's two-rank kernel
+    (codegen/kernels/two_rank_all_reduce.py; here under Triton's interpreter, over a shared-memory
+    file in place of symmetric memory, inside the emulated decode graphs): TP=1's greedy tokens, and
+    every rank made the same calls (each program's count of them is the peer's flag)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("KILN_TWO_RANK_ALL_REDUCE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (before the kernel's module is first imported)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = LLM(paths["llama"], **ENGINE).generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(paths["llama"], tensor_parallel_size=2, enforce_eager=False, max_num_seqs=4,
+              async_scheduling=async_scheduling, compilation_config={"backend": "eager", "cudagraph": "emulate"},
+              **ENGINE)
+    try:
+        small = llm.llm_engine.tp.small_all_reduce
+        assert type(small).__name__ == "TwoRankAllReduce"
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+        assert small.epochs[0].item() > 5  # (the prompts' all-reduces are larger: some took the gloo path)
+        assert torch.equal(small.flags, small.epochs)  # the peer made as many calls of each program
+    finally:
+        llm.shutdown()
+
+
 def test_pooling_over_two_ranks(paths):
     """An embedding model (a decoder through convert="embed") over two ranks gives one rank's
     embeddings: rank 0 pools what the reduced hidden states give."""
@@ -359,7 +384,8 @@ def test_a_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
         assert torch.equal(ops.all_reduce(torch.ones(2, 2)), torch.full((2, 2), 2.0))
         assert torch.equal(ops.all_reduce(torch.ones(2, 3)), torch.full((2, 3), 3.0))
     assert calls == [(2, 2)]
-    assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "nccl"
-    for switch in ("KILN_ONE_SHOT_ALL_REDUCE", "KILN_TWO_RANK_ALL_REDUCE"):  # (NCCL groups only)
+    assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for switch in ("KILN_ONE_SHOT_ALL_REDUCE", "KILN_TWO_RANK_ALL_REDUCE"):  # (NCCL groups; gloo under the interpreter)
         monkeypatch.setenv(switch, "1")
-        assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "nccl"
+        assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
