@@ -226,9 +226,9 @@ class TensorParallel:
 
         (recv, flags), (peer_recv, peer_flags) = buffers(self.rank), buffers(1 - self.rank)
         flags.zero_()
-        if self.backend == "nccl":
-            torch.cuda.synchronize()
-        self.agree(0)  # both ranks' flags are zero before either rank's first call writes the other's
+        # (agree's all-reduce queues behind the zeroing and completes on neither rank before both
+        # have reached it: both ranks' flags are zero before either rank's first call writes the other's)
+        self.agree(0)
         self.small_all_reduce = TwoRankAllReduce(recv, peer_recv, flags, peer_flags)
         return "two_rank"
 
