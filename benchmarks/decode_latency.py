@@ -23,7 +23,9 @@ narrow (qkv), wide (gate_up), vocab (lm_head), deep (8B's K >= 4096 matrices); "
 8-bit weights' rows), so a
 tiling is timed in the whole step, chained to its neighbours, rather than alone;
 `--compare-rope-fusion` an async bf16 row without the fuse_linear_rope pass (rotary and the cache
-write as a kernel of their own instead of in the q/k/v gemv's epilogue).
+write as a kernel of their own instead of in the q/k/v gemv's epilogue); `--compare-early-kv` an
+async bf16 row whose decode attention loads every key and value after its PDL wait
+(`decode_attention.EARLY_KV` off).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -148,6 +150,8 @@ def main() -> None:
                    help="';'-separated sets of role=NxKxW gemv tilings, an async bf16 row each (see above)")
     p.add_argument("--compare-rope-fusion", action="store_true",
                    help="add an async bf16 row without the fuse_linear_rope pass")
+    p.add_argument("--compare-early-kv", action="store_true",
+                   help="add an async bf16 row whose attention loads no key or value before its PDL wait")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--sync-scheduling", action="store_true",
                    help="add a bf16 row with the steps in turn (async_scheduling=False)")
@@ -183,6 +187,8 @@ def main() -> None:
 
         variants += [("async, rotary apart", {"async_scheduling": True,
                                               "passes": [p for p in PIPELINE if p != "fuse_linear_rope"]})]
+    if args.compare_early_kv:
+        variants += [("async, kv after the wait", {"async_scheduling": True, "early_kv": False})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     default_tiles = dict(quant_gemm._GEMV_TILES)
@@ -195,6 +201,7 @@ def main() -> None:
                    **{key: kwargs.pop(key) for key in ("float_gemv", "pdl", "passes") if key in kwargs}}
         # (module switches, read while the graphs capture)
         decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)
+        decode_kernels.EARLY_KV = kwargs.pop("early_kv", True)
         quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)

@@ -10,20 +10,24 @@
 #   decode      batch-1 decode (Llama-3.2-1B shape; async scheduling, the default on CUDA, and a row with
 #               the steps in turn), with the A/B rows of two switches: rotary in the q/k/v gemv (on:
 #               won in session 20), fp8 read by its bits (off: lost in session 20)
+#   early-kv    batch-1 decode with the attention's older keys and values loaded before its PDL wait and after
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
 #   throughput  1000 requests against HF generate (issue 8)
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
-#   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs (2 GPUs)
-#   tp          scale_out.py --skip-dp (2 GPUs: TP=2 against TP=1)
-#   tp-ll       the same with NCCL_PROTO=LL (NCCL's low-latency protocol for the step's 8 KB all-reduces)
-#   tp-two-rank kiln's two-rank all-reduce kernel (KILN_TWO_RANK_ALL_REDUCE=1, session 20, never run on GPUs):
-#               TP=2's tokens against TP=1's with it, then TP=1, TP=2 and TP=2 with it timed (2 GPUs)
+#   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs, float32 (2 GPUs;
+#               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols)
+#   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
+#   tp-ll       scale_out.py --skip-dp --ll-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "ll" protocol
+#   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
+#   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
+#   allreduce   benchmarks/all_reduce.py: the all-reduce alone, chained in a CUDA graph (2 GPUs)
+#   tp-profile  profile_decode.py --llama-8b --tensor-parallel-size 2: rank 0's kernels in a TP=2 step (2 GPUs)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
 # A lent GPU runs one command for at most 600 s: split the sections over calls, e.g.
-#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp-check` | `tp` | `tp-ll` | `tp-two-rank`
+#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp-check allreduce tp-ll` | `tp` | `tp-profile`
 set -u
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT" /tmp/kiln-path
@@ -58,6 +62,9 @@ section() {
             run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --quantization int8_weight_only,fp8_weight_only
             grep -A10 "^device" "$OUT/quant.txt" ;;
+        early-kv)
+            run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
+            grep -A6 "^device" "$OUT/early-kv.txt" ;;
         tiles)
             run tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
@@ -82,20 +89,29 @@ section() {
         tp-check)  # (the decode graphs gather the logits inside since session 19)
             run tp-check 300 python benchmarks/check_tensor_parallel.py --compiled --dtype float32 --hidden-size 1024 \
                 --num-layers 4
-            tail -4 "$OUT/tp-check.txt" ;;
-        tp)
-            run tp 580 python benchmarks/scale_out.py --skip-dp
-            tail -8 "$OUT/tp.txt" ;;
-        tp-ll)
-            NCCL_PROTO=LL run tp-ll 580 python benchmarks/scale_out.py --skip-dp
-            tail -8 "$OUT/tp-ll.txt" ;;
-        tp-two-rank)
-            KILN_TWO_RANK_ALL_REDUCE=1 run tp-two-rank-check 150 python benchmarks/check_tensor_parallel.py --compiled \
+            tail -4 "$OUT/tp-check.txt"
+            KILN_TWO_RANK_PROTOCOL=ll run tp-check-ll 300 python benchmarks/check_tensor_parallel.py --compiled \
                 --dtype float32 --hidden-size 1024 --num-layers 4
-            tail -4 "$OUT/tp-two-rank-check.txt"
-            grep -q "4/4" "$OUT/tp-two-rank-check.txt" || return 1  # (wrong sums: no timing)
-            run tp-two-rank 430 python benchmarks/scale_out.py --skip-dp --two-rank-all-reduce
-            tail -9 "$OUT/tp-two-rank.txt" ;;
+            tail -4 "$OUT/tp-check-ll.txt" ;;
+        pdl)
+            TRITON_INTERPRET=0 run pdl 300 python -m pytest -q -p no:cacheprovider -W ignore tests/codegen/test_pdl.py \
+                tests/codegen/test_attention.py tests/codegen/test_kv_cache_fp8.py
+            tail -3 "$OUT/pdl.txt" | cut -c1-300 ;;
+        tp)
+            run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce
+            tail -9 "$OUT/tp.txt" ;;
+        tp-ll)
+            run tp-ll 580 python benchmarks/scale_out.py --skip-dp --ll-all-reduce
+            tail -9 "$OUT/tp-ll.txt" ;;
+        tp-nccl-ll)
+            KILN_TWO_RANK_ALL_REDUCE=0 NCCL_PROTO=LL run tp-nccl-ll 580 python benchmarks/scale_out.py --skip-dp
+            tail -8 "$OUT/tp-nccl-ll.txt" ;;
+        tp-profile)
+            run tp-profile 400 python benchmarks/profile_decode.py --llama-8b --tensor-parallel-size 2
+            grep -A45 "steps of" "$OUT/tp-profile.txt" | cut -c1-160 ;;
+        allreduce)
+            run allreduce 200 python benchmarks/all_reduce.py
+            tail -6 "$OUT/allreduce.txt" ;;
         *)
             echo "unknown section $1 (see the comment at the top)" >&2
             return 2 ;;

@@ -1,10 +1,14 @@
-"""Where a batch-1 decode step spends its time on the Llama-3.2-1B shape (compiled, CUDA graphs):
+"""Where a batch-1 decode step spends its time on the Llama-3.2-1B shape, or with --llama-8b the
+Llama-3.1-8B one (compiled, CUDA graphs):
 the host (cProfile by own time, over 128 decode steps) and the device (torch.profiler: busy time
 per step against wall time per step), and each kernel of the step in launch order: its device
 time and the idle gap before it (from the profiler's trace; the gap is what one kernel's launch
-and ramp-up cost inside the graph). A diagnostic companion to decode_latency.py.
+and ramp-up cost inside the graph). A diagnostic companion to decode_latency.py. With
+--tensor-parallel-size 2 the device side is rank 0's (the profiler sees this process's GPU), the
+all-reduce kernels' waits for the peer included.
 
     python benchmarks/profile_decode.py [--quantization int8_weight_only] [--no-async-scheduling] [--host-only]
+                                        [--llama-8b] [--tensor-parallel-size N]
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import large_random_checkpoint  # noqa: E402
 from decode_latency import LLAMA_1B  # noqa: E402
+from scale_out import LLAMA_8B  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.runtime.demo import build_checkpoint, train_tokenizer  # noqa: E402
@@ -141,12 +147,18 @@ def main() -> None:
     p.add_argument("--cublas", action="store_true", help="compilation_config float_gemv=False (cuBLAS at batch 1)")
     p.add_argument("--no-pdl", action="store_true", help="compilation_config pdl=False")
     p.add_argument("--host-only", action="store_true", help="only the host's phases (no profilers)")
+    p.add_argument("--llama-8b", action="store_true", help="the Llama-3.1-8B shape (random weights written to disk)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="kiln-prof-")
-    path = build_checkpoint(tmp.name, "LlamaForCausalLM", dtype="bfloat16", tokenizer=train_tokenizer(),
-                            vocab_size=128256, **LLAMA_1B)
+    if args.llama_8b:
+        path = large_random_checkpoint(os.path.join(tmp.name, "model"), **LLAMA_8B)
+    else:
+        path = build_checkpoint(tmp.name, "LlamaForCausalLM", dtype="bfloat16", tokenizer=train_tokenizer(),
+                                vocab_size=128256, **LLAMA_1B)
     llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
               enable_prefix_caching=False, quantization=args.quantization,
+              tensor_parallel_size=args.tensor_parallel_size,
               async_scheduling=args.async_scheduling,
               compilation_config={**({"float_gemv": False} if args.cublas else {}), "pdl": not args.no_pdl})
     prompt = {"prompt_token_ids": list(range(100, 228))}

@@ -15,12 +15,14 @@ quick check.
 
 `--no-async-scheduling` runs every configuration with its steps in turn (async scheduling, each step launched
 before the last one's tokens are read back; under TP rank 0 broadcasts them on the device).
-`--one-shot-all-reduce` adds a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1 (the decode step's
-all-reduces through torch's symmetric memory instead of NCCL), `--two-rank-all-reduce` one with
-KILN_TWO_RANK_ALL_REDUCE=1 (through kiln's kernel, codegen/kernels/two_rank_all_reduce.py).
+TP=2's decode-step all-reduces go through kiln's two-rank kernel by default
+(codegen/kernels/two_rank_all_reduce.py); `--nccl-all-reduce` adds a TP=2 run with
+KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--ll-all-reduce` one with KILN_TWO_RANK_PROTOCOL=ll (the
+kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
+symmetric-memory kernel).
 
-    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--one-shot-all-reduce]
-                                   [--two-rank-all-reduce] [--checkpoint DIR]
+    python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
+                                   [--ll-all-reduce] [--one-shot-all-reduce] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
     return (full - prefill) / new_tokens * 1e3
 
 
-# the TP=2 runs with another all-reduce for the decode step: phase -> (the switch, a label)
-ALL_REDUCES = {"tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "one-shot all-reduce"),
-               "tp2-two-rank": ("KILN_TWO_RANK_ALL_REDUCE", "two-rank all-reduce")}
+# the TP=2 runs with another all-reduce for the decode step: phase -> (the switch, its value, a label)
+ALL_REDUCES = {"tp2-nccl": ("KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
+               "tp2-ll": ("KILN_TWO_RANK_PROTOCOL", "ll", "two-rank all-reduce, ll protocol"),
+               "tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce")}
 
 
 def throughput_s(llm, work) -> float:
@@ -119,8 +122,9 @@ def main() -> None:
     p.add_argument("--skip-dp", action="store_true")
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
+    p.add_argument("--ll-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_PROTOCOL=ll")
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
-    p.add_argument("--two-rank-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=1")
+    p.add_argument("--nccl-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=0")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", choices=["tp1", "tp2", *ALL_REDUCES, "dp2"],  # (one configuration)
@@ -143,11 +147,11 @@ def main() -> None:
               f"{' | steps in turn' if args.async_scheduling is False else ' | async scheduling (on CUDA)'}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
-        asked = {"tp2-one-shot": args.one_shot_all_reduce, "tp2-two-rank": args.two_rank_all_reduce}
+        asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-ll": args.ll_all_reduce, "tp2-one-shot": args.one_shot_all_reduce}
         tp = [] if args.skip_tp else ["tp2"] + [name for name in ALL_REDUCES if asked[name]]
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
-            env = dict(os.environ, **({ALL_REDUCES[name][0]: "1"} if name in ALL_REDUCES else {}))
+            env = dict(os.environ, **({ALL_REDUCES[name][0]: ALL_REDUCES[name][1]} if name in ALL_REDUCES else {}))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
                                   *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -163,10 +167,10 @@ def main() -> None:
         print(f"TP=2 greedy tokens == TP=1 for {sum(s == t for s, t in zip(a, b))}/{len(a)} prompts "
               f"(first difference at {first})")
         rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
-    for name, (_, label) in ALL_REDUCES.items():
+    for name, (_, _, label) in ALL_REDUCES.items():
         if name in results:
             b = results[name]["tokens"]
-            print(f"TP=2 {label}: greedy tokens == TP=2 (NCCL) for "
+            print(f"TP=2 {label}: greedy tokens == TP=2 (default) for "
                   f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
             rows.append((f"batch-1 decode ms/token, {label}", results["tp1"]["decode_ms"], results[name]["decode_ms"]))
     if "dp2" in results:

@@ -167,6 +167,7 @@ class TensorParallel:
         self.model_shard: Shard | None = None
         self.small_all_reduce = None  # (enable_small_all_reduce)
         self._named_group = None  # (enable_small_all_reduce: the group as symmetric memory finds it)
+        self._symmetric_buffer = None  # (enable_small_all_reduce: this rank's symmetric memory, kept alive)
         self.closed: str | None = None  # why the group was shut down
         # Called before the group is dropped: CUDA graphs that captured NCCL collectives hold the
         # communicator, whose destruction waits until they are gone (pytorch/pytorch#115388).
@@ -187,22 +188,24 @@ class TensorParallel:
         return int(t.item())
 
     def enable_small_all_reduce(self, numel: int, dtype: torch.dtype) -> str:
-        """Experimental, off by default: all-reduces of up to `numel` elements of `dtype` (a decode
-        batch's hidden states) through memory the ranks share (NVLink) instead of the group's own
-        collective. Collective: every rank calls it at the same point of its engine's start. Returns
-        what sums them: the backend's name ("nccl", "gloo"; the default), or what the environment
-        asks for:
-        - KILN_ONE_SHOT_ALL_REDUCE=1 (NCCL): torch's one-shot kernel over symmetric memory (copies
-          this rank's tensor into its buffer, then sums every rank's). On two H100s it gave NCCL's
-          tokens but was the slower, 4.38 against 4.21 ms/token at the Llama-3.1-8B shape.
-        - KILN_TWO_RANK_ALL_REDUCE=1 (two ranks): kiln's kernel, which pushes each rank's tensor
-          into the peer's buffer and sums there, no copy of the input and no NCCL kernel
-          (codegen/kernels/two_rank_all_reduce.py); up to 128K elements, the backend's beyond. Over
-          NCCL the buffers are symmetric memory; over gloo under Triton's interpreter (tests), a
-          shared-memory file stands in for it, as `cudagraph="emulate"` does for CUDA graphs."""
+        """All-reduces of up to `numel` elements of `dtype` (a decode batch's hidden states) through
+        memory the ranks share (NVLink) instead of the group's own collective, where that is
+        possible. Collective: every rank calls it at the same point of its engine's start. Returns
+        what sums them: "two_rank", "one_shot", or the backend's name ("nccl", "gloo").
+        - Two ranks over NCCL whose GPUs can reach each other's memory (the default; off with
+          KILN_TWO_RANK_ALL_REDUCE=0): kiln's kernel, which pushes each rank's tensor into the
+          peer's buffer and sums there, no copy of the input and no NCCL kernel
+          (codegen/kernels/two_rank_all_reduce.py); up to 128K elements, the backend's beyond. On
+          two H200s, the Llama-3.1-8B shape's batch-1 step: 3.485 ms over NCCL, 3.012 with the
+          kernel's "flags" protocol, 2.865 with "ll" (the default protocol), NCCL's greedy tokens
+          with each. Over gloo it runs only when asked for (KILN_TWO_RANK_ALL_REDUCE=1) under
+          Triton's interpreter (tests): a shared-memory file stands in for symmetric memory, as
+          `cudagraph="emulate"` does for CUDA graphs.
+        - KILN_ONE_SHOT_ALL_REDUCE=1 (NCCL, experimental): torch's one-shot kernel over symmetric
+          memory (copies this rank's tensor into its buffer, then sums every rank's). On two H100s
+          it gave NCCL's tokens but was the slower, 4.38 against 4.21 ms/token."""
         one_shot = os.environ.get("KILN_ONE_SHOT_ALL_REDUCE") == "1" and self.backend == "nccl"
-        two_rank = (os.environ.get("KILN_TWO_RANK_ALL_REDUCE") == "1" and self.world_size == 2
-                    and (self.backend == "nccl" or os.environ.get("TRITON_INTERPRET") == "1"))
+        switch = os.environ.get("KILN_TWO_RANK_ALL_REDUCE", "auto")
         if one_shot:
             import torch.distributed._symmetric_memory as symm_mem
 
@@ -211,26 +214,40 @@ class TensorParallel:
             symm_mem.rendezvous(buffer, name)
             self.small_all_reduce = OneShotAllReduce(name, buffer)
             return "one_shot"
-        if not two_rank:
+        if self.world_size != 2 or switch == "0":
             return self.backend
-        from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankAllReduce
+        if self.backend == "nccl":
+            if not self.agree(int(self._peer_memory_reachable())):
+                return self.backend
+        elif not (switch == "1" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return self.backend
+        from kiln.codegen.kernels import two_rank_all_reduce as kernel
 
-        capacity = min(-(-numel // BLOCK), 128) * BLOCK  # (at most 128 programs: all resident at once)
-        programs, data = capacity // BLOCK, 2 * capacity * dtype.itemsize  # (data: a multiple of 4 bytes)
-        nbytes = data + 4 * programs
+        capacity = min(-(-numel // kernel.BLOCK), 128) * kernel.BLOCK  # (at most 128 programs: all resident)
+        nbytes = kernel.region_bytes(capacity)
         side = self._symmetric_sides(nbytes) if self.backend == "nccl" else self._shared_file_sides(nbytes)
-
-        def buffers(rank: int):  # rank's receive buffer [2, capacity] and flags, as this process sees them
-            raw = side(rank)
-            return raw[:data].view(dtype).view(2, capacity), raw[data:].view(torch.int32)
-
-        (recv, flags), (peer_recv, peer_flags) = buffers(self.rank), buffers(1 - self.rank)
-        flags.zero_()
-        # (agree's all-reduce queues behind the zeroing and completes on neither rank before both
-        # have reached it: both ranks' flags are zero before either rank's first call writes the other's)
-        self.agree(0)
-        self.small_all_reduce = TwoRankAllReduce(recv, peer_recv, flags, peer_flags)
+        region, peer_region = side(self.rank), side(1 - self.rank)
+        region.zero_()
+        # (both ranks must speak the same protocol: the first of the ones they were told; agree's
+        # all-reduce also queues behind the zeroing and completes on neither rank before both have
+        # reached it, so both regions are zero before either rank's first call writes the other's)
+        protocol = kernel.PROTOCOLS[self.agree(kernel.PROTOCOLS.index(kernel.PROTOCOL))]
+        self.small_all_reduce = kernel.TwoRankAllReduce(region, peer_region, dtype, capacity, protocol)
         return "two_rank"
+
+    def _peer_memory_reachable(self) -> bool:
+        """Whether this rank's GPU can address the other rank's (the same host, the peer's GPU
+        visible to this process, peer access between them: NVLink or PCIe peer-to-peer). Each rank
+        names its GPU in the store, so the answer needs no collective that could fail on one rank."""
+        import socket
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        self.store.set(f"kiln-gpu-{self.rank}", f"{socket.gethostname()} {props.uuid}")
+        host, uuid = self.store.get(f"kiln-gpu-{1 - self.rank}").decode().split(" ", 1)
+        if host != socket.gethostname():
+            return False
+        visible = [i for i in range(torch.cuda.device_count()) if str(torch.cuda.get_device_properties(i).uuid) == uuid]
+        return bool(visible) and torch.cuda.can_device_access_peer(torch.cuda.current_device(), visible[0])
 
     def _symmetric_sides(self, nbytes: int):
         """rank -> that rank's `nbytes` of symmetric memory (NVLink), as this process sees them."""
@@ -238,6 +255,9 @@ class TensorParallel:
 
         buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
         handle = symm_mem.rendezvous(buffer, self._symmetric_memory_group())
+        # (get_buffer's views do not own the memory: this rank's allocation lives as long as `buffer`,
+        # so the engine keeps it; freed, its pages are unmapped under the kernel)
+        self._symmetric_buffer = buffer
         return lambda rank: handle.get_buffer(rank, (nbytes,), torch.uint8, 0)
 
     def _shared_file_sides(self, nbytes: int):

@@ -35,17 +35,41 @@ from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 
 @triton.jit
+def _attend_tile(q, k, v, n, n_mask, seq_len, m_i, l_i, acc, scale, soft_cap, slopes,
+                 HAS_SOFT_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of keys at positions n (those of n_mask, at least one) folded into the running
+    softmax (m_i, l_i) and weighted sum acc of the query heads q."""
+    if KV_FP8:  # k_scale is folded into `scale` by the launcher
+        k = k.to(q.dtype)
+    s = log2_scores(mma(q, tl.trans(k), PRECISION, UPCAST), scale, soft_cap, HAS_SOFT_CAP)
+    if HAS_ALIBI:  # slope * (k_pos - q_pos); the query sits at seq_len - 1
+        s += slopes[:, None] * (n - (seq_len - 1)).to(tl.float32)[None, :]
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    # Every tile holds at least one key, so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if KV_FP8:
+        v = v.to(q.dtype)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
     part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr,
     NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, EARLY_KV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_inputs(PDL)
+    if not EARLY_KV:
+        wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -57,47 +81,59 @@ def _decode_kernel(
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
-
-    g = tl.arange(0, BLOCK_G)
-    g_mask = g < GROUP
-    heads = kvh * GROUP + g
+    table_row = tables_ptr + b * table_stride
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
     dv = tl.arange(0, BLOCK_DV)
     dv_mask = dv < DV
+    first = start
+    if EARLY_KV:
+        # Before the wait, the split's first tile of keys and values but the newest: earlier steps
+        # wrote them, and only this step's token (at seq_len - 1) can be in flight from the kernel
+        # before (see `decode_attention`). Their loads overlap that kernel's end.
+        n = start + tl.arange(0, BLOCK_N)
+        early = n < tl.minimum(end, seq_len - 1)
+        k_early = load_paged(k_cache_ptr, table_row, n, early, kvh, kc_stride_b, kc_stride_s, kc_stride_h, d, d_mask,
+                             block_size)
+        v_early = load_paged(v_cache_ptr, table_row, n, early, kvh, vc_stride_b, vc_stride_s, vc_stride_h, dv,
+                             dv_mask, block_size)
+        wait_for_inputs(PDL)
+        first = start + BLOCK_N
+
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    heads = kvh * GROUP + g
     q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if not KV_FP8:  # (fp8 keys and values are converted to q's dtype instead)
         q = q.to(k_cache_ptr.dtype.element_ty)
-    table_row = tables_ptr + b * table_stride
 
+    slopes = 0.0
     if HAS_ALIBI:  # (in the log2 units of the scores)
         slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    if EARLY_KV:
+        if start < end:  # the first tile, its newest row (if there) loaded now
+            n = start + tl.arange(0, BLOCK_N)
+            n_mask = n < end
+            newest = n_mask & (n == seq_len - 1)
+            k = tl.where(newest[:, None], load_paged(k_cache_ptr, table_row, n, newest, kvh, kc_stride_b, kc_stride_s,
+                                                     kc_stride_h, d, d_mask, block_size), k_early)
+            v = tl.where(newest[:, None], load_paged(v_cache_ptr, table_row, n, newest, kvh, vc_stride_b, vc_stride_s,
+                                                     vc_stride_h, dv, dv_mask, block_size), v_early)
+            m_i, l_i, acc = _attend_tile(q, k, v, n, n_mask, seq_len, m_i, l_i, acc, scale, soft_cap, slopes,
+                                         HAS_SOFT_CAP, HAS_ALIBI, KV_FP8, PRECISION, UPCAST)
+    for n0 in range(first, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
         k = load_paged(k_cache_ptr, table_row, n, n_mask, kvh, kc_stride_b, kc_stride_s, kc_stride_h, d, d_mask,
                        block_size)
-        if KV_FP8:  # k_scale is folded into `scale` by the launcher
-            k = k.to(q.dtype)
-        s = log2_scores(mma(q, tl.trans(k), PRECISION, UPCAST), scale, soft_cap, HAS_SOFT_CAP)
-        if HAS_ALIBI:  # slope * (k_pos - q_pos); the query sits at seq_len - 1
-            s += slopes[:, None] * (n - (seq_len - 1)).to(tl.float32)[None, :]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile holds at least one key (n0 < end), so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_paged(v_cache_ptr, table_row, n, n_mask, kvh, vc_stride_b, vc_stride_s, vc_stride_h, dv, dv_mask,
                        block_size)
-        if KV_FP8:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, n, n_mask, seq_len, m_i, l_i, acc, scale, soft_cap, slopes,
+                                     HAS_SOFT_CAP, HAS_ALIBI, KV_FP8, PRECISION, UPCAST)
     if KV_FP8:  # the weighted sum of v / v_scale, times v_scale
         acc = acc * v_scale
 
@@ -198,6 +234,10 @@ def _num_sms(device_index: int) -> int:
 # --compare-attention times both).
 MERGE_IN_KERNEL = True
 
+# Whether a captured decode step's attention loads its older keys and values before its PDL wait
+# by default (`early_kv`; benchmarks/decode_latency.py --compare-early-kv times both).
+EARLY_KV = True
+
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
 # program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
 # buffer made while capturing would be the graph's, and a capture first runs the same step eagerly.
@@ -229,7 +269,7 @@ def decode_attention(
     seq_lens: torch.Tensor, scale: float, sliding_window: int = 0, soft_cap: float = 0.0,
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
-    alibi_slopes: torch.Tensor | None = None, merge_in_kernel: bool | None = None,
+    alibi_slopes: torch.Tensor | None = None, merge_in_kernel: bool | None = None, early_kv: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
@@ -237,7 +277,14 @@ def decode_attention(
     k_scale / v_scale: an fp8 cache's scales (unused by other caches). alibi_slopes [H] float32:
     ALiBi, slope * (k_pos - q_pos) added to the scores. merge_in_kernel: with several splits, the
     last program of each (sequence, kv head) to finish merges them (one launch); False, or no
-    counters to be had (see `_counters`), launches the merge kernel after. None: MERGE_IN_KERNEL."""
+    counters to be had (see `_counters`), launches the merge kernel after. None: MERGE_IN_KERNEL.
+    early_kv: each program loads its first tile of keys and values (all but this step's token, at
+    seq_len - 1) before its PDL wait, so those loads overlap the previous kernel. That holds only
+    where the previous kernel writes no cached token but this step's and no seq_lens or block
+    table entry: inside a captured decode step, whose kernels before the attention are the
+    projection that writes this step's k and v (or the cache write) and, earlier, kernels that have
+    finished (each waited on its own predecessor). None: EARLY_KV while a CUDA graph is being
+    captured with PDL on. (On CPU it only changes the order of the loads: tested so under the interpreter.)"""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -272,6 +319,9 @@ def decode_attention(
     if merge_in_kernel is None:
         merge_in_kernel = MERGE_IN_KERNEL
     counters = _counters(q.device, B * HKV) if num_splits > 1 and merge_in_kernel else None
+    pdl = launch_args(q.device)
+    if early_kv is None:
+        early_kv = EARLY_KV and pdl["PDL"] and torch.cuda.is_current_stream_capturing()
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
@@ -280,8 +330,8 @@ def decode_attention(
         MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps,
-        num_stages=num_stages, **launch_args(q.device),
+        EARLY_KV=early_kv, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if num_splits > 1 and counters is None:
         _merge_kernel[(B * H,)](

@@ -6,15 +6,22 @@ own, its protocol's handshakes, and `ops.all_reduce`'s copy of the input before 
 place), and at TP=2 the 64 of them a step are what keeps the speedup from 2x.
 
 Here each rank holds, in memory its peer can address (torch's symmetric memory: NVLink, mapped
-into both processes), a receive buffer of two slots and one flag per program. A call, on each
-rank, per program of BLOCK elements:
+into both processes), a receive buffer of two slots (and, for "flags", one flag per program). A
+call, on each rank, per program of BLOCK elements, in one of two protocols:
 
-1. store its chunk of the input into the peer's receive buffer, in slot `epoch % 2`;
-2. publish `epoch` in the peer's flag for this program (a release at system scope, after a barrier:
-   every thread's stores of step 1 are visible to the peer before the flag is);
-3. wait until its own flag, which the peer sets the same way, reaches `epoch` (an acquire);
-4. sum its chunk and the peer's, in float32 (the same sum on both ranks: float addition of two
-   terms commutes), into a fresh output.
+- "ll" (the default; after NCCL's low-latency protocol): store the chunk into the peer's slot
+  `epoch % 2` as 8-byte words of 4 data bytes and the call's `epoch`; poll its own slot (volatile
+  loads) until every word of the chunk carries `epoch`. An aligned 8-byte store arrives whole, so
+  a word that shows the epoch holds the data: no flag, no fence. The words double the bytes moved,
+  which at these sizes costs less than the fence's round trip.
+- "flags": store the chunk as it is, then publish `epoch` in the peer's flag for this program (a
+  release at system scope after a barrier: every thread's stores are visible to the peer before
+  the flag is); wait until its own flag reaches `epoch` (an acquire), then load the peer's chunk.
+
+Either way it then sums its chunk and the peer's in float32 (the same sum on both ranks: float
+addition of two terms commutes) into a fresh output. Chained in a CUDA graph on two H200s, a call
+of 4096 bf16 elements took 4.15 us with "ll", 4.95 with "flags" and 9.33 through NCCL
+(benchmarks/all_reduce.py).
 
 `epoch` counts this program's calls (a per-program counter in local memory, bumped at the end):
 both ranks make the same calls in the same order, as they do NCCL's. Two slots are enough: a rank
@@ -26,15 +33,18 @@ raises instead of handing on a sum with garbage in it. That error is sticky: eve
 in the process fails too. Rank 0 then finds the dead worker and shuts the group down, as it does
 when an NCCL collective fails (runtime/tensor_parallel.py).
 
-Tested on CPU with two processes over shared memory under the Triton interpreter: the kernel
-alone (tests/codegen/test_two_rank_all_reduce.py) and inside TP=2 engines over gloo
-(tests/runtime/test_tensor_parallel.py, where a shared-memory file stands in for symmetric memory). On GPUs it is off unless KILN_TWO_RANK_ALL_REDUCE=1
-(`TensorParallel.enable_small_all_reduce`): check it with `KILN_TWO_RANK_ALL_REDUCE=1 python
-benchmarks/check_tensor_parallel.py --compiled --dtype float32`, time it with `scale_out.py
---two-rank-all-reduce`.
+Tested on CPU with two processes over shared memory under the Triton interpreter, both protocols:
+the kernel alone (tests/codegen/test_two_rank_all_reduce.py) and inside TP=2 engines over gloo
+(tests/runtime/test_tensor_parallel.py, where a shared-memory file stands in for symmetric
+memory). On GPUs it is the default at two ranks whose GPUs reach each other's memory
+(`TensorParallel.enable_small_all_reduce`; KILN_TWO_RANK_ALL_REDUCE=0 turns it off); checked with
+`benchmarks/check_tensor_parallel.py --compiled --dtype float32` (TP=2's tokens == TP=1's, both
+protocols), timed with `benchmarks/all_reduce.py` and `benchmarks/scale_out.py`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -49,8 +59,14 @@ MAX_SPINS = 1 << 28
 
 
 @triton.jit(debug=True)  # (for the device_assert: a peer that never arrives is an error, not garbage)
-def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_ptr, peer_recv_ptr, flags_ptr, peer_flags_ptr, epochs_ptr,
+def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, flags_addr, peer_flags_addr, epochs_ptr,
                                 n, slot_stride, max_spins, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    # (the shared buffers come as addresses, as torch's own symmetric-memory kernels take them: the
+    # peer's is another process's allocation mapped into this one, which Triton's launcher need not know)
+    recv_ptr = recv_addr.to(tl.pointer_type(x_ptr.dtype.element_ty))
+    peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(x_ptr.dtype.element_ty))
+    flags_ptr = flags_addr.to(tl.pointer_type(tl.int32))
+    peer_flags_ptr = peer_flags_addr.to(tl.pointer_type(tl.int32))
     wait_for_inputs(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -72,28 +88,96 @@ def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_ptr, peer_recv_ptr, flags_p
     tl.store(epochs_ptr + pid, epoch)
 
 
+@triton.jit(debug=True)
+def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n, slot_stride, max_spins,
+                        BLOCK: tl.constexpr, PER_WORD: tl.constexpr, PDL: tl.constexpr):
+    """The "ll" protocol: each 8-byte word carries 4 bytes of data and the call's epoch, so a word
+    that arrived is a word the reader may use, with no flag and no fence between data and flag."""
+    recv_ptr = recv_addr.to(tl.pointer_type(tl.uint64))
+    peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(tl.uint64))
+    WORDS: tl.constexpr = BLOCK // PER_WORD
+    wait_for_inputs(PDL)
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    words = pid * WORDS + tl.arange(0, WORDS)
+    word_mask = words < tl.cdiv(n, PER_WORD)
+    epoch = tl.load(epochs_ptr + pid) + 1
+    slot = epoch % 2
+    tag = epoch.to(tl.uint64) << 32
+    mine = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if PER_WORD == 2:  # two 16-bit values a word, the lower one first
+        lo, hi = tl.split(tl.reshape(mine.to(tl.uint16, bitcast=True).to(tl.uint32), (WORDS, 2)))
+        data = lo | (hi << 16)
+    else:
+        data = mine.to(tl.uint32, bitcast=True)
+    tl.store(peer_recv_ptr + slot * slot_stride + words, data.to(tl.uint64) | tag, mask=word_mask)
+    got = tl.load(recv_ptr + slot * slot_stride + words, mask=word_mask, other=tag, volatile=True)
+    arrived = tl.min(((got >> 32).to(tl.uint32) == epoch.to(tl.uint32)).to(tl.int32))
+    spins = 0
+    while (arrived == 0) & (spins < max_spins):
+        got = tl.load(recv_ptr + slot * slot_stride + words, mask=word_mask, other=tag, volatile=True)
+        arrived = tl.min(((got >> 32).to(tl.uint32) == epoch.to(tl.uint32)).to(tl.int32))
+        spins += 1
+    tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
+    data = got.to(tl.uint32)
+    if PER_WORD == 2:
+        pair = tl.join((data & 0xFFFF).to(tl.uint16), (data >> 16).to(tl.uint16))
+        theirs = tl.reshape(pair, (BLOCK,)).to(x_ptr.dtype.element_ty, bitcast=True)
+    else:
+        theirs = data.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + offs, (mine.to(tl.float32) + theirs.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(epochs_ptr + pid, epoch)
+
+
+# "ll" (data and epoch in every word) or "flags" (data, then a flag per program behind a
+# system-scope release); KILN_TWO_RANK_PROTOCOL picks it for a process, and the ranks of a group
+# agree on one (runtime/tensor_parallel.py).
+PROTOCOLS = ("flags", "ll")
+PROTOCOL = os.environ.get("KILN_TWO_RANK_PROTOCOL", "ll")
+
+
+def region_bytes(capacity: int) -> int:
+    """The bytes of one rank's shared region for `capacity` elements: two slots of `capacity`
+    8-byte words (what "ll" needs for any dtype; "flags" uses the front of them), then one int32
+    flag per program; rounded up to 128 bytes, so regions laid end to end stay aligned."""
+    return triton.cdiv(2 * capacity * 8 + 4 * triton.cdiv(capacity, BLOCK), 128) * 128
+
+
 class TwoRankAllReduce:
     """One rank's side, called as `ops.all_reduce`'s small path (`takes(x)`, then `self(x)`): its
-    receive buffer [2, capacity] and flags [capacity / BLOCK] (in memory the peer can write), the
-    peer's same two as this process sees them, and this rank's per-program call counters. The flags
-    and counters must start at zero on both ranks."""
+    shared region and the peer's as this process sees them (uint8 tensors of `region_bytes(capacity)`,
+    in memory the peer can write; zeroed on both ranks before either calls), the dtype it sums, and
+    this rank's per-program call counters."""
 
-    def __init__(self, recv: torch.Tensor, peer_recv: torch.Tensor, flags: torch.Tensor, peer_flags: torch.Tensor):
-        if recv.shape != peer_recv.shape or recv.dim() != 2 or recv.shape[0] != 2:
-            raise ValueError(f"receive buffers must both be [2, capacity], got {tuple(recv.shape)} and "
-                             f"{tuple(peer_recv.shape)}")
-        programs = triton.cdiv(recv.shape[1], BLOCK)
-        if flags.numel() < programs or peer_flags.numel() < programs or flags.dtype != torch.int32:
-            raise ValueError(f"need {programs} int32 flags a rank for a capacity of {recv.shape[1]}")
-        self.recv, self.peer_recv, self.flags, self.peer_flags = recv, peer_recv, flags, peer_flags
-        self.epochs = torch.zeros(programs, dtype=torch.int32, device=recv.device)
+    def __init__(self, region: torch.Tensor, peer_region: torch.Tensor, dtype: torch.dtype, capacity: int,
+                 protocol: str | None = None):
+        protocol = protocol or PROTOCOL
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown two-rank all-reduce protocol {protocol!r}: one of {PROTOCOLS}")
+        need = region_bytes(capacity)
+        if region.dtype != torch.uint8 or region.numel() < need or peer_region.numel() < need:
+            raise ValueError(f"a capacity of {capacity} needs uint8 regions of {need} bytes, got "
+                             f"{region.numel()} and {peer_region.numel()}")
+        if dtype.itemsize not in (2, 4):
+            raise ValueError(f"two_rank_all_reduce sums 16- and 32-bit floats, not {dtype}")
+        self.region, self.peer_region = region, peer_region
+        self.dtype, self.protocol, self._capacity = dtype, protocol, capacity
+        data, programs = 2 * capacity * 8, triton.cdiv(capacity, BLOCK)
+        if protocol == "ll":
+            self.recv, self.peer_recv = (r[:data].view(torch.int64).view(2, capacity) for r in (region, peer_region))
+        else:
+            size = 2 * capacity * dtype.itemsize
+            self.recv, self.peer_recv = (r[:size].view(dtype).view(2, capacity) for r in (region, peer_region))
+        self.flags, self.peer_flags = (r[data:data + 4 * programs].view(torch.int32) for r in (region, peer_region))
+        self.epochs = torch.zeros(programs, dtype=torch.int32, device=region.device)
 
     @property
     def capacity(self) -> int:
-        return self.recv.shape[1]
+        return self._capacity
 
     def takes(self, x: torch.Tensor) -> bool:
-        return x.device == self.recv.device and x.dtype == self.recv.dtype and x.numel() <= self.capacity
+        return x.device == self.recv.device and x.dtype == self.dtype and x.numel() <= self.capacity
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return two_rank_all_reduce(x, self)
@@ -102,14 +186,21 @@ class TwoRankAllReduce:
 def two_rank_all_reduce(x: torch.Tensor, buffers: TwoRankAllReduce, max_spins: int = MAX_SPINS) -> torch.Tensor:
     """x summed with the peer rank's x (which calls this at the same point), in a new tensor."""
     if not buffers.takes(x):
-        raise ValueError(f"two_rank_all_reduce takes {buffers.recv.dtype} tensors of at most {buffers.capacity} "
+        raise ValueError(f"two_rank_all_reduce takes {buffers.dtype} tensors of at most {buffers.capacity} "
                          f"elements on {buffers.recv.device}, got {x.dtype} [{x.numel()}] on {x.device}")
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
     if n == 0:
         return out
-    _two_rank_all_reduce_kernel[(triton.cdiv(n, BLOCK),)](
-        x, out, buffers.recv, buffers.peer_recv, buffers.flags, buffers.peer_flags, buffers.epochs,
-        n, buffers.recv.stride(0), max_spins, BLOCK=BLOCK, num_warps=4, **launch_args(x.device))
+    grid = (triton.cdiv(n, BLOCK),)
+    if buffers.protocol == "ll":
+        _two_rank_ll_kernel[grid](
+            x, out, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.epochs, n, buffers.recv.stride(0),
+            max_spins, BLOCK=BLOCK, PER_WORD=4 // x.element_size(), num_warps=4, **launch_args(x.device))
+    else:
+        _two_rank_all_reduce_kernel[grid](
+            x, out, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.flags.data_ptr(),
+            buffers.peer_flags.data_ptr(), buffers.epochs, n, buffers.recv.stride(0), max_spins, BLOCK=BLOCK,
+            num_warps=4, **launch_args(x.device))
     return out

@@ -72,13 +72,13 @@ _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr"
                     "counter_ptr": "i32"}
 
 
-def compile_decode(cache_ty: str, num_splits: int) -> None:
+def compile_decode(cache_ty: str, num_splits: int, early_kv: bool = False) -> None:
     """One `_decode_kernel` variant (Llama-3.2-1B heads: 32 over 8 kv heads of 64): the cache's
-    element type, the splits (merged in the kernel)."""
+    element type, the splits (merged in the kernel), the first tile loaded before the wait."""
     fn = decode_attention._decode_kernel
     consts = dict(NUM_SPLITS=num_splits, MERGE_HERE=num_splits > 1, HAS_WINDOW=False, HAS_SOFT_CAP=False,
                   HAS_SINKS=False, HAS_ALIBI=False, KV_FP8=cache_ty == "fp8e4nv", PRECISION="tf32", UPCAST=False,
-                  BLOCK_G=16, BLOCK_N=128, BLOCK_D=64, BLOCK_DV=64, PDL=True)
+                  EARLY_KV=early_kv, BLOCK_G=16, BLOCK_N=128, BLOCK_D=64, BLOCK_DV=64, PDL=True)
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -97,13 +97,26 @@ def compile_two_rank_all_reduce(ty: str) -> None:
 
     fn = m._two_rank_all_reduce_kernel
     consts = dict(BLOCK=m.BLOCK, PDL=True)
-    pointers = {"x_ptr": ty, "out_ptr": ty, "recv_ptr": ty, "peer_recv_ptr": ty, "flags_ptr": "i32",
-                "peer_flags_ptr": "i32", "epochs_ptr": "i32"}
-    sig = {name: "constexpr" if name in consts else f"*{pointers[name]}" if name in pointers else "i32"
-           for name in fn.arg_names}
+    pointers = {"x_ptr": ty, "out_ptr": ty, "epochs_ptr": "i32"}  # (the shared buffers come as addresses)
+    sig = {name: "constexpr" if name in consts else f"*{pointers[name]}" if name in pointers
+           else "i64" if name.endswith("_addr") else "i32" for name in fn.arg_names}
     ptx = _compile(fn, sig, consts, num_warps=4, num_stages=1)
     assert "__assertfail" in ptx, "the wait's device_assert was compiled out"
     assert "atom.global.sys.release.exch" in ptx and "ld.global.sys.acquire" in ptx, "the flags lost their ordering"
+
+
+def compile_two_rank_ll(ty: str) -> None:
+    """The "ll" protocol's kernel: its polls must stay volatile loads (re-read every time)."""
+    from kiln.codegen.kernels import two_rank_all_reduce as m
+
+    fn = m._two_rank_ll_kernel
+    consts = dict(BLOCK=m.BLOCK, PER_WORD=2 if ty == "bf16" else 1, PDL=True)
+    pointers = {"x_ptr": ty, "out_ptr": ty, "epochs_ptr": "i32"}
+    sig = {name: "constexpr" if name in consts else f"*{pointers[name]}" if name in pointers
+           else "i64" if name.endswith("_addr") else "i32" for name in fn.arg_names}
+    ptx = _compile(fn, sig, consts, num_warps=4, num_stages=1)
+    assert "__assertfail" in ptx, "the wait's device_assert was compiled out"
+    assert "ld.volatile.global" in ptx, "the polls are not volatile loads"
 
 
 def variants() -> list[tuple]:
@@ -120,8 +133,9 @@ def variants() -> list[tuple]:
     out += [("bf16", "bf16", p, True, False, False, None, rope, None, (4, 2048, 8))
             for p, rope in ((quant_gemm.NO_PROLOGUE, 0), (quant_gemm.SILU_AND_MUL, 0),
                             (quant_gemm.ADD_RMS_NORM, 0), (quant_gemm.ADD_RMS_NORM, quant_gemm.NEOX))]
-    out += [("decode", c, splits) for c in ("bf16", "fp8e4nv") for splits in (1, 16)]
+    out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
+    out += [("two_rank_ll", ty) for ty in ("bf16", "fp32")]
     return out
 
 
@@ -133,6 +147,8 @@ def main() -> int:
                 compile_decode(*case[1:])
             elif case[0] == "two_rank_all_reduce":
                 compile_two_rank_all_reduce(*case[1:])
+            elif case[0] == "two_rank_ll":
+                compile_two_rank_ll(*case[1:])
             else:
                 compile_gemv(*case)
             print("ok", case)

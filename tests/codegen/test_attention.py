@@ -92,6 +92,17 @@ def test_decode_attention(H, Hkv, window, num_splits, merge_in_kernel, dtype, de
     close(out, dense_paged(q, md, k_cache, v_cache, 0.2, window=window), dtype=dtype)
 
 
+@pytest.mark.parametrize("num_splits, window", [(1, 0), (3, 0), (3, 6), (8, 0)])
+def test_decode_attention_early_kv(num_splits, window, device, poisoned, close):
+    """early_kv (the first tile loaded before the PDL wait, this step's token after it): the same
+    attention, with splits that hold this step's token and splits that do not, empty ones too."""
+    md, k_cache, v_cache = make_batch([1, 1, 1, 1], [1, 9, 23, 70], 2, 32, 4, torch.bfloat16, device)
+    q = torch.randn(4, 8, 32, device=device).to(torch.bfloat16)
+    out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables, lens_tensors(md, device)[1], 0.2, window,
+                   num_splits=num_splits, block_n=16, early_kv=True)
+    close(out, dense_paged(q, md, k_cache, v_cache, 0.2, window=window), dtype=torch.bfloat16)
+
+
 def test_in_kernel_merge_gives_the_same_output_launch_after_launch(device, poisoned, close):
     """The last split to arrive merges (an atomic count per sequence and kv head): on a GPU, where
     the splits really race, 200 launches must give one output (the merge sums in a fixed order,
@@ -111,13 +122,13 @@ def test_in_kernel_merge_gives_the_same_output_launch_after_launch(device, poiso
     assert not _counter_buffers[q.device].any()
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_attention_soft_cap_sinks_value_dim(num_splits, device, poisoned, close):
+@pytest.mark.parametrize("num_splits, early_kv", [(1, False), (4, False), (4, True)])
+def test_decode_attention_soft_cap_sinks_value_dim(num_splits, early_kv, device, poisoned, close):
     """Soft-capped scores, attention sinks, a value head dim unlike the key's, int32 tables."""
     md, k_cache, v_cache = make_batch([1, 1], [13, 30], 2, 32, 8, torch.float32, device, Dv=48)
     q, sinks = torch.randn(2, 8, 32, device=device) * 3, torch.randn(8, device=device)
     out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables.int(), lens_tensors(md, device)[1], 0.3,
-                   soft_cap=2.0, sinks=sinks, num_splits=num_splits, block_n=16)
+                   soft_cap=2.0, sinks=sinks, num_splits=num_splits, block_n=16, early_kv=early_kv)
     close(out, dense_paged(q, md, k_cache, v_cache, 0.3, soft_cap=2.0, sinks=sinks))
 
 

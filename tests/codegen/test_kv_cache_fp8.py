@@ -103,16 +103,16 @@ HEADS = [(4, 4), (8, 2)]  # (H, Hkv): GQA ratios 1 and 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits, early_kv", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("H, Hkv", HEADS)
-def test_decode_attention_fp8(H, Hkv, num_splits, dtype, device, poisoned, close):
+def test_decode_attention_fp8(H, Hkv, num_splits, early_kv, dtype, device, poisoned, close):
     k_scale, v_scale = random_scales()
     seq_lens = [1, 9, 23]
     md, k_cache, v_cache = fp8_batch([1, 1, 1], seq_lens, Hkv, 32, 4, k_scale, v_scale, device)
     q = torch.randn(3, H, 32, device=device).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables, lens, 0.3, num_splits=num_splits,
-                   block_n=16, k_scale=k_scale, v_scale=v_scale)
+                   block_n=16, k_scale=k_scale, v_scale=v_scale, early_kv=early_kv)
     close(out, reference(q, md, k_cache, v_cache, 0.3, k_scale, v_scale))
 
 

@@ -3,7 +3,9 @@
 On the CPU (the interpreter has no griddepcontrol) the launchers must not ask for it. On a Hopper
 GPU, a decode-layer-shaped chain of kiln kernels, each reading what the one before wrote, run
 with PDL (eagerly and replayed from a CUDA graph) must give exactly what serial launches give: a
-kernel that read its input before its wait would read the previous replay's or garbage.
+kernel that read its input before its wait would read the previous replay's or garbage. (Inside
+the graph the decode attention loads its older keys and values before its wait: this step's,
+poisoned before each replay, must still be read after it.)
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def _layers(E=2048, F=4096, H=16, HKV=4, D=64, layers=6, ctx=300, block_size=16,
             h = float_linear(silu_and_mul(float_linear(normed, p["gate_up"])), p["down"])
         return h + res
 
+    step.caches, step.newest = caches, divmod(ctx - 1, block_size)  # (this step's token: block, offset)
     return step
 
 
@@ -91,8 +94,11 @@ def test_pdl_chain_matches_serial_launches(device):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = step()
+        block, offset = step.newest
         for _ in range(20):
             out.fill_(float("nan"))
+            for kc, vc in step.caches:  # (the replay writes this step's k and v again: an attention
+                kc[block, offset] = vc[block, offset] = float("nan")  # reading them early reads nan)
             graph.replay()
             assert torch.equal(out, serial)
     finally:

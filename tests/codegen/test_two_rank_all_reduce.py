@@ -1,7 +1,7 @@
 """The two-rank all-reduce kernel (codegen/kernels/two_rank_all_reduce.py), on CPU: two processes,
 each running the kernel under Triton's interpreter, over one shared-memory file that holds both
 ranks' receive buffers and flags (each process maps it, as symmetric memory maps the peer's GPU
-memory on a GPU). Over a run of calls of different sizes (one program and several, masked tails,
+memory on a GPU), in both protocols. Over a run of calls of different sizes (one program and several, masked tails,
 both slots, epochs past the first two), each rank's output must be the float32 sum of the two
 inputs rounded once (as this backend rounds: `cast`), and the two ranks' outputs the same bits."""
 
@@ -17,7 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, TwoRankAllReduce, two_rank_all_reduce  # noqa: E402
+from kiln.codegen.kernels.two_rank_all_reduce import (  # noqa: E402
+    BLOCK, TwoRankAllReduce, region_bytes, two_rank_all_reduce,
+)
 
 CALLS = [3000, 1024, 5000, 1, 4096, 2500]  # element counts, one call each, in this order
 CAPACITY = 5120
@@ -28,27 +30,19 @@ sys.path.insert(0, sys.argv[1])
 from test_two_rank_all_reduce import CALLS, CAPACITY, buffers_of, inputs
 from kiln.codegen.kernels.two_rank_all_reduce import two_rank_all_reduce
 rank, path, dtype, out = int(sys.argv[2]), sys.argv[3], getattr(torch, sys.argv[4]), sys.argv[5]
-buffers = buffers_of(path, rank, dtype)
+buffers = buffers_of(path, rank, dtype, sys.argv[6])
 torch.save([two_rank_all_reduce(inputs(rank, i, n, dtype), buffers) for i, n in enumerate(CALLS)], out)
 """
 
 
-def _region_bytes(dtype: torch.dtype) -> int:
-    programs = -(-CAPACITY // BLOCK)
-    return 2 * CAPACITY * dtype.itemsize + 4 * programs
+REGION = region_bytes(CAPACITY)
 
 
-def buffers_of(path: str, rank: int, dtype: torch.dtype) -> TwoRankAllReduce:
-    """Rank `rank`'s buffers over the shared file: [rank 0's receive buffer, flags | rank 1's ...]."""
-    region, data = _region_bytes(dtype), 2 * CAPACITY * dtype.itemsize
-    whole = torch.from_file(path, shared=True, size=2 * region, dtype=torch.uint8)
-
-    def side(r: int):
-        base = whole[r * region:(r + 1) * region]
-        return base[:data].view(dtype).view(2, CAPACITY), base[data:].view(torch.int32)
-
-    (recv, flags), (peer_recv, peer_flags) = side(rank), side(1 - rank)
-    return TwoRankAllReduce(recv, peer_recv, flags, peer_flags)
+def buffers_of(path: str, rank: int, dtype: torch.dtype, protocol: str) -> TwoRankAllReduce:
+    """Rank `rank`'s buffers over the shared file: [rank 0's region | rank 1's region]."""
+    whole = torch.from_file(path, shared=True, size=2 * REGION, dtype=torch.uint8)
+    side = [whole[r * REGION:(r + 1) * REGION] for r in (0, 1)]
+    return TwoRankAllReduce(side[rank], side[1 - rank], dtype, CAPACITY, protocol)
 
 
 def inputs(rank: int, call: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -56,16 +50,17 @@ def inputs(rank: int, call: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(n, generator=g) * (call + 1)).to(dtype)
 
 
+@pytest.mark.parametrize("protocol", ["flags", "ll"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_two_ranks_sum_their_inputs_call_after_call(dtype, device, cast, tmp_path):
+def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, device, cast, tmp_path):
     if device.type != "cpu":
-        pytest.skip("compiled, it needs two GPUs: KILN_TWO_RANK_ALL_REDUCE=1 benchmarks/check_tensor_parallel.py")
+        pytest.skip("compiled, it needs two GPUs: benchmarks/check_tensor_parallel.py, benchmarks/all_reduce.py")
     path = tmp_path / "shared"
-    path.write_bytes(bytes(2 * _region_bytes(dtype)))  # flags start at zero
+    path.write_bytes(bytes(2 * REGION))  # the regions start zeroed
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     name = str(dtype).removeprefix("torch.")
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, os.path.dirname(__file__), str(r), str(path), name,
-                               str(tmp_path / f"out{r}.pt")], env=env, stderr=subprocess.PIPE, text=True)
+                               str(tmp_path / f"out{r}.pt"), protocol], env=env, stderr=subprocess.PIPE, text=True)
              for r in (0, 1)]
     for rank in ranks:
         try:
@@ -80,13 +75,14 @@ def test_two_ranks_sum_their_inputs_call_after_call(dtype, device, cast, tmp_pat
         want = cast(inputs(0, i, n, dtype).float() + inputs(1, i, n, dtype).float(), dtype)
         assert torch.equal(outs[0][i].view(torch.uint8), outs[1][i].view(torch.uint8)), f"call {i}: ranks differ"
         torch.testing.assert_close(outs[0][i], want, rtol=0, atol=0, msg=f"call {i} ({n} elements)")
-    # every program of every call went through: each counter is the number of calls that reached it
-    for rank in (0, 1):
-        flags = buffers_of(str(path), rank, dtype).flags
-        assert flags.tolist() == [sum(n > p * BLOCK for n in CALLS) for p in range(flags.numel())]
+    if protocol == "flags":  # every program of every call went through: each flag counts the calls that reached it
+        for rank in (0, 1):
+            flags = buffers_of(str(path), rank, dtype, protocol).flags
+            assert flags.tolist() == [sum(n > p * BLOCK for n in CALLS) for p in range(flags.numel())]
 
 
-def test_a_peer_that_never_comes_is_an_error_not_a_hang(device, tmp_path, monkeypatch):
+@pytest.mark.parametrize("protocol", ["flags", "ll"])
+def test_a_peer_that_never_comes_is_an_error_not_a_hang(protocol, device, tmp_path, monkeypatch):
     """Alone (the peer's process gone), the wait ends after max_spins polls in a device-side
     assert: the call fails instead of spinning forever or returning a sum with garbage in it."""
     if device.type != "cpu":
@@ -98,20 +94,28 @@ def test_a_peer_that_never_comes_is_an_error_not_a_hang(device, tmp_path, monkey
     builder = interpreter.interpreter_builder
     monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
     path = tmp_path / "shared"
-    path.write_bytes(bytes(2 * _region_bytes(torch.float32)))
-    buffers = buffers_of(str(path), 0, torch.float32)
+    path.write_bytes(bytes(2 * REGION))
+    buffers = buffers_of(str(path), 0, torch.float32, protocol)
     with pytest.raises(Exception, match="peer rank never arrived"):  # (the interpreter wraps the AssertionError)
         two_rank_all_reduce(torch.ones(10), buffers, max_spins=20)
-    assert buffers.peer_flags[0].item() == 1  # it had published its part
+    if protocol == "flags":  # it had published its part
+        assert buffers.peer_flags[0].item() == 1
+    else:  # its part, tagged with the call's epoch
+        assert buffers.peer_recv[1, 0].item() == (1 << 32) | torch.tensor(1.0).view(torch.int32).item()
 
 
 def test_inputs_it_cannot_take_are_refused(tmp_path):
     path = tmp_path / "shared"
-    path.write_bytes(bytes(2 * _region_bytes(torch.float32)))
-    buffers = buffers_of(str(path), 0, torch.float32)
+    path.write_bytes(bytes(2 * REGION))
+    buffers = buffers_of(str(path), 0, torch.float32, "flags")
     with pytest.raises(ValueError, match="at most 5120"):
         two_rank_all_reduce(torch.ones(CAPACITY + 1), buffers)
     with pytest.raises(ValueError, match="float32"):
         two_rank_all_reduce(torch.ones(4, dtype=torch.bfloat16), buffers)
-    with pytest.raises(ValueError, match="int32 flags"):
-        TwoRankAllReduce(buffers.recv, buffers.peer_recv, buffers.flags[:2], buffers.peer_flags)
+    region = torch.zeros(REGION, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=f"regions of {REGION} bytes"):
+        TwoRankAllReduce(region[:-1], region, torch.float32, CAPACITY)
+    with pytest.raises(ValueError, match="unknown two-rank all-reduce protocol 'simple'"):
+        TwoRankAllReduce(region, region, torch.float32, CAPACITY, "simple")
+    with pytest.raises(ValueError, match="16- and 32-bit floats"):
+        TwoRankAllReduce(region, region, torch.float64, CAPACITY)

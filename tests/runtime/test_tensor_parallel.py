@@ -206,15 +206,20 @@ def test_decode_graphs_over_two_ranks_gather_the_logits_inside(paths, async_sche
         llm.shutdown()
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling):
+@pytest.mark.parametrize("async_scheduling, protocol", [(False, "ll"), (True, "ll"), (True, "flags")])
+def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling, protocol):
     """KILN_TWO_RANK_ALL_REDUCE=1: the small all-reduces of the step go through kiln's two-rank kernel
     (codegen/kernels/two_rank_all_reduce.py; here under Triton's interpreter, over a shared-memory
-    file in place of symmetric memory, inside the emulated decode graphs): TP=1's greedy tokens, and
-    every rank made the same calls (each program's count of them is the peer's flag)."""
+    file in place of symmetric memory, inside the emulated decode graphs), in each protocol: TP=1's
+    greedy tokens, and (flags) every rank made the same calls (each program's count of them is the
+    peer's flag)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("KILN_TWO_RANK_ALL_REDUCE", "1")
+    monkeypatch.setenv("KILN_TWO_RANK_PROTOCOL", protocol)  # (the worker reads it when it imports the kernel)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (before the kernel's module is first imported)
+    from kiln.codegen.kernels import two_rank_all_reduce
+
+    monkeypatch.setattr(two_rank_all_reduce, "PROTOCOL", protocol)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     expected = LLM(paths["llama"], **ENGINE).generate(PROMPTS, params, use_tqdm=False)
     llm = LLM(paths["llama"], tensor_parallel_size=2, enforce_eager=False, max_num_seqs=4,
@@ -225,8 +230,10 @@ def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling
         assert type(small).__name__ == "TwoRankAllReduce"
         got = llm.generate(PROMPTS, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+        assert small.protocol == protocol
         assert small.epochs[0].item() > 5  # (the prompts' all-reduces are larger: some took the gloo path)
-        assert torch.equal(small.flags, small.epochs)  # the peer made as many calls of each program
+        if protocol == "flags":
+            assert torch.equal(small.flags, small.epochs)  # the peer made as many calls of each program
     finally:
         llm.shutdown()
 
@@ -360,9 +367,9 @@ def test_one_rank_collectives_are_identities_and_trace_as_kiln_ops():
 
 
 def test_a_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
-    """The experimental one-shot path's dispatch (its kernel needs CUDA and NVLink): a tensor the
-    step's small all-reduce takes goes to it, one it declines to the group's own all_reduce; the
-    path stays off over gloo and unless asked for."""
+    """The small all-reduce's dispatch (its kernels need CUDA and NVLink): a tensor the step's small
+    all-reduce takes goes to it, one it declines to the group's own all_reduce; over gloo the paths
+    stay off by default, and the two-rank one runs there only when asked for under the interpreter."""
     from kiln.runtime.tensor_parallel import TensorParallel
 
     class Group:  # two ranks (their own all_reduce, dist.all_reduce, is patched to triple)
@@ -384,6 +391,10 @@ def test_a_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
         assert torch.equal(ops.all_reduce(torch.ones(2, 2)), torch.full((2, 2), 2.0))
         assert torch.equal(ops.all_reduce(torch.ones(2, 3)), torch.full((2, 3), 3.0))
     assert calls == [(2, 2)]
+    assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the two-rank kernel's default is for NCCL groups only)
+    assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
+    monkeypatch.setenv("KILN_TWO_RANK_ALL_REDUCE", "0")
     assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for switch in ("KILN_ONE_SHOT_ALL_REDUCE", "KILN_TWO_RANK_ALL_REDUCE"):  # (NCCL groups; gloo under the interpreter)
