@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import logging
 import os
 import tempfile
 import threading
@@ -48,6 +49,8 @@ from kiln.frontend.sharding import Shard, check_divisible, tp_plan
 from kiln.ir import ForwardContext, get_forward_context, ops, set_forward_context
 from kiln.ir.parallel import tensor_parallel_group
 from kiln.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger("kiln")
 
 # A collective's time limit. Generous: the first one waits for every rank to load its shard.
 TIMEOUT = datetime.timedelta(minutes=10)
@@ -225,7 +228,20 @@ class TensorParallel:
 
         capacity = min(-(-numel // kernel.BLOCK), 128) * kernel.BLOCK  # (at most 128 programs: all resident)
         nbytes = kernel.region_bytes(capacity)
-        side = self._symmetric_sides(nbytes) if self.backend == "nccl" else self._shared_file_sides(nbytes)
+        if self.backend == "nccl":
+            # Symmetric memory this torch, driver or host cannot give is no error: NCCL sums then. Its
+            # setup exchanges handles through the store, not the group's collectives, so a rank that
+            # fails early leaves no collective unpaired; the other's exchange times out and fails too.
+            try:
+                side = self._symmetric_sides(nbytes)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("kiln: no symmetric memory for the two-rank all-reduce (%s: %s); NCCL's instead",
+                               type(e).__name__, e)
+                side = None
+            if not self.agree(int(side is not None)):  # (both ranks fall back if either must)
+                return self.backend
+        else:
+            side = self._shared_file_sides(nbytes)
         region, peer_region = side(self.rank), side(1 - self.rank)
         region.zero_()
         # (both ranks must speak the same protocol: the first of the ones they were told; agree's

@@ -88,6 +88,19 @@ def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, flags
     tl.store(epochs_ptr + pid, epoch)
 
 
+@triton.jit
+def _smaller(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _arrived(got, epoch):
+    """Whether every word of `got` carries `epoch` (as 0 or 1). (Through tl.reduce and this module's
+    own combine function rather than tl.min: Triton's standard library is compiled-only when triton
+    was imported before TRITON_INTERPRET=1 was set, as in the runtime tests' engines.)"""
+    return tl.reduce(((got >> 32).to(tl.uint32) == epoch.to(tl.uint32)).to(tl.int32), 0, _smaller)
+
+
 @triton.jit(debug=True)
 def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n, slot_stride, max_spins,
                         BLOCK: tl.constexpr, PER_WORD: tl.constexpr, PDL: tl.constexpr):
@@ -101,7 +114,7 @@ def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     words = pid * WORDS + tl.arange(0, WORDS)
-    word_mask = words < tl.cdiv(n, PER_WORD)
+    word_mask = words < (n + PER_WORD - 1) // PER_WORD
     epoch = tl.load(epochs_ptr + pid) + 1
     slot = epoch % 2
     tag = epoch.to(tl.uint64) << 32
@@ -113,11 +126,11 @@ def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n
         data = mine.to(tl.uint32, bitcast=True)
     tl.store(peer_recv_ptr + slot * slot_stride + words, data.to(tl.uint64) | tag, mask=word_mask)
     got = tl.load(recv_ptr + slot * slot_stride + words, mask=word_mask, other=tag, volatile=True)
-    arrived = tl.min(((got >> 32).to(tl.uint32) == epoch.to(tl.uint32)).to(tl.int32))
+    arrived = _arrived(got, epoch)
     spins = 0
     while (arrived == 0) & (spins < max_spins):
         got = tl.load(recv_ptr + slot * slot_stride + words, mask=word_mask, other=tag, volatile=True)
-        arrived = tl.min(((got >> 32).to(tl.uint32) == epoch.to(tl.uint32)).to(tl.int32))
+        arrived = _arrived(got, epoch)
         spins += 1
     tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
     data = got.to(tl.uint32)
