@@ -20,14 +20,14 @@
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs, float32 (2 GPUs;
 #               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
-#   tp-ll       scale_out.py --skip-dp --ll-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "ll" protocol
+#   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
 #   allreduce   benchmarks/all_reduce.py: the all-reduce alone, chained in a CUDA graph (2 GPUs)
 #   tp-profile  profile_decode.py --llama-8b --tensor-parallel-size 2: rank 0's kernels in a TP=2 step (2 GPUs)
 # The repository root is the package `kiln`: it is linked under /tmp/kiln-path for imports.
 # A lent GPU runs one command for at most 600 s: split the sections over calls, e.g.
-#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp-check allreduce tp-ll` | `tp` | `tp-profile`
+#   `kernels paths` | `decode` | `quant host` | `throughput coldstart` | (2 GPUs) `tp-check allreduce` | `tp` | `tp-profile`
 set -u
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT" /tmp/kiln-path
@@ -100,9 +100,9 @@ section() {
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce
             tail -9 "$OUT/tp.txt" ;;
-        tp-ll)
-            run tp-ll 580 python benchmarks/scale_out.py --skip-dp --ll-all-reduce
-            tail -9 "$OUT/tp-ll.txt" ;;
+        tp-flags)
+            run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce
+            tail -9 "$OUT/tp-flags.txt" ;;
         tp-nccl-ll)
             KILN_TWO_RANK_ALL_REDUCE=0 NCCL_PROTO=LL run tp-nccl-ll 580 python benchmarks/scale_out.py --skip-dp
             tail -8 "$OUT/tp-nccl-ll.txt" ;;

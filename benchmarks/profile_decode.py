@@ -107,9 +107,13 @@ def host_phases(llm, prompt, params, steps: int) -> None:
                  (engine, "_append_token", timed(engine, "_append_token", "  of which append_token")),
                  (engine, "_output", timed(engine, "_output", "  of which outputs")),
                  (engine, "has_unfinished_requests", timed(engine, "has_unfinished_requests", "has_unfinished (LLM loop)"))]
-    if runner.decode_graphs is not None:
-        originals.append((runner.decode_graphs, "stage", timed(runner.decode_graphs, "stage", "  of which stage")))
-        for graph in runner.decode_graphs.graphs.values():
+    graphs = runner.decode_graphs
+    if graphs is not None and not hasattr(graphs, "stage"):  # (rank 0's under TP: the graphs behind the sends)
+        originals.append((graphs, "run", timed(graphs, "run", "  of which inputs to the workers + replay")))
+        graphs = graphs.graphs
+    if graphs is not None:
+        originals.append((graphs, "stage", timed(graphs, "stage", "  of which stage")))
+        for graph in graphs.graphs.values():
             originals.append((graph, "replay", timed(graph, "replay", "  of which replay")))
     token_ids = model_runner.PendingTokens.token_ids
     timed(model_runner.PendingTokens, "token_ids", "  of which waits")

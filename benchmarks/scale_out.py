@@ -17,12 +17,12 @@ quick check.
 before the last one's tokens are read back; under TP rank 0 broadcasts them on the device).
 TP=2's decode-step all-reduces go through kiln's two-rank kernel by default
 (codegen/kernels/two_rank_all_reduce.py); `--nccl-all-reduce` adds a TP=2 run with
-KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--ll-all-reduce` one with KILN_TWO_RANK_PROTOCOL=ll (the
-kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
+KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--flags-all-reduce` one with KILN_TWO_RANK_PROTOCOL=flags
+(the kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
 symmetric-memory kernel).
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
-                                   [--ll-all-reduce] [--one-shot-all-reduce] [--checkpoint DIR]
+                                   [--flags-all-reduce] [--one-shot-all-reduce] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
 
 # the TP=2 runs with another all-reduce for the decode step: phase -> (the switch, its value, a label)
 ALL_REDUCES = {"tp2-nccl": ("KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
-               "tp2-ll": ("KILN_TWO_RANK_PROTOCOL", "ll", "two-rank all-reduce, ll protocol"),
+               "tp2-flags": ("KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
                "tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce")}
 
 
@@ -122,7 +122,8 @@ def main() -> None:
     p.add_argument("--skip-dp", action="store_true")
     p.add_argument("--skip-tp", action="store_true")
     p.add_argument("--checkpoint", default=None, help="a folder to keep the random checkpoint in (reused if there)")
-    p.add_argument("--ll-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_PROTOCOL=ll")
+    p.add_argument("--flags-all-reduce", action="store_true",
+                   help="add a TP=2 run with KILN_TWO_RANK_PROTOCOL=flags")
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
     p.add_argument("--nccl-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=0")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -147,7 +148,7 @@ def main() -> None:
               f"{' | steps in turn' if args.async_scheduling is False else ' | async scheduling (on CUDA)'}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
-        asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-ll": args.ll_all_reduce, "tp2-one-shot": args.one_shot_all_reduce}
+        asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-flags": args.flags_all_reduce, "tp2-one-shot": args.one_shot_all_reduce}
         tp = [] if args.skip_tp else ["tp2"] + [name for name in ALL_REDUCES if asked[name]]
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
