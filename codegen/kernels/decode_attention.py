@@ -284,7 +284,7 @@ def decode_attention(
     table entry: inside a captured decode step, whose kernels before the attention are the
     projection that writes this step's k and v (or the cache write) and, earlier, kernels that have
     finished (each waited on its own predecessor). None: EARLY_KV while a CUDA graph is being
-    captured with PDL on. (On CPU it only changes the order of the loads: tested so under the interpreter.)"""
+    captured with PDL on, for a grid of at most two programs per multiprocessor. (On CPU it only changes the order of the loads: tested so under the interpreter.)"""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -321,7 +321,12 @@ def decode_attention(
     counters = _counters(q.device, B * HKV) if num_splits > 1 and merge_in_kernel else None
     pdl = launch_args(q.device)
     if early_kv is None:
-        early_kv = EARLY_KV and pdl["PDL"] and torch.cuda.is_current_stream_capturing()
+        # (the early tiles cost registers: 191-255 a thread against 113-144 at head dims 64-128
+        # (ptxas, sm_90a), two blocks an SM instead of three or four. Worth it for a grid that fits
+        # in one wave of two blocks an SM, a small batch's, which waits on latency, not throughput.)
+        early_kv = (EARLY_KV and pdl["PDL"] and torch.cuda.is_current_stream_capturing()
+                    and B * HKV * num_splits <= 2 * _num_sms(q.device.index if q.device.index is not None
+                                                             else torch.cuda.current_device()))
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
