@@ -400,3 +400,39 @@ def test_a_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
     for switch in ("KILN_ONE_SHOT_ALL_REDUCE", "KILN_TWO_RANK_ALL_REDUCE"):  # (NCCL groups; gloo under the interpreter)
         monkeypatch.setenv(switch, "1")
         assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
+
+
+@pytest.mark.parametrize("peer, visible, reachable, expected", [
+    ("here uuid-b", ["uuid-a", "uuid-b"], True, True),  # one host, the peer's GPU visible, peer access
+    ("here uuid-b", ["uuid-a", "uuid-b"], False, False),  # no peer access between them (PCIe without P2P)
+    ("here uuid-b", ["uuid-a"], True, False),  # the peer's GPU not visible to this process (Ray)
+    ("there uuid-b", ["uuid-a", "uuid-b"], True, False),  # another host
+])
+def test_the_two_rank_all_reduce_needs_the_peers_gpu_within_reach(monkeypatch, peer, visible, reachable, expected):
+    """Whether the two-rank kernel is the default: each rank names its host and GPU in the store,
+    then checks the other's against what this process sees (CUDA faked here)."""
+    import socket
+    import types
+
+    from kiln.runtime.tensor_parallel import TensorParallel
+
+    class Store:
+        def __init__(self):
+            self.keys = {"kiln-gpu-1": peer.encode()}
+
+        def set(self, key, value):
+            self.keys[key] = value.encode()
+
+        def get(self, key):
+            return self.keys[key]
+
+    asked = []
+    monkeypatch.setattr(socket, "gethostname", lambda: "here")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=visible[i]))
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: asked.append((a, b)) or reachable)
+    store = Store()
+    assert TensorParallel(0, 2, "nccl", store)._peer_memory_reachable() is expected
+    assert store.keys["kiln-gpu-0"] == b"here uuid-a"
+    assert asked == ([(0, 1)] if peer.startswith("here") and len(visible) == 2 else [])
