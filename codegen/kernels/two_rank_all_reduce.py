@@ -71,18 +71,18 @@ def _two_rank_all_reduce_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, flags
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    epoch = tl.load(epochs_ptr + pid) + 1
-    slot = epoch % 2
+    epoch = tl.load(epochs_ptr + pid) + 1  # (int32: wraps after 2^31 calls, a day of decoding; so the
+    slot = epoch & 1  # slot is its low bit and the wait compares by difference, both right across the wrap)
     mine = tl.load(x_ptr + offs, mask=mask)
     tl.store(peer_recv_ptr + slot * slot_stride + offs, mine, mask=mask)
     tl.debug_barrier()  # every thread's stores issued before the flag's release
     tl.atomic_xchg(peer_flags_ptr + pid, epoch, sem="release", scope="sys")
     seen = tl.atomic_add(flags_ptr + pid, 0, sem="acquire", scope="sys")
     spins = 0
-    while (seen < epoch) & (spins < max_spins):
+    while (seen - epoch < 0) & (spins < max_spins):  # (the peer may be a call ahead: seen == epoch + 1)
         seen = tl.atomic_add(flags_ptr + pid, 0, sem="acquire", scope="sys")
         spins += 1
-    tl.device_assert(seen >= epoch, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
+    tl.device_assert(seen - epoch >= 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
     theirs = tl.load(recv_ptr + slot * slot_stride + offs, mask=mask, cache_modifier=".cg")
     tl.store(out_ptr + offs, (mine.to(tl.float32) + theirs.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(epochs_ptr + pid, epoch)
@@ -115,9 +115,9 @@ def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n
     mask = offs < n
     words = pid * WORDS + tl.arange(0, WORDS)
     word_mask = words < (n + PER_WORD - 1) // PER_WORD
-    epoch = tl.load(epochs_ptr + pid) + 1
-    slot = epoch % 2
-    tag = epoch.to(tl.uint64) << 32
+    epoch = tl.load(epochs_ptr + pid) + 1  # (wraps as the flags kernel's does; the tag is its low 32 bits)
+    slot = epoch & 1
+    tag = epoch.to(tl.uint32).to(tl.uint64) << 32
     mine = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if PER_WORD == 2:  # two 16-bit values a word, the lower one first
         lo, hi = tl.split(tl.reshape(mine.to(tl.uint16, bitcast=True).to(tl.uint32), (WORDS, 2)))

@@ -2,7 +2,7 @@
 each running the kernel under Triton's interpreter, over one shared-memory file that holds both
 ranks' receive buffers and flags (each process maps it, as symmetric memory maps the peer's GPU
 memory on a GPU), in both protocols. Over a run of calls of different sizes (one program and several, masked tails,
-both slots, epochs past the first two), each rank's output must be the float32 sum of the two
+both slots, epochs past the first two, and call counters across the int32 wrap), each rank's output must be the float32 sum of the two
 inputs rounded once (as this backend rounds: `cast`), and the two ranks' outputs the same bits."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from test_two_rank_all_reduce import CALLS, CAPACITY, buffers_of, inputs
 from kiln.codegen.kernels.two_rank_all_reduce import two_rank_all_reduce
 rank, path, dtype, out = int(sys.argv[2]), sys.argv[3], getattr(torch, sys.argv[4]), sys.argv[5]
 buffers = buffers_of(path, rank, dtype, sys.argv[6])
+buffers.epochs.fill_(int(sys.argv[7]))  # (the calls so far, as an int32 counter)
 torch.save([two_rank_all_reduce(inputs(rank, i, n, dtype), buffers) for i, n in enumerate(CALLS)], out)
 """
 
@@ -50,9 +51,14 @@ def inputs(rank: int, call: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(n, generator=g) * (call + 1)).to(dtype)
 
 
-@pytest.mark.parametrize("protocol", ["flags", "ll"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, device, cast, tmp_path):
+START_NEAR_THE_WRAP = 2**31 - 3  # (the int32 call counters pass 2^31 - 1 and go on from -2^31)
+
+
+@pytest.mark.parametrize("dtype, protocol, start", [
+    (torch.bfloat16, "flags", 0), (torch.bfloat16, "ll", 0), (torch.float32, "flags", 0), (torch.float32, "ll", 0),
+    (torch.bfloat16, "flags", START_NEAR_THE_WRAP), (torch.bfloat16, "ll", START_NEAR_THE_WRAP),
+])
+def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, start, device, cast, tmp_path):
     if device.type != "cpu":
         pytest.skip("compiled, it needs two GPUs: benchmarks/check_tensor_parallel.py, benchmarks/all_reduce.py")
     path = tmp_path / "shared"
@@ -60,7 +66,8 @@ def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, device, cas
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     name = str(dtype).removeprefix("torch.")
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, os.path.dirname(__file__), str(r), str(path), name,
-                               str(tmp_path / f"out{r}.pt"), protocol], env=env, stderr=subprocess.PIPE, text=True)
+                               str(tmp_path / f"out{r}.pt"), protocol, str(start)], env=env, stderr=subprocess.PIPE,
+                              text=True)
              for r in (0, 1)]
     for rank in ranks:
         try:
@@ -78,7 +85,9 @@ def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, device, cas
     if protocol == "flags":  # every program of every call went through: each flag counts the calls that reached it
         for rank in (0, 1):
             flags = buffers_of(str(path), rank, dtype, protocol).flags
-            assert flags.tolist() == [sum(n > p * BLOCK for n in CALLS) for p in range(flags.numel())]
+            calls = [sum(n > p * BLOCK for n in CALLS) for p in range(flags.numel())]
+            want = [(start + c + 2**31) % 2**32 - 2**31 if c else 0 for c in calls]  # (as int32)
+            assert flags.tolist() == want
 
 
 @pytest.mark.parametrize("protocol", ["flags", "ll"])
