@@ -175,7 +175,7 @@ class TwoRankAllReduce:
         if dtype.itemsize not in (2, 4):
             raise ValueError(f"two_rank_all_reduce sums 16- and 32-bit floats, not {dtype}")
         self.region, self.peer_region = region, peer_region
-        self.dtype, self.protocol, self._capacity = dtype, protocol, capacity
+        self.dtype, self.protocol = dtype, protocol
         data, programs = 2 * capacity * 8, triton.cdiv(capacity, BLOCK)
         if protocol == "ll":
             self.recv, self.peer_recv = (r[:data].view(torch.int64).view(2, capacity) for r in (region, peer_region))
@@ -187,7 +187,7 @@ class TwoRankAllReduce:
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        return self.recv.shape[1]
 
     def takes(self, x: torch.Tensor) -> bool:
         return x.device == self.recv.device and x.dtype == self.dtype and x.numel() <= self.capacity
