@@ -108,7 +108,8 @@ def _serve(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         trust_remote_code=args.trust_remote_code, device=args.device, quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling,
-        tensor_parallel_size=args.tensor_parallel_size, distributed_executor_backend=args.distributed_executor_backend)
+        tensor_parallel_size=args.tensor_parallel_size, distributed_executor_backend=args.distributed_executor_backend,
+        disable_custom_all_reduce=args.disable_custom_all_reduce)
     llm = AsyncLLM.from_config(config, max_pending_requests=args.max_pending_requests,
                                data_parallel_size=args.data_parallel_size)
     names = args.served_model_name or ["demo" if args.demo else model]
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--tensor-parallel-size", type=int, default=1,
                      help="split the model over N ranks (worker processes; NCCL on CUDA, gloo on CPU)")
     srv.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
+    srv.add_argument("--disable-custom-all-reduce", action="store_true",
+                     help="keep every all-reduce on NCCL (default at TP=2: kiln's two-rank kernel over NVLink)")
     srv.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
     srv.add_argument("--max-pending-requests", type=int, help="more requests in flight get 429 (default: no limit)")
     srv.add_argument("--data-parallel-size", type=int, default=1,

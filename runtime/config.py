@@ -53,6 +53,9 @@ class EngineConfig:
     # N > 1: the model split over N ranks, this process and N - 1 workers (runtime/tensor_parallel.py)
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # one of EXECUTOR_BACKENDS
+    # vLLM's switch: True keeps every all-reduce on the backend's collective (NCCL) instead of kiln's
+    # own two-rank kernel over NVLink, the default at TP=2 where the GPUs reach each other's memory
+    disable_custom_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         if self.runner not in _RUNNERS:

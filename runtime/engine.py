@@ -177,9 +177,10 @@ class LLMEngine:
         num_blocks, num_cross_slots = self._plan_caches(block_size)
         if self.tp is not None:  # every rank's cache holds as many blocks
             num_blocks = self.tp.agree(num_blocks)
-            # (experimental, off by default: a decode batch's all-reduces through symmetric memory)
+            # (a decode batch's all-reduces through memory the ranks share, where they can)
             small = self.tp.enable_small_all_reduce(
-                config.max_num_seqs * self.hf_config.get_text_config().hidden_size, self.dtype)
+                config.max_num_seqs * self.hf_config.get_text_config().hidden_size, self.dtype,
+                custom=not config.disable_custom_all_reduce)
             if small != "nccl" and self.tp.rank == 0:
                 logger.info("kiln: small all-reduces through %s", small)
         if self.is_encoder_decoder and num_cross_slots < 1:

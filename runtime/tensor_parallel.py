@@ -190,11 +190,12 @@ class TensorParallel:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
-    def enable_small_all_reduce(self, numel: int, dtype: torch.dtype) -> str:
+    def enable_small_all_reduce(self, numel: int, dtype: torch.dtype, custom: bool = True) -> str:
         """All-reduces of up to `numel` elements of `dtype` (a decode batch's hidden states) through
         memory the ranks share (NVLink) instead of the group's own collective, where that is
         possible. Collective: every rank calls it at the same point of its engine's start. Returns
-        what sums them: "two_rank", "one_shot", or the backend's name ("nccl", "gloo").
+        what sums them: "two_rank", "one_shot", or the backend's name ("nccl", "gloo"; always with
+        custom=False, the engine's `disable_custom_all_reduce`).
         - Two ranks over NCCL whose GPUs can reach each other's memory (the default; off with
           KILN_TWO_RANK_ALL_REDUCE=0): kiln's kernel, which pushes each rank's tensor into the
           peer's buffer and sums there, no copy of the input and no NCCL kernel
@@ -207,6 +208,8 @@ class TensorParallel:
         - KILN_ONE_SHOT_ALL_REDUCE=1 (NCCL, experimental): torch's one-shot kernel over symmetric
           memory (copies this rank's tensor into its buffer, then sums every rank's). On two H100s
           it gave NCCL's tokens but was the slower, 4.38 against 4.21 ms/token."""
+        if not custom:
+            return self.backend
         one_shot = os.environ.get("KILN_ONE_SHOT_ALL_REDUCE") == "1" and self.backend == "nccl"
         switch = os.environ.get("KILN_TWO_RANK_ALL_REDUCE", "auto")
         if one_shot:

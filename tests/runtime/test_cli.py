@@ -57,7 +57,8 @@ def test_kiln_serve_tensor_parallel(llama_path, tmp_path):
 
     want = LLM(llama_path, max_model_len=64).generate(
         "Hello", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
-    with kiln_serve(llama_path, tmp_path, "--tensor-parallel-size", "2", "--kv-cache-memory", str(1 << 22)) as client:
+    with kiln_serve(llama_path, tmp_path, "--tensor-parallel-size", "2", "--kv-cache-memory", str(1 << 22),
+                    "--disable-custom-all-reduce") as client:
         out = client.completions.create(model="cli-model", prompt="Hello", max_tokens=6, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.choices[0].text == want

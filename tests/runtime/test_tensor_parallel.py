@@ -238,6 +238,23 @@ def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling
         llm.shutdown()
 
 
+def test_disable_custom_all_reduce_keeps_the_groups_own(paths, monkeypatch):
+    """vLLM's `disable_custom_all_reduce=True` reaches every rank's engine: no two-rank kernel, even
+    where it is asked for (here under the interpreter, over gloo), and TP=1's tokens."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("KILN_TWO_RANK_ALL_REDUCE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = LLM(paths["llama"], **ENGINE).generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(paths["llama"], tensor_parallel_size=2, disable_custom_all_reduce=True, **ENGINE)
+    try:
+        assert llm.llm_engine.tp.small_all_reduce is None
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    finally:
+        llm.shutdown()
+
+
 def test_pooling_over_two_ranks(paths):
     """An embedding model (a decoder through convert="embed") over two ranks gives one rank's
     embeddings: rank 0 pools what the reduced hidden states give."""
@@ -394,7 +411,9 @@ def test_a_small_all_reduce_takes_the_tensors_it_accepts(monkeypatch):
     assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the two-rank kernel's default is for NCCL groups only)
     assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
-    monkeypatch.setenv("KILN_TWO_RANK_ALL_REDUCE", "0")
+    monkeypatch.setenv("KILN_TWO_RANK_ALL_REDUCE", "1")  # (asked for: it would set up its shared memory...)
+    assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32, custom=False) == "gloo"
+    monkeypatch.setenv("KILN_TWO_RANK_ALL_REDUCE", "0")  # (... unless custom all-reduces are off, either way)
     assert TensorParallel(0, 2, "gloo", None).enable_small_all_reduce(16, torch.float32) == "gloo"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for switch in ("KILN_ONE_SHOT_ALL_REDUCE", "KILN_TWO_RANK_ALL_REDUCE"):  # (NCCL groups; gloo under the interpreter)
