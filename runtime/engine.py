@@ -181,7 +181,7 @@ class LLMEngine:
             small = self.tp.enable_small_all_reduce(
                 config.max_num_seqs * self.hf_config.get_text_config().hidden_size, self.dtype,
                 custom=not config.disable_custom_all_reduce)
-            if small != "nccl" and self.tp.rank == 0:
+            if small != self.tp.backend and self.tp.rank == 0:
                 logger.info("kiln: small all-reduces through %s", small)
         if self.is_encoder_decoder and num_cross_slots < 1:
             raise ValueError("the cache budget holds no cross-attention slot: give the cache more memory")
