@@ -20,7 +20,7 @@ whose gemv converts the weights by their bits (`quant_gemm.FP8_BY_BITS`); `--com
 "small=8x1024x8,long=8x1024x8;small=4x2048x4"` an async bf16 row per ';'-separated set of batch-1
 gemv tilings (`quant_gemm._GEMV_TILES`: role=rows x K step x warps; roles small (o), long (down),
 narrow (qkv), wide (gate_up), vocab (lm_head), deep (8B's K >= 4096 matrices); "8bit.ROLE" for the
-8-bit weights' rows), so a
+8-bit weights' rows; "ROLE+rope" for the q/k/v gemv with the rotary epilogue alone), so a
 tiling is timed in the whole step, chained to its neighbours, rather than alone;
 `--compare-rope-fusion` an async bf16 row without the fuse_linear_rope pass (rotary and the cache
 write as a kernel of their own instead of in the q/k/v gemv's epilogue); `--compare-early-kv` an
@@ -117,15 +117,10 @@ def hf_seconds(path: str, prompt_ids: list[int], new_tokens: int, repeats: int, 
 
 
 def gemv_tiles(spec: str) -> dict:
-    """"small=8x1024x8,8bit.long=4x2048x8" -> {(2, "small"): (8, 1024, 8), (1, "long"): (4, 2048, 8)}."""
-    tiles = {}
-    for item in spec.split(","):
-        role, _, tiling = item.strip().partition("=")
-        width, role = (1, role[5:]) if role.startswith("8bit.") else (2, role)
-        if (width, role) not in quant_gemm._GEMV_TILES:
-            raise SystemExit(f"--compare-gemv-tiles: unknown role {role!r} in {item!r}")
-        tiles[(width, role)] = tuple(int(v) for v in tiling.split("x"))
-    return tiles
+    try:
+        return quant_gemm.parse_gemv_tiles(spec)
+    except ValueError as e:
+        raise SystemExit(f"--compare-gemv-tiles: {e}") from None
 
 
 def main() -> None:

@@ -13,6 +13,8 @@
 #   early-kv    batch-1 decode with the attention's older keys and values loaded before its PDL wait and after
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
+#   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
+#               shape and a TP=2 rank of 8B
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
 #   throughput  1000 requests against HF generate (issue 8)
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
@@ -20,6 +22,7 @@
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs, float32 (2 GPUs;
 #               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
+#   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -65,6 +68,10 @@ section() {
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;
+        qkv)
+            run qkv-1b 240 python benchmarks/qkv_gemv.py --model llama-1b
+            run qkv-8b-tp2 240 python benchmarks/qkv_gemv.py --model llama-8b-tp2
+            grep -h -A4 "^summary\|^rope_gemv" "$OUT/qkv-1b.txt" "$OUT/qkv-8b-tp2.txt" | cut -c1-160 ;;
         tiles)
             run tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
@@ -100,6 +107,9 @@ section() {
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce
             tail -9 "$OUT/tp.txt" ;;
+        tp-tiles)
+            run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8"
+            tail -9 "$OUT/tp-tiles.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce
             tail -9 "$OUT/tp-flags.txt" ;;

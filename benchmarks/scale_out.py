@@ -19,7 +19,9 @@ TP=2's decode-step all-reduces go through kiln's two-rank kernel by default
 (codegen/kernels/two_rank_all_reduce.py); `--nccl-all-reduce` adds a TP=2 run with
 KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--flags-all-reduce` one with KILN_TWO_RANK_PROTOCOL=flags
 (the kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
-symmetric-memory kernel).
+symmetric-memory kernel), `--compare-tiles SPEC` one whose gemvs take other tilings
+(KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the q/k/v
+gemv of 8B's shapes on its own tile).
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--checkpoint DIR]
@@ -65,10 +67,12 @@ def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
     return (full - prefill) / new_tokens * 1e3
 
 
-# the TP=2 runs with another all-reduce for the decode step: phase -> (the switch, its value, a label)
-ALL_REDUCES = {"tp2-nccl": ("KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
-               "tp2-flags": ("KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
-               "tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce")}
+# the TP=2 runs with another all-reduce or other gemv tiles: phase -> (the switch, its value, a label);
+# (the tiles' value is --compare-tiles')
+VARIANTS = {"tp2-nccl": ("KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
+            "tp2-flags": ("KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
+            "tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce"),
+            "tp2-tiles": ("KILN_GEMV_TILES", None, "gemv tiles")}
 
 
 def throughput_s(llm, work) -> float:
@@ -126,9 +130,10 @@ def main() -> None:
                    help="add a TP=2 run with KILN_TWO_RANK_PROTOCOL=flags")
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
     p.add_argument("--nccl-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=0")
+    p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
-    p.add_argument("--phase", choices=["tp1", "tp2", *ALL_REDUCES, "dp2"],  # (one configuration)
+    p.add_argument("--phase", choices=["tp1", "tp2", *VARIANTS, "dp2"],  # (one configuration)
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
@@ -148,11 +153,15 @@ def main() -> None:
               f"{' | steps in turn' if args.async_scheduling is False else ' | async scheduling (on CUDA)'}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
-        asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-flags": args.flags_all_reduce, "tp2-one-shot": args.one_shot_all_reduce}
-        tp = [] if args.skip_tp else ["tp2"] + [name for name in ALL_REDUCES if asked[name]]
+        asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-flags": args.flags_all_reduce,
+                 "tp2-one-shot": args.one_shot_all_reduce, "tp2-tiles": bool(args.compare_tiles)}
+        tp = [] if args.skip_tp else ["tp2"] + [name for name in VARIANTS if asked[name]]
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
-            env = dict(os.environ, **({ALL_REDUCES[name][0]: ALL_REDUCES[name][1]} if name in ALL_REDUCES else {}))
+            env = dict(os.environ)
+            if name in VARIANTS:
+                switch, value, _ = VARIANTS[name]
+                env[switch] = args.compare_tiles if value is None else value
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
                                   *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -168,8 +177,9 @@ def main() -> None:
         print(f"TP=2 greedy tokens == TP=1 for {sum(s == t for s, t in zip(a, b))}/{len(a)} prompts "
               f"(first difference at {first})")
         rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
-    for name, (_, _, label) in ALL_REDUCES.items():
+    for name, (_, _, label) in VARIANTS.items():
         if name in results:
+            label = f"{label} {args.compare_tiles}" if name == "tp2-tiles" else label
             b = results[name]["tokens"]
             print(f"TP=2 {label}: greedy tokens == TP=2 (default) for "
                   f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")

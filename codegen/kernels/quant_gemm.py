@@ -109,6 +109,11 @@ SPLIT_K_BY_DEFAULT = False
 # "deep" (16-bit weights only): the matrices of Llama-3.1-8B, whole or halved by TP=2 (K >= 4096), swept
 # in session 20 (`--sweep-model llama-8b` / `llama-8b-tp2`): 4 x 2048 x 8 was the best or within 1%
 # of it for every one of them; the 1B roles they fell into were 1-11% slower (TP=2's down: 10%).
+# "ROLE+rope" entries (none now) would give the q/k/v gemv with the rotary epilogue (`rope_gemv`) a
+# tile of its own. Session 22 timed one: at TP=2's 3072 x 4096, 8 x 1024 x 8 took 12.85 us against
+# deep's 14.03 as chains of 8 (`benchmarks/qkv_gemv.py`, H100), but the whole TP=2 step with it and
+# with 4 x 1024 x 4 for TP=2's o (best in session 20's sweep) was no faster (3.402 against 3.374 ms/token,
+# `scale_out.py --compare-tiles`).
 _GEMV_TILES = {
     # 16-bit weights (float_linear)
     (2, "vocab"): (4, 1024, 4), (2, "wide"): (4, 1024, 4), (2, "long"): (8, 2048, 8),
@@ -117,6 +122,31 @@ _GEMV_TILES = {
     (1, "vocab"): (16, 256, 4), (1, "wide"): (16, 512, 8), (1, "long"): (4, 2048, 8),
     (1, "small"): (4, 2048, 4), (1, "narrow"): (4, 1024, 4),
 }
+
+
+def parse_gemv_tiles(spec: str) -> dict:
+    """"small=8x1024x8,8bit.long=4x2048x8,deep+rope=4x2048x8" -> {(2, "small"): (8, 1024, 8), (1, "long"):
+    (4, 2048, 8), (2, "deep+rope"): (4, 2048, 8)}: `_GEMV_TILES` entries (rows x K step x warps; "8bit."
+    for the 8-bit weights' roles, "+rope" for the q/k/v gemv with the rotary epilogue), for benchmarks
+    to time other tilings (`KILN_GEMV_TILES`, `benchmarks/decode_latency.py --compare-gemv-tiles`)."""
+    tiles = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        role, _, tiling = item.partition("=")
+        width, role = (1, role[5:]) if role.startswith("8bit.") else (2, role)
+        if (width, role.removesuffix("+rope")) not in _GEMV_TILES:
+            raise ValueError(f"gemv tiles: unknown role {role!r} in {item!r} (roles: "
+                             f"{sorted({r for _, r in _GEMV_TILES})})")
+        try:
+            block_n, block_k, num_warps = (int(v) for v in tiling.split("x"))
+        except ValueError:
+            raise ValueError(f"gemv tiles: {item!r} is not ROLE=ROWSxKxWARPS") from None
+        tiles[(width, role)] = (block_n, block_k, num_warps)
+    return tiles
+
+
+# KILN_GEMV_TILES (a `parse_gemv_tiles` spec) overrides tiles for a process: how benchmarks/scale_out.py
+# times other tilings in its TP=2 workers, which it starts as processes of their own.
+_GEMV_TILES.update(parse_gemv_tiles(os.environ.get("KILN_GEMV_TILES", "")))
 
 
 def _gemv_role(N: int, K: int, width: int = 2) -> str:
@@ -132,19 +162,22 @@ def _gemv_role(N: int, K: int, width: int = 2) -> str:
 
 
 def pick_config(M: int, N: int, K: int, x_dtype: torch.dtype, num_sms: int = 132,
-                w_dtype: torch.dtype = torch.int8) -> GemmConfig:
+                w_dtype: torch.dtype = torch.int8, rope: bool = False) -> GemmConfig:
     """The tiling for an [M, K] x [N, K]^T product (x_dtype: the A operand's, w_dtype the weight's).
 
     M == 1 is weight streaming: the measured `_GEMV_TILES`, and split K when even 4-row tiles leave
     SMs idle (N < ~1K on an H100), never below 2 K-steps a split. M <= 16 is still bandwidth bound:
     16-row dot tiles, 32-column tiles, split-K up to ~2 programs per SM. Larger M moves to
     compute-bound tiles (64 x 128, then 128 x 128 with 8 warps); 8-bit A operands take twice the K
-    per step.
+    per step. rope: the q/k/v gemv with the rotary epilogue (`rope_gemv`), which takes its role's
+    "+rope" tile where `_GEMV_TILES` has one.
     """
     eight_bit_a = x_dtype in _QUANT_WEIGHT_DTYPES
     if M == 1:
         width = 1 if w_dtype.itemsize == 1 else 2
-        block_n, block_k, num_warps = _GEMV_TILES[(width, _gemv_role(N, K, width))]
+        role = _gemv_role(N, K, width)
+        tile = _GEMV_TILES.get((width, role + "+rope")) if rope else None
+        block_n, block_k, num_warps = tile or _GEMV_TILES[(width, role)]
         block_k = min(block_k, triton.next_power_of_2(K))
         split_k = 1
         programs = triton.cdiv(N, block_n)
@@ -579,7 +612,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         x_scale = x_scale.reshape(-1).float().contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    cfg = config or pick_config(M, N, K, x2.dtype, _num_sms(x2.device), wq.dtype)
+    cfg = config or pick_config(M, N, K, x2.dtype, _num_sms(x2.device), wq.dtype, rope is not None)
     if rope is not None:
         cfg = _rope_config(cfg, rope, x_scale)
     if cfg.kernel == "gemv" and M != 1:

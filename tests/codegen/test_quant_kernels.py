@@ -557,6 +557,31 @@ def test_pick_config_buckets():
     assert prefill.kernel == "dot" and prefill.block_m == 128 and prefill.block_k == 128
 
 
+def test_parse_gemv_tiles_reads_roles_and_refuses_unknown_ones():
+    """KILN_GEMV_TILES / --compare-gemv-tiles: ROLE=ROWSxKxWARPS, 8-bit roles and the rotary gemv's."""
+    assert quant_gemm.parse_gemv_tiles(" small=8x1024x8, 8bit.long=4x2048x8,deep+rope=4x2048x8") == {
+        (2, "small"): (8, 1024, 8), (1, "long"): (4, 2048, 8), (2, "deep+rope"): (4, 2048, 8)}
+    assert quant_gemm.parse_gemv_tiles("") == {}
+    with pytest.raises(ValueError, match="unknown role 'huge'"):
+        quant_gemm.parse_gemv_tiles("huge=4x1024x4")
+    with pytest.raises(ValueError, match="ROWSxKxWARPS"):
+        quant_gemm.parse_gemv_tiles("small=4x1024")
+
+
+def test_the_rotary_gemv_takes_its_roles_rope_tile_where_there_is_one(monkeypatch):
+    """A "ROLE+rope" entry of _GEMV_TILES is the q/k/v gemv's with the rotary epilogue alone; without
+    one it takes its role's."""
+    deep = (4, 2048, 8)
+    for rope in (False, True):
+        cfg = quant_gemm.pick_config(1, 3072, 4096, torch.bfloat16, 132, torch.bfloat16, rope=rope)
+        assert (cfg.block_n, cfg.block_k, cfg.num_warps) == deep
+    monkeypatch.setitem(quant_gemm._GEMV_TILES, (2, "deep+rope"), (8, 1024, 8))
+    with_rope = quant_gemm.pick_config(1, 3072, 4096, torch.bfloat16, 132, torch.bfloat16, rope=True)
+    assert (with_rope.block_n, with_rope.block_k, with_rope.num_warps) == (8, 1024, 8)
+    bare = quant_gemm.pick_config(1, 3072, 4096, torch.bfloat16, 132, torch.bfloat16)
+    assert (bare.block_n, bare.block_k, bare.num_warps) == deep
+
+
 def test_register_cuda_kernels_includes_quant_ops():
     assert triton_ops.register_cuda_kernels() is True
     for name in ("quantize", "rms_norm_quant", "add_rms_norm_quant", "silu_and_mul_quant", "scaled_linear",
