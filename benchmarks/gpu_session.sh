@@ -20,8 +20,10 @@
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs, float32 (2 GPUs;
-#               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols)
+#               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols: with
+#               "ll", the row-parallel gemvs' last programs sum their rows with the peer's)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
+#   tp-fused    scale_out.py --skip-dp --unfused-all-reduce: TP=1, TP=2, TP=2 with the all-reduce a kernel of its own
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
@@ -94,8 +96,8 @@ section() {
             run coldstart 500 python benchmarks/cold_start.py
             tail -8 "$OUT/coldstart.txt" ;;
         tp-check)  # (the decode graphs gather the logits inside since session 19)
-            run tp-check 300 python benchmarks/check_tensor_parallel.py --compiled --dtype float32 --hidden-size 1024 \
-                --num-layers 4
+            KILN_TWO_RANK_PROTOCOL=flags run tp-check 300 python benchmarks/check_tensor_parallel.py --compiled \
+                --dtype float32 --hidden-size 1024 --num-layers 4
             tail -4 "$OUT/tp-check.txt"
             KILN_TWO_RANK_PROTOCOL=ll run tp-check-ll 300 python benchmarks/check_tensor_parallel.py --compiled \
                 --dtype float32 --hidden-size 1024 --num-layers 4
@@ -107,6 +109,9 @@ section() {
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce
             tail -9 "$OUT/tp.txt" ;;
+        tp-fused)
+            run tp-fused 590 python benchmarks/scale_out.py --skip-dp --unfused-all-reduce
+            tail -9 "$OUT/tp-fused.txt" ;;
         tp-tiles)
             run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8"
             tail -9 "$OUT/tp-tiles.txt" ;;

@@ -27,6 +27,7 @@ the larger buckets hold cuBLAS.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 
 import torch
@@ -252,6 +253,35 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
     return _then_linear(act_and_mul_by_name(x, activation), weights, biases, w_scale)
 
 
+# Whether a one-row linear_all_reduce at two ranks is one gemv that sums its row with the peer's
+# (KILN_FUSED_ALL_REDUCE=0: the gemv, then the all-reduce kernel; benchmarks/scale_out.py
+# --unfused-all-reduce times both).
+FUSED_ALL_REDUCE = os.environ.get("KILN_FUSED_ALL_REDUCE", "1") != "0"
+
+
+def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                      w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One gemv launch whose last program sums the row with the peer rank's, for a one-row step the
+    gemv takes at two ranks whose all-reduces go through the two-rank kernel's "ll" buffers (see
+    `quant_gemm.reduced_gemv`); else the linear (as act_and_mul_linear / merged_linear run it),
+    then all_reduce."""
+    from kiln.ir import parallel
+
+    small = parallel.get_small_all_reduce()
+    group = parallel.get_tensor_parallel_group()
+    width = weights[0].shape[1] * (2 if activation else 1)
+    weight, static = _fused_gemv_weight(x, weights, w_scale, width)
+    if (FUSED_ALL_REDUCE and weight is not None and group is not None and group.size() == 2
+            and hasattr(small, "takes_row") and small.takes_row(weight.shape[0], x.dtype, x.device)):
+        from kiln.codegen.kernels.quant_gemm import reduced_gemv
+
+        return reduced_gemv(x, weight, small, activation or None, ops._adjacent(biases) if biases else None,
+                            w_scale, static_weight=static)
+    if activation:
+        return ops.all_reduce(act_and_mul_linear(x, activation, weights, biases, w_scale))
+    return ops.all_reduce(_then_linear(x, weights, biases, w_scale))
+
+
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
     """In the model dtype, then float32: the reference's rounding. The gemv stores float32 itself
     (about 4 us a step less than a cast kernel over 128K logits)."""
@@ -293,6 +323,7 @@ def register_cuda_kernels() -> bool:
         "kiln::rms_norm_linear": rms_norm_linear,
         "kiln::add_rms_norm_linear": add_rms_norm_linear,
         "kiln::act_and_mul_linear": act_and_mul_linear,
+        "kiln::linear_all_reduce": linear_all_reduce,
         "kiln::rms_norm_linear_rope": rms_norm_linear_rope,
         "kiln::add_rms_norm_linear_rope": add_rms_norm_linear_rope,
         "kiln::logits": logits,

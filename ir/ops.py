@@ -608,6 +608,24 @@ def _(x):
     return torch.empty_like(x)
 
 
+@kiln_op("linear_all_reduce")
+def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                      w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """all_reduce of a linear's output (a row-parallel linear: each rank's partial product, summed
+    over the ranks), as one op (the fuse_linear_all_reduce pass): the linear is `act_and_mul_linear`'s
+    when `activation` names a gated activation, else merged_linear (with w_scale, the weight-only
+    GEMM of weights[0]). On two GPUs a one-row step runs it as one gemv whose last program sums the
+    row with the peer rank's, so the all-reduce is no launch of its own (`quant_gemm.reduced_gemv`)."""
+    if activation:
+        return all_reduce(act_and_mul_linear(x, activation, weights, biases, w_scale))
+    return all_reduce(_fused_linear(x, weights, biases, w_scale))
+
+
+@linear_all_reduce.register_fake
+def _(x, activation, weights, biases, w_scale=None):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
 @kiln_op("all_gather")
 def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x [..., N, ...] on each of the W ranks -> the ranks' tensors concatenated along `dim` in rank

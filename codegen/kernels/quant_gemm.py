@@ -55,8 +55,10 @@ from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
+from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, MAX_SPINS, ll_exchange_row
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+ROW_CHUNK = tl.constexpr(BLOCK)  # (the summed row's chunks are the all-reduce kernel's programs': they share its epochs)
 
 
 @dataclass(frozen=True)
@@ -373,17 +375,21 @@ def _gemv_kernel(
     N, K, stride_wn, k_per_split, plane, eps,
     pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
     k_scale, v_scale, QD, KD, DV,
+    red_counter_ptr, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
     FP8_BITS: tl.constexpr, ROUND: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
-    EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr, REDUCE: tl.constexpr, PER_WORD: tl.constexpr,
+    TRAP: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
     up): act(gate) * up), see the constants above. ROPE (NEOX, GPTJ): out is a q/k/v projection
     whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the
-    arguments from pos_ptr on are its, unused otherwise)."""
+    arguments from pos_ptr to DV are its, unused otherwise). REDUCE: out is this rank's partial
+    row of a sum over two ranks, which the last program to finish completes with the peer's
+    (`ll_exchange_row`; the arguments from red_counter_ptr on are its)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # with ROPE, two tiles of BLOCK_N / 2 rows, a rotation pair's members (rope_epilogue.rope_rows)
@@ -437,6 +443,12 @@ def _gemv_kernel(
         rm = tl.arange(0, 1)
         _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
                 HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
+        if REDUCE:  # (one split: the launcher makes it so) the last program to store sums the row
+            tl.debug_barrier()  # every thread's stores, then one thread's count (as decode attention's merge)
+            if tl.atomic_add(red_counter_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+                ll_exchange_row(out_ptr, N, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins, ROW_CHUNK,
+                                PER_WORD, TRAP)
+                tl.atomic_xchg(red_counter_ptr, 0, sem="relaxed")  # ready for the next launch
     else:  # (the launcher makes it one split, without x scales; the tables only now: see rope_tables)
         cos, sin, slot = rope_tables(pid_n, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, ROWS)
         vals_a = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
@@ -581,15 +593,25 @@ def _no_rope_args(x: torch.Tensor) -> tuple:
     return (x, x, x, x, x) + (0,) * 8 + (1.0, 1.0) + (0, 0, 1)
 
 
+def _reduce_args(buffers, x: torch.Tensor, max_spins: int) -> tuple:
+    """The all-reduce arguments of a gemv (`reduced_gemv`), or placeholders it never reads."""
+    if buffers is None:
+        return (x, 0, 0, x, 0, 0)
+    return (buffers.counter, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.epochs,
+            buffers.recv.stride(0), max_spins)
+
+
 def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
             static_weight: bool = True, prologue: Prologue | None = None,
-            round_to: torch.dtype | None = None, rope: Rope | None = None) -> torch.Tensor:
+            round_to: torch.dtype | None = None, rope: Rope | None = None, reduce=None,
+            max_spins: int = MAX_SPINS) -> torch.Tensor:
     """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias
     (rounded to `round_to` first, when given).
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
     not made by a kernel of the forward (see early_w below). prologue: what the gemv does to x2
-    first (a gated one reads x2 [1, 2K])."""
+    first (a gated one reads x2 [1, 2K]). reduce (a `TwoRankAllReduce`): the output is summed
+    with the peer rank's by the gemv's last program (see `reduced_gemv`)."""
     M, N, K = x2.shape[0], wq.shape[0], wq.shape[1]
     if x2.shape[1] != (2 * K if prologue is not None and prologue.gated else K):
         raise ValueError(f"input of shape {tuple(x2.shape)} for a weight of shape {tuple(wq.shape)}")
@@ -619,6 +641,11 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         raise ValueError(f"the gemv kernel takes one row, got M={M} (config {cfg})")
     if prologue is not None and cfg.kernel != "gemv":
         raise ValueError(f"a prologue needs the gemv kernel, got {cfg}")
+    if reduce is not None:
+        if cfg.kernel != "gemv" or rope is not None or not reduce.takes_row(N, out_dtype, x2.device):
+            raise ValueError(f"a summed row needs the gemv without a rope epilogue and a row the buffers take, got "
+                             f"{cfg}, {N} {out_dtype} values on {x2.device}" + (" with rope" if rope else ""))
+        cfg = dataclasses.replace(cfg, split_k=1)
     acc_int = x2.dtype == torch.int8 and wq.dtype == torch.int8
     block_k = cfg.block_k
     k_steps = triton.cdiv(K, block_k)
@@ -645,9 +672,11 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             x2, wq, w_scale, x_scale_arg, bias_arg, out, part,
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
             N, K, wq.stride(0), k_per_split, M * N, pro.eps, *(rope.args() if rope is not None else _no_rope_args(x2)),
+            *_reduce_args(reduce, x2, max_spins),
             ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
             EXACT_ROUND=rope is not None and rope.fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
-            HEAD_D=rope.head_dim if rope is not None else 2,
+            HEAD_D=rope.head_dim if rope is not None else 2, REDUCE=reduce is not None,
+            PER_WORD=4 // out.element_size(), TRAP=os.environ.get("TRITON_INTERPRET", "0") != "1",
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) else 1,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn and not acc_int, **common,
@@ -780,6 +809,30 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
         raise TypeError(f"act_and_mul_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
     scale = _weight_scale("act_and_mul_gemv", x, w, w_scale)
     out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, Prologue(SILU_AND_MUL + ACTIVATIONS[activation]))
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers, activation: str | None = None,
+                 bias: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, static_weight: bool = True,
+                 max_spins: int = MAX_SPINS) -> torch.Tensor:
+    """One row on each of two ranks: F.linear(x, w, bias), or with `activation` of act(gate) * up
+    (x holding (gate, up), as `act_and_mul_gemv`), summed with the peer rank's, which calls this at
+    the same point: a row-parallel linear and its all-reduce, as `kiln::linear_all_reduce` computes
+    them. One gemv launch, whose last program to finish exchanges the row with the peer's through
+    `buffers` (a `TwoRankAllReduce` of the "ll" protocol; `two_rank_all_reduce.ll_exchange_row`),
+    so the all-reduce is no launch of its own. The same bits as the gemv and then the all-reduce
+    kernel: each rank's row is rounded to x's dtype, then the two are summed in float32. w in x's
+    float dtype, or 8-bit with its per-channel w_scale (weight-only)."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"reduced_gemv takes one row, got x of shape {tuple(x.shape)}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"reduced_gemv: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if x.dtype not in TL_DTYPES:
+        raise TypeError(f"reduced_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
+    scale = _weight_scale("reduced_gemv", x, w, w_scale)
+    prologue = Prologue(SILU_AND_MUL + ACTIVATIONS[activation]) if activation is not None else None
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, None, static_weight, prologue, reduce=buffers,
+                  max_spins=max_spins)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

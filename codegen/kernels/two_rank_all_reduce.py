@@ -101,6 +101,45 @@ def _arrived(got, epoch):
     return tl.reduce(((got >> 32).to(tl.uint32) == epoch.to(tl.uint32)).to(tl.int32), 0, _smaller)
 
 
+@triton.jit
+def _ll_words(vals, epoch, PER_WORD: tl.constexpr, WORDS: tl.constexpr):
+    """A chunk of 16- or 32-bit values as "ll" words: PER_WORD values in the low 32 bits (the lower
+    one first), the epoch's low 32 bits above them."""
+    if PER_WORD == 2:
+        lo, hi = tl.split(tl.reshape(vals.to(tl.uint16, bitcast=True).to(tl.uint32), (WORDS, 2)))
+        data = lo | (hi << 16)
+    else:
+        data = vals.to(tl.uint32, bitcast=True)
+    return data.to(tl.uint64) | (epoch.to(tl.uint32).to(tl.uint64) << 32)
+
+
+@triton.jit
+def _ll_values(got, dtype: tl.constexpr, PER_WORD: tl.constexpr, BLOCK: tl.constexpr):
+    """`_ll_words`' inverse: the chunk's values, in `dtype`."""
+    data = got.to(tl.uint32)
+    if PER_WORD == 2:  # (one return: Triton 3.6 compiles the code after an early return's branch too)
+        pair = tl.join((data & 0xFFFF).to(tl.uint16), (data >> 16).to(tl.uint16))
+        vals = tl.reshape(pair, (BLOCK,)).to(dtype, bitcast=True)
+    else:
+        vals = data.to(dtype, bitcast=True)
+    return vals
+
+
+@triton.jit
+def _ll_receive(ptrs, word_mask, epoch, max_spins):
+    """(the words at ptrs, 1 when all of them carry `epoch` else 0): polled (volatile loads, so
+    re-read each time) until they do or max_spins polls went by."""
+    tag = epoch.to(tl.uint32).to(tl.uint64) << 32
+    got = tl.load(ptrs, mask=word_mask, other=tag, volatile=True)
+    arrived = _arrived(got, epoch)
+    spins = 0
+    while (arrived == 0) & (spins < max_spins):
+        got = tl.load(ptrs, mask=word_mask, other=tag, volatile=True)
+        arrived = _arrived(got, epoch)
+        spins += 1
+    return got, arrived
+
+
 @triton.jit(debug=True)
 def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n, slot_stride, max_spins,
                         BLOCK: tl.constexpr, PER_WORD: tl.constexpr, PDL: tl.constexpr):
@@ -117,30 +156,58 @@ def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n
     word_mask = words < (n + PER_WORD - 1) // PER_WORD
     epoch = tl.load(epochs_ptr + pid) + 1  # (wraps as the flags kernel's does; the tag is its low 32 bits)
     slot = epoch & 1
-    tag = epoch.to(tl.uint32).to(tl.uint64) << 32
     mine = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if PER_WORD == 2:  # two 16-bit values a word, the lower one first
-        lo, hi = tl.split(tl.reshape(mine.to(tl.uint16, bitcast=True).to(tl.uint32), (WORDS, 2)))
-        data = lo | (hi << 16)
-    else:
-        data = mine.to(tl.uint32, bitcast=True)
-    tl.store(peer_recv_ptr + slot * slot_stride + words, data.to(tl.uint64) | tag, mask=word_mask)
-    got = tl.load(recv_ptr + slot * slot_stride + words, mask=word_mask, other=tag, volatile=True)
-    arrived = _arrived(got, epoch)
-    spins = 0
-    while (arrived == 0) & (spins < max_spins):
-        got = tl.load(recv_ptr + slot * slot_stride + words, mask=word_mask, other=tag, volatile=True)
-        arrived = _arrived(got, epoch)
-        spins += 1
+    tl.store(peer_recv_ptr + slot * slot_stride + words, _ll_words(mine, epoch, PER_WORD, WORDS), mask=word_mask)
+    got, arrived = _ll_receive(recv_ptr + slot * slot_stride + words, word_mask, epoch, max_spins)
     tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
-    data = got.to(tl.uint32)
-    if PER_WORD == 2:
-        pair = tl.join((data & 0xFFFF).to(tl.uint16), (data >> 16).to(tl.uint16))
-        theirs = tl.reshape(pair, (BLOCK,)).to(x_ptr.dtype.element_ty, bitcast=True)
-    else:
-        theirs = data.to(tl.float32, bitcast=True)
+    theirs = _ll_values(got, x_ptr.dtype.element_ty, PER_WORD, BLOCK)
     tl.store(out_ptr + offs, (mine.to(tl.float32) + theirs.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(epochs_ptr + pid, epoch)
+
+
+@triton.jit
+def _trap(anything):
+    """Kill the kernel (PTX `trap`): the launch fails, as a device-side assert's does, without the
+    debug build that a kernel's asserts need."""
+    tl.inline_asm_elementwise("trap;", "=r,r", [anything], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def ll_exchange_row(out_ptr, n, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins,
+                    BLOCK: tl.constexpr, PER_WORD: tl.constexpr, TRAP: tl.constexpr):
+    """out[:n] += the peer rank's out[:n], by one program of a kernel that wrote out (and has made
+    its programs' stores visible to this one: the caller's last program to finish, after an acq_rel
+    count): the "ll" protocol of `_two_rank_ll_kernel`, chunk c of BLOCK elements moved as that
+    kernel's program c moves it, with its epoch counter, so these calls and that kernel's share the
+    buffers and take turns in any order (both ranks make the same calls). Every chunk is sent before
+    any is awaited. A peer that never arrives: on a GPU (TRAP) the launch fails; under the
+    interpreter the device assert does (with debug on), and out is left NaN."""
+    recv_ptr = recv_addr.to(tl.pointer_type(tl.uint64))
+    peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(tl.uint64))
+    WORDS: tl.constexpr = BLOCK // PER_WORD
+    chunks = (n + BLOCK - 1) // BLOCK
+    n_words = (n + PER_WORD - 1) // PER_WORD
+    for c in range(0, chunks):
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        words = c * WORDS + tl.arange(0, WORDS)
+        epoch = tl.load(epochs_ptr + c) + 1
+        mine = tl.load(out_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
+        tl.store(peer_recv_ptr + (epoch & 1) * slot_stride + words, _ll_words(mine, epoch, PER_WORD, WORDS),
+                 mask=words < n_words)
+    for c in range(0, chunks):
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        words = c * WORDS + tl.arange(0, WORDS)
+        epoch = tl.load(epochs_ptr + c) + 1
+        got, arrived = _ll_receive(recv_ptr + (epoch & 1) * slot_stride + words, words < n_words, epoch, max_spins)
+        mine = tl.load(out_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
+        total = mine.to(tl.float32) + _ll_values(got, out_ptr.dtype.element_ty, PER_WORD, BLOCK).to(tl.float32)
+        if arrived == 0:
+            if TRAP:
+                _trap(arrived)
+            tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
+            total = total + float("nan")
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=offs < n)
+        tl.store(epochs_ptr + c, epoch)
 
 
 # "ll" (data and epoch in every word) or "flags" (data, then a flag per program behind a
@@ -184,6 +251,9 @@ class TwoRankAllReduce:
             self.recv, self.peer_recv = (r[:size].view(dtype).view(2, capacity) for r in (region, peer_region))
         self.flags, self.peer_flags = (r[data:data + 4 * programs].view(torch.int32) for r in (region, peer_region))
         self.epochs = torch.zeros(programs, dtype=torch.int32, device=region.device)
+        # the arrivals of a gemv whose last program exchanges its row (`quant_gemm.reduced_gemv`):
+        # zero between launches (that program puts it back)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=region.device)
 
     @property
     def capacity(self) -> int:
@@ -191,6 +261,11 @@ class TwoRankAllReduce:
 
     def takes(self, x: torch.Tensor) -> bool:
         return x.device == self.recv.device and x.dtype == self.dtype and x.numel() <= self.capacity
+
+    def takes_row(self, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether a kernel's last program can sum a row of n `dtype` values on `device` with the peer's
+        (`ll_exchange_row`): the "ll" protocol's buffers only."""
+        return self.protocol == "ll" and device == self.recv.device and dtype == self.dtype and n <= self.capacity
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return two_rank_all_reduce(x, self)

@@ -43,7 +43,7 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
-                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8)) -> None:
+                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: bool = False) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
@@ -59,12 +59,18 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                 "vc_ptr": f"*{cache_ty or out_ty}"})
     sig.update(dict.fromkeys(("cs_stride", "kc_sb", "kc_ss", "kc_sh", "vc_sb", "vc_ss", "vc_sh", "block_size"), "i32"))
     sig.update({"k_scale": "fp32", "v_scale": "fp32", "QD": "i32", "KD": "i32", "DV": "i32"})
+    sig.update({"red_counter_ptr": "*i32", "recv_addr": "i64", "peer_recv_addr": "i64", "epochs_ptr": "*i32",
+                "slot_stride": "i32", "max_spins": "i32"})
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=block_n, BLOCK_K=block_k,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
                   FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
-                  KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64)
+                  KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64, REDUCE=reduce,
+                  PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True)
     sig.update(dict.fromkeys(consts, "constexpr"))
-    _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3)
+    ptx = _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3)
+    if reduce:  # the last program's exchange: its count, its polls re-read, and the trap of a peer that never came
+        assert "acq_rel.add" in ptx and "ld.volatile.global" in ptx and "trap;" in ptx, "the exchange is lost"
+
 
 
 _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr": "i64", "seq_lens_ptr": "i32",
@@ -133,6 +139,11 @@ def variants() -> list[tuple]:
     out += [("bf16", "bf16", p, True, False, False, None, rope, None, (4, 2048, 8))
             for p, rope in ((quant_gemm.NO_PROLOGUE, 0), (quant_gemm.SILU_AND_MUL, 0),
                             (quant_gemm.ADD_RMS_NORM, 0), (quant_gemm.ADD_RMS_NORM, quant_gemm.NEOX))]
+    # the row-parallel gemv whose last program sums the row with the peer rank's (quant_gemm.reduced_gemv): o, down
+    # with SwiGLU (the 1B and the deep tiles), 8-bit weights
+    out += [("bf16", w, p, True, False, False, None, 0, None, tile, True)
+            for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
+                               ("i8", quant_gemm.SILU_AND_MUL, (4, 2048, 8)))]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
     out += [("two_rank_ll", ty) for ty in ("bf16", "fp32")]

@@ -51,6 +51,32 @@ def inputs(rank: int, call: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(n, generator=g) * (call + 1)).to(dtype)
 
 
+def _zeroed(tmp_path):
+    """The shared file, both regions zeroed (as the engine zeroes them before either rank calls)."""
+    path = tmp_path / "shared"
+    path.write_bytes(bytes(2 * REGION))
+    return path
+
+
+def run_ranks(script: str, path, dtype: torch.dtype, tmp_path, *args: str) -> list:
+    """Run `script` as ranks 0 and 1, two processes under the interpreter over the shared file;
+    what each saved."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    name = str(dtype).removeprefix("torch.")
+    ranks = [subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__), str(r), str(path), name,
+                               str(tmp_path / f"out{r}.pt"), *args], env=env, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    for rank in ranks:
+        try:
+            _, err = rank.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for r in ranks:
+                r.kill()
+            pytest.fail("the ranks did not finish: a wait that never ended")
+        assert rank.returncode == 0, err[-3000:]
+    return [torch.load(tmp_path / f"out{r}.pt") for r in (0, 1)]
+
+
 START_NEAR_THE_WRAP = 2**31 - 3  # (the int32 call counters pass 2^31 - 1 and go on from -2^31)
 
 
@@ -61,23 +87,8 @@ START_NEAR_THE_WRAP = 2**31 - 3  # (the int32 call counters pass 2^31 - 1 and go
 def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, start, device, cast, tmp_path):
     if device.type != "cpu":
         pytest.skip("compiled, it needs two GPUs: benchmarks/check_tensor_parallel.py, benchmarks/all_reduce.py")
-    path = tmp_path / "shared"
-    path.write_bytes(bytes(2 * REGION))  # the regions start zeroed
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    name = str(dtype).removeprefix("torch.")
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK, os.path.dirname(__file__), str(r), str(path), name,
-                               str(tmp_path / f"out{r}.pt"), protocol, str(start)], env=env, stderr=subprocess.PIPE,
-                              text=True)
-             for r in (0, 1)]
-    for rank in ranks:
-        try:
-            _, err = rank.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for r in ranks:
-                r.kill()
-            pytest.fail("the ranks did not finish: a wait that never ended")
-        assert rank.returncode == 0, err[-3000:]
-    outs = [torch.load(tmp_path / f"out{r}.pt") for r in (0, 1)]
+    path = _zeroed(tmp_path)
+    outs = run_ranks(RANK, path, dtype, tmp_path, protocol, str(start))
     for i, n in enumerate(CALLS):
         want = cast(inputs(0, i, n, dtype).float() + inputs(1, i, n, dtype).float(), dtype)
         assert torch.equal(outs[0][i].view(torch.uint8), outs[1][i].view(torch.uint8)), f"call {i}: ranks differ"
@@ -88,6 +99,81 @@ def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, start, devi
             calls = [sum(n > p * BLOCK for n in CALLS) for p in range(flags.numel())]
             want = [(start + c + 2**31) % 2**32 - 2**31 if c else 0 for c in calls]  # (as int32)
             assert flags.tolist() == want
+
+
+# A gemv whose last program sums its row with the peer's (`quant_gemm.reduced_gemv`), between calls
+# of the kernel: (kind, N, K) per call; "silu": x holds (gate, up); "int8": 8-bit weights; "kernel":
+# two_rank_all_reduce of N elements (the two share the buffers' epochs).
+GEMV_CALLS = [("float", 3000, 64), ("kernel", 1500, 0), ("silu", 2048, 32), ("float", 5120, 32), ("int8", 700, 64),
+              ("kernel", 5000, 0), ("float", 1, 16)]
+
+RANK_GEMV = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_two_rank_all_reduce import GEMV_CALLS, buffers_of, gemv_call
+rank, path, dtype, out = int(sys.argv[2]), sys.argv[3], getattr(torch, sys.argv[4]), sys.argv[5]
+buffers = buffers_of(path, rank, dtype, "ll")
+torch.save([gemv_call(rank, i, dtype, buffers) for i in range(len(GEMV_CALLS))], out)
+"""
+
+
+def gemv_call(rank: int, call: int, dtype: torch.dtype, buffers: TwoRankAllReduce | None) -> torch.Tensor:
+    """Call `call` of GEMV_CALLS on rank `rank`'s inputs: summed with the peer's through `buffers`,
+    or (None) this rank's partial alone, by the same gemv without the exchange."""
+    from kiln.codegen.kernels import quant_gemm
+    from kiln.ir import quant_ops as Q
+
+    kind, n, k = GEMV_CALLS[call]
+    if kind == "kernel":
+        x = inputs(rank, call, n, dtype)
+        return two_rank_all_reduce(x, buffers) if buffers is not None else x
+    g = torch.Generator().manual_seed(1000 * call + rank)
+    x = torch.randn(1, 2 * k if kind == "silu" else k, generator=g).to(dtype)
+    w, w_scale = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype), None
+    if kind == "int8":
+        w, w_scale = Q.quantize_weight(w.float(), "int8")
+    activation = "silu" if kind == "silu" else None
+    if buffers is not None:
+        return quant_gemm.reduced_gemv(x, w, buffers, activation, w_scale=w_scale)
+    if w_scale is not None:
+        return quant_gemm.weight_only_linear(x, w, w_scale, None)
+    return quant_gemm.act_and_mul_gemv(x, "silu", w) if activation else quant_gemm.float_linear(x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_gemvs_last_program_sums_its_row_with_the_peers(dtype, device, cast, tmp_path):
+    """reduced_gemv: each rank's gemv (plain, gated, 8-bit) summed with the peer's by its last program,
+    in calls mixed with the all-reduce kernel's over the same buffers: the float32 sum of the two
+    ranks' partial rows (each as the gemv alone rounds it) rounded once, the same bits on both."""
+    if device.type != "cpu":
+        pytest.skip("compiled, it needs two GPUs: benchmarks/check_tensor_parallel.py")
+    path = _zeroed(tmp_path)
+    outs = run_ranks(RANK_GEMV, path, dtype, tmp_path)
+    for i, (kind, n, _) in enumerate(GEMV_CALLS):
+        want = cast(gemv_call(0, i, dtype, None).float() + gemv_call(1, i, dtype, None).float(), dtype)
+        assert torch.equal(outs[0][i].view(torch.uint8), outs[1][i].view(torch.uint8)), f"call {i}: ranks differ"
+        torch.testing.assert_close(outs[0][i], want, rtol=0, atol=0, msg=f"call {i} ({kind}, {n})")
+    counter = buffers_of(str(path), 0, dtype, "ll").counter
+    assert counter.item() == 0  # (each gemv's last program put it back)
+
+
+def test_a_gemv_alone_fails_its_sum_instead_of_hanging(device, tmp_path, monkeypatch):
+    """The peer never comes: after max_spins polls the gemv fails (a device assert under the
+    interpreter; on a GPU its trap) and leaves NaN in its row, never a half sum."""
+    if device.type != "cpu":
+        pytest.skip("run on CPU (on a GPU the trap leaves the process's CUDA context unusable)")
+    from triton.runtime import interpreter
+
+    from kiln.codegen.kernels import quant_gemm
+
+    builder = interpreter.interpreter_builder
+    buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll")
+    x, w = torch.ones(1, 16), torch.ones(8, 16)
+    out = quant_gemm.reduced_gemv(x, w, buffers, max_spins=10)  # (debug off: the assert is skipped)
+    assert out.isnan().all()
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
+    with pytest.raises(Exception, match="peer rank never arrived"):
+        quant_gemm.reduced_gemv(x, w, buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll"), max_spins=10)
 
 
 @pytest.mark.parametrize("protocol", ["flags", "ll"])

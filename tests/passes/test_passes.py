@@ -278,3 +278,41 @@ def test_linear_rope_fusion_keeps_outputs_and_caches(neox):
     assert count(graph, "add_rms_norm_linear_rope") == 1 and count(graph, "rms_norm_linear_rope") == 1
     assert count(graph, "rotary_kv_write") == 0 and count(graph, "add_rms_norm_linear") == 0
     assert all(att.kwargs.get("kv_written") is True for att in graph.calls("attention"))
+
+
+class RowParallelBlock(nn.Module):
+    """A tensor-parallel layer's row-parallel linears and their all_reduce (models/parallel.py): a
+    plain one (attention's output), one after a gated activation (the MLP's down), and two the pass
+    leaves alone: a linear that something besides the all_reduce reads, and an all_reduce of what
+    is not a linear (a vocab-parallel embedding's rows)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.o, self.down, self.other = (nn.Parameter(torch.randn(d, n) * 0.3) for n in (d, 12, d))
+
+    def forward(self, x, gate_up):
+        attn = ops.all_reduce(ops.linear(x, self.o))
+        mlp = ops.all_reduce(ops.linear(ops.silu_and_mul(gate_up), self.down))
+        read_twice = ops.linear(x, self.other)
+        return attn + mlp, ops.all_reduce(read_twice) + read_twice, ops.all_reduce(x * 2)
+
+
+def test_linear_all_reduce_fusion_takes_the_row_parallel_linears():
+    torch._dynamo.reset()
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = RowParallelBlock().eval()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(run_passes(Graph(gm, example_inputs), ["fuse_activation_linear", "fuse_linear_all_reduce"]))
+        return graphs[-1].gm.forward
+
+    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randn(3, 16), torch.randn(3, 24))
+        x, gate_up = torch.randn(5, 16), torch.randn(5, 24)
+        for a, b in zip(block(x, gate_up), compiled(x, gate_up)):  # (one rank: all_reduce is the identity)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    graph = graphs[0]
+    assert [n.args[1] for n in graph.calls("linear_all_reduce")] == ["", "silu"]
+    assert count(graph, "all_reduce") == 2 and count(graph, "act_and_mul_linear") == 0 and count(graph, "linear") == 1

@@ -207,7 +207,7 @@ def test_decode_graphs_over_two_ranks_gather_the_logits_inside(paths, async_sche
 
 
 @pytest.mark.parametrize("async_scheduling, protocol", [(False, "ll"), (True, "ll"), (True, "flags")])
-def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling, protocol):
+def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling, protocol, tmp_path):
     """KILN_TWO_RANK_ALL_REDUCE=1: the small all-reduces of the step go through kiln's two-rank kernel
     (codegen/kernels/two_rank_all_reduce.py; here under Triton's interpreter, over a shared-memory
     file in place of symmetric memory, inside the emulated decode graphs), in each protocol: TP=1's
@@ -223,7 +223,8 @@ def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     expected = LLM(paths["llama"], **ENGINE).generate(PROMPTS, params, use_tqdm=False)
     llm = LLM(paths["llama"], tensor_parallel_size=2, enforce_eager=False, max_num_seqs=4,
-              async_scheduling=async_scheduling, compilation_config={"backend": "eager", "cudagraph": "emulate"},
+              async_scheduling=async_scheduling, compilation_config={"backend": "eager", "cudagraph": "emulate",
+                                                                     "dump_ir": str(tmp_path)},
               **ENGINE)
     try:
         small = llm.llm_engine.tp.small_all_reduce
@@ -234,6 +235,11 @@ def test_two_rank_all_reduce_over_two_ranks(paths, monkeypatch, async_scheduling
         assert small.epochs[0].item() > 5  # (the prompts' all-reduces are larger: some took the gloo path)
         if protocol == "flags":
             assert torch.equal(small.flags, small.epochs)  # the peer made as many calls of each program
+        # the row-parallel linears and their all-reduces are one op each (fuse_linear_all_reduce; on two GPUs one
+        # gemv launch), the embedding's all-reduce stays
+        fused = (tmp_path / "graph0" / "09-fuse_linear_all_reduce.txt").read_text()
+        assert fused.count("kiln.linear_all_reduce(") == 2 * 2 and fused.count("kiln.all_reduce(") == 1  # (2 layers)
+        assert fused.count(", 'silu', [") == 2  # (the down projections, with their SwiGLU)
     finally:
         llm.shutdown()
 
