@@ -20,10 +20,11 @@
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs, float32 (2 GPUs;
-#               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols: with
-#               "ll", the row-parallel gemvs' last programs sum their rows with the peer's)
+#               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols, and
+#               "ll" with the row-parallel gemvs' last programs summing their rows with the peer's)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
-#   tp-fused    scale_out.py --skip-dp --unfused-all-reduce: TP=1, TP=2, TP=2 with the all-reduce a kernel of its own
+#   tp-fused    scale_out.py --skip-dp --fused-all-reduce: TP=1, TP=2, TP=2 with the row-parallel gemvs' last programs
+#               summing their rows with the peer's (KILN_FUSED_ALL_REDUCE=1)
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
@@ -101,7 +102,10 @@ section() {
             tail -4 "$OUT/tp-check.txt"
             KILN_TWO_RANK_PROTOCOL=ll run tp-check-ll 300 python benchmarks/check_tensor_parallel.py --compiled \
                 --dtype float32 --hidden-size 1024 --num-layers 4
-            tail -4 "$OUT/tp-check-ll.txt" ;;
+            tail -4 "$OUT/tp-check-ll.txt"
+            KILN_FUSED_ALL_REDUCE=1 run tp-check-fused 300 python benchmarks/check_tensor_parallel.py --compiled \
+                --dtype float32 --hidden-size 1024 --num-layers 4
+            tail -4 "$OUT/tp-check-fused.txt" ;;
         pdl)
             TRITON_INTERPRET=0 run pdl 300 python -m pytest -q -p no:cacheprovider -W ignore tests/codegen/test_pdl.py \
                 tests/codegen/test_attention.py tests/codegen/test_kv_cache_fp8.py
@@ -110,7 +114,7 @@ section() {
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce
             tail -9 "$OUT/tp.txt" ;;
         tp-fused)
-            run tp-fused 590 python benchmarks/scale_out.py --skip-dp --unfused-all-reduce
+            run tp-fused 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce
             tail -9 "$OUT/tp-fused.txt" ;;
         tp-tiles)
             run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8"

@@ -19,9 +19,9 @@ TP=2's decode-step all-reduces go through kiln's two-rank kernel by default
 (codegen/kernels/two_rank_all_reduce.py); `--nccl-all-reduce` adds a TP=2 run with
 KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--flags-all-reduce` one with KILN_TWO_RANK_PROTOCOL=flags
 (the kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
-symmetric-memory kernel), `--unfused-all-reduce` one with KILN_FUSED_ALL_REDUCE=0 (each
-row-parallel gemv, then the all-reduce kernel, instead of the gemv whose last program sums the row
-with the peer's), `--compare-tiles SPEC` one whose gemvs take other tilings
+symmetric-memory kernel), `--fused-all-reduce` one with KILN_FUSED_ALL_REDUCE=1 (each
+row-parallel gemv's last program sums the row with the peer's, instead of the all-reduce kernel
+after the gemv), `--compare-tiles SPEC` one whose gemvs take other tilings
 (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the q/k/v
 gemv of 8B's shapes on its own tile).
 
@@ -75,7 +75,7 @@ VARIANTS = {"tp2-nccl": ("KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
             "tp2-flags": ("KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
             "tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce"),
             "tp2-tiles": ("KILN_GEMV_TILES", None, "gemv tiles"),
-            "tp2-unfused": ("KILN_FUSED_ALL_REDUCE", "0", "row-parallel gemv, then the all-reduce kernel")}
+            "tp2-fused": ("KILN_FUSED_ALL_REDUCE", "1", "row-parallel gemv summing its row with the peer's")}
 
 
 def throughput_s(llm, work) -> float:
@@ -134,8 +134,8 @@ def main() -> None:
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
     p.add_argument("--nccl-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=0")
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
-    p.add_argument("--unfused-all-reduce", action="store_true",
-                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE=0 (the all-reduce a launch of its own)")
+    p.add_argument("--fused-all-reduce", action="store_true",
+                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE=1 (the row-parallel gemv sums its row with the peer's)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", choices=["tp1", "tp2", *VARIANTS, "dp2"],  # (one configuration)
@@ -160,7 +160,7 @@ def main() -> None:
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
         asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-flags": args.flags_all_reduce,
                  "tp2-one-shot": args.one_shot_all_reduce, "tp2-tiles": bool(args.compare_tiles),
-                 "tp2-unfused": args.unfused_all_reduce}
+                 "tp2-fused": args.fused_all_reduce}
         tp = [] if args.skip_tp else ["tp2"] + [name for name in VARIANTS if asked[name]]
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]

@@ -254,9 +254,12 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
 
 
 # Whether a one-row linear_all_reduce at two ranks is one gemv that sums its row with the peer's
-# (KILN_FUSED_ALL_REDUCE=0: the gemv, then the all-reduce kernel; benchmarks/scale_out.py
-# --unfused-all-reduce times both).
-FUSED_ALL_REDUCE = os.environ.get("KILN_FUSED_ALL_REDUCE", "1") != "0"
+# (`quant_gemm.reduced_gemv`) instead of the gemv, then the all-reduce kernel. Off: on two H100s the
+# Llama-3.1-8B TP=2 step took 3.728 ms/token with it against 3.457 without (session 22, one call of
+# `benchmarks/scale_out.py`, now `--fused-all-reduce`): every program of the gemv pays a gpu-scope
+# release before its count, so the last one sees the row, and the gemv's 512-1024 programs stay
+# resident that much longer (codegen/NOTES.md). KILN_FUSED_ALL_REDUCE=1 turns it on.
+FUSED_ALL_REDUCE = os.environ.get("KILN_FUSED_ALL_REDUCE", "0") == "1"
 
 
 def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tensor], biases: list[torch.Tensor],

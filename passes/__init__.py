@@ -20,7 +20,7 @@ PIPELINE = [
     "fuse_quant",  # norm / activation feeding a per-token quantize -> one op that does both
     "fuse_norm_linear",  # RMSNorm read only by a linear -> one op (a batch-1 gemv normalizes its row)
     "fuse_activation_linear",  # gated activation read only by a linear -> one op (the gemv gates its row)
-    "fuse_linear_all_reduce",  # a row-parallel linear + its all_reduce -> one op (a 2-GPU gemv sums its row)
+    "fuse_linear_all_reduce",  # a row-parallel linear + its all_reduce -> one op (a 2-GPU gemv may sum its row)
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
     "fuse_linear_rope",  # norm + q/k/v linear feeding rotary_kv_write -> one op (a batch-1 gemv rotates its outputs)
 ]

@@ -7,10 +7,13 @@
 
 where the all_reduce is the linear's only reader (a tensor-parallel model's attention output and
 MLP down projections: `models/parallel.py`'s RowParallelLinear). Same numbers (the op's reference
-is the two ops in a row). What it buys is on two GPUs: a batch-1 step's gemv sums its row with
-the peer rank's in its last program (`kernels/quant_gemm.py`, `reduced_gemv`), so the all-reduce
-is no launch of its own: 64 launches a step on the Llama-3.1-8B shape. Runs after
-fuse_activation_linear (which makes the gated form) and quantize (the weight-only one).
+is the two ops in a row). What it is for is on two GPUs: a batch-1 step's gemv can sum its row
+with the peer rank's in its last program (`kernels/quant_gemm.py`, `reduced_gemv`), so the
+all-reduce is no launch of its own (64 launches a step on the Llama-3.1-8B shape). That is off by
+default (KILN_FUSED_ALL_REDUCE=1 turns it on): on two H100s it made the step slower, 3.728 against
+3.457 ms/token (codegen/NOTES.md, session 22); off, the op runs the gemv and then the all-reduce,
+the same launches as the two ops. Runs after fuse_activation_linear (which makes the gated form)
+and quantize (the weight-only one).
 """
 
 from __future__ import annotations
