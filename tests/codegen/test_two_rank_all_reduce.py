@@ -214,3 +214,34 @@ def test_inputs_it_cannot_take_are_refused(tmp_path):
         TwoRankAllReduce(region, region, torch.float32, CAPACITY, "simple")
     with pytest.raises(ValueError, match="16- and 32-bit floats"):
         TwoRankAllReduce(region, region, torch.float64, CAPACITY)
+
+
+@pytest.mark.parametrize("fused, rows, protocol, takes", [
+    (True, 1, "ll", "reduced_gemv"), (False, 1, "ll", "all_reduce"), (True, 3, "ll", "all_reduce"),
+    (True, 1, "flags", "all_reduce"),
+])
+def test_linear_all_reduce_takes_the_fused_gemv_only_where_it_can(fused, rows, protocol, takes, device, tmp_path,
+                                                                   monkeypatch):
+    """triton_ops.linear_all_reduce, the op's CUDA implementation: with KILN_FUSED_ALL_REDUCE on, a
+    one-row step at two ranks whose small all-reduce has "ll" buffers is one reduced_gemv; off,
+    several rows, or "flags" buffers: the linear (the gemv at one row), then all_reduce."""
+    from kiln.codegen import triton_ops
+    from kiln.codegen.kernels import quant_gemm
+    from kiln.ir import ops
+    from kiln.ir.parallel import tensor_parallel_group
+
+    class TwoRanks:
+        def size(self):
+            return 2
+
+    calls = []
+    monkeypatch.setattr(triton_ops, "FUSED_ALL_REDUCE", fused)
+    monkeypatch.setattr(quant_gemm, "reduced_gemv", lambda x, w, *a, **k: calls.append("reduced_gemv") or x[..., :1])
+    monkeypatch.setattr(ops, "all_reduce", lambda y: calls.append("all_reduce") or y)
+    monkeypatch.setattr(triton_ops, "_float_gemv", True)
+    buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.bfloat16, protocol)
+    x = torch.randn(rows, 32, device=device).to(torch.bfloat16)
+    w = torch.randn(8, 16, device=device).to(torch.bfloat16)
+    with tensor_parallel_group(TwoRanks(), buffers):
+        triton_ops.linear_all_reduce(x, "silu", [w], [])
+    assert calls == [takes]
