@@ -35,7 +35,9 @@ from kiln.runtime.demo import build_checkpoint, train_tokenizer  # noqa: E402
 
 
 def kernel_table(trace_path: str, marker: str = "argmax") -> None:
-    """Per kind of kernel (name and grid) in one decode step: launches, its span (start to end) and
+    """Per kind of kernel (name, grid, and the kernel launched before it: o and down are the same
+    gemv on the same grid at TP=2, after the attention and after gate/up) in one decode step:
+    launches, its span (start to end) and
     how far it moves the step's end past the previous kernel's end ("adds": its device time plus
     the idle gap before it; with programmatic dependent launch a kernel starts before the previous
     one ends, so its span overlaps and only "adds" sums to the step), in us, medians over the
@@ -56,20 +58,24 @@ def kernel_table(trace_path: str, marker: str = "argmax") -> None:
                      if len(a) == len(b) == per_step)
     steps = [s for s in steps if len(s) == per_step]
     rows: dict[tuple, list] = {}
+    def kind(e):
+        return e["name"][:60], tuple(e.get("args", {}).get("grid", ()))
+
     for i, e in enumerate(steps[0]):  # the kinds of kernel, in a step's order
-        rows.setdefault((e["name"][:60], tuple(e.get("args", {}).get("grid", ()))), []).append(i)
+        before = kind(steps[0][i - 1]) if i else ("", ())
+        rows.setdefault((*kind(e), before[0][:24] + (str(before[1]) if before[1] else "")), []).append(i)
     def end(e):
         return e["ts"] + e["dur"]
 
     total = 0.0
     print(f"{len(steps)} steps of {per_step} kernels | kernel, grid, launches a step, median span us, "
-          f"median adds us, adds us a step")
-    for (name, grid), idx in rows.items():
+          f"median adds us, adds us a step, the kernel before it")
+    for (name, grid, before), idx in rows.items():
         spans = sorted(s[i]["dur"] for s in steps for i in idx)
         adds = sorted(end(s[i]) - (end(s[i - 1]) if i else s[i]["ts"]) for s in steps for i in idx)
         d, a = spans[len(spans) // 2], adds[len(adds) // 2]
         total += a * len(idx)
-        print(f"  {name:60} {str(grid):16} {len(idx):4} {d:8.2f} {a:7.2f} {a * len(idx):9.1f}")
+        print(f"  {name:60} {str(grid):16} {len(idx):4} {d:8.2f} {a:7.2f} {a * len(idx):9.1f}  after {before}")
     span = sorted(end(s[-1]) - s[0]["ts"] for s in steps)[len(steps) // 2]
     print(f"  a step: {span:.1f} us from its first kernel's start to its last's end (sum of the medians {total:.1f}); "
           f"the device idle {between[len(between) // 2] if between else float('nan'):.1f} us between steps")
