@@ -26,6 +26,11 @@ Two kernels, picked per call by `pick_config` from M (the tokens of the step):
   residual add, whose sum it stores; `rms_norm_gemv`) or a gated activation over a (gate, up)
   row (`act_and_mul_gemv`). Each program reads the whole activation row anyway,
   so the norm's statistics cost a few KB of L2 reads per program instead of a launch of their own.
+  And it may finish its output row: rotate a q/k/v projection and write k and v to the cache
+  (`rope_gemv`, `rope_epilogue.py`), or sum it with the peer rank's at two ranks (`reduced_gemv`:
+  the last program to count, after a barrier and an acq_rel count as decode attention's merge
+  does, exchanges the row through the two-rank all-reduce's buffers; off by default, see
+  `triton_ops.FUSED_ALL_REDUCE`).
 - "dot" (everything else): a tiled tl.dot GEMM with float32 (int32) accumulation, grouped
   program order for L2 reuse at large M, BLOCK_M = 16 and a narrow BLOCK_N with split-K for
   small M (decode batches: still weight-bandwidth bound), 128 x 128 tiles for prefill.
@@ -55,10 +60,11 @@ from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
-from kiln.codegen.kernels.two_rank_all_reduce import BLOCK, MAX_SPINS, ll_exchange_row
+from kiln.codegen.kernels.two_rank_all_reduce import BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, ll_exchange_row
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
-ROW_CHUNK = tl.constexpr(BLOCK)  # (the summed row's chunks are the all-reduce kernel's programs': they share its epochs)
+# the chunks of a row summed over two ranks (`reduced_gemv`): the all-reduce kernel's programs', whose epochs they share
+ROW_CHUNK = tl.constexpr(_ALL_REDUCE_BLOCK)
 
 
 @dataclass(frozen=True)
