@@ -25,7 +25,9 @@ tiling is timed in the whole step, chained to its neighbours, rather than alone;
 `--compare-rope-fusion` an async bf16 row without the fuse_linear_rope pass (rotary and the cache
 write as a kernel of their own instead of in the q/k/v gemv's epilogue); `--compare-early-kv` an
 async bf16 row whose decode attention loads every key and value after its PDL wait
-(`decode_attention.EARLY_KV` off).
+(`decode_attention.EARLY_KV` off); `--compare-min-split-keys N` an async bf16 row whose decode
+attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
+fewer splits, one split and no merge when it fits).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -147,6 +149,8 @@ def main() -> None:
                    help="add an async bf16 row without the fuse_linear_rope pass")
     p.add_argument("--compare-early-kv", action="store_true",
                    help="add an async bf16 row whose attention loads no key or value before its PDL wait")
+    p.add_argument("--compare-min-split-keys", type=int, default=0,
+                   help="add an async bf16 row whose decode attention splits take at least this many keys")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--sync-scheduling", action="store_true",
                    help="add a bf16 row with the steps in turn (async_scheduling=False)")
@@ -184,6 +188,9 @@ def main() -> None:
                                               "passes": [p for p in PIPELINE if p != "fuse_linear_rope"]})]
     if args.compare_early_kv:
         variants += [("async, kv after the wait", {"async_scheduling": True, "early_kv": False})]
+    if args.compare_min_split_keys:
+        variants += [(f"async, splits of >= {args.compare_min_split_keys} keys",
+                      {"async_scheduling": True, "min_split_keys": args.compare_min_split_keys})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     default_tiles = dict(quant_gemm._GEMV_TILES)
@@ -197,6 +204,7 @@ def main() -> None:
         # (module switches, read while the graphs capture)
         decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)
         decode_kernels.EARLY_KV = kwargs.pop("early_kv", True)
+        decode_kernels.MIN_SPLIT_KEYS = kwargs.pop("min_split_keys", 0)
         quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)

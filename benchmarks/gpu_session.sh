@@ -11,6 +11,8 @@
 #               the steps in turn), with the A/B rows of two switches: rotary in the q/k/v gemv (on:
 #               won in session 20), fp8 read by its bits (off: lost in session 20)
 #   early-kv    batch-1 decode with the attention's older keys and values loaded before its PDL wait and after
+#   splits      batch-1 decode with the decode attention's splits taking at least 512 keys (a 128-384-token
+#               context on one split, no merge) and at least 128, against the default
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -24,6 +26,8 @@
 #               fused all-reduce's check is tp-fused's: float32 rows take cuBLAS, not the gemv, so only bf16 runs
 #               reach it, and those are compared with the unfused TP=2 run, whose bits they must give)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
+#   tp-splits   scale_out.py --skip-dp --compare-min-split-keys 512: TP=1, TP=2, TP=2 with the attention's splits
+#               taking at least 512 keys
 #   tp-fused    scale_out.py --skip-dp --fused-all-reduce: TP=1, TP=2, TP=2 with the row-parallel gemvs' last programs
 #               summing their rows with the peer's (KILN_FUSED_ALL_REDUCE=1)
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
@@ -69,6 +73,10 @@ section() {
             run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --quantization int8_weight_only,fp8_weight_only
             grep -A10 "^device" "$OUT/quant.txt" ;;
+        splits)
+            run splits 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 512
+            run splits-128 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 128
+            grep -h -A6 "^device" "$OUT/splits.txt" "$OUT/splits-128.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;
@@ -111,6 +119,9 @@ section() {
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce
             tail -9 "$OUT/tp.txt" ;;
+        tp-splits)
+            run tp-splits 590 python benchmarks/scale_out.py --skip-dp --compare-min-split-keys 512
+            tail -9 "$OUT/tp-splits.txt" ;;
         tp-fused)
             run tp-fused 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce
             tail -9 "$OUT/tp-fused.txt" ;;

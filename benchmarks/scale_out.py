@@ -21,7 +21,8 @@ KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--flags-all-reduce` one with KILN_TWO_RANK
 (the kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
 symmetric-memory kernel), `--fused-all-reduce` one with KILN_FUSED_ALL_REDUCE=1 (each
 row-parallel gemv's last program sums the row with the peer's, instead of the all-reduce kernel
-after the gemv), `--compare-tiles SPEC` one whose gemvs take other tilings
+after the gemv), `--compare-min-split-keys N` one whose decode attention splits take at least N keys
+(KILN_MIN_SPLIT_KEYS), `--compare-tiles SPEC` one whose gemvs take other tilings
 (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the q/k/v
 gemv of 8B's shapes on its own tile).
 
@@ -69,13 +70,14 @@ def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
     return (full - prefill) / new_tokens * 1e3
 
 
-# the TP=2 runs with another all-reduce or other gemv tiles: phase -> (the switch, its value, a label);
-# (the tiles' value is --compare-tiles')
+# the TP=2 runs with another all-reduce, other gemv tiles or attention splits: phase -> (the switch,
+# its value or the option that gives it, a label)
 VARIANTS = {"tp2-nccl": ("KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
             "tp2-flags": ("KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
             "tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce"),
-            "tp2-tiles": ("KILN_GEMV_TILES", None, "gemv tiles"),
-            "tp2-fused": ("KILN_FUSED_ALL_REDUCE", "1", "row-parallel gemv summing its row with the peer's")}
+            "tp2-tiles": ("KILN_GEMV_TILES", "--compare-tiles", "gemv tiles"),
+            "tp2-fused": ("KILN_FUSED_ALL_REDUCE", "1", "row-parallel gemv summing its row with the peer's"),
+            "tp2-min-split": ("KILN_MIN_SPLIT_KEYS", "--compare-min-split-keys", "attention splits of at least N keys")}
 
 
 def throughput_s(llm, work) -> float:
@@ -134,6 +136,8 @@ def main() -> None:
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
     p.add_argument("--nccl-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=0")
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
+    p.add_argument("--compare-min-split-keys", default="",
+                   help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
     p.add_argument("--fused-all-reduce", action="store_true",
                    help="add a TP=2 run with KILN_FUSED_ALL_REDUCE=1 (the row-parallel gemv sums its row with the peer's)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -160,14 +164,14 @@ def main() -> None:
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
         asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-flags": args.flags_all_reduce,
                  "tp2-one-shot": args.one_shot_all_reduce, "tp2-tiles": bool(args.compare_tiles),
-                 "tp2-fused": args.fused_all_reduce}
+                 "tp2-fused": args.fused_all_reduce, "tp2-min-split": bool(args.compare_min_split_keys)}
         tp = [] if args.skip_tp else ["tp2"] + [name for name in VARIANTS if asked[name]]
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
             env = dict(os.environ)
             if name in VARIANTS:
                 switch, value, _ = VARIANTS[name]
-                env[switch] = args.compare_tiles if value is None else value
+                env[switch] = getattr(args, value[2:].replace("-", "_")) if value.startswith("--") else value
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
                                   *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -185,7 +189,8 @@ def main() -> None:
         rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
     for name, (_, _, label) in VARIANTS.items():
         if name in results:
-            label = f"{label} {args.compare_tiles}" if name == "tp2-tiles" else label
+            value = VARIANTS[name][1]
+            label = f"{label} ({getattr(args, value[2:].replace('-', '_'))})" if value.startswith("--") else label
             b = results[name]["tokens"]
             print(f"TP=2 {label}: greedy tokens == TP=2 (default) for "
                   f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")

@@ -23,6 +23,7 @@ scales applied once per score and once per output row, not per element.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -61,10 +62,10 @@ def _attend_tile(q, k, v, n, n_mask, seq_len, m_i, l_i, acc, scale, soft_cap, sl
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
     part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr,
+    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr, min_chunk,
     NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, EARLY_KV: tl.constexpr,
+    UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, ADAPTIVE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -77,8 +78,13 @@ def _decode_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - sliding_window, 0)
-    # This split's share of [lo, seq_len), in whole BLOCK_N tiles.
+    # This split's share of [lo, seq_len), in whole BLOCK_N tiles. ADAPTIVE: at least min_chunk keys
+    # a split, so a short context takes the first `active` splits and the others sit out.
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    active = NUM_SPLITS
+    if ADAPTIVE:
+        chunk = tl.maximum(chunk, min_chunk)
+        active = tl.maximum(tl.cdiv(seq_len - lo, chunk), 1)
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
     table_row = tables_ptr + b * table_stride
@@ -138,17 +144,11 @@ def _decode_kernel(
         acc = acc * v_scale
 
     if NUM_SPLITS == 1:
-        if HAS_SINKS:
-            sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-            m_f = tl.maximum(m_i, sink)
-            w = tl.exp2(m_i - m_f)
-            l_i = l_i * w + tl.exp2(sink - m_f)
-            acc = acc * w[:, None]
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # no keys at all (an empty padding row): output 0
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + b * H * DV + heads[:, None] * DV + dv[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None] & dv_mask[None, :])
-    else:
+        _store_out(acc, m_i, l_i, sinks_ptr, out_ptr, b, heads, g_mask, dv, dv_mask, H, DV, HAS_SINKS)
+    elif ADAPTIVE and active == 1:  # one split holds every key: it writes the output, as one split does
+        if split == 0:
+            _store_out(acc, m_i, l_i, sinks_ptr, out_ptr, b, heads, g_mask, dv, dv_mask, H, DV, HAS_SINKS)
+    elif split < active:
         row = (b * H + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] partial layout
         tl.store(part_acc_ptr + row[:, None] * DV + dv[None, :], acc, mask=g_mask[:, None] & dv_mask[None, :])
         tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
@@ -159,21 +159,39 @@ def _decode_kernel(
             # come after its own count, through L2 (.cg), as a CUTLASS semaphore hands over tiles.
             tl.debug_barrier()
             counter = counter_ptr + b * (H // GROUP) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            if tl.atomic_add(counter, 1, sem="acq_rel") == active - 1:
                 _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, b * H + heads, g_mask, dv, dv_mask,
-                             H, DV, NUM_SPLITS, HAS_SINKS)
+                             H, DV, NUM_SPLITS, HAS_SINKS, active)
                 tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
 
 
 @triton.jit
+def _store_out(acc, m_i, l_i, sinks_ptr, out_ptr, b, heads, g_mask, dv, dv_mask, H, DV, HAS_SINKS: tl.constexpr):
+    """One split's (acc, m, l) over all the keys -> the output rows of its heads (with the sinks'
+    logits in the softmax's sum)."""
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink)
+        w = tl.exp2(m_i - m_f)
+        l_i = l_i * w + tl.exp2(sink - m_f)
+        acc = acc * w[:, None]
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # no keys at all (an empty padding row): output 0
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + b * H * DV + heads[:, None] * DV + dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_mask[:, None] & dv_mask[None, :])
+
+
+@triton.jit
 def _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, bh, bh_mask, dv, dv_mask, H, DV,
-                 NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr):
-    """out rows bh [R] (sequence * H + head) from their NUM_SPLITS partial (acc, m, l), as
-    `_merge_kernel` merges one."""
+                 NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr, active):
+    """out rows bh [R] (sequence * H + head) from the partial (acc, m, l) of their first `active`
+    of NUM_SPLITS splits (the others hold none), as `_merge_kernel` merges one."""
     m_max = tl.full(bh.shape, float("-inf"), tl.float32)
+    # (split s's rows as a vector: Triton 3.9's interpreter cannot mask with tensor & scalar)
+    s_of = tl.zeros(bh.shape, tl.int32)
     for s in tl.static_range(NUM_SPLITS):
-        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (bh * NUM_SPLITS + s) * 2, mask=bh_mask, other=float("-inf"),
-                                          cache_modifier=".cg"))
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (bh * NUM_SPLITS + s) * 2, mask=bh_mask & (s_of + s < active),
+                                          other=float("-inf"), cache_modifier=".cg"))
     if HAS_SINKS:
         sink = tl.load(sinks_ptr + bh % H, mask=bh_mask, other=0.0).to(tl.float32) * 1.4426950408889634
         m_max = tl.maximum(m_max, sink)
@@ -182,11 +200,12 @@ def _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, bh, bh_mask, dv,
     acc = tl.zeros((bh.shape[0], dv.shape[0]), tl.float32)
     for s in tl.static_range(NUM_SPLITS):
         row = bh * NUM_SPLITS + s
-        m = tl.load(part_ml_ptr + row * 2, mask=bh_mask, other=float("-inf"), cache_modifier=".cg")
+        held = bh_mask & (s_of + s < active)
+        m = tl.load(part_ml_ptr + row * 2, mask=held, other=float("-inf"), cache_modifier=".cg")
         w = tl.exp2(m - m_max)
-        l_tot += w * tl.load(part_ml_ptr + row * 2 + 1, mask=bh_mask, other=0.0, cache_modifier=".cg")
+        l_tot += w * tl.load(part_ml_ptr + row * 2 + 1, mask=held, other=0.0, cache_modifier=".cg")
         acc += w[:, None] * tl.load(part_acc_ptr + row[:, None] * DV + dv[None, :],
-                                    mask=bh_mask[:, None] & dv_mask[None, :], other=0.0, cache_modifier=".cg")
+                                    mask=held[:, None] & dv_mask[None, :], other=0.0, cache_modifier=".cg")
     if HAS_SINKS:
         l_tot += tl.exp2(sink - m_max)
     l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
@@ -238,6 +257,12 @@ MERGE_IN_KERNEL = True
 # by default (`early_kv`; benchmarks/decode_latency.py --compare-early-kv times both).
 EARLY_KV = True
 
+# The fewest keys a split takes, when the splits merge in the kernel (`min_split_keys`): a context
+# shorter than num_splits of them runs on fewer splits, and one that fits in one split skips the
+# merge. 0 (off) until timed: `benchmarks/decode_latency.py --compare-min-split-keys N`, and
+# KILN_MIN_SPLIT_KEYS=N for a process (`benchmarks/scale_out.py --compare-min-split-keys N`).
+MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
+
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
 # program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
 # buffer made while capturing would be the graph's, and a capture first runs the same step eagerly.
@@ -270,6 +295,7 @@ def decode_attention(
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
     alibi_slopes: torch.Tensor | None = None, merge_in_kernel: bool | None = None, early_kv: bool | None = None,
+    min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
@@ -284,7 +310,11 @@ def decode_attention(
     table entry: inside a captured decode step, whose kernels before the attention are the
     projection that writes this step's k and v (or the cache write) and, earlier, kernels that have
     finished (each waited on its own predecessor). None: EARLY_KV while a CUDA graph is being
-    captured with PDL on, for a grid of at most two programs per multiprocessor. (On CPU it only changes the order of the loads: tested so under the interpreter.)"""
+    captured with PDL on, for a grid of at most two programs per multiprocessor. (On CPU it only changes the order of the loads: tested so under the interpreter.)
+    min_split_keys (None: MIN_SPLIT_KEYS; 0: off): with the splits merged in the kernel, each split
+    takes at least this many keys (whole tiles), so a sequence shorter than num_splits of them
+    uses its first few splits and the rest do nothing; one whose keys fit in one split writes
+    the output from it, with no partials and no merge. The grid stays a function of shapes."""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -327,11 +357,15 @@ def decode_attention(
         early_kv = (EARLY_KV and pdl["PDL"] and torch.cuda.is_current_stream_capturing()
                     and B * HKV * num_splits <= 2 * _num_sms(q.device.index if q.device.index is not None
                                                              else torch.cuda.current_device()))
+    if min_split_keys is None:
+        min_split_keys = MIN_SPLIT_KEYS
+    adaptive = min_split_keys > 0 and counters is not None  # (the merge kernel reads every split's partial)
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
         block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
         sliding_window, float(v_scale), counters if counters is not None else seq_lens,
+        triton.cdiv(min_split_keys, block_n) * block_n if adaptive else 0, ADAPTIVE=adaptive,
         MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),

@@ -78,13 +78,14 @@ _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr"
                     "counter_ptr": "i32"}
 
 
-def compile_decode(cache_ty: str, num_splits: int, early_kv: bool = False) -> None:
+def compile_decode(cache_ty: str, num_splits: int, early_kv: bool = False, adaptive: bool = False) -> None:
     """One `_decode_kernel` variant (Llama-3.2-1B heads: 32 over 8 kv heads of 64): the cache's
-    element type, the splits (merged in the kernel), the first tile loaded before the wait."""
+    element type, the splits (merged in the kernel), the first tile loaded before the wait, the
+    splits' fewest keys (`min_split_keys`)."""
     fn = decode_attention._decode_kernel
     consts = dict(NUM_SPLITS=num_splits, MERGE_HERE=num_splits > 1, HAS_WINDOW=False, HAS_SOFT_CAP=False,
                   HAS_SINKS=False, HAS_ALIBI=False, KV_FP8=cache_ty == "fp8e4nv", PRECISION="tf32", UPCAST=False,
-                  EARLY_KV=early_kv, BLOCK_G=16, BLOCK_N=128, BLOCK_D=64, BLOCK_DV=64, PDL=True)
+                  EARLY_KV=early_kv, ADAPTIVE=adaptive, BLOCK_G=16, BLOCK_N=128, BLOCK_D=64, BLOCK_DV=64, PDL=True)
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -145,6 +146,7 @@ def variants() -> list[tuple]:
             for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
                                ("i8", quant_gemm.SILU_AND_MUL, (4, 2048, 8)))]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
+    out += [("decode", "bf16", 16, early, True) for early in (False, True)]  # decode_attention.MIN_SPLIT_KEYS
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
     out += [("two_rank_ll", ty) for ty in ("bf16", "fp32")]
     return out

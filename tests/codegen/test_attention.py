@@ -103,6 +103,22 @@ def test_decode_attention_early_kv(num_splits, window, device, poisoned, close):
     close(out, dense_paged(q, md, k_cache, v_cache, 0.2, window=window), dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("min_split_keys, window, early_kv", [(16, 0, False), (40, 0, True), (40, 6, False),
+                                                             (1000, 0, True)])
+def test_decode_attention_min_split_keys(min_split_keys, window, early_kv, device, poisoned, close):
+    """min_split_keys (each split takes at least that many keys, whole tiles; the splits past the
+    context sit out, and a context that one split holds skips the merge): the same attention, with
+    sinks, over contexts of 1 to 70 keys on 8 splits of 16-key tiles; every counter back at zero."""
+    from kiln.codegen.kernels.decode_attention import _counter_buffers
+
+    md, k_cache, v_cache = make_batch([1, 1, 1, 1], [1, 9, 23, 70], 2, 32, 4, torch.float32, device)
+    q, sinks = torch.randn(4, 8, 32, device=device), torch.randn(8, device=device)
+    out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables, lens_tensors(md, device)[1], 0.2, window,
+                   sinks=sinks, num_splits=8, block_n=16, early_kv=early_kv, min_split_keys=min_split_keys)
+    close(out, dense_paged(q, md, k_cache, v_cache, 0.2, window=window, sinks=sinks))
+    assert not _counter_buffers[q.device].any()
+
+
 def test_in_kernel_merge_gives_the_same_output_launch_after_launch(device, poisoned, close):
     """The last split to arrive merges (an atomic count per sequence and kv head): on a GPU, where
     the splits really race, 200 launches must give one output (the merge sums in a fixed order,
