@@ -70,14 +70,24 @@ def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
     return (full - prefill) / new_tokens * 1e3
 
 
-# the TP=2 runs with another all-reduce, other gemv tiles or attention splits: phase -> (the switch,
-# its value or the option that gives it, a label)
-VARIANTS = {"tp2-nccl": ("KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
-            "tp2-flags": ("KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
-            "tp2-one-shot": ("KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce"),
-            "tp2-tiles": ("KILN_GEMV_TILES", "--compare-tiles", "gemv tiles"),
-            "tp2-fused": ("KILN_FUSED_ALL_REDUCE", "1", "row-parallel gemv summing its row with the peer's"),
-            "tp2-min-split": ("KILN_MIN_SPLIT_KEYS", "--compare-min-split-keys", "attention splits of at least N keys")}
+# the TP=2 runs with another all-reduce, other gemv tiles or attention splits: phase -> (the option
+# that asks for it, the switch it sets, the switch's value (None: the option's own), a label)
+VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
+            "tp2-flags": ("flags_all_reduce", "KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
+            "tp2-one-shot": ("one_shot_all_reduce", "KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce"),
+            "tp2-tiles": ("compare_tiles", "KILN_GEMV_TILES", None, "gemv tiles"),
+            "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", "1",
+                          "row-parallel gemv summing its row with the peer's"),
+            "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
+
+
+def variant_switch(name: str, args) -> tuple[str, str, str]:
+    """(switch, value, label) of a VARIANTS run."""
+    option, switch, value, label = VARIANTS[name]
+    if value is None:
+        value = getattr(args, option)
+        label = f"{label} {value}"
+    return switch, value, label
 
 
 def throughput_s(llm, work) -> float:
@@ -162,16 +172,13 @@ def main() -> None:
               f"{' | steps in turn' if args.async_scheduling is False else ' | async scheduling (on CUDA)'}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
-        asked = {"tp2-nccl": args.nccl_all_reduce, "tp2-flags": args.flags_all_reduce,
-                 "tp2-one-shot": args.one_shot_all_reduce, "tp2-tiles": bool(args.compare_tiles),
-                 "tp2-fused": args.fused_all_reduce, "tp2-min-split": bool(args.compare_min_split_keys)}
-        tp = [] if args.skip_tp else ["tp2"] + [name for name in VARIANTS if asked[name]]
+        tp = [] if args.skip_tp else ["tp2"] + [name for name, (option, *_) in VARIANTS.items() if getattr(args, option)]
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
             env = dict(os.environ)
             if name in VARIANTS:
-                switch, value, _ = VARIANTS[name]
-                env[switch] = getattr(args, value[2:].replace("-", "_")) if value.startswith("--") else value
+                switch, value, _ = variant_switch(name, args)
+                env[switch] = value
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
                                   *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -187,10 +194,9 @@ def main() -> None:
         print(f"TP=2 greedy tokens == TP=1 for {sum(s == t for s, t in zip(a, b))}/{len(a)} prompts "
               f"(first difference at {first})")
         rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
-    for name, (_, _, label) in VARIANTS.items():
+    for name in VARIANTS:
         if name in results:
-            value = VARIANTS[name][1]
-            label = f"{label} ({getattr(args, value[2:].replace('-', '_'))})" if value.startswith("--") else label
+            label = variant_switch(name, args)[2]
             b = results[name]["tokens"]
             print(f"TP=2 {label}: greedy tokens == TP=2 (default) for "
                   f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")

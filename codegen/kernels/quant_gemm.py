@@ -60,7 +60,9 @@ from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
-from kiln.codegen.kernels.two_rank_all_reduce import BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, ll_exchange_row
+from kiln.codegen.kernels.two_rank_all_reduce import (
+    BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, TwoRankAllReduce, ll_exchange_row,
+)
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 # the chunks of a row summed over two ranks (`reduced_gemv`): the all-reduce kernel's programs', whose epochs they share
@@ -599,7 +601,7 @@ def _no_rope_args(x: torch.Tensor) -> tuple:
     return (x, x, x, x, x) + (0,) * 8 + (1.0, 1.0) + (0, 0, 1)
 
 
-def _reduce_args(buffers, x: torch.Tensor, max_spins: int) -> tuple:
+def _reduce_args(buffers: TwoRankAllReduce | None, x: torch.Tensor, max_spins: int) -> tuple:
     """The all-reduce arguments of a gemv (`reduced_gemv`), or placeholders it never reads."""
     if buffers is None:
         return (x, 0, 0, x, 0, 0)
@@ -610,7 +612,7 @@ def _reduce_args(buffers, x: torch.Tensor, max_spins: int) -> tuple:
 def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
             static_weight: bool = True, prologue: Prologue | None = None,
-            round_to: torch.dtype | None = None, rope: Rope | None = None, reduce=None,
+            round_to: torch.dtype | None = None, rope: Rope | None = None, reduce: TwoRankAllReduce | None = None,
             max_spins: int = MAX_SPINS) -> torch.Tensor:
     """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias
     (rounded to `round_to` first, when given).
@@ -818,7 +820,7 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers, activation: str | None = None,
+def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, activation: str | None = None,
                  bias: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, static_weight: bool = True,
                  max_spins: int = MAX_SPINS) -> torch.Tensor:
     """One row on each of two ranks: F.linear(x, w, bias), or with `activation` of act(gate) * up
