@@ -28,8 +28,11 @@
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
 #   tp-splits   scale_out.py --skip-dp --compare-min-split-keys 512: TP=1, TP=2, TP=2 with the attention's splits
 #               taking at least 512 keys
-#   tp-fused    scale_out.py --skip-dp --fused-all-reduce: TP=1, TP=2, TP=2 with the row-parallel gemvs' last programs
-#               summing their rows with the peer's (KILN_FUSED_ALL_REDUCE=1)
+#   tp-fused    scale_out.py --skip-dp --fused-all-reduce last: TP=1, TP=2, TP=2 with the row-parallel gemvs' last
+#               programs summing their rows with the peer's (KILN_FUSED_ALL_REDUCE=last)
+#   tp-send     scale_out.py --skip-dp --fused-all-reduce 0: TP=1, TP=2 (each row-parallel gemv program sending its
+#               values to the peer, a receive-only all-reduce after it: the default), TP=2 with the gemv, then the
+#               all-reduce kernel
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
@@ -44,6 +47,8 @@ OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT" /tmp/kiln-path
 ln -sfn "$PWD" /tmp/kiln-path/kiln
 export PYTHONPATH=/tmp/kiln-path PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# the 8B sections share one random checkpoint (16 GB, a minute to write) within a call
+CKPT_8B="--checkpoint /tmp/kiln-8b"
 LLAMA_1B_WORKLOAD="--num-prompts 1000 --min-input 128 --max-input 1024 --min-output 128 --max-output 128
   --hidden-size 2048 --num-layers 16 --num-heads 32 --num-kv-heads 8 --intermediate-size 8192 --vocab-size 128256
   --hf-batch-size 64 --repeats 1"
@@ -117,25 +122,28 @@ section() {
                 tests/codegen/test_attention.py tests/codegen/test_kv_cache_fp8.py
             tail -3 "$OUT/pdl.txt" | cut -c1-300 ;;
         tp)
-            run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce
+            run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce $CKPT_8B
             tail -9 "$OUT/tp.txt" ;;
         tp-splits)
-            run tp-splits 590 python benchmarks/scale_out.py --skip-dp --compare-min-split-keys 512
+            run tp-splits 590 python benchmarks/scale_out.py --skip-dp --compare-min-split-keys 512 $CKPT_8B
             tail -9 "$OUT/tp-splits.txt" ;;
         tp-fused)
-            run tp-fused 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce
+            run tp-fused 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce last $CKPT_8B
             tail -9 "$OUT/tp-fused.txt" ;;
+        tp-send)
+            run tp-send 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce 0 $CKPT_8B
+            tail -9 "$OUT/tp-send.txt" ;;
         tp-tiles)
-            run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8"
+            run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" $CKPT_8B
             tail -9 "$OUT/tp-tiles.txt" ;;
         tp-flags)
-            run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce
+            run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B
             tail -9 "$OUT/tp-flags.txt" ;;
         tp-nccl-ll)
             KILN_TWO_RANK_ALL_REDUCE=0 NCCL_PROTO=LL run tp-nccl-ll 580 python benchmarks/scale_out.py --skip-dp
             tail -8 "$OUT/tp-nccl-ll.txt" ;;
         tp-profile)
-            run tp-profile 400 python benchmarks/profile_decode.py --llama-8b --tensor-parallel-size 2
+            run tp-profile 400 python benchmarks/profile_decode.py --llama-8b --tensor-parallel-size 2 $CKPT_8B
             grep -A45 "steps of" "$OUT/tp-profile.txt" | cut -c1-160 ;;
         allreduce)
             run allreduce 200 python benchmarks/all_reduce.py

@@ -159,10 +159,14 @@ def main() -> None:
     p.add_argument("--host-only", action="store_true", help="only the host's phases (no profilers)")
     p.add_argument("--llama-8b", action="store_true", help="the Llama-3.1-8B shape (random weights written to disk)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--checkpoint", default=None,
+                   help="with --llama-8b: a folder to keep its random checkpoint in (reused if there)")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="kiln-prof-")
     if args.llama_8b:
-        path = large_random_checkpoint(os.path.join(tmp.name, "model"), **LLAMA_8B)
+        path = args.checkpoint or os.path.join(tmp.name, "model")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            large_random_checkpoint(path, **LLAMA_8B)
     else:
         path = build_checkpoint(tmp.name, "LlamaForCausalLM", dtype="bfloat16", tokenizer=train_tokenizer(),
                                 vocab_size=128256, **LLAMA_1B)

@@ -19,9 +19,10 @@ TP=2's decode-step all-reduces go through kiln's two-rank kernel by default
 (codegen/kernels/two_rank_all_reduce.py); `--nccl-all-reduce` adds a TP=2 run with
 KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--flags-all-reduce` one with KILN_TWO_RANK_PROTOCOL=flags
 (the kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
-symmetric-memory kernel), `--fused-all-reduce` one with KILN_FUSED_ALL_REDUCE=1 (each
-row-parallel gemv's last program sums the row with the peer's, instead of the all-reduce kernel
-after the gemv), `--compare-min-split-keys N` one whose decode attention splits take at least N keys
+symmetric-memory kernel), `--fused-all-reduce MODE` one with KILN_FUSED_ALL_REDUCE=MODE
+("send", the default: each gemv program sends its values to the peer as it stores them, and a
+receive-only all-reduce kernel sums; "last": each row-parallel gemv's last program sums the row
+with the peer's; "0": the gemv, then the all-reduce kernel), `--compare-min-split-keys N` one whose decode attention splits take at least N keys
 (KILN_MIN_SPLIT_KEYS), `--compare-tiles SPEC` one whose gemvs take other tilings
 (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the q/k/v
 gemv of 8B's shapes on its own tile).
@@ -76,8 +77,8 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-flags": ("flags_all_reduce", "KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
             "tp2-one-shot": ("one_shot_all_reduce", "KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce"),
             "tp2-tiles": ("compare_tiles", "KILN_GEMV_TILES", None, "gemv tiles"),
-            "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", "1",
-                          "row-parallel gemv summing its row with the peer's"),
+            "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", None,
+                          "fused all-reduce mode"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
 
 
@@ -148,8 +149,9 @@ def main() -> None:
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--compare-min-split-keys", default="",
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
-    p.add_argument("--fused-all-reduce", action="store_true",
-                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE=1 (the row-parallel gemv sums its row with the peer's)")
+    p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send"],
+                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (the row-parallel gemv sums its row with "
+                        "the peer's: in its last program, or each program sends its values for a receiving kernel)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", choices=["tp1", "tp2", *VARIANTS, "dp2"],  # (one configuration)

@@ -253,21 +253,28 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
     return _then_linear(act_and_mul_by_name(x, activation), weights, biases, w_scale)
 
 
-# Whether a one-row linear_all_reduce at two ranks is one gemv that sums its row with the peer's
-# (`quant_gemm.reduced_gemv`) instead of the gemv, then the all-reduce kernel. Off: on two H100s the
-# Llama-3.1-8B TP=2 step took 3.728 ms/token with it against 3.457 without (session 22, one call of
-# `benchmarks/scale_out.py`, now `--fused-all-reduce`): every program of the gemv pays a gpu-scope
-# release before its count, so the last one sees the row, and the gemv's 512-1024 programs stay
-# resident that much longer (codegen/NOTES.md). KILN_FUSED_ALL_REDUCE=1 turns it on.
-FUSED_ALL_REDUCE = os.environ.get("KILN_FUSED_ALL_REDUCE", "0") == "1"
+# How a one-row linear_all_reduce at two ranks runs (`quant_gemm.reduced_gemv`'s exchange), or "" for the
+# gemv, then the all-reduce kernel:
+# - "send" (the default): each gemv program sends its values to the peer as it stores them, and a
+#   receive-only all-reduce launch sums. On two H100s the Llama-3.1-8B TP=2 step took 3.424 and 3.420
+#   ms/token with it against 3.609 and 3.635 with "" (session 23, two calls of `benchmarks/scale_out.py
+#   --fused-all-reduce send`): the values cross NVLink while the gemv's last programs run.
+# - "last": one gemv whose last program sums the row with the peer's. Slower: 3.728 against 3.457 ms/token
+#   with "" (session 22): every program of the gemv pays a gpu-scope release before its count, so the
+#   last one sees the row, and the gemv's 512-1024 programs stay resident that much longer.
+# KILN_FUSED_ALL_REDUCE sets it for a process ("0" is "", "1" is "last", as they were before "send").
+_fused_env = os.environ.get("KILN_FUSED_ALL_REDUCE", "send")
+FUSED_ALL_REDUCE = {"0": "", "1": "last"}.get(_fused_env, _fused_env)
+if FUSED_ALL_REDUCE not in ("", "last", "send"):
+    raise ValueError(f"KILN_FUSED_ALL_REDUCE must be send, last or 0, got {FUSED_ALL_REDUCE!r}")
 
 
 def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tensor], biases: list[torch.Tensor],
                       w_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One gemv launch whose last program sums the row with the peer rank's, for a one-row step the
-    gemv takes at two ranks whose all-reduces go through the two-rank kernel's "ll" buffers (see
-    `quant_gemm.reduced_gemv`); else the linear (as act_and_mul_linear / merged_linear run it),
-    then all_reduce."""
+    """For a one-row step the gemv takes at two ranks whose all-reduces go through the two-rank
+    kernel's "ll" buffers, with FUSED_ALL_REDUCE set: the gemv summing its row with the peer's as
+    that names (`quant_gemm.reduced_gemv`); else the linear (as act_and_mul_linear / merged_linear
+    run it), then all_reduce."""
     from kiln.ir import parallel
 
     small, group = parallel.get_small_all_reduce(), parallel.get_tensor_parallel_group()
@@ -277,7 +284,7 @@ def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tens
             from kiln.codegen.kernels.quant_gemm import reduced_gemv
 
             return reduced_gemv(x, weight, small, activation or None, ops._adjacent(biases) if biases else None,
-                                w_scale, static_weight=static)
+                                w_scale, static_weight=static, exchange=FUSED_ALL_REDUCE)
     if activation:
         return ops.all_reduce(act_and_mul_linear(x, activation, weights, biases, w_scale))
     return ops.all_reduce(_then_linear(x, weights, biases, w_scale))

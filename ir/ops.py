@@ -614,9 +614,9 @@ def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tens
     """all_reduce of a linear's output (a row-parallel linear: each rank's partial product, summed
     over the ranks), as one op (the fuse_linear_all_reduce pass): the linear is `act_and_mul_linear`'s
     when `activation` names a gated activation, else merged_linear (with w_scale, the weight-only
-    GEMM of weights[0]). On two GPUs with KILN_FUSED_ALL_REDUCE=1 a one-row step runs it as one
-    gemv whose last program sums the row with the peer rank's (`quant_gemm.reduced_gemv`; off by
-    default: slower, see `triton_ops.FUSED_ALL_REDUCE`)."""
+    GEMM of weights[0]). On two GPUs a one-row step runs it as a gemv whose programs send their
+    values to the peer rank, then a launch that receives and sums (`quant_gemm.reduced_gemv`; see
+    `triton_ops.FUSED_ALL_REDUCE`)."""
     if activation:
         return all_reduce(act_and_mul_linear(x, activation, weights, biases, w_scale))
     return all_reduce(_fused_linear(x, weights, biases, w_scale))

@@ -7,12 +7,11 @@
 
 where the all_reduce is the linear's only reader (a tensor-parallel model's attention output and
 MLP down projections: `models/parallel.py`'s RowParallelLinear). Same numbers (the op's reference
-is the two ops in a row). What it is for is on two GPUs: a batch-1 step's gemv can sum its row
-with the peer rank's in its last program (`kernels/quant_gemm.py`, `reduced_gemv`), so the
-all-reduce is no launch of its own (64 launches a step on the Llama-3.1-8B shape). That is off by
-default (KILN_FUSED_ALL_REDUCE=1 turns it on): on two H100s it made the step slower, 3.728 against
-3.457 ms/token (codegen/NOTES.md, session 22); off, the op runs the gemv and then the all-reduce,
-the same launches as the two ops. Runs after fuse_activation_linear (which makes the gated form)
+is the two ops in a row). What it is for is on two GPUs: a batch-1 step's gemv programs send
+their values to the peer rank as they store them, and the all-reduce launch after the gemv only
+receives and sums (`kernels/quant_gemm.py`, `reduced_gemv`), so the row crosses NVLink while the
+gemv still runs: the Llama-3.1-8B TP=2 step 5-6% faster on two H100s (codegen/NOTES.md, session
+23). `triton_ops.FUSED_ALL_REDUCE` says how the op runs there, and the other ways it can. Runs after fuse_activation_linear (which makes the gated form)
 and quantize (the weight-only one).
 """
 

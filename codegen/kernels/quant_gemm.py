@@ -29,8 +29,9 @@ Two kernels, picked per call by `pick_config` from M (the tokens of the step):
   And it may finish its output row: rotate a q/k/v projection and write k and v to the cache
   (`rope_gemv`, `rope_epilogue.py`), or sum it with the peer rank's at two ranks (`reduced_gemv`:
   the last program to count, after a barrier and an acq_rel count as decode attention's merge
-  does, exchanges the row through the two-rank all-reduce's buffers; off by default, see
-  `triton_ops.FUSED_ALL_REDUCE`).
+  does, exchanges the row through the two-rank all-reduce's buffers; or each program sends its
+  values to the peer as it stores them, for a receiving all-reduce launch after it: the default,
+  see `triton_ops.FUSED_ALL_REDUCE`).
 - "dot" (everything else): a tiled tl.dot GEMM with float32 (int32) accumulation, grouped
   program order for L2 reuse at large M, BLOCK_M = 16 and a narrow BLOCK_N with split-K for
   small M (decode batches: still weight-bandwidth bound), 128 x 128 tiles for prefill.
@@ -61,7 +62,7 @@ from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
 from kiln.codegen.kernels.two_rank_all_reduce import (
-    BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, TwoRankAllReduce, ll_exchange_row,
+    BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, TwoRankAllReduce, ll_exchange_row, ll_send, two_rank_all_reduce,
 )
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -264,8 +265,9 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, b
     if ROUND is not None:
         out = out.to(ROUND)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out, mask=mask)
+    return out
 
 
 @triton.jit
@@ -327,6 +329,8 @@ def _load(ptrs, mask, EVEN: tl.constexpr):
 # What the gemv does to its input row before the product (`Prologue.kind`, the PROLOGUE constexpr);
 # the gated ones in `activation.ACTIVATIONS`' order, from SILU_AND_MUL on
 NO_PROLOGUE, RMS_NORM, ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, GELU_TANH_AND_MUL = range(6)
+# How the gemv takes part in summing its row over two ranks (the REDUCE constexpr; `reduced_gemv`'s exchange)
+NO_REDUCE, REDUCE_LAST, REDUCE_SEND = range(3)
 
 
 @triton.jit
@@ -396,8 +400,10 @@ def _gemv_kernel(
     up): act(gate) * up), see the constants above. ROPE (NEOX, GPTJ): out is a q/k/v projection
     whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the
     arguments from pos_ptr to DV are its, unused otherwise). REDUCE: out is this rank's partial
-    row of a sum over two ranks, which the last program to finish completes with the peer's
-    (`ll_exchange_row`; the arguments from red_counter_ptr on are its)."""
+    row of a sum over two ranks (the arguments from red_counter_ptr on are its): REDUCE_LAST, the
+    last program to finish completes it with the peer's (`ll_exchange_row`); REDUCE_SEND, each
+    program sends its values to the peer as it stores them (`ll_send`), for a receiving all-reduce
+    launch after it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # with ROPE, two tiles of BLOCK_N / 2 rows, a rotation pair's members (rope_epilogue.rope_rows)
@@ -449,9 +455,15 @@ def _gemv_kernel(
     if ROPE == 0:
         total = tl.sum(acc, axis=1)[None, :]
         rm = tl.arange(0, 1)
-        _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
-                HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
-        if REDUCE:  # (one split: the launcher makes it so) the last program to store sums the row
+        if REDUCE == 2:  # REDUCE_SEND (one split: the launcher makes it so)
+            vals = _epilogue(total, rm, rn, 1, N, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
+                             ROUND)
+            ll_send(tl.reshape(vals, (BLOCK_N,)), pid_n * BLOCK_N, N, peer_recv_addr, epochs_ptr, slot_stride, BLOCK_N,
+                    PER_WORD)
+        else:
+            _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
+                    HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
+        if REDUCE == 1:  # REDUCE_LAST (one split: the launcher makes it so) the last program to store sums the row
             tl.debug_barrier()  # every thread's stores, then one thread's count (as decode attention's merge)
             if tl.atomic_add(red_counter_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
                 ll_exchange_row(out_ptr, N, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins, ROW_CHUNK,
@@ -613,13 +625,15 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
             static_weight: bool = True, prologue: Prologue | None = None,
             round_to: torch.dtype | None = None, rope: Rope | None = None, reduce: TwoRankAllReduce | None = None,
-            max_spins: int = MAX_SPINS) -> torch.Tensor:
+            max_spins: int = MAX_SPINS, reduce_mode: int = REDUCE_LAST) -> torch.Tensor:
     """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias
     (rounded to `round_to` first, when given).
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
     not made by a kernel of the forward (see early_w below). prologue: what the gemv does to x2
     first (a gated one reads x2 [1, 2K]). reduce (a `TwoRankAllReduce`): the output is summed
-    with the peer rank's by the gemv's last program (see `reduced_gemv`)."""
+    with the peer rank's by the gemv's last program (reduce_mode REDUCE_LAST), or each program
+    sends its values to the peer and the output stays this rank's partial row (REDUCE_SEND; see
+    `reduced_gemv`)."""
     M, N, K = x2.shape[0], wq.shape[0], wq.shape[1]
     if x2.shape[1] != (2 * K if prologue is not None and prologue.gated else K):
         raise ValueError(f"input of shape {tuple(x2.shape)} for a weight of shape {tuple(wq.shape)}")
@@ -654,6 +668,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             raise ValueError(f"a summed row needs the gemv without a rope epilogue and a row the buffers take, got "
                              f"{cfg}, {N} {out_dtype} values on {x2.device}" + (" with rope" if rope else ""))
         cfg = dataclasses.replace(cfg, split_k=1)
+        if reduce_mode == REDUCE_SEND and (cfg.block_n % (4 // out.element_size()) or _ALL_REDUCE_BLOCK % cfg.block_n):
+            raise ValueError(f"a gemv that sends its rows needs tiles of whole words in one chunk, got {cfg}")
     acc_int = x2.dtype == torch.int8 and wq.dtype == torch.int8
     block_k = cfg.block_k
     k_steps = triton.cdiv(K, block_k)
@@ -683,7 +699,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             *_reduce_args(reduce, x2, max_spins),
             ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
             EXACT_ROUND=rope is not None and rope.fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
-            HEAD_D=rope.head_dim if rope is not None else 2, REDUCE=reduce is not None,
+            HEAD_D=rope.head_dim if rope is not None else 2, REDUCE=reduce_mode if reduce is not None else NO_REDUCE,
             PER_WORD=4 // out.element_size(), TRAP=os.environ.get("TRITON_INTERPRET", "0") != "1",
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) else 1,
@@ -822,25 +838,38 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
 
 def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, activation: str | None = None,
                  bias: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, static_weight: bool = True,
-                 max_spins: int = MAX_SPINS) -> torch.Tensor:
+                 max_spins: int = MAX_SPINS, exchange: str = "last") -> torch.Tensor:
     """One row on each of two ranks: F.linear(x, w, bias), or with `activation` of act(gate) * up
     (x holding (gate, up), as `act_and_mul_gemv`), summed with the peer rank's, which calls this at
     the same point: a row-parallel linear and its all-reduce, as `kiln::linear_all_reduce` computes
-    them. One gemv launch, whose last program to finish exchanges the row with the peer's through
-    `buffers` (a `TwoRankAllReduce` of the "ll" protocol; `two_rank_all_reduce.ll_exchange_row`),
-    so the all-reduce is no launch of its own. The same bits as the gemv and then the all-reduce
-    kernel: each rank's row is rounded to x's dtype, then the two are summed in float32. w in x's
-    float dtype, or 8-bit with its per-channel w_scale (weight-only)."""
+    them, through `buffers` (a `TwoRankAllReduce` of the "ll" protocol). `exchange`:
+
+    - "last": one gemv launch whose last program to finish exchanges the row with the peer's
+      (`two_rank_all_reduce.ll_exchange_row`), so the all-reduce is no launch of its own; every
+      program pays a release and a count for it.
+    - "send": the gemv's programs each send their values to the peer as they store them
+      (`ll_send`: tagged words, no fence, no count), and a receive-only all-reduce launch after it
+      sums them with this rank's row: the values cross NVLink while the gemv's last programs run,
+      instead of after the launch boundary.
+
+    Either way the same bits as the gemv and then the all-reduce kernel: each rank's row is rounded
+    to x's dtype, then the two are summed in float32. w in x's float dtype, or 8-bit with its
+    per-channel w_scale (weight-only)."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"reduced_gemv takes one row, got x of shape {tuple(x.shape)}")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"reduced_gemv: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if exchange not in ("last", "send"):
+        raise ValueError(f"reduced_gemv: exchange must be 'last' or 'send', got {exchange!r}")
     if x.dtype not in TL_DTYPES:
         raise TypeError(f"reduced_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
     scale = _weight_scale("reduced_gemv", x, w, w_scale)
     prologue = Prologue(SILU_AND_MUL + ACTIVATIONS[activation]) if activation is not None else None
+    mode = REDUCE_SEND if exchange == "send" else REDUCE_LAST
     out = _linear(_rows(x), w, scale, None, bias, x.dtype, None, static_weight, prologue, reduce=buffers,
-                  max_spins=max_spins)
+                  max_spins=max_spins, reduce_mode=mode)
+    if mode == REDUCE_SEND:
+        out = two_rank_all_reduce(out, buffers, max_spins, send=False)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -53,6 +53,7 @@ import triton.language as tl
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 BLOCK = 1024  # elements a program moves (2 KB in bf16: batch-1 Llama-8B is 4 programs)
+CHUNK = tl.constexpr(BLOCK)  # (the same, for the jit functions other kernels call)
 # Polls of the flag before a program gives up on its peer: minutes on a GPU (a poll is a barrier and
 # a load), longer than ranks drift apart while one compiles what the other found in its cache.
 MAX_SPINS = 1 << 28
@@ -142,9 +143,10 @@ def _ll_receive(ptrs, word_mask, epoch, max_spins):
 
 @triton.jit(debug=True)
 def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n, slot_stride, max_spins,
-                        BLOCK: tl.constexpr, PER_WORD: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK: tl.constexpr, PER_WORD: tl.constexpr, PDL: tl.constexpr, SEND: tl.constexpr):
     """The "ll" protocol: each 8-byte word carries 4 bytes of data and the call's epoch, so a word
-    that arrived is a word the reader may use, with no flag and no fence between data and flag."""
+    that arrived is a word the reader may use, with no flag and no fence between data and flag.
+    SEND off: the peer's kernel that made its x sent it already (`ll_send`), so only receive."""
     recv_ptr = recv_addr.to(tl.pointer_type(tl.uint64))
     peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(tl.uint64))
     WORDS: tl.constexpr = BLOCK // PER_WORD
@@ -157,12 +159,30 @@ def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n
     epoch = tl.load(epochs_ptr + pid) + 1  # (wraps as the flags kernel's does; the tag is its low 32 bits)
     slot = epoch & 1
     mine = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    tl.store(peer_recv_ptr + slot * slot_stride + words, _ll_words(mine, epoch, PER_WORD, WORDS), mask=word_mask)
+    if SEND:
+        tl.store(peer_recv_ptr + slot * slot_stride + words, _ll_words(mine, epoch, PER_WORD, WORDS), mask=word_mask)
     got, arrived = _ll_receive(recv_ptr + slot * slot_stride + words, word_mask, epoch, max_spins)
     tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
     theirs = _ll_values(got, x_ptr.dtype.element_ty, PER_WORD, BLOCK)
     tl.store(out_ptr + offs, (mine.to(tl.float32) + theirs.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(epochs_ptr + pid, epoch)
+
+
+@triton.jit
+def ll_send(vals, first, n, peer_recv_addr, epochs_ptr, slot_stride, COUNT: tl.constexpr, PER_WORD: tl.constexpr):
+    """Send the values x[first:first + COUNT] of a row x of n (`vals`, in x's dtype) to the peer rank
+    as `_two_rank_ll_kernel`'s program for their chunk would: words tagged with that chunk's next
+    epoch, into its slot of the peer's buffer. COUNT divides BLOCK and first is a multiple of it (the
+    values lie in one chunk). For a kernel whose programs each make a few values of x (the gemv's
+    `REDUCE_SEND`): each sends its own as it stores them, with no fence and no count, and the
+    all-reduce after it only receives (`two_rank_all_reduce(x, buffers, send=False)`), since its
+    epoch is the one these words carry. Its own epochs it does not bump: the receiving call does."""
+    peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(tl.uint64))
+    WORDS: tl.constexpr = COUNT // PER_WORD
+    epoch = tl.load(epochs_ptr + first // CHUNK) + 1
+    words = first // PER_WORD + tl.arange(0, WORDS)
+    tl.store(peer_recv_ptr + (epoch & 1) * slot_stride + words, _ll_words(vals, epoch, PER_WORD, WORDS),
+             mask=words < (n + PER_WORD - 1) // PER_WORD)
 
 
 @triton.jit
@@ -271,11 +291,16 @@ class TwoRankAllReduce:
         return two_rank_all_reduce(x, self)
 
 
-def two_rank_all_reduce(x: torch.Tensor, buffers: TwoRankAllReduce, max_spins: int = MAX_SPINS) -> torch.Tensor:
-    """x summed with the peer rank's x (which calls this at the same point), in a new tensor."""
+def two_rank_all_reduce(x: torch.Tensor, buffers: TwoRankAllReduce, max_spins: int = MAX_SPINS,
+                        send: bool = True) -> torch.Tensor:
+    """x summed with the peer rank's x (which calls this at the same point), in a new tensor.
+    send=False ("ll" only): the kernels that made x on both ranks sent it already (`ll_send`), so
+    this call only waits for the peer's words and sums."""
     if not buffers.takes(x):
         raise ValueError(f"two_rank_all_reduce takes {buffers.dtype} tensors of at most {buffers.capacity} "
                          f"elements on {buffers.recv.device}, got {x.dtype} [{x.numel()}] on {x.device}")
+    if not send and buffers.protocol != "ll":
+        raise ValueError(f"a receive-only call needs the \"ll\" protocol's buffers, got {buffers.protocol!r}")
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
@@ -285,7 +310,7 @@ def two_rank_all_reduce(x: torch.Tensor, buffers: TwoRankAllReduce, max_spins: i
     if buffers.protocol == "ll":
         _two_rank_ll_kernel[grid](
             x, out, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.epochs, n, buffers.recv.stride(0),
-            max_spins, BLOCK=BLOCK, PER_WORD=4 // x.element_size(), num_warps=4, **launch_args(x.device))
+            max_spins, BLOCK=BLOCK, PER_WORD=4 // x.element_size(), SEND=send, num_warps=4, **launch_args(x.device))
     else:
         _two_rank_all_reduce_kernel[grid](
             x, out, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.flags.data_ptr(),

@@ -43,12 +43,12 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
-                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: bool = False) -> None:
+                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: int = 0) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
     NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type), the tile (rows, K step,
-    warps)."""
+    warps), the sum over two ranks (quant_gemm's REDUCE_LAST or REDUCE_SEND)."""
     block_n, block_k, num_warps = tile
     out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
@@ -68,8 +68,11 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                   PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True)
     sig.update(dict.fromkeys(consts, "constexpr"))
     ptx = _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3)
-    if reduce:  # the last program's exchange: its count, its polls re-read, and the trap of a peer that never came
+    if reduce == quant_gemm.REDUCE_LAST:  # the last program's exchange: its count, its polls re-read, and the trap
         assert "acq_rel.add" in ptx and "ld.volatile.global" in ptx and "trap;" in ptx, "the exchange is lost"
+    if reduce == quant_gemm.REDUCE_SEND:  # each program's words to the peer: no fence, no count
+        assert "st.global.v2.b64" in ptx or "st.global.b64" in ptx, "the words to the peer are lost"
+        assert "acq_rel" not in ptx and "fence" not in ptx, "a program that sends its row waits for nothing"
 
 
 
@@ -112,12 +115,13 @@ def compile_two_rank_all_reduce(ty: str) -> None:
     assert "atom.global.sys.release.exch" in ptx and "ld.global.sys.acquire" in ptx, "the flags lost their ordering"
 
 
-def compile_two_rank_ll(ty: str) -> None:
-    """The "ll" protocol's kernel: its polls must stay volatile loads (re-read every time)."""
+def compile_two_rank_ll(ty: str, send: bool = True) -> None:
+    """The "ll" protocol's kernel (send=False: its receive-only form): its polls must stay volatile
+    loads (re-read every time)."""
     from kiln.codegen.kernels import two_rank_all_reduce as m
 
     fn = m._two_rank_ll_kernel
-    consts = dict(BLOCK=m.BLOCK, PER_WORD=2 if ty == "bf16" else 1, PDL=True)
+    consts = dict(BLOCK=m.BLOCK, PER_WORD=2 if ty == "bf16" else 1, PDL=True, SEND=send)
     pointers = {"x_ptr": ty, "out_ptr": ty, "epochs_ptr": "i32"}
     sig = {name: "constexpr" if name in consts else f"*{pointers[name]}" if name in pointers
            else "i64" if name.endswith("_addr") else "i32" for name in fn.arg_names}
@@ -142,13 +146,13 @@ def variants() -> list[tuple]:
                             (quant_gemm.ADD_RMS_NORM, 0), (quant_gemm.ADD_RMS_NORM, quant_gemm.NEOX))]
     # the row-parallel gemv whose last program sums the row with the peer rank's (quant_gemm.reduced_gemv): o, down
     # with SwiGLU (the 1B and the deep tiles), 8-bit weights
-    out += [("bf16", w, p, True, False, False, None, 0, None, tile, True)
-            for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
+    out += [("bf16", w, p, True, False, False, None, 0, None, tile, mode)
+            for mode in (quant_gemm.REDUCE_LAST, quant_gemm.REDUCE_SEND) for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
                                ("i8", quant_gemm.SILU_AND_MUL, (4, 2048, 8)))]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", "bf16", 16, early, True) for early in (False, True)]  # decode_attention.MIN_SPLIT_KEYS
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
-    out += [("two_rank_ll", ty) for ty in ("bf16", "fp32")]
+    out += [("two_rank_ll", ty, send) for ty in ("bf16", "fp32") for send in (True, False)]
     return out
 
 
