@@ -27,7 +27,8 @@ write as a kernel of their own instead of in the q/k/v gemv's epilogue); `--comp
 async bf16 row whose decode attention loads every key and value after its PDL wait
 (`decode_attention.EARLY_KV` off); `--compare-min-split-keys N` an async bf16 row whose decode
 attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
-fewer splits, one split and no merge when it fits).
+fewer splits, one split and no merge when it fits); `--compare-norm-at-end` an async bf16 row whose
+norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -149,6 +150,9 @@ def main() -> None:
                    help="add an async bf16 row without the fuse_linear_rope pass")
     p.add_argument("--compare-early-kv", action="store_true",
                    help="add an async bf16 row whose attention loads no key or value before its PDL wait")
+    p.add_argument("--compare-norm-at-end", action="store_true",
+                   help="add an async bf16 row whose norm gemvs read the row for its statistics first "
+                        "(quant_gemm.NORM_AT_END off)")
     p.add_argument("--compare-min-split-keys", type=int, default=0,
                    help="add an async bf16 row whose decode attention splits take at least this many keys")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
@@ -188,6 +192,8 @@ def main() -> None:
                                               "passes": [p for p in PIPELINE if p != "fuse_linear_rope"]})]
     if args.compare_early_kv:
         variants += [("async, kv after the wait", {"async_scheduling": True, "early_kv": False})]
+    if args.compare_norm_at_end:
+        variants += [("async, norm statistics first", {"async_scheduling": True, "norm_at_end": False})]
     if args.compare_min_split_keys:
         variants += [(f"async, splits of >= {args.compare_min_split_keys} keys",
                       {"async_scheduling": True, "min_split_keys": args.compare_min_split_keys})]
@@ -206,6 +212,7 @@ def main() -> None:
         decode_kernels.EARLY_KV = kwargs.pop("early_kv", True)
         decode_kernels.MIN_SPLIT_KEYS = kwargs.pop("min_split_keys", 0)
         quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
+        quant_gemm.NORM_AT_END = kwargs.pop("norm_at_end", True)
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)
 

@@ -13,6 +13,8 @@
 #   early-kv    batch-1 decode with the attention's older keys and values loaded before its PDL wait and after
 #   splits      batch-1 decode with the decode attention's splits taking at least 512 keys (a 128-384-token
 #               context on one split, no merge) and at least 128, against the default
+#   norm        the norm gemvs' kernel tests compiled on the GPU (both ways of normalizing), then batch-1 decode with
+#               the norm's statistics gathered in the gemv's product loop (the default) and read first
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -33,6 +35,7 @@
 #   tp-send     scale_out.py --skip-dp --fused-all-reduce 0: TP=1, TP=2 (each row-parallel gemv program sending its
 #               values to the peer, a receive-only all-reduce after it: the default), TP=2 with the gemv, then the
 #               all-reduce kernel
+#   tp-norm     scale_out.py --skip-dp --compare-norm-at-end: TP=1, TP=2, TP=2 with the norm's statistics read first
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
@@ -82,6 +85,12 @@ section() {
             run splits 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 512
             run splits-128 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 128
             grep -h -A6 "^device" "$OUT/splits.txt" "$OUT/splits-128.txt" ;;
+        norm)
+            TRITON_INTERPRET=0 run norm-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
+                tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py -k "norm or rope"
+            tail -2 "$OUT/norm-kernels.txt" | cut -c1-300
+            run norm 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-norm-at-end
+            grep -A6 "^device" "$OUT/norm.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;
@@ -133,6 +142,9 @@ section() {
         tp-send)
             run tp-send 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce 0 $CKPT_8B
             tail -9 "$OUT/tp-send.txt" ;;
+        tp-norm)
+            run tp-norm 590 python benchmarks/scale_out.py --skip-dp --compare-norm-at-end $CKPT_8B
+            tail -9 "$OUT/tp-norm.txt" ;;
         tp-tiles)
             run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" $CKPT_8B
             tail -9 "$OUT/tp-tiles.txt" ;;

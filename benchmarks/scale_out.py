@@ -23,7 +23,8 @@ symmetric-memory kernel), `--fused-all-reduce MODE` one with KILN_FUSED_ALL_REDU
 ("send", the default: each gemv program sends its values to the peer as it stores them, and a
 receive-only all-reduce kernel sums; "last": each row-parallel gemv's last program sums the row
 with the peer's; "0": the gemv, then the all-reduce kernel), `--compare-min-split-keys N` one whose decode attention splits take at least N keys
-(KILN_MIN_SPLIT_KEYS), `--compare-tiles SPEC` one whose gemvs take other tilings
+(KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its statistics before their
+product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take other tilings
 (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the q/k/v
 gemv of 8B's shapes on its own tile).
 
@@ -79,6 +80,7 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-tiles": ("compare_tiles", "KILN_GEMV_TILES", None, "gemv tiles"),
             "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", None,
                           "fused all-reduce mode"),
+            "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
 
 
@@ -149,6 +151,8 @@ def main() -> None:
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--compare-min-split-keys", default="",
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
+    p.add_argument("--compare-norm-at-end", action="store_true",
+                   help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send"],
                    help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (the row-parallel gemv sums its row with "
                         "the peer's: in its last program, or each program sends its values for a receiving kernel)")

@@ -107,6 +107,20 @@ def _num_sms(device: torch.device) -> int:
 # until timed on a GPU (benchmarks/decode_latency.py --compare-fp8-conversion), see codegen/NOTES.md.
 FP8_BY_BITS = False
 
+# A norm prologue's statistics gathered in the product's own loop when set: each program sums w * (g * s)
+# and s^2 over its row as it streams, and scales its sums by rsqrt(mean(s^2) + eps) at the end, where
+# otherwise it reads the whole row once for the statistics, after its PDL wait and before its first
+# product, and rounds the normalized row to x's dtype as rms_norm does. The same numbers but for
+# those roundings (the product is linear in the row). One split only (a program must see the whole
+# row). Session 23, H100: the 1B step 1.027 against 1.050 ms/token (`benchmarks/decode_latency.py
+# --compare-norm-at-end`), the 8B TP=2 step 3.404 against 3.458 (`benchmarks/scale_out.py
+# --compare-norm-at-end`). KILN_NORM_AT_END=0 turns it off for a process.
+NORM_AT_END = os.environ.get("KILN_NORM_AT_END", "1") == "1"
+# With the norm at the end, ptxas (Triton 3.6, sm_90a) gives the rotary gemv's 8 x 1024 / 8-warp tile 91-93
+# registers a thread where the norm first needed 80: two blocks of 8 warps an SM instead of three, so the
+# 1B q/k/v gemv's 384 programs would take two waves. Capped at 80 it compiles without spills.
+_ROPE_AT_END_MAXNREG = 80
+
 # Split-K is off by default: its second launch costs about what it could save at M=1 on these
 # shapes, and it has not been timed since the single-launch version was replaced. A config may ask for it.
 SPLIT_K_BY_DEFAULT = False
@@ -382,6 +396,27 @@ def _gemv_input(x_ptr, res_ptr, g_ptr, offs, mask, K, rstd, PROLOGUE: tl.constex
 
 
 @triton.jit
+def _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, mask, PROLOGUE: tl.constexpr, EVEN: tl.constexpr):
+    """(g * s in float32, the sum of s^2) at offs, s the row the norm reads (x, or x + residual
+    rounded to x's dtype): NORM_AT_END's input, the row not yet scaled by its rstd. (The squares
+    summed here, a scalar, rather than kept per column to the end: fewer registers through the
+    stream.)"""
+    s = _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE, EVEN)
+    sf = s.to(tl.float32)
+    return _load(g_ptr + offs, mask, EVEN).to(tl.float32) * sf, tl.sum(sf * sf, axis=0)
+
+
+@triton.jit
+def _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """x + residual rounded to x's dtype, stored to sum_ptr (add_rms_norm's second output): one
+    program's pass over the row, apart from its product's loop (a masked store in that loop kept
+    the sum live in every program: 20-40 more registers a thread)."""
+    for k in range(0, K, BLOCK_K):
+        offs = k + tl.arange(0, BLOCK_K)
+        tl.store(sum_ptr + offs, _norm_source(x_ptr, res_ptr, offs, offs < K, 2, EVEN), mask=offs < K)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, res_ptr, g_ptr, sum_ptr,
     N, K, stride_wn, k_per_split, plane, eps,
@@ -393,11 +428,12 @@ def _gemv_kernel(
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
     FP8_BITS: tl.constexpr, ROUND: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
     EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr, REDUCE: tl.constexpr, PER_WORD: tl.constexpr,
-    TRAP: tl.constexpr,
+    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
-    up): act(gate) * up), see the constants above. ROPE (NEOX, GPTJ): out is a q/k/v projection
+    up): act(gate) * up), see the constants above; with NORM_AT_END (one split) the norm's statistics
+    are gathered in the product's loop and its scale applied to the sums (see the switch). ROPE (NEOX, GPTJ): out is a q/k/v projection
     whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the
     arguments from pos_ptr to DV are its, unused otherwise). REDUCE: out is this rank's partial
     row of a sum over two ranks (the arguments from red_counter_ptr on are its): REDUCE_LAST, the
@@ -431,9 +467,15 @@ def _gemv_kernel(
     if EARLY_W:
         wait_for_inputs(PDL)
     rstd = 1.0
-    if PROLOGUE == 1 or PROLOGUE == 2:
-        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid_n + pid_k, PROLOGUE, BLOCK_K, K_CHUNKS, EVEN_K)
-    x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+    if NORM_AT_END:
+        if PROLOGUE == 2:
+            if pid_n == 0:
+                _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K, EVEN_K)
+        x, squares = _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, offs < K, PROLOGUE, EVEN_K)
+    else:
+        if PROLOGUE == 1 or PROLOGUE == 2:
+            rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid_n + pid_k, PROLOGUE, BLOCK_K, K_CHUNKS, EVEN_K)
+        x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
     if ACC_INT:
         acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.int32)
     else:
@@ -448,12 +490,21 @@ def _gemv_kernel(
         if ROPE != 0:
             w_ptrs_b += BLOCK_K
             w_b = _load(w_ptrs_b, (offs < K)[None, :], EVEN_K)
-        x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+        if NORM_AT_END:
+            x, step_squares = _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, offs < K, PROLOGUE, EVEN_K)
+            squares += step_squares
+        else:
+            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
         acc = _gemv_product(acc, w, x, ACC_INT, W_INT8, FP8_BITS)
         if ROPE != 0:
             acc_b = _gemv_product(acc_b, w_b, x, False, W_INT8, FP8_BITS)
+    sums_scale = 1.0  # (the sums' factor: the row's rstd when it was not applied to the row)
+    if NORM_AT_END:  # (masked columns past K loaded 0: they add nothing)
+        sums_scale = tl.rsqrt(squares / K + eps)
     if ROPE == 0:
         total = tl.sum(acc, axis=1)[None, :]
+        if NORM_AT_END:  # (only then: an int32 total must stay exact for the split-K workspace)
+            total = total * sums_scale
         rm = tl.arange(0, 1)
         if REDUCE == 2:  # REDUCE_SEND (one split: the launcher makes it so)
             vals = _epilogue(total, rm, rn, 1, N, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
@@ -471,8 +522,8 @@ def _gemv_kernel(
                 tl.atomic_xchg(red_counter_ptr, 0, sem="relaxed")  # ready for the next launch
     else:  # (the launcher makes it one split, without x scales; the tables only now: see rope_tables)
         cos, sin, slot = rope_tables(pid_n, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, ROWS)
-        vals_a = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
-        vals_b = tl.sum(acc_b, axis=1) * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
+        vals_a = tl.sum(acc, axis=1) * sums_scale * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
+        vals_b = tl.sum(acc_b, axis=1) * sums_scale * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
         if HAS_BIAS:
             vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
             vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
@@ -692,6 +743,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     bias_arg = bias if bias is not None else w_scale
     if cfg.kernel == "gemv":
         pro = prologue or Prologue(NO_PROLOGUE)
+        norm_at_end = NORM_AT_END and pro.kind in (RMS_NORM, ADD_RMS_NORM) and split_k == 1
+        cap = {"maxnreg": _ROPE_AT_END_MAXNREG} if norm_at_end and rope is not None and cfg.num_warps == 8 else {}
         _gemv_kernel[(grid_n, split_k)](
             x2, wq, w_scale, x_scale_arg, bias_arg, out, part,
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
@@ -702,7 +755,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             HEAD_D=rope.head_dim if rope is not None else 2, REDUCE=reduce_mode if reduce is not None else NO_REDUCE,
             PER_WORD=4 // out.element_size(), TRAP=os.environ.get("TRITON_INTERPRET", "0") != "1",
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
-            PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) else 1,
+            PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) and not norm_at_end else 1,
+            NORM_AT_END=norm_at_end, **cap,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn and not acc_int, **common,
         )
     else:

@@ -27,12 +27,13 @@ decode_attention = importlib.import_module("kiln.codegen.kernels.decode_attentio
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def _compile(fn, sig: dict, consts: dict, num_warps: int, num_stages: int) -> str:
+def _compile(fn, sig: dict, consts: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> str:
     """Compile fn for sm_90 with these argument types (sig, in argument order) and constexprs, and
-    the kernel's own debug flag; its PTX."""
+    the kernel's own debug flag (and a register cap, as a launch may set one); its PTX."""
     names = list(sig)
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    options = {"num_warps": num_warps, "num_stages": num_stages, "debug": bool(fn.debug)}
+    options = {"num_warps": num_warps, "num_stages": num_stages, "debug": bool(fn.debug),
+               **({"maxnreg": maxnreg} if maxnreg else {})}
     kernel = triton.compile(src, target=SM90, options=options)
     assert kernel.asm["cubin"], "no cubin"
     return kernel.asm["ptx"]
@@ -43,12 +44,14 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
-                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: int = 0) -> None:
+                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: int = 0,
+                 norm_at_end: bool = True) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
     NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type), the tile (rows, K step,
-    warps), the sum over two ranks (quant_gemm's REDUCE_LAST or REDUCE_SEND)."""
+    warps), the sum over two ranks (quant_gemm's REDUCE_LAST or REDUCE_SEND), a norm prologue's
+    statistics gathered in the product's loop (`quant_gemm.NORM_AT_END`, the default) or first."""
     block_n, block_k, num_warps = tile
     out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
@@ -65,9 +68,12 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
                   FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
                   KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64, REDUCE=reduce,
-                  PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True)
+                  PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True,
+                  NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM))
     sig.update(dict.fromkeys(consts, "constexpr"))
-    ptx = _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3)
+    at_end = consts["NORM_AT_END"]
+    cap = quant_gemm._ROPE_AT_END_MAXNREG if at_end and rope and num_warps == 8 else None  # (as `_linear` caps it)
+    ptx = _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3, maxnreg=cap)
     if reduce == quant_gemm.REDUCE_LAST:  # the last program's exchange: its count, its polls re-read, and the trap
         assert "acq_rel.add" in ptx and "ld.volatile.global" in ptx and "trap;" in ptx, "the exchange is lost"
     if reduce == quant_gemm.REDUCE_SEND:  # each program's words to the peer: no fence, no count
@@ -149,6 +155,10 @@ def variants() -> list[tuple]:
     out += [("bf16", w, p, True, False, False, None, 0, None, tile, mode)
             for mode in (quant_gemm.REDUCE_LAST, quant_gemm.REDUCE_SEND) for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
                                ("i8", quant_gemm.SILU_AND_MUL, (4, 2048, 8)))]
+    # the norm prologues with their statistics in a pass of their own (quant_gemm.NORM_AT_END off): the 1B's
+    # q/k/v with rotary, the deep tile's gate_up and q/k/v
+    out += [("bf16", "bf16", quant_gemm.ADD_RMS_NORM, True, False, False, None, rope, None, tile, 0, False)
+            for rope, tile in ((quant_gemm.NEOX, (8, 1024, 8)), (0, (4, 2048, 8)), (quant_gemm.NEOX, (4, 2048, 8)))]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", "bf16", 16, early, True) for early in (False, True)]  # decode_attention.MIN_SPLIT_KEYS
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]

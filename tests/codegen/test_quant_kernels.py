@@ -297,15 +297,19 @@ def prologue_weight(N, K, dtype, kind, device):
     return wq, w_scale, Q.dequantize_weight(wq, w_scale).double()
 
 
+@pytest.mark.parametrize("at_end", [True, False])
 @pytest.mark.parametrize("kind", [None, "int8", "fp8"])
 @pytest.mark.parametrize("has_residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K, config", NORM_GEMV_CASES)
-def test_rms_norm_gemv(N, K, config, dtype, has_residual, kind, device, poisoned, close):
+def test_rms_norm_gemv(N, K, config, dtype, has_residual, kind, at_end, device, poisoned, close, monkeypatch):
     """The gemv that normalizes its row first, with float or 8-bit weights: the sum as the
     reference's, the output against float64 F.linear of the reference op's normalized row
-    (rounded as rms_norm rounds it)."""
+    (rounded as rms_norm rounds it). Both ways of normalizing (`quant_gemm.NORM_AT_END`: the
+    statistics in the product's loop, or a pass of their own first; a split K takes the second)."""
     from kiln.ir import ops
+
+    monkeypatch.setattr(quant_gemm, "NORM_AT_END", at_end)
 
     x = torch.randn(1, K, device=device).to(dtype)
     residual = torch.randn(1, K, device=device).to(dtype) if has_residual else None

@@ -36,15 +36,20 @@ def reference(x, residual, g, weights, biases, w_scale, position, cs, is_neox, s
                                             H, HKV, D)
 
 
-def emulated(x, residual, g, w, w_scale, bias, position, cs, style, H, D, cast):
+def emulated(x, residual, g, w, w_scale, bias, position, cs, style, H, D, cast, at_end=False):
     """What the kernel computes, in float64 but rounded where it rounds (`cast`: to x's dtype as
-    this run's backend casts): the sum and the normalized row, the product, then the rotation."""
+    this run's backend casts): the sum and the normalized row, the product, then the rotation.
+    at_end (`quant_gemm.NORM_AT_END`): the row times g unrounded, the product scaled by rstd."""
     dtype = x.dtype
     s = x.double() if residual is None else cast(x.float() + residual.float(), dtype).double()
     rstd = torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
-    row = cast(g.float() * cast((s * rstd).float(), dtype).float(), dtype).double()
     weight = w.double() if w_scale is None else Q.dequantize_weight(w, w_scale).double()
-    out = torch.nn.functional.linear(row, weight) + (bias.double() if bias is not None else 0)
+    if at_end:
+        out = torch.nn.functional.linear(g.double() * s, weight) * rstd
+    else:
+        row = cast(g.float() * cast((s * rstd).float(), dtype).float(), dtype).double()
+        out = torch.nn.functional.linear(row, weight)
+    out = out + (bias.double() if bias is not None else 0)
     y = cast(out.float(), dtype).double()[0]
     cos, sin = (cast(t.float(), dtype).double() for t in cs[position[0]].chunk(2))
     for head in range((y.numel() - H * D) // (2 * D) + H):  # q and k heads
@@ -60,15 +65,19 @@ CASES = [(4, 2, 16, "float", True, False, 4), (2, 1, 32, "float", False, True, 8
          (4, 1, 16, "fp8", False, False, 8)]
 
 
+@pytest.mark.parametrize("at_end", [True, False])
 @pytest.mark.parametrize("style", [NEOX, GPTJ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, HKV, D, weights, has_residual, has_bias, block_n", CASES)
 def test_rope_gemv_is_the_norm_linear_then_rotary_and_cache_write(H, HKV, D, weights, has_residual, has_bias, block_n,
-                                                                   dtype, style, device, poisoned, close, cast):
+                                                                   dtype, style, at_end, device, poisoned, close, cast,
+                                                                   monkeypatch):
     """float32: against the reference op (output, sum and caches). bfloat16: against the kernel's
     arithmetic in float64 rounded where it rounds (the reference op rounds after every torch op,
     the interpreter truncates its casts: they part by more than bfloat16's bounds on some seeds);
-    the cache's slot then holds exactly the output's k and v columns."""
+    the cache's slot then holds exactly the output's k and v columns. Both ways of normalizing the
+    row (`quant_gemm.NORM_AT_END`)."""
+    monkeypatch.setattr(quant_gemm, "NORM_AT_END", at_end)
     K, N = 64, (H + 2 * HKV) * D
     x = torch.randn(1, K, device=device).to(dtype)
     residual = torch.randn(1, K, device=device).to(dtype) if has_residual else None
@@ -103,7 +112,7 @@ def test_rope_gemv_is_the_norm_linear_then_rotary_and_cache_write(H, HKV, D, wei
         for cache, ref_cache in zip(caches, ref_caches):
             close(cache, ref_cache)
         return
-    close(out, emulated(x, residual, g, w, w_scale, bias, position, cs, style, H, D, cast), dtype=dtype)
+    close(out, emulated(x, residual, g, w, w_scale, bias, position, cs, style, H, D, cast, at_end), dtype=dtype)
     k_cols, v_cols = out[0, H * D:(H + HKV) * D], out[0, (H + HKV) * D:]
     assert torch.equal(caches[0].flatten(0, 1)[slot].flatten(), k_cols)
     assert torch.equal(caches[1].flatten(0, 1)[slot].flatten(), v_cols)
