@@ -35,6 +35,8 @@
 #   tp-send     scale_out.py --skip-dp --fused-all-reduce 0: TP=1, TP=2 (each row-parallel gemv program sending its
 #               values to the peer, a receive-only all-reduce after it: the default), TP=2 with the gemv, then the
 #               all-reduce kernel
+#   tp-gather   scale_out.py --skip-dp --fused-all-reduce gather: TP=1, TP=2, TP=2 with the row-parallel gemvs' chunk
+#               leaders summing the row (no receiving launch)
 #   tp-norm     scale_out.py --skip-dp --compare-norm-at-end: TP=1, TP=2, TP=2 with the norm's statistics read first
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
@@ -142,6 +144,9 @@ section() {
         tp-send)
             run tp-send 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce 0 $CKPT_8B
             tail -9 "$OUT/tp-send.txt" ;;
+        tp-gather)
+            run tp-gather 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce gather $CKPT_8B
+            tail -9 "$OUT/tp-gather.txt" ;;
         tp-norm)
             run tp-norm 590 python benchmarks/scale_out.py --skip-dp --compare-norm-at-end $CKPT_8B
             tail -9 "$OUT/tp-norm.txt" ;;

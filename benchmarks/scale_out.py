@@ -21,8 +21,9 @@ KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--flags-all-reduce` one with KILN_TWO_RANK
 (the kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
 symmetric-memory kernel), `--fused-all-reduce MODE` one with KILN_FUSED_ALL_REDUCE=MODE
 ("send", the default: each gemv program sends its values to the peer as it stores them, and a
-receive-only all-reduce kernel sums; "last": each row-parallel gemv's last program sums the row
-with the peer's; "0": the gemv, then the all-reduce kernel), `--compare-min-split-keys N` one whose decode attention splits take at least N keys
+receive-only all-reduce kernel sums; "gather": each gemv program sends its values and keeps them,
+and the last program of each chunk of the row sums that chunk; "last": each row-parallel gemv's
+last program sums the row with the peer's; "0": the gemv, then the all-reduce kernel), `--compare-min-split-keys N` one whose decode attention splits take at least N keys
 (KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its statistics before their
 product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take other tilings
 (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the q/k/v
@@ -153,7 +154,7 @@ def main() -> None:
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
-    p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send"],
+    p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
                    help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (the row-parallel gemv sums its row with "
                         "the peer's: in its last program, or each program sends its values for a receiving kernel)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,

@@ -62,7 +62,8 @@ from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
 from kiln.codegen.kernels.two_rank_all_reduce import (
-    BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, TwoRankAllReduce, ll_exchange_row, ll_send, two_rank_all_reduce,
+    BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, TwoRankAllReduce, ll_exchange_row, ll_gather_chunk, ll_send,
+    two_rank_all_reduce,
 )
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -265,11 +266,11 @@ def _dequant(w, DTYPE: tl.constexpr, W_INT8: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
-              HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
-    """acc [BM, BN] -> (acc * x_scale[m]) * w_scale[n] (+ bias[n]), stored in out's dtype; ROUND
-    (a dtype, or None): rounded to it first (the logits: the model dtype's product, stored as
-    float32, without a cast kernel after)."""
+def _epilogue_values(acc, rm, rn, M, N, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr,
+                     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
+    """acc [BM, BN] -> (acc * x_scale[m]) * w_scale[n] (+ bias[n]) in out's dtype; ROUND (a dtype,
+    or None): rounded to it first (the logits: the model dtype's product, stored as float32,
+    without a cast kernel after)."""
     out = acc.to(tl.float32)
     if HAS_X_SCALE:
         out = out * tl.load(x_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
@@ -278,8 +279,16 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, b
         out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if ROUND is not None:
         out = out.to(ROUND)
+    return out.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
+              HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
+    """`_epilogue_values`, stored; returns them."""
+    out = _epilogue_values(acc, rm, rn, M, N, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
+                           ROUND)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    out = out.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out, mask=mask)
     return out
 
@@ -344,7 +353,7 @@ def _load(ptrs, mask, EVEN: tl.constexpr):
 # the gated ones in `activation.ACTIVATIONS`' order, from SILU_AND_MUL on
 NO_PROLOGUE, RMS_NORM, ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, GELU_TANH_AND_MUL = range(6)
 # How the gemv takes part in summing its row over two ranks (the REDUCE constexpr; `reduced_gemv`'s exchange)
-NO_REDUCE, REDUCE_LAST, REDUCE_SEND = range(3)
+NO_REDUCE, REDUCE_LAST, REDUCE_SEND, REDUCE_GATHER = range(4)
 
 
 @triton.jit
@@ -422,7 +431,7 @@ def _gemv_kernel(
     N, K, stride_wn, k_per_split, plane, eps,
     pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
     k_scale, v_scale, QD, KD, DV,
-    red_counter_ptr, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins,
+    red_counter_ptr, recv_addr, peer_recv_addr, own_ptr, epochs_ptr, slot_stride, max_spins,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
@@ -439,7 +448,10 @@ def _gemv_kernel(
     row of a sum over two ranks (the arguments from red_counter_ptr on are its): REDUCE_LAST, the
     last program to finish completes it with the peer's (`ll_exchange_row`); REDUCE_SEND, each
     program sends its values to the peer as it stores them (`ll_send`), for a receiving all-reduce
-    launch after it."""
+    launch after it; REDUCE_GATHER, each program sends its values to the peer and keeps them as
+    words in `own`, storing nothing to out, and the last program of each chunk of the row (the
+    highest of its programs: launched last) gathers both ranks' words of the chunk into out
+    (`ll_gather_chunk`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # with ROPE, two tiles of BLOCK_N / 2 rows, a rotation pair's members (rope_epilogue.rope_rows)
@@ -509,8 +521,17 @@ def _gemv_kernel(
         if REDUCE == 2:  # REDUCE_SEND (one split: the launcher makes it so)
             vals = _epilogue(total, rm, rn, 1, N, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
                              ROUND)
-            ll_send(tl.reshape(vals, (BLOCK_N,)), pid_n * BLOCK_N, N, peer_recv_addr, epochs_ptr, slot_stride, BLOCK_N,
-                    PER_WORD)
+            ll_send(tl.reshape(vals, (BLOCK_N,)), pid_n * BLOCK_N, N, peer_recv_addr, own_ptr, epochs_ptr, slot_stride,
+                    BLOCK_N, PER_WORD, False)
+        elif REDUCE == 3:  # REDUCE_GATHER (one split): no store to out, which only the gathering program writes
+            vals = _epilogue_values(total, rm, rn, 1, N, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE,
+                                    HAS_BIAS, ROUND)
+            ll_send(tl.reshape(vals, (BLOCK_N,)), pid_n * BLOCK_N, N, peer_recv_addr, own_ptr, epochs_ptr, slot_stride,
+                    BLOCK_N, PER_WORD, True)
+            chunk = pid_n // (ROW_CHUNK // BLOCK_N)
+            if pid_n == tl.minimum((chunk + 1) * (ROW_CHUNK // BLOCK_N), tl.num_programs(0)) - 1:
+                ll_gather_chunk(out_ptr, N, chunk, recv_addr, own_ptr, epochs_ptr, slot_stride, max_spins, PER_WORD,
+                                TRAP)
         else:
             _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
                     HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
@@ -667,8 +688,8 @@ def _no_rope_args(x: torch.Tensor) -> tuple:
 def _reduce_args(buffers: TwoRankAllReduce | None, x: torch.Tensor, max_spins: int) -> tuple:
     """The all-reduce arguments of a gemv (`reduced_gemv`), or placeholders it never reads."""
     if buffers is None:
-        return (x, 0, 0, x, 0, 0)
-    return (buffers.counter, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.epochs,
+        return (x, 0, 0, x, x, 0, 0)
+    return (buffers.counter, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.own, buffers.epochs,
             buffers.recv.stride(0), max_spins)
 
 
@@ -719,7 +740,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             raise ValueError(f"a summed row needs the gemv without a rope epilogue and a row the buffers take, got "
                              f"{cfg}, {N} {out_dtype} values on {x2.device}" + (" with rope" if rope else ""))
         cfg = dataclasses.replace(cfg, split_k=1)
-        if reduce_mode == REDUCE_SEND and (cfg.block_n % (4 // out.element_size()) or _ALL_REDUCE_BLOCK % cfg.block_n):
+        if reduce_mode >= REDUCE_SEND and (cfg.block_n % (4 // out.element_size()) or _ALL_REDUCE_BLOCK % cfg.block_n):
             raise ValueError(f"a gemv that sends its rows needs tiles of whole words in one chunk, got {cfg}")
     acc_int = x2.dtype == torch.int8 and wq.dtype == torch.int8
     block_k = cfg.block_k
@@ -890,6 +911,9 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+_EXCHANGES = {"last": REDUCE_LAST, "send": REDUCE_SEND, "gather": REDUCE_GATHER}
+
+
 def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, activation: str | None = None,
                  bias: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, static_weight: bool = True,
                  max_spins: int = MAX_SPINS, exchange: str = "last") -> torch.Tensor:
@@ -905,6 +929,12 @@ def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, ac
       (`ll_send`: tagged words, no fence, no count), and a receive-only all-reduce launch after it
       sums them with this rank's row: the values cross NVLink while the gemv's last programs run,
       instead of after the launch boundary.
+    - "gather": the programs send their values to the peer and keep them as tagged words here too,
+      and the last program of each chunk of the row gathers both ranks' words of the chunk into the
+      output (`ll_gather_chunk`): as "send", without the receiving launch or its wait for the whole
+      gemv, and without "last"'s fence and count (the words carry their epoch, so no program waits
+      for another's stores; a chunk's last program, launched after the others, waits for their
+      words, and none of them waits for anything).
 
     Either way the same bits as the gemv and then the all-reduce kernel: each rank's row is rounded
     to x's dtype, then the two are summed in float32. w in x's float dtype, or 8-bit with its
@@ -913,13 +943,13 @@ def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, ac
         raise ValueError(f"reduced_gemv takes one row, got x of shape {tuple(x.shape)}")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"reduced_gemv: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if exchange not in ("last", "send"):
-        raise ValueError(f"reduced_gemv: exchange must be 'last' or 'send', got {exchange!r}")
+    if exchange not in _EXCHANGES:
+        raise ValueError(f"reduced_gemv: exchange must be one of {sorted(_EXCHANGES)}, got {exchange!r}")
     if x.dtype not in TL_DTYPES:
         raise TypeError(f"reduced_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
     scale = _weight_scale("reduced_gemv", x, w, w_scale)
     prologue = Prologue(SILU_AND_MUL + ACTIVATIONS[activation]) if activation is not None else None
-    mode = REDUCE_SEND if exchange == "send" else REDUCE_LAST
+    mode = _EXCHANGES[exchange]
     out = _linear(_rows(x), w, scale, None, bias, x.dtype, None, static_weight, prologue, reduce=buffers,
                   max_spins=max_spins, reduce_mode=mode)
     if mode == REDUCE_SEND:

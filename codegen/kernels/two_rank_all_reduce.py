@@ -169,20 +169,55 @@ def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n
 
 
 @triton.jit
-def ll_send(vals, first, n, peer_recv_addr, epochs_ptr, slot_stride, COUNT: tl.constexpr, PER_WORD: tl.constexpr):
+def ll_send(vals, first, n, peer_recv_addr, own_ptr, epochs_ptr, slot_stride, COUNT: tl.constexpr,
+            PER_WORD: tl.constexpr, KEEP: tl.constexpr):
     """Send the values x[first:first + COUNT] of a row x of n (`vals`, in x's dtype) to the peer rank
     as `_two_rank_ll_kernel`'s program for their chunk would: words tagged with that chunk's next
-    epoch, into its slot of the peer's buffer. COUNT divides BLOCK and first is a multiple of it (the
-    values lie in one chunk). For a kernel whose programs each make a few values of x (the gemv's
-    `REDUCE_SEND`): each sends its own as it stores them, with no fence and no count, and the
-    all-reduce after it only receives (`two_rank_all_reduce(x, buffers, send=False)`), since its
-    epoch is the one these words carry. Its own epochs it does not bump: the receiving call does."""
+    epoch, into its slot of the peer's buffer; KEEP: into the same slot of this rank's `own` words
+    too (`ll_gather_chunk` reads them). COUNT divides BLOCK and first is a multiple of it (the values
+    lie in one chunk). For a kernel whose programs each make a few values of x (the gemv's
+    `REDUCE_SEND` and `REDUCE_GATHER`): each sends its own as it makes them, with no fence and no
+    count, and whoever sums them (the all-reduce after the kernel, receiving only:
+    `two_rank_all_reduce(x, buffers, send=False)`; or `ll_gather_chunk`) waits for that epoch's
+    words. The epochs it does not bump: the summing call does."""
     peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(tl.uint64))
     WORDS: tl.constexpr = COUNT // PER_WORD
     epoch = tl.load(epochs_ptr + first // CHUNK) + 1
     words = first // PER_WORD + tl.arange(0, WORDS)
-    tl.store(peer_recv_ptr + (epoch & 1) * slot_stride + words, _ll_words(vals, epoch, PER_WORD, WORDS),
-             mask=words < (n + PER_WORD - 1) // PER_WORD)
+    tagged = _ll_words(vals, epoch, PER_WORD, WORDS)
+    mask = words < (n + PER_WORD - 1) // PER_WORD
+    tl.store(peer_recv_ptr + (epoch & 1) * slot_stride + words, tagged, mask=mask)
+    if KEEP:
+        tl.store(own_ptr + (epoch & 1) * slot_stride + words, tagged, mask=mask)
+
+
+@triton.jit
+def ll_gather_chunk(out_ptr, n, c, recv_addr, own_ptr, epochs_ptr, slot_stride, max_spins, PER_WORD: tl.constexpr,
+                    TRAP: tl.constexpr):
+    """Chunk c of out (BLOCK elements of a row of n) = this rank's values + the peer's, both as
+    `ll_send(..., KEEP=True)` sent them: this rank's words from `own`, the peer's from the receive
+    buffer, each polled until it carries the chunk's next epoch (no fence: a word that shows its
+    epoch holds its data), summed in float32; then the chunk's epoch bumped, as the all-reduce
+    kernel's program c bumps it. A peer that never arrives: as `ll_exchange_row`."""
+    recv_ptr = recv_addr.to(tl.pointer_type(tl.uint64))
+    WORDS: tl.constexpr = CHUNK // PER_WORD
+    words = c * WORDS + tl.arange(0, WORDS)
+    word_mask = words < (n + PER_WORD - 1) // PER_WORD
+    epoch = tl.load(epochs_ptr + c) + 1
+    slot = (epoch & 1) * slot_stride
+    mine, mine_arrived = _ll_receive(own_ptr + slot + words, word_mask, epoch, max_spins)
+    theirs, arrived = _ll_receive(recv_ptr + slot + words, word_mask, epoch, max_spins)
+    arrived = arrived & mine_arrived
+    total = (_ll_values(mine, out_ptr.dtype.element_ty, PER_WORD, CHUNK).to(tl.float32)
+             + _ll_values(theirs, out_ptr.dtype.element_ty, PER_WORD, CHUNK).to(tl.float32))
+    if arrived == 0:
+        if TRAP:
+            _trap(arrived)
+        tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
+        total = total + float("nan")
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=offs < n)
+    tl.store(epochs_ptr + c, epoch)
 
 
 @triton.jit
@@ -274,6 +309,9 @@ class TwoRankAllReduce:
         # the arrivals of a gemv whose last program exchanges its row (`quant_gemm.reduced_gemv`):
         # zero between launches (that program puts it back)
         self.counter = torch.zeros(1, dtype=torch.int32, device=region.device)
+        # this rank's own values as "ll" words, in the receive buffer's layout: where a gemv's programs
+        # leave them for the programs that gather the row (`ll_gather_chunk`); local memory, never the peer's
+        self.own = torch.zeros((2, capacity), dtype=torch.int64, device=region.device) if protocol == "ll" else None
 
     @property
     def capacity(self) -> int:

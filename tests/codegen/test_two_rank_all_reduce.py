@@ -142,10 +142,12 @@ def gemv_call(rank: int, call: int, dtype: torch.dtype, buffers: TwoRankAllReduc
 
 
 @pytest.mark.parametrize("dtype, exchange", [(torch.bfloat16, "last"), (torch.float32, "last"),
-                                             (torch.bfloat16, "send"), (torch.float32, "send")])
+                                             (torch.bfloat16, "send"), (torch.float32, "send"),
+                                             (torch.bfloat16, "gather"), (torch.float32, "gather")])
 def test_a_gemv_sums_its_row_with_the_peers(dtype, exchange, device, cast, tmp_path):
     """reduced_gemv: each rank's gemv (plain, gated, 8-bit) summed with the peer's, by its last program
-    ("last") or by a receiving launch after programs that each sent their values ("send"), in calls
+    ("last"), by a receiving launch after programs that each sent their values ("send"), or by the
+    last program gathering the words every program sent and kept ("gather"), in calls
     mixed with the all-reduce kernel's over the same buffers: the float32 sum of the two ranks'
     partial rows (each as the gemv alone rounds it) rounded once, the same bits on both."""
     if device.type != "cpu":
@@ -160,7 +162,8 @@ def test_a_gemv_sums_its_row_with_the_peers(dtype, exchange, device, cast, tmp_p
     assert counter.item() == 0  # (each gemv's last program put it back)
 
 
-def test_a_gemv_alone_fails_its_sum_instead_of_hanging(device, tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", ["last", "gather"])
+def test_a_gemv_alone_fails_its_sum_instead_of_hanging(exchange, device, tmp_path, monkeypatch):
     """The peer never comes: after max_spins polls the gemv fails (a device assert under the
     interpreter; on a GPU its trap) and leaves NaN in its row, never a half sum."""
     if device.type != "cpu":
@@ -172,11 +175,12 @@ def test_a_gemv_alone_fails_its_sum_instead_of_hanging(device, tmp_path, monkeyp
     builder = interpreter.interpreter_builder
     buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll")
     x, w = torch.ones(1, 16), torch.ones(8, 16)
-    out = quant_gemm.reduced_gemv(x, w, buffers, max_spins=10)  # (debug off: the assert is skipped)
+    out = quant_gemm.reduced_gemv(x, w, buffers, max_spins=10, exchange=exchange)  # (debug off: no assert)
     assert out.isnan().all()
     monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
     with pytest.raises(Exception, match="peer rank never arrived"):
-        quant_gemm.reduced_gemv(x, w, buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll"), max_spins=10)
+        quant_gemm.reduced_gemv(x, w, buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll"), max_spins=10,
+                                exchange=exchange)
 
 
 @pytest.mark.parametrize("protocol", ["flags", "ll"])
@@ -220,7 +224,8 @@ def test_inputs_it_cannot_take_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("fused, rows, protocol, takes", [
-    ("last", 1, "ll", "reduced_gemv last"), ("send", 1, "ll", "reduced_gemv send"), ("", 1, "ll", "all_reduce"),
+    ("last", 1, "ll", "reduced_gemv last"), ("send", 1, "ll", "reduced_gemv send"),
+    ("gather", 1, "ll", "reduced_gemv gather"), ("", 1, "ll", "all_reduce"),
     ("last", 3, "ll", "all_reduce"), ("send", 1, "flags", "all_reduce"),
 ])
 def test_linear_all_reduce_takes_the_fused_gemv_only_where_it_can(fused, rows, protocol, takes, device, tmp_path,
