@@ -28,7 +28,9 @@ async bf16 row whose decode attention loads every key and value after its PDL wa
 (`decode_attention.EARLY_KV` off); `--compare-min-split-keys N` an async bf16 row whose decode
 attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
 fewer splits, one split and no merge when it fits); `--compare-norm-at-end` an async bf16 row whose
-norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off).
+norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off);
+`--bracket` runs the default row again after the others (the rows share one process, each engine
+built after the last is deleted: the two default figures tell whether the order moves them).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -155,6 +157,9 @@ def main() -> None:
                         "(quant_gemm.NORM_AT_END off)")
     p.add_argument("--compare-min-split-keys", type=int, default=0,
                    help="add an async bf16 row whose decode attention splits take at least this many keys")
+    p.add_argument("--bracket", action="store_true",
+                   help="run the default bf16 row again after the others: an order effect between rows shows as a "
+                        "difference between its two figures")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--sync-scheduling", action="store_true",
                    help="add a bf16 row with the steps in turn (async_scheduling=False)")
@@ -199,6 +204,8 @@ def main() -> None:
                       {"async_scheduling": True, "min_split_keys": args.compare_min_split_keys})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
+    if args.bracket and len(variants) > 1:
+        variants += [("bf16, again last", {})]
     default_tiles = dict(quant_gemm._GEMV_TILES)
     for name, kwargs in variants:
         kwargs = dict(kwargs)

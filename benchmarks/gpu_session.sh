@@ -84,14 +84,14 @@ section() {
                 --quantization int8_weight_only,fp8_weight_only
             grep -A10 "^device" "$OUT/quant.txt" ;;
         splits)
-            run splits 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 512
+            run splits 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 512 --bracket
             run splits-128 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 128
             grep -h -A6 "^device" "$OUT/splits.txt" "$OUT/splits-128.txt" ;;
         norm)
             TRITON_INTERPRET=0 run norm-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
                 tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py -k "norm or rope"
             tail -2 "$OUT/norm-kernels.txt" | cut -c1-300
-            run norm 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-norm-at-end
+            run norm 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-norm-at-end --bracket
             grep -A6 "^device" "$OUT/norm.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
