@@ -23,14 +23,17 @@ symmetric-memory kernel), `--fused-all-reduce MODE` one with KILN_FUSED_ALL_REDU
 ("send", the default: each gemv program sends its values to the peer as it stores them, and a
 receive-only all-reduce kernel sums; "gather": each gemv program sends its values and keeps them,
 and the last program of each chunk of the row sums that chunk; "last": each row-parallel gemv's
-last program sums the row with the peer's; "0": the gemv, then the all-reduce kernel), `--compare-min-split-keys N` one whose decode attention splits take at least N keys
-(KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its statistics before their
-product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take other tilings
-(KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the q/k/v
-gemv of 8B's shapes on its own tile).
+last program sums the row with the peer's; "0": the gemv, then the all-reduce kernel),
+`--compare-min-split-keys N` one whose decode attention splits take at least N keys
+(KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its
+statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take
+other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
+q/k/v gemv of 8B's shapes on its own tile).
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
-                                   [--flags-all-reduce] [--one-shot-all-reduce] [--checkpoint DIR]
+                                   [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
+                                   [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
+                                   [--checkpoint DIR]
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ Two kernels, picked per call by `pick_config` from M (the tokens of the step):
   (`rope_gemv`, `rope_epilogue.py`), or sum it with the peer rank's at two ranks (`reduced_gemv`:
   the last program to count, after a barrier and an acq_rel count as decode attention's merge
   does, exchanges the row through the two-rank all-reduce's buffers; or each program sends its
-  values to the peer as it stores them, for a receiving all-reduce launch after it: the default,
-  see `triton_ops.FUSED_ALL_REDUCE`).
+  values to the peer as it stores them, for a receiving all-reduce launch after it (the default,
+  see `triton_ops.FUSED_ALL_REDUCE`); or each program sends and keeps its values, and each chunk's
+  last program sums the chunk).
 - "dot" (everything else): a tiled tl.dot GEMM with float32 (int32) accumulation, grouped
   program order for L2 reuse at large M, BLOCK_M = 16 and a narrow BLOCK_N with split-K for
   small M (decode batches: still weight-bandwidth bound), 128 x 128 tiles for prefill.
@@ -441,10 +442,11 @@ def _gemv_kernel(
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
-    up): act(gate) * up), see the constants above; with NORM_AT_END (one split) the norm's statistics
-    are gathered in the product's loop and its scale applied to the sums (see the switch). ROPE (NEOX, GPTJ): out is a q/k/v projection
-    whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the
-    arguments from pos_ptr to DV are its, unused otherwise). REDUCE: out is this rank's partial
+    up): act(gate) * up), see the constants above; with NORM_AT_END (one split) the norm's
+    statistics are gathered in the product's loop and its scale applied to the sums (see the
+    switch). ROPE (NEOX, GPTJ): out is a q/k/v projection whose q and k heads are rotated and
+    whose k and v go into the cache (`rope_epilogue.py`; the arguments from pos_ptr to DV are its,
+    unused otherwise). REDUCE: out is this rank's partial
     row of a sum over two ranks (the arguments from red_counter_ptr on are its): REDUCE_LAST, the
     last program to finish completes it with the peer's (`ll_exchange_row`); REDUCE_SEND, each
     program sends its values to the peer as it stores them (`ll_send`), for a receiving all-reduce
@@ -703,9 +705,9 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
     not made by a kernel of the forward (see early_w below). prologue: what the gemv does to x2
     first (a gated one reads x2 [1, 2K]). reduce (a `TwoRankAllReduce`): the output is summed
-    with the peer rank's by the gemv's last program (reduce_mode REDUCE_LAST), or each program
-    sends its values to the peer and the output stays this rank's partial row (REDUCE_SEND; see
-    `reduced_gemv`)."""
+    with the peer rank's by the gemv's last program (reduce_mode REDUCE_LAST) or by each chunk's
+    last program (REDUCE_GATHER), or each program sends its values to the peer and the output
+    stays this rank's partial row (REDUCE_SEND); see `reduced_gemv`."""
     M, N, K = x2.shape[0], wq.shape[0], wq.shape[1]
     if x2.shape[1] != (2 * K if prologue is not None and prologue.gated else K):
         raise ValueError(f"input of shape {tuple(x2.shape)} for a weight of shape {tuple(wq.shape)}")
@@ -936,7 +938,7 @@ def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, ac
       for another's stores; a chunk's last program, launched after the others, waits for their
       words, and none of them waits for anything).
 
-    Either way the same bits as the gemv and then the all-reduce kernel: each rank's row is rounded
+    Each way gives the same bits as the gemv and then the all-reduce kernel: each rank's row is rounded
     to x's dtype, then the two are summed in float32. w in x's float dtype, or 8-bit with its
     per-channel w_scale (weight-only)."""
     if x.numel() != x.shape[-1]:

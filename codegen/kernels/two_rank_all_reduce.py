@@ -23,6 +23,12 @@ addition of two terms commutes) into a fresh output. Chained in a CUDA graph on 
 of 4096 bf16 elements took 4.15 us with "ll", 4.95 with "flags" and 9.33 through NCCL
 (benchmarks/all_reduce.py).
 
+In "ll", the kernel that makes x may do the sending itself (`ll_send`, the row-parallel gemv's
+programs as they finish their values: `quant_gemm.reduced_gemv`): the all-reduce launch after it
+then only receives (`two_rank_all_reduce(x, buffers, send=False)`), or the gemv's programs also
+keep their words here and the last program of each chunk sums it (`ll_gather_chunk`). Either way
+the words and the epochs are the kernel's, so those calls and the kernel's take turns in any order.
+
 `epoch` counts this program's calls (a per-program counter in local memory, bumped at the end):
 both ranks make the same calls in the same order, as they do NCCL's. Two slots are enough: a rank
 can be at most one call ahead of its peer (it cannot finish call n + 1 before the peer has

@@ -155,7 +155,8 @@ def variants() -> list[tuple]:
     # the row-parallel gemv whose last program sums the row with the peer rank's (quant_gemm.reduced_gemv): o, down
     # with SwiGLU (the 1B and the deep tiles), 8-bit weights
     out += [("bf16", w, p, True, False, False, None, 0, None, tile, mode)
-            for mode in (quant_gemm.REDUCE_LAST, quant_gemm.REDUCE_SEND, quant_gemm.REDUCE_GATHER) for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
+            for mode in (quant_gemm.REDUCE_LAST, quant_gemm.REDUCE_SEND, quant_gemm.REDUCE_GATHER)
+            for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
                                ("i8", quant_gemm.SILU_AND_MUL, (4, 2048, 8)))]
     # the norm prologues with their statistics in a pass of their own (quant_gemm.NORM_AT_END off): the 1B's
     # q/k/v with rotary, the deep tile's gate_up and q/k/v
