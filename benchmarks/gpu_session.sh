@@ -28,8 +28,9 @@
 #               fused all-reduce's check is tp-fused's: float32 rows take cuBLAS, not the gemv, so only bf16 runs
 #               reach it, and those are compared with the unfused TP=2 run, whose bits they must give)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
-#   tp-splits   scale_out.py --skip-dp --compare-min-split-keys 512: TP=1, TP=2, TP=2 with the attention's splits
-#               taking at least 512 keys
+#   tp-splits   scale_out.py --skip-dp --compare-min-split-keys 64: TP=1, TP=2, TP=2 whose attention skips its empty
+#               splits (64 keys is one tile at head dim 128, so the splits keep their length; a 128-256-key context
+#               fills 2-4 of the 32 and only those store partials and merge)
 #   tp-fused    scale_out.py --skip-dp --fused-all-reduce last: TP=1, TP=2, TP=2 with the row-parallel gemvs' last
 #               programs summing their rows with the peer's (KILN_FUSED_ALL_REDUCE=last)
 #   tp-send     scale_out.py --skip-dp --fused-all-reduce 0: TP=1, TP=2 (each row-parallel gemv program sending its
@@ -136,7 +137,7 @@ section() {
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce $CKPT_8B
             tail -9 "$OUT/tp.txt" ;;
         tp-splits)
-            run tp-splits 590 python benchmarks/scale_out.py --skip-dp --compare-min-split-keys 512 $CKPT_8B
+            run tp-splits 590 python benchmarks/scale_out.py --skip-dp --compare-min-split-keys 64 $CKPT_8B
             tail -9 "$OUT/tp-splits.txt" ;;
         tp-fused)
             run tp-fused 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce last $CKPT_8B
