@@ -158,8 +158,8 @@ def main() -> None:
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
-                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (the row-parallel gemv sums its row with "
-                        "the peer's: in its last program, or each program sends its values for a receiving kernel)")
+                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (how the row-parallel gemv's row is "
+                        "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", choices=["tp1", "tp2", *VARIANTS, "dp2"],  # (one configuration)
