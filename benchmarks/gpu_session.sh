@@ -161,7 +161,8 @@ section() {
             KILN_TWO_RANK_ALL_REDUCE=0 NCCL_PROTO=LL run tp-nccl-ll 580 python benchmarks/scale_out.py --skip-dp
             tail -8 "$OUT/tp-nccl-ll.txt" ;;
         tp-profile)
-            run tp-profile 400 python benchmarks/profile_decode.py --llama-8b --tensor-parallel-size 2 $CKPT_8B
+            run tp-profile 400 python benchmarks/profile_decode.py --llama-8b --tensor-parallel-size 2 --kernels-only \
+                $CKPT_8B
             grep -A45 "steps of" "$OUT/tp-profile.txt" | cut -c1-160 ;;
         allreduce)
             run allreduce 200 python benchmarks/all_reduce.py

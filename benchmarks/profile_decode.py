@@ -157,6 +157,9 @@ def main() -> None:
     p.add_argument("--cublas", action="store_true", help="compilation_config float_gemv=False (cuBLAS at batch 1)")
     p.add_argument("--no-pdl", action="store_true", help="compilation_config pdl=False")
     p.add_argument("--host-only", action="store_true", help="only the host's phases (no profilers)")
+    p.add_argument("--kernels-only", action="store_true",
+                   help="stop after the kernel table (no host phases, no cProfile: a TP=2 8B run's host profile "
+                        "takes minutes)")
     p.add_argument("--llama-8b", action="store_true", help="the Llama-3.1-8B shape (random weights written to disk)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--checkpoint", default=None,
@@ -198,6 +201,10 @@ def main() -> None:
     trace = os.path.join(tmp.name, "trace.json")
     prof.export_chrome_trace(trace)
     kernel_table(trace)
+    if args.kernels_only:
+        llm.shutdown()
+        tmp.cleanup()
+        return
 
     host_phases(llm, prompt, params, args.steps)
 
