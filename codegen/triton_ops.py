@@ -259,8 +259,8 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
 #   receive-only all-reduce launch sums. On two H100s the Llama-3.1-8B TP=2 step took 3.424 and 3.420
 #   ms/token with it against 3.609 and 3.635 with "" (session 23, two calls of `benchmarks/scale_out.py
 #   --fused-all-reduce send`): the values cross NVLink while the gemv's last programs run.
-# - "gather": each gemv program sends its values to the peer and keeps them as tagged words, and the gemv's
-#   last program gathers both ranks' words into the row: no receiving launch. Not timed yet.
+# - "gather": each gemv program sends its values to the peer and keeps them as tagged words, and the last
+#   program of each 1024-element chunk sums both ranks' words of it: no receiving launch. Not timed yet.
 # - "last": one gemv whose last program sums the row with the peer's. Slower: 3.728 against 3.457 ms/token
 #   with "" (session 22): every program of the gemv pays a gpu-scope release before its count, so the
 #   last one sees the row, and the gemv's 512-1024 programs stay resident that much longer.

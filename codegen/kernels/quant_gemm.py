@@ -895,6 +895,18 @@ def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weig
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 
 
+def _gated_row(name: str, x: torch.Tensor, activation: str | None, optional: bool = False) -> Prologue | None:
+    """The prologue of a gemv taking one float row x that `activation` gates (None, where
+    `optional`: x as it is), after checking x and the activation's name."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"{name} takes one row, got x of shape {tuple(x.shape)}")
+    if not (optional and activation is None) and activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if x.dtype not in TL_DTYPES:
+        raise TypeError(f"{name}: x must be float32/float16/bfloat16, got {x.dtype}")
+    return Prologue(SILU_AND_MUL + ACTIVATIONS[activation]) if activation is not None else None
+
+
 def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: torch.Tensor | None = None,
                      config: GemmConfig | None = None, static_weight: bool = True,
                      w_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -902,14 +914,9 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
     `kiln::act_and_mul_linear` computes it, in one gemv launch that gates its input row itself.
     activation: "silu", "gelu" or "gelu_tanh"; w [N, F] in x's float dtype, or 8-bit with its
     per-channel w_scale [N] (weight-only)."""
-    if x.numel() != x.shape[-1]:
-        raise ValueError(f"act_and_mul_gemv takes one row, got x of shape {tuple(x.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"act_and_mul_gemv: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if x.dtype not in TL_DTYPES:
-        raise TypeError(f"act_and_mul_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
+    prologue = _gated_row("act_and_mul_gemv", x, activation)
     scale = _weight_scale("act_and_mul_gemv", x, w, w_scale)
-    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, Prologue(SILU_AND_MUL + ACTIVATIONS[activation]))
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -941,16 +948,10 @@ def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, ac
     Each way gives the same bits as the gemv and then the all-reduce kernel: each rank's row is rounded
     to x's dtype, then the two are summed in float32. w in x's float dtype, or 8-bit with its
     per-channel w_scale (weight-only)."""
-    if x.numel() != x.shape[-1]:
-        raise ValueError(f"reduced_gemv takes one row, got x of shape {tuple(x.shape)}")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"reduced_gemv: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    prologue = _gated_row("reduced_gemv", x, activation, optional=True)
     if exchange not in _EXCHANGES:
         raise ValueError(f"reduced_gemv: exchange must be one of {sorted(_EXCHANGES)}, got {exchange!r}")
-    if x.dtype not in TL_DTYPES:
-        raise TypeError(f"reduced_gemv: x must be float32/float16/bfloat16, got {x.dtype}")
     scale = _weight_scale("reduced_gemv", x, w, w_scale)
-    prologue = Prologue(SILU_AND_MUL + ACTIVATIONS[activation]) if activation is not None else None
     mode = _EXCHANGES[exchange]
     out = _linear(_rows(x), w, scale, None, bias, x.dtype, None, static_weight, prologue, reduce=buffers,
                   max_spins=max_spins, reduce_mode=mode)

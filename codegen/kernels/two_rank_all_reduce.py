@@ -213,17 +213,9 @@ def ll_gather_chunk(out_ptr, n, c, recv_addr, own_ptr, epochs_ptr, slot_stride, 
     slot = (epoch & 1) * slot_stride
     mine, mine_arrived = _ll_receive(own_ptr + slot + words, word_mask, epoch, max_spins)
     theirs, arrived = _ll_receive(recv_ptr + slot + words, word_mask, epoch, max_spins)
-    arrived = arrived & mine_arrived
     total = (_ll_values(mine, out_ptr.dtype.element_ty, PER_WORD, CHUNK).to(tl.float32)
              + _ll_values(theirs, out_ptr.dtype.element_ty, PER_WORD, CHUNK).to(tl.float32))
-    if arrived == 0:
-        if TRAP:
-            _trap(arrived)
-        tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
-        total = total + float("nan")
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=offs < n)
-    tl.store(epochs_ptr + c, epoch)
+    _store_sum(out_ptr, c * CHUNK + tl.arange(0, CHUNK), n, total, arrived & mine_arrived, epochs_ptr, c, epoch, TRAP)
 
 
 @triton.jit
@@ -262,13 +254,21 @@ def ll_exchange_row(out_ptr, n, recv_addr, peer_recv_addr, epochs_ptr, slot_stri
         got, arrived = _ll_receive(recv_ptr + (epoch & 1) * slot_stride + words, words < n_words, epoch, max_spins)
         mine = tl.load(out_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
         total = mine.to(tl.float32) + _ll_values(got, out_ptr.dtype.element_ty, PER_WORD, BLOCK).to(tl.float32)
-        if arrived == 0:
-            if TRAP:
-                _trap(arrived)
-            tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
-            total = total + float("nan")
-        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=offs < n)
-        tl.store(epochs_ptr + c, epoch)
+        _store_sum(out_ptr, offs, n, total, arrived, epochs_ptr, c, epoch, TRAP)
+
+
+@triton.jit
+def _store_sum(out_ptr, offs, n, total, arrived, epochs_ptr, c, epoch, TRAP: tl.constexpr):
+    """A summed chunk's end, for a kernel that sums chunks in its own programs: out[offs] = total,
+    or NaN with the launch failed (on a GPU (TRAP) its trap; under the interpreter the device assert,
+    with debug on) if the peer's words never arrived; then chunk c's epoch bumped."""
+    if arrived == 0:
+        if TRAP:
+            _trap(arrived)
+        tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
+        total = total + float("nan")
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=offs < n)
+    tl.store(epochs_ptr + c, epoch)
 
 
 # "ll" (data and epoch in every word) or "flags" (data, then a flag per program behind a

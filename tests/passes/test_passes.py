@@ -34,6 +34,18 @@ class Block(nn.Module):
         return ops.rms_norm(summed, self.norm, 1e-6), summed, k * 2, v.float(), mlp, hf_mlp
 
 
+def compiled_with(block: nn.Module, names: list[str]) -> tuple:
+    """(block compiled through a backend that runs the named passes, the list its graphs after the
+    passes go into as it traces)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(run_passes(Graph(gm, example_inputs), names))
+        return graphs[-1].gm.forward
+
+    return torch.compile(block, backend=backend, dynamic=True, fullgraph=True), graphs
+
+
 def run(names: list[str]):
     """Trace Block through a backend that applies the passes; return (reference outputs, compiled
     outputs on new random inputs, the graph after the passes)."""
@@ -41,14 +53,7 @@ def run(names: list[str]):
     torch.manual_seed(torch.randint(0, 2**31, ()).item())  # fresh weights and inputs each run
     block = Block().eval()
     lay_out_adjacent(block)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graph = run_passes(Graph(gm, example_inputs), names)
-        graphs.append(graph)
-        return graph.gm.forward
-
-    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    compiled, graphs = compiled_with(block, names)
     x, r = torch.randn(5, 16), torch.randn(5, 16)
     with torch.no_grad():
         compiled(x, r)
@@ -140,13 +145,7 @@ def test_rotary_cache_write_fusion_keeps_outputs_and_cache():
     torch._dynamo.reset()
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
     block = AttentionBlock().eval()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(run_passes(Graph(gm, example_inputs), ["fuse_rotary_cache_write"]))
-        return graphs[-1].gm.forward
-
-    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    compiled, graphs = compiled_with(block, ["fuse_rotary_cache_write"])
     md, positions = scattered_prefill()
     x = torch.randn(7, 32)
     caches = {}
@@ -191,14 +190,8 @@ def test_norm_and_activation_linear_fusions_keep_the_numbers():
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
     block = NormLinearBlock().eval()
     lay_out_adjacent(block)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(run_passes(Graph(gm, example_inputs), ["merge_linears", "noop_elimination",
-                                                             "fuse_norm_linear", "fuse_activation_linear"]))
-        return graphs[-1].gm.forward
-
-    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    compiled, graphs = compiled_with(block, ["merge_linears", "noop_elimination", "fuse_norm_linear",
+                                             "fuse_activation_linear"])
     with torch.no_grad():
         compiled(torch.randn(3, 16), torch.randn(3, 16))
         x, r = torch.randn(5, 16), torch.randn(5, 16)
@@ -253,14 +246,8 @@ def test_linear_rope_fusion_keeps_outputs_and_caches(neox):
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
     block = NormAttentionBlock(neox=neox).eval()
     lay_out_adjacent(block)
-    graphs = []
-    names = ["merge_linears", "fuse_add_rms_norm", "fuse_norm_linear", "fuse_rotary_cache_write", "fuse_linear_rope"]
-
-    def backend(gm, example_inputs):
-        graphs.append(run_passes(Graph(gm, example_inputs), names))
-        return graphs[-1].gm.forward
-
-    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    compiled, graphs = compiled_with(block, ["merge_linears", "fuse_add_rms_norm", "fuse_norm_linear",
+                                             "fuse_rotary_cache_write", "fuse_linear_rope"])
     md, positions = scattered_prefill()
     x, r = torch.randn(7, 32), torch.randn(7, 32)
     results = {}
@@ -301,13 +288,7 @@ def test_linear_all_reduce_fusion_takes_the_row_parallel_linears():
     torch._dynamo.reset()
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
     block = RowParallelBlock().eval()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(run_passes(Graph(gm, example_inputs), ["fuse_activation_linear", "fuse_linear_all_reduce"]))
-        return graphs[-1].gm.forward
-
-    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+    compiled, graphs = compiled_with(block, ["fuse_activation_linear", "fuse_linear_all_reduce"])
     with torch.no_grad():
         compiled(torch.randn(3, 16), torch.randn(3, 24))
         x, gate_up = torch.randn(5, 16), torch.randn(5, 24)
