@@ -40,6 +40,8 @@
 #               leaders summing the row (no receiving launch)
 #   tp-norm     scale_out.py --skip-dp --compare-norm-at-end: TP=1, TP=2, TP=2 with the norm's statistics read first
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
+#   tp-ab       scale_out.py --skip-dp --compare-tiles deep+rope=8x1024x8 --compare-min-split-keys 64 --bracket: tp-tiles
+#               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -154,6 +156,10 @@ section() {
         tp-tiles)
             run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" $CKPT_8B
             tail -9 "$OUT/tp-tiles.txt" ;;
+        tp-ab)
+            run tp-ab 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" \
+                --compare-min-split-keys 64 --bracket $CKPT_8B
+            tail -12 "$OUT/tp-ab.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B
             tail -9 "$OUT/tp-flags.txt" ;;

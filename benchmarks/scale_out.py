@@ -28,12 +28,14 @@ last program sums the row with the peer's; "0": the gemv, then the all-reduce ke
 (KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its
 statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take
 other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
-q/k/v gemv of 8B's shapes on its own tile).
+q/k/v gemv of 8B's shapes on its own tile). `--bracket` runs the default TP=2 configuration again after
+the variants, so a drift along the call (the variants always run after the default) shows as two
+default rows that differ.
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
-                                   [--checkpoint DIR]
+                                   [--bracket] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def main() -> None:
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
                    help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (how the row-parallel gemv's row is "
                         "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
+    p.add_argument("--bracket", action="store_true", help="run the default TP=2 again after the variants")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", choices=["tp1", "tp2", *VARIANTS, "dp2"],  # (one configuration)
@@ -183,13 +186,16 @@ def main() -> None:
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
         tp = [] if args.skip_tp else ["tp2"] + [name for name, (option, *_) in VARIANTS.items() if getattr(args, option)]
+        if args.bracket and len(tp) > 1:
+            tp.append("tp2-again")
         for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
             env = dict(os.environ)
             if name in VARIANTS:
                 switch, value, _ = variant_switch(name, args)
                 env[switch] = value
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name, "--checkpoint", path,
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name.removesuffix("-again"),
+                                  "--checkpoint", path,
                                   *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
@@ -211,6 +217,12 @@ def main() -> None:
             print(f"TP=2 {label}: greedy tokens == TP=2 (default) for "
                   f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
             rows.append((f"batch-1 decode ms/token, {label}", results["tp1"]["decode_ms"], results[name]["decode_ms"]))
+    if "tp2-again" in results:
+        b = results["tp2-again"]["tokens"]
+        print(f"TP=2 (default) again: greedy tokens == its first run for "
+              f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
+        rows.append(("batch-1 decode ms/token, default again (last)", results["tp1"]["decode_ms"],
+                     results["tp2-again"]["decode_ms"]))
     if "dp2" in results:
         rows.append((f"{args.num_prompts} requests, s", results["tp1"]["throughput_s"], results["dp2"]["throughput_s"]))
     print("\n| | one GPU | two GPUs | speedup | target |\n|---|---|---|---|---|")
