@@ -20,6 +20,8 @@
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
 #               shape and a TP=2 rank of 8B
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
+#   profile     profile_decode.py: the 1B batch-1 step kernel by kernel (device gaps, the idle time between steps) and
+#               the host's phases
 #   throughput  1000 requests against HF generate (issue 8)
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
 #   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
@@ -111,6 +113,10 @@ section() {
             run tp2tiles 500 python benchmarks/kernels.py --sweep --sweep-kinds bf16 --sweep-chain 8 \
                 --sweep-model llama-8b-tp2
             sed -n '/sweep summary/,$p' "$OUT/tp2tiles.txt" ;;
+        profile)
+            run profile 300 python benchmarks/profile_decode.py
+            grep -B2 -A40 "steps of" "$OUT/profile.txt" | cut -c1-170
+            grep -A16 "host phases" "$OUT/profile.txt" | tail -17 ;;
         throughput)
             # shellcheck disable=SC2086
             run throughput 500 python benchmarks/throughput.py $LLAMA_1B_WORKLOAD
