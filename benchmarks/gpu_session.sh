@@ -15,6 +15,8 @@
 #               context on one split, no merge) and at least 128, against the default
 #   norm        the norm gemvs' kernel tests compiled on the GPU (both ways of normalizing), then batch-1 decode with
 #               the norm's statistics gathered in the gemv's product loop (the default) and read first
+#   prefetch    the decode attention's tests compiled on the GPU (its L2 prefetch changes no bit), then batch-1 decode
+#               with the attention asking L2 for the first 4, 8, 16, 32 MB of the gate/up weight, bracketed
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -44,6 +46,8 @@
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-ab       scale_out.py --skip-dp --compare-tiles deep+rope=8x1024x8 --compare-min-split-keys 64 --bracket: tp-tiles
 #               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
+#   tp-prefetch scale_out.py --skip-dp --compare-prefetch MB (default 16; PREFETCH_MB=...) --bracket: TP=2 whose decode
+#               attention asks L2 for the first MB of the gate/up weight
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -98,6 +102,12 @@ section() {
             tail -2 "$OUT/norm-kernels.txt" | cut -c1-300
             run norm 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-norm-at-end --bracket
             grep -A6 "^device" "$OUT/norm.txt" ;;
+        prefetch)
+            TRITON_INTERPRET=0 run prefetch-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
+                tests/codegen/test_attention.py -k "decode"
+            tail -2 "$OUT/prefetch-kernels.txt" | cut -c1-300
+            run prefetch 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-prefetch 4,8,16,32 --bracket
+            grep -A10 "^device" "$OUT/prefetch.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;
@@ -166,6 +176,10 @@ section() {
             run tp-ab 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" \
                 --compare-min-split-keys 64 --bracket $CKPT_8B
             tail -12 "$OUT/tp-ab.txt" ;;
+        tp-prefetch)
+            run tp-prefetch 590 python benchmarks/scale_out.py --skip-dp --compare-prefetch "${PREFETCH_MB:-16}" --bracket \
+                $CKPT_8B
+            tail -11 "$OUT/tp-prefetch.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B
             tail -9 "$OUT/tp-flags.txt" ;;

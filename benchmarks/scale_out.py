@@ -28,13 +28,15 @@ last program sums the row with the peer's; "0": the gemv, then the all-reduce ke
 (KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its
 statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take
 other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
-q/k/v gemv of 8B's shapes on its own tile). `--bracket` runs the default TP=2 configuration again after
+q/k/v gemv of 8B's shapes on its own tile), `--compare-prefetch MB` one whose decode attention asks L2 for the
+first MB of the gate/up weight (KILN_PREFETCH_MB). `--bracket` runs the default TP=2 configuration again after
 the variants, so a drift along the call (the variants always run after the default) shows as two
 default rows that differ.
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
+                                   [--compare-prefetch MB]
                                    [--bracket] [--checkpoint DIR]
 """
 
@@ -87,6 +89,7 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", None,
                           "fused all-reduce mode"),
             "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
+            "tp2-prefetch": ("compare_prefetch", "KILN_PREFETCH_MB", None, "L2 prefetch of gate/up, MB"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
 
 
@@ -157,6 +160,9 @@ def main() -> None:
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--compare-min-split-keys", default="",
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
+    p.add_argument("--compare-prefetch", default="",
+                   help="add a TP=2 run whose decode attention prefetches this many MB of the gate/up weight into L2 "
+                        "(KILN_PREFETCH_MB)")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],

@@ -33,6 +33,7 @@ from kiln.codegen.kernels.attention_common import (
     block_dim, check_cache, dot_precision, dot_upcast, load_paged, log2_scores, mma,
 )
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+from kiln.codegen.kernels.prefetch import l2_prefetch_enabled, l2_prefetch_shares, prefetch_l2
 
 
 @triton.jit
@@ -63,7 +64,9 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
     part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr, min_chunk,
-    NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
+    prefetch_ptr, prefetch_share, prefetch_total,
+    PREFETCH: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, ADAPTIVE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -105,6 +108,8 @@ def _decode_kernel(
                              dv_mask, block_size)
         wait_for_inputs(PDL)
         first = start + BLOCK_N
+    if PREFETCH:  # (a later kernel's weight into L2 while this one waits on its loads; see `decode_attention`)
+        prefetch_l2(prefetch_ptr, (b * (H // GROUP) + kvh) * NUM_SPLITS + split, prefetch_share, prefetch_total)
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
@@ -263,6 +268,11 @@ EARLY_KV = True
 # KILN_MIN_SPLIT_KEYS=N for a process (`benchmarks/scale_out.py --compare-min-split-keys N`).
 MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
 
+# The bytes of a later kernel's weight a captured decode step's attention asks L2 to fetch
+# (`prefetch`): 0 (off) until timed: `benchmarks/decode_latency.py --compare-prefetch MB,...`, and
+# KILN_PREFETCH_MB for a process (`benchmarks/scale_out.py --compare-prefetch MB`).
+PREFETCH_BYTES = int(float(os.environ.get("KILN_PREFETCH_MB", "0")) * 2**20)
+
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
 # program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
 # buffer made while capturing would be the graph's, and a capture first runs the same step eagerly.
@@ -295,7 +305,7 @@ def decode_attention(
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
     alibi_slopes: torch.Tensor | None = None, merge_in_kernel: bool | None = None, early_kv: bool | None = None,
-    min_split_keys: int | None = None,
+    min_split_keys: int | None = None, prefetch: torch.Tensor | None = None, prefetch_bytes: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
@@ -314,7 +324,12 @@ def decode_attention(
     min_split_keys (None: MIN_SPLIT_KEYS; 0: off): with the splits merged in the kernel, each split
     takes at least this many keys (whole tiles), so a sequence shorter than num_splits of them
     uses its first few splits and the rest do nothing; one whose keys fit in one split writes
-    the output from it, with no partials and no merge. The grid stays a function of shapes."""
+    the output from it, with no partials and no merge. The grid stays a function of shapes.
+    prefetch: a weight a later kernel streams (the `prefetch_weights` pass names the gate/up
+    projection's); the programs ask L2 for its first `prefetch_bytes` (None: PREFETCH_BYTES) after
+    their PDL wait, so those bytes come in while the attention waits on its chain of small loads
+    (`kernels/prefetch.py`), where `l2_prefetch_enabled` (a compiled kernel on Hopper); the output
+    is the same either way."""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -360,12 +375,17 @@ def decode_attention(
     if min_split_keys is None:
         min_split_keys = MIN_SPLIT_KEYS
     adaptive = min_split_keys > 0 and counters is not None  # (the merge kernel reads every split's partial)
+    share = None
+    if prefetch is not None and l2_prefetch_enabled(q.device):
+        share = l2_prefetch_shares(prefetch, PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes,
+                                B * HKV * num_splits)
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
         block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
         sliding_window, float(v_scale), counters if counters is not None else seq_lens,
-        triton.cdiv(min_split_keys, block_n) * block_n if adaptive else 0, ADAPTIVE=adaptive,
+        triton.cdiv(min_split_keys, block_n) * block_n if adaptive else 0,
+        prefetch if share else out, *(share or (0, 0)), PREFETCH=share is not None, ADAPTIVE=adaptive,
         MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),

@@ -297,3 +297,60 @@ def test_linear_all_reduce_fusion_takes_the_row_parallel_linears():
     graph = graphs[0]
     assert [n.args[1] for n in graph.calls("linear_all_reduce")] == ["", "silu"]
     assert count(graph, "all_reduce") == 2 and count(graph, "act_and_mul_linear") == 0 and count(graph, "linear") == 1
+
+
+class LayerBlock(NormAttentionBlock):
+    """Two Llama-style layers: the attention half of NormAttentionBlock, then the output projection,
+    a residual add + RMSNorm, gate/up and down: what prefetch_weights looks at."""
+
+    adjacent_weights = NormAttentionBlock.adjacent_weights + (("gate", "up"), ("gate2", "up2"))
+
+    def __init__(self):
+        super().__init__()
+        d = self.heads * self.head_dim
+        for suffix in ("", "2"):
+            setattr(self, "o" + suffix, nn.Parameter(torch.randn(d, d) * 0.2))
+            setattr(self, "gate" + suffix, nn.Parameter(torch.randn(24, d) * 0.2))
+            setattr(self, "up" + suffix, nn.Parameter(torch.randn(24, d) * 0.2))
+            setattr(self, "down" + suffix, nn.Parameter(torch.randn(d, 24) * 0.2))
+        self.g3 = nn.Parameter(torch.rand(d) + 0.5)
+
+    def layer(self, x, residual, positions, layer, suffix):
+        h = x + residual
+        out = ops.linear(self.attend(ops.rms_norm(h, self.g1, 1e-6), positions, layer, suffix),
+                         getattr(self, "o" + suffix))
+        h = out + h
+        normed = ops.rms_norm(h, self.g3, 1e-6)
+        gate_up = torch.cat([ops.linear(normed, getattr(self, name + suffix)) for name in ("gate", "up")], -1)
+        return ops.linear(ops.silu_and_mul(gate_up), getattr(self, "down" + suffix)), h
+
+    def forward(self, x, residual, positions):
+        x, residual = self.layer(x, residual, positions, 0, "")
+        return self.layer(x, residual, positions, 1, "2")
+
+
+def test_prefetch_weights_names_each_attentions_gate_up_weight():
+    from kiln.ir import ForwardContext, set_forward_context
+
+    torch._dynamo.reset()
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = LayerBlock().eval()
+    lay_out_adjacent(block)
+    compiled, graphs = compiled_with(block, PIPELINE)
+    md, positions = scattered_prefill()
+    x, r = torch.randn(7, 32), torch.randn(7, 32)
+    results = {}
+    for name, fn in (("eager", block), ("compiled", compiled)):
+        caches = [(torch.zeros(9, 4, 2, 8), torch.zeros(9, 4, 2, 8)) for _ in range(2)]
+        with set_forward_context(ForwardContext(md, caches)), torch.no_grad():
+            results[name] = fn(x, r, positions), caches
+    for a, b in zip(results["eager"][0], results["compiled"][0]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    graph = graphs[0]
+    gate_ups = list(graph.calls("add_rms_norm_linear"))
+    attentions = list(graph.calls("attention"))
+    assert len(gate_ups) == len(attentions) == 2
+    for att, gate_up in zip(attentions, gate_ups):
+        # the gate/up gemv's first weight (the gate's): the second weight-reading op after the attention
+        assert att.kwargs["prefetch"] is gate_up.args[4][0]
+        assert graph.example_value(att.kwargs["prefetch"]).shape == (24, 32)
