@@ -29,8 +29,9 @@ async bf16 row whose decode attention loads every key and value after its PDL wa
 attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
 fewer splits, one split and no merge when it fits); `--compare-norm-at-end` an async bf16 row whose
 norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off);
-`--compare-prefetch 8,16` an async bf16 row per size whose decode attention asks L2 for that many MB of
-the gate/up weight (`decode_attention.PREFETCH_BYTES`, named by the prefetch_weights pass);
+`--compare-prefetch 8,16@end` an async bf16 row per size whose decode attention asks L2 for that many MB
+of the gate/up weight (`decode_attention.PREFETCH_BYTES`, named by the prefetch_weights pass), from
+where "@before", "@after" (the default) or "@end" says (`decode_attention.PREFETCH_AT`);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
@@ -160,8 +161,8 @@ def main() -> None:
     p.add_argument("--compare-min-split-keys", type=int, default=0,
                    help="add an async bf16 row whose decode attention splits take at least this many keys")
     p.add_argument("--compare-prefetch", default="",
-                   help="comma-separated MB: an async bf16 row each whose attention prefetches that much of the next "
-                        "gate/up weight into L2")
+                   help="comma-separated MB[@before|@after|@end]: an async bf16 row each whose attention prefetches "
+                        "that much of the next gate/up weight into L2, from there")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
@@ -207,14 +208,18 @@ def main() -> None:
     if args.compare_min_split_keys:
         variants += [(f"async, splits of >= {args.compare_min_split_keys} keys",
                       {"async_scheduling": True, "min_split_keys": args.compare_min_split_keys})]
-    for mb in filter(None, args.compare_prefetch.split(",")):
-        variants += [(f"async, prefetch {mb} MB", {"async_scheduling": True, "prefetch_bytes": int(float(mb) * 2**20)})]
+    for spec in filter(None, args.compare_prefetch.split(",")):
+        mb, _, at = spec.partition("@")
+        variants += [(f"async, prefetch {mb} MB {at or 'after'}", {
+            "async_scheduling": True, "prefetch_bytes": int(float(mb) * 2**20),
+            "prefetch_at": decode_kernels._PREFETCH_AT[at or "after"]})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     if args.bracket and len(variants) > 1:
         variants += [("bf16, again last", {})]
     default_tiles = dict(quant_gemm._GEMV_TILES)
     default_prefetch = decode_kernels.PREFETCH_BYTES
+    default_prefetch_at = decode_kernels.PREFETCH_AT
     for name, kwargs in variants:
         kwargs = dict(kwargs)
         quant_gemm._GEMV_TILES.clear()
@@ -227,6 +232,7 @@ def main() -> None:
         decode_kernels.EARLY_KV = kwargs.pop("early_kv", True)
         decode_kernels.MIN_SPLIT_KEYS = kwargs.pop("min_split_keys", 0)
         decode_kernels.PREFETCH_BYTES = kwargs.pop("prefetch_bytes", default_prefetch)
+        decode_kernels.PREFETCH_AT = kwargs.pop("prefetch_at", default_prefetch_at)
         quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
         quant_gemm.NORM_AT_END = kwargs.pop("norm_at_end", True)
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,

@@ -16,7 +16,8 @@
 #   norm        the norm gemvs' kernel tests compiled on the GPU (both ways of normalizing), then batch-1 decode with
 #               the norm's statistics gathered in the gemv's product loop (the default) and read first
 #   prefetch    the decode attention's tests compiled on the GPU (its L2 prefetch changes no bit), then batch-1 decode
-#               with the attention asking L2 for the first 4, 8, 16, 32 MB of the gate/up weight, bracketed
+#               with the attention asking L2 for the first 4, 8, 16, 32 MB of the gate/up weight (PREFETCH_ROWS="8@end,...":
+#               other sizes and places), bracketed
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -106,7 +107,8 @@ section() {
             TRITON_INTERPRET=0 run prefetch-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
                 tests/codegen/test_attention.py -k "decode"
             tail -2 "$OUT/prefetch-kernels.txt" | cut -c1-300
-            run prefetch 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-prefetch 4,8,16,32 --bracket
+            run prefetch 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-prefetch "${PREFETCH_ROWS:-4,8,16,32}" \
+                --bracket
             grep -A10 "^device" "$OUT/prefetch.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv

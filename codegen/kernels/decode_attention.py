@@ -72,11 +72,13 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if not EARLY_KV:
-        wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if PREFETCH == 1:  # PREFETCH_BEFORE_WAIT (a weight no kernel writes: safe before the wait)
+        prefetch_l2(prefetch_ptr, (b * (H // GROUP) + kvh) * NUM_SPLITS + split, prefetch_share, prefetch_total)
+    if not EARLY_KV:
+        wait_for_inputs(PDL)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     lo = 0
     if HAS_WINDOW:
@@ -108,7 +110,7 @@ def _decode_kernel(
                              dv_mask, block_size)
         wait_for_inputs(PDL)
         first = start + BLOCK_N
-    if PREFETCH:  # (a later kernel's weight into L2 while this one waits on its loads; see `decode_attention`)
+    if PREFETCH == 2:  # PREFETCH_AFTER_WAIT (a later kernel's weight into L2; see `decode_attention`)
         prefetch_l2(prefetch_ptr, (b * (H // GROUP) + kvh) * NUM_SPLITS + split, prefetch_share, prefetch_total)
 
     g = tl.arange(0, BLOCK_G)
@@ -168,6 +170,8 @@ def _decode_kernel(
                 _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, b * H + heads, g_mask, dv, dv_mask,
                              H, DV, NUM_SPLITS, HAS_SINKS, active)
                 tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
+    if PREFETCH == 3:  # PREFETCH_AT_END
+        prefetch_l2(prefetch_ptr, (b * (H // GROUP) + kvh) * NUM_SPLITS + split, prefetch_share, prefetch_total)
 
 
 @triton.jit
@@ -272,6 +276,12 @@ MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
 # (`prefetch`): 0 (off) until timed: `benchmarks/decode_latency.py --compare-prefetch MB,...`, and
 # KILN_PREFETCH_MB for a process (`benchmarks/scale_out.py --compare-prefetch MB`).
 PREFETCH_BYTES = int(float(os.environ.get("KILN_PREFETCH_MB", "0")) * 2**20)
+# Where in its program the attention issues the prefetch: before its PDL wait (the q/k/v gemv's end
+# overlaps it), right after it, or at the end, after its stores (its chain of loads then has the
+# memory system to itself). KILN_PREFETCH_AT: "before", "after" or "end".
+PREFETCH_BEFORE_WAIT, PREFETCH_AFTER_WAIT, PREFETCH_AT_END = 1, 2, 3
+_PREFETCH_AT = {"before": PREFETCH_BEFORE_WAIT, "after": PREFETCH_AFTER_WAIT, "end": PREFETCH_AT_END}
+PREFETCH_AT = _PREFETCH_AT[os.environ.get("KILN_PREFETCH_AT", "after")]
 
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
 # program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
@@ -326,8 +336,8 @@ def decode_attention(
     uses its first few splits and the rest do nothing; one whose keys fit in one split writes
     the output from it, with no partials and no merge. The grid stays a function of shapes.
     prefetch: a weight a later kernel streams (the `prefetch_weights` pass names the gate/up
-    projection's); the programs ask L2 for its first `prefetch_bytes` (None: PREFETCH_BYTES) after
-    their PDL wait, so those bytes come in while the attention waits on its chain of small loads
+    projection's); the programs ask L2 for its first `prefetch_bytes` (None: PREFETCH_BYTES), where
+    PREFETCH_AT says, so those bytes come in while the attention waits on its chain of small loads
     (`kernels/prefetch.py`), where `l2_prefetch_enabled` (a compiled kernel on Hopper); the output
     is the same either way."""
     B, H, D = q.shape
@@ -385,7 +395,7 @@ def decode_attention(
         block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
         sliding_window, float(v_scale), counters if counters is not None else seq_lens,
         triton.cdiv(min_split_keys, block_n) * block_n if adaptive else 0,
-        prefetch if share else out, *(share or (0, 0)), PREFETCH=share is not None, ADAPTIVE=adaptive,
+        prefetch if share else out, *(share or (0, 0)), PREFETCH=PREFETCH_AT if share else 0, ADAPTIVE=adaptive,
         MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -129,14 +131,17 @@ def test_l2_prefetch_shares_cover_the_asked_bytes_in_16_byte_units():
     assert l2_prefetch_shares(w.flatten()[1:], 4096, 3) is None  # not 16-byte aligned
 
 
-@pytest.mark.parametrize("num_splits, early_kv, prefetch_bytes", [(1, False, 4096), (8, True, 1 << 20),
-                                                                   (8, False, 100000)])
-def test_decode_attention_prefetch_changes_nothing(num_splits, early_kv, prefetch_bytes, device, poisoned, close):
+@pytest.mark.parametrize("num_splits, early_kv, prefetch_bytes, at", [
+    (1, False, 4096, "after"), (8, True, 1 << 20, "before"), (8, False, 100000, "end"), (8, True, 50000, "end")])
+def test_decode_attention_prefetch_changes_nothing(num_splits, early_kv, prefetch_bytes, at, device, poisoned, close,
+                                                   monkeypatch):
     """A weight's L2 prefetch (the programs' shares of its first bytes, past its end too): the same
     output, bit for bit, as without it. Only a compiled kernel on Hopper issues one (on CPU the
     interpreter has no inline assembly and the launcher leaves it out)."""
     from kiln.codegen.kernels.prefetch import l2_prefetch_enabled
 
+    module = importlib.import_module("kiln.codegen.kernels.decode_attention")  # (the package's name is the launcher)
+    monkeypatch.setattr(module, "PREFETCH_AT", module._PREFETCH_AT[at])
     md, k_cache, v_cache = make_batch([1, 1, 1, 1], [1, 9, 23, 70], 2, 32, 4, torch.bfloat16, device)
     q = torch.randn(4, 8, 32, device=device).to(torch.bfloat16)
     weight = torch.randn(300, 160, device=device).to(torch.bfloat16)  # 96000 bytes
