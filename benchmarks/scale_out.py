@@ -31,13 +31,16 @@ other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+r
 q/k/v gemv of 8B's shapes on its own tile), `--compare-prefetch MB` one whose decode attention asks L2 for the
 first MB of the gate/up weight (KILN_PREFETCH_MB). `--bracket` runs the default TP=2 configuration again after
 the variants, so a drift along the call (the variants always run after the default) shows as two
-default rows that differ.
+default rows that differ. `--rounds N` runs the TP=2 configurations N times, interleaved (default,
+variants, default, variants, ...), and reports each one's median: one call once gave the same
+default configuration 3.273 and, three processes later, 3.511 ms/token. Each configuration's line
+also gives the GPUs' SM clock range, hottest temperature and most power while its decode was timed.
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
                                    [--compare-prefetch MB]
-                                   [--bracket] [--checkpoint DIR]
+                                   [--bracket] [--rounds N] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -60,6 +64,42 @@ LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
                 intermediate_size=14336, max_position_embeddings=2048, tie_word_embeddings=False,
                 initializer_range=0.02, vocab_size=128256)
 SMALL = dict(LLAMA_8B, hidden_size=2048, num_hidden_layers=8, intermediate_size=8192)
+
+
+class GpuWatch:
+    """The GPUs' SM clocks, temperatures and power, polled from nvidia-smi every half second while
+    a measurement runs: a figure that drifts along a call can then be told from one taken at lower
+    clocks. `summary()`: per GPU, SM MHz min-max, the hottest C, the most W ("" without nvidia-smi)."""
+
+    def __init__(self):
+        self.samples: list[list[tuple[float, ...]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,temperature.gpu,power.draw",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+                self.samples.append([tuple(float(v) for v in line.split(",")) for line in out.stdout.splitlines()])
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> "GpuWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        if not self.samples:
+            return ""
+        per_gpu = list(zip(*self.samples))
+        return " | ".join(f"gpu{i} {min(s[0] for s in g):.0f}-{max(s[0] for s in g):.0f} MHz "
+                          f"{max(s[1] for s in g):.0f} C {max(s[2] for s in g):.0f} W" for i, g in enumerate(per_gpu))
 
 
 def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
@@ -138,7 +178,9 @@ def phase(name: str, path: str, args) -> dict:
     result = {"built_s": time.perf_counter() - t0}
     if name != "dp2":
         result["tokens"] = greedy_tokens(llm)
-        result["decode_ms"] = decode_ms_per_token(llm, args.new_tokens)
+        with GpuWatch() as watch:
+            result["decode_ms"] = decode_ms_per_token(llm, args.new_tokens)
+        result["gpus"] = watch.summary()
     if not name.startswith("tp2") and not args.skip_dp:
         result["throughput_s"] = throughput_s(llm, work)
     llm.shutdown()
@@ -161,14 +203,17 @@ def main() -> None:
     p.add_argument("--compare-min-split-keys", default="",
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
     p.add_argument("--compare-prefetch", default="",
-                   help="add a TP=2 run whose decode attention prefetches this many MB of the gate/up weight into L2 "
-                        "(KILN_PREFETCH_MB)")
+                   help="add a TP=2 run whose decode attention prefetches this many MB of the gate/up weight into "
+                        "L2 (KILN_PREFETCH_MB)")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
                    help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (how the row-parallel gemv's row is "
                         "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
     p.add_argument("--bracket", action="store_true", help="run the default TP=2 again after the variants")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the TP=2 configurations (the default and each variant) this many times, interleaved, "
+                        "and take each one's median")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", choices=["tp1", "tp2", *VARIANTS, "dp2"],  # (one configuration)
@@ -192,9 +237,8 @@ def main() -> None:
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
         tp = [] if args.skip_tp else ["tp2"] + [name for name, (option, *_) in VARIANTS.items() if getattr(args, option)]
-        if args.bracket and len(tp) > 1:
-            tp.append("tp2-again")
-        for name in ["tp1"] + tp + ([] if args.skip_dp else ["dp2"]):
+        runs = ["tp1"] + tp * args.rounds + (["tp2-again"] if args.bracket and len(tp) > 1 else [])
+        for name in runs + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
             env = dict(os.environ)
             if name in VARIANTS:
@@ -205,9 +249,18 @@ def main() -> None:
                                   *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-            shown = {k: round(v, 3) for k, v in results[name].items() if k != "tokens"}
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if k != "tokens"}
             print(f"{name}: {shown}", flush=True)
+            if name in results:  # a later round: its figure joins the first's
+                results[name]["rounds"].append(result["decode_ms"])
+            else:
+                results[name] = {**result, "rounds": [result.get("decode_ms")]}
+        for name, result in results.items():  # each configuration's figure: its rounds' median
+            if len(result["rounds"]) > 1:
+                result["decode_ms"] = statistics.median(result["rounds"])
+                print(f"{name}: decode ms/token over {len(result['rounds'])} rounds "
+                      f"{[round(v, 3) for v in result['rounds']]}, median {result['decode_ms']:.3f}")
 
     rows = []
     if "tp2" in results:
