@@ -9,7 +9,9 @@ waits on a chain of dependent loads for several microseconds a layer, while the 
 projection's gemv, launched beside it (PDL), has loaded its weights already; the memory system is
 idle. So the attention's programs ask L2 for w's first bytes (`kernels/decode_attention.py`,
 `kernels/prefetch.py`), and the gate/up gemv finds them there. The output is the same: a prefetch
-moves no value, and elsewhere the hint is ignored.
+moves no value, and elsewhere the hint is ignored. The kernel asks for nothing by default
+(`decode_attention.PREFETCH_BYTES` = 0): on an H100 the attention's own loads waited longer behind
+the prefetch than the gate/up gemv gained (codegen/NOTES.md, session 24).
 
 Runs last: it names the weights of the fused ops the passes before it make.
 """

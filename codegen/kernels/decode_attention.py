@@ -272,9 +272,11 @@ EARLY_KV = True
 # KILN_MIN_SPLIT_KEYS=N for a process (`benchmarks/scale_out.py --compare-min-split-keys N`).
 MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
 
-# The bytes of a later kernel's weight a captured decode step's attention asks L2 to fetch
-# (`prefetch`): 0 (off) until timed: `benchmarks/decode_latency.py --compare-prefetch MB,...`, and
-# KILN_PREFETCH_MB for a process (`benchmarks/scale_out.py --compare-prefetch MB`).
+# The bytes of a later kernel's weight a decode step's attention asks L2 to fetch (`prefetch`). 0
+# (off): on an H100 (session 24, 1B shape) 4-32 MB from any of the three places below gained
+# nothing beyond the spread of the default: the gate/up gemv found its bytes in L2, but the
+# attention's chain of loads waited longer behind them. `benchmarks/decode_latency.py
+# --compare-prefetch MB[@at],...`, and KILN_PREFETCH_MB for a process (`scale_out.py --compare-prefetch MB`).
 PREFETCH_BYTES = int(float(os.environ.get("KILN_PREFETCH_MB", "0")) * 2**20)
 # Where in its program the attention issues the prefetch: before its PDL wait (the q/k/v gemv's end
 # overlaps it), right after it, or at the end, after its stores (its chain of loads then has the
@@ -338,8 +340,8 @@ def decode_attention(
     prefetch: a weight a later kernel streams (the `prefetch_weights` pass names the gate/up
     projection's); the programs ask L2 for its first `prefetch_bytes` (None: PREFETCH_BYTES), where
     PREFETCH_AT says, so those bytes come in while the attention waits on its chain of small loads
-    (`kernels/prefetch.py`), where `l2_prefetch_enabled` (a compiled kernel on Hopper); the output
-    is the same either way."""
+    (`kernels/prefetch.py`; only a compiled kernel on Hopper issues it, `l2_prefetch_enabled`). The
+    output is the same either way."""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)

@@ -7,8 +7,12 @@ microseconds a layer. A kernel running then can have its programs issue `cp.asyn
 first bytes of a weight that a later kernel streams, and that kernel then reads them from L2.
 
 A prefetch moves no value, so it is correct whatever runs beside it: it only warms the cache.
-Triton's CPU interpreter has no inline assembly, so launchers turn it on (`l2_prefetch_enabled`) only for a
-compiled kernel on a CUDA device of compute capability 9.0 or later.
+Triton's CPU interpreter has no inline assembly, so launchers turn it on (`l2_prefetch_enabled`)
+only for a compiled kernel on a CUDA device of compute capability 9.0 or later.
+
+Measured (H100, Llama-3.2-1B shape, session 24; `decode_attention.PREFETCH_BYTES`, off): with 8 MB
+of the gate/up weight asked for by the decode attention, the gate/up gemv took 1.2 us a layer less
+and the attention 1.5 us more, its dependent loads queued behind the prefetch's traffic.
 """
 
 from __future__ import annotations
