@@ -32,6 +32,8 @@ norm gemvs read the row for its statistics before their product (`quant_gemm.NOR
 `--compare-prefetch 8,16@end` an async bf16 row per size whose decode attention asks L2 for that many MB
 of the gate/up weight (`decode_attention.PREFETCH_BYTES`, named by the prefetch_weights pass), from
 where "@before", "@after" (the default) or "@end" says (`decode_attention.PREFETCH_AT`);
+`--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
+(`decode_attention.DECODE_BLOCK_N`; the default 128 spills registers with the early kv loads);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
@@ -163,6 +165,8 @@ def main() -> None:
     p.add_argument("--compare-prefetch", default="",
                    help="comma-separated MB[@before|@after|@end]: an async bf16 row each whose attention prefetches "
                         "that much of the next gate/up weight into L2, from there")
+    p.add_argument("--compare-decode-block-n", default="",
+                   help="comma-separated key tiles: an async bf16 row each whose decode attention takes that tile")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
@@ -213,12 +217,15 @@ def main() -> None:
         variants += [(f"async, prefetch {mb} MB {at or 'after'}", {
             "async_scheduling": True, "prefetch_bytes": int(float(mb) * 2**20),
             "prefetch_at": decode_kernels._PREFETCH_AT[at or "after"]})]
+    for n in filter(None, args.compare_decode_block_n.split(",")):
+        variants += [(f"async, attention tile {n} keys", {"async_scheduling": True, "decode_block_n": int(n)})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     if args.bracket and len(variants) > 1:
         variants += [("bf16, again last", {})]
     default_tiles = dict(quant_gemm._GEMV_TILES)
     default_prefetch = decode_kernels.PREFETCH_BYTES
+    default_block_n = decode_kernels.DECODE_BLOCK_N
     default_prefetch_at = decode_kernels.PREFETCH_AT
     for name, kwargs in variants:
         kwargs = dict(kwargs)
@@ -232,6 +239,7 @@ def main() -> None:
         decode_kernels.EARLY_KV = kwargs.pop("early_kv", True)
         decode_kernels.MIN_SPLIT_KEYS = kwargs.pop("min_split_keys", 0)
         decode_kernels.PREFETCH_BYTES = kwargs.pop("prefetch_bytes", default_prefetch)
+        decode_kernels.DECODE_BLOCK_N = kwargs.pop("decode_block_n", default_block_n)
         decode_kernels.PREFETCH_AT = kwargs.pop("prefetch_at", default_prefetch_at)
         quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
         quant_gemm.NORM_AT_END = kwargs.pop("norm_at_end", True)

@@ -285,6 +285,13 @@ PREFETCH_BEFORE_WAIT, PREFETCH_AFTER_WAIT, PREFETCH_AT_END = 1, 2, 3
 _PREFETCH_AT = {"before": PREFETCH_BEFORE_WAIT, "after": PREFETCH_AFTER_WAIT, "end": PREFETCH_AT_END}
 PREFETCH_AT = _PREFETCH_AT[os.environ.get("KILN_PREFETCH_AT", "after")]
 
+# The decode kernel's key tile, when its caller names none; 0: 128 keys at head dims up to 64, else
+# 64. With the early kv loads those default tiles take 255 registers a thread and spill (ptxas
+# sm_90a, Triton 3.6, 4 warps: 32 bytes at head dim 64, 72 at 128), where 64 keys at head dim 64
+# take 146 and 32 at 128 take 195, with no spill. Not timed yet: KILN_DECODE_BLOCK_N=N for a process,
+# `benchmarks/decode_latency.py --compare-decode-block-n 64`, `scale_out.py --compare-decode-block-n 32`.
+DECODE_BLOCK_N = int(os.environ.get("KILN_DECODE_BLOCK_N", "0"))
+
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
 # program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
 # buffer made while capturing would be the graph's, and a capture first runs the same step eagerly.
@@ -354,8 +361,8 @@ def decode_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_size = k_cache.shape[1]
     block_d, block_dv = block_dim(D), block_dim(DV)
-    if block_n is None:  # 128-key tiles measured best at head dim 64 (H200)
-        block_n = 128 if max(block_d, block_dv) <= 64 else 64
+    if block_n is None:  # 128-key tiles measured best at head dim 64 (H200, before the early kv loads)
+        block_n = DECODE_BLOCK_N or (128 if max(block_d, block_dv) <= 64 else 64)
     if num_splits is None:
         max_context = block_tables.shape[1] * block_size
         if sliding_window > 0:

@@ -121,6 +121,19 @@ def test_decode_attention_min_split_keys(min_split_keys, window, early_kv, devic
     assert not _counter_buffers[q.device].any()
 
 
+@pytest.mark.parametrize("tile", [0, 32])
+def test_decode_attention_default_key_tile_switch(tile, device, poisoned, close, monkeypatch):
+    """DECODE_BLOCK_N (KILN_DECODE_BLOCK_N) picks the key tile of a launch that names none: the same
+    attention over contexts of 1 to 70 keys, early kv loads and splits included."""
+    module = importlib.import_module("kiln.codegen.kernels.decode_attention")
+    monkeypatch.setattr(module, "DECODE_BLOCK_N", tile)
+    md, k_cache, v_cache = make_batch([1, 1, 1, 1], [1, 9, 23, 70], 2, 32, 4, torch.bfloat16, device)
+    q = torch.randn(4, 8, 32, device=device).to(torch.bfloat16)
+    out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables, lens_tensors(md, device)[1], 0.2,
+                   num_splits=3, early_kv=True)
+    close(out, dense_paged(q, md, k_cache, v_cache, 0.2), dtype=torch.bfloat16)
+
+
 def test_l2_prefetch_shares_cover_the_asked_bytes_in_16_byte_units():
     from kiln.codegen.kernels.prefetch import l2_prefetch_shares
 
