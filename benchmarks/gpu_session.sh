@@ -18,8 +18,9 @@
 #   prefetch    the decode attention's tests compiled on the GPU (its L2 prefetch changes no bit), then batch-1 decode
 #               with the attention asking L2 for the first 4, 8, 16, 32 MB of the gate/up weight
 #               (PREFETCH_ROWS="8@end,...": other sizes and places), bracketed
-#   kv-tile     batch-1 decode with the decode attention's key tile at 64 and 32 (the default 128 spills registers
-#               with the early kv loads), bracketed
+#   kv-tile     the decode attention's tests compiled on the GPU, then batch-1 decode with its key tile at 64 and 32,
+#               and with this step's token read as a masked tile (before session 24; the row form needs fewer
+#               registers), bracketed
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -51,8 +52,9 @@
 #               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
 #   tp-prefetch scale_out.py --skip-dp --compare-prefetch MB (default 16; PREFETCH_MB=...) --bracket: TP=2 whose decode
 #               attention asks L2 for the first MB of the gate/up weight
-#   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --rounds 2: TP=2 with the attention's key tile at
-#               32 (64 spills at head dim 128), each configuration twice, interleaved
+#   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-newest-tile --rounds 2: TP=2 with the
+#               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as a masked
+#               tile, each configuration twice, interleaved
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -115,8 +117,11 @@ section() {
                 --compare-prefetch "${PREFETCH_ROWS:-4,8,16,32}" --bracket
             grep -A10 "^device" "$OUT/prefetch.txt" ;;
         kv-tile)
+            TRITON_INTERPRET=0 run kv-tile-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
+                tests/codegen/test_attention.py -k "decode"
+            tail -2 "$OUT/kv-tile-kernels.txt" | cut -c1-300
             run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-decode-block-n 64,32 \
-                --bracket
+                --compare-newest-tile --bracket
             grep -A8 "^device" "$OUT/kv-tile.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
@@ -191,7 +196,8 @@ section() {
                 --bracket $CKPT_8B
             tail -11 "$OUT/tp-prefetch.txt" ;;
         tp-kv-tile)
-            run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --compare-decode-block-n 32 --rounds 2 $CKPT_8B
+            run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --compare-decode-block-n 32 \
+                --compare-newest-tile --rounds 2 $CKPT_8B
             tail -12 "$OUT/tp-kv-tile.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B

@@ -27,6 +27,18 @@ def load_paged(
 
 
 @triton.jit
+def load_paged_row(cache_ptr, table_row_ptr, pos, lo, hi, head, stride_b, stride_s, stride_h, d, d_mask, block_size):
+    """`load_paged` of one position pos (a scalar) -> [BLOCK_D], 0 unless lo <= pos < hi. The table
+    is read at pos // block_size even then, clamped at 0: it has that entry."""
+    pos = tl.maximum(pos, 0)
+    blk = tl.load(table_row_ptr + pos // block_size).to(tl.int64)
+    off = (pos % block_size).to(tl.int64)
+    at = d * 0 + pos  # (as a vector: Triton 3.9's interpreter cannot mask with tensor & scalar)
+    return tl.load(cache_ptr + blk * stride_b + off * stride_s + head * stride_h + d,
+                   mask=d_mask & (at >= lo) & (at < hi), other=0.0)
+
+
+@triton.jit
 def log2_scores(qk, scale, soft_cap, HAS_SOFT_CAP: tl.constexpr):
     """Raw q.k products (float32) -> scaled, optionally capped (cap * tanh(s / cap)) scores in log2 units."""
     s = qk * scale

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kiln.codegen.kernels.attention_common import (
-    block_dim, check_cache, dot_precision, dot_upcast, load_paged, log2_scores, mma,
+    block_dim, check_cache, dot_precision, dot_upcast, load_paged, load_paged_row, log2_scores, mma,
 )
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.prefetch import l2_prefetch_enabled, l2_prefetch_shares, prefetch_l2
@@ -68,7 +68,7 @@ def _decode_kernel(
     PREFETCH: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, ADAPTIVE: tl.constexpr,
+    UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, NEWEST_ROW: tl.constexpr, ADAPTIVE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -131,11 +131,21 @@ def _decode_kernel(
         if start < end:  # the first tile, its newest row (if there) loaded now
             n = start + tl.arange(0, BLOCK_N)
             n_mask = n < end
-            newest = n_mask & (n == seq_len - 1)
-            k = tl.where(newest[:, None], load_paged(k_cache_ptr, table_row, n, newest, kvh, kc_stride_b, kc_stride_s,
-                                                     kc_stride_h, d, d_mask, block_size), k_early)
-            v = tl.where(newest[:, None], load_paged(v_cache_ptr, table_row, n, newest, kvh, vc_stride_b, vc_stride_s,
-                                                     vc_stride_h, dv, dv_mask, block_size), v_early)
+            last = seq_len - 1
+            if NEWEST_ROW:  # one row (see NEWEST_ROW)
+                newest = (n == last)[:, None]
+                k_row = load_paged_row(k_cache_ptr, table_row, last, start, end, kvh, kc_stride_b, kc_stride_s,
+                                       kc_stride_h, d, d_mask, block_size)
+                k = tl.where(newest, k_row[None, :], k_early)
+                v_row = load_paged_row(v_cache_ptr, table_row, last, start, end, kvh, vc_stride_b, vc_stride_s,
+                                       vc_stride_h, dv, dv_mask, block_size)
+                v = tl.where(newest, v_row[None, :], v_early)
+            else:  # a tile masked to the row
+                newest = n_mask & (n == last)
+                k = tl.where(newest[:, None], load_paged(k_cache_ptr, table_row, n, newest, kvh, kc_stride_b,
+                                                         kc_stride_s, kc_stride_h, d, d_mask, block_size), k_early)
+                v = tl.where(newest[:, None], load_paged(v_cache_ptr, table_row, n, newest, kvh, vc_stride_b,
+                                                         vc_stride_s, vc_stride_h, dv, dv_mask, block_size), v_early)
             m_i, l_i, acc = _attend_tile(q, k, v, n, n_mask, seq_len, m_i, l_i, acc, scale, soft_cap, slopes,
                                          HAS_SOFT_CAP, HAS_ALIBI, KV_FP8, PRECISION, UPCAST)
     for n0 in range(first, end, BLOCK_N):
@@ -266,6 +276,14 @@ MERGE_IN_KERNEL = True
 # by default (`early_kv`; benchmarks/decode_latency.py --compare-early-kv times both).
 EARLY_KV = True
 
+# How the early kv path reads this step's token after its wait: as one row of k and of v (True), or
+# as a tile of the split's first keys masked to that row (False, as before session 24). The masked
+# tiles are a second [BLOCK_N, D] tile of k and of v in registers: with them the kernel took 255
+# registers a thread and spilled (ptxas sm_90a, Triton 3.6, 4 warps: 32 bytes at head dim 64 with
+# 128-key tiles, 72 at head dim 128 with 64-key tiles); as rows, 191 and no spill at head dim 64,
+# 255 and 48 bytes at 128. Not timed yet: KILN_NEWEST_ROW=0, `decode_latency.py --compare-newest-tile`.
+NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "1") != "0"
+
 # The fewest keys a split takes, when the splits merge in the kernel (`min_split_keys`): a context
 # shorter than num_splits of them runs on fewer splits, and one that fits in one split skips the
 # merge. 0 (off) until timed: `benchmarks/decode_latency.py --compare-min-split-keys N`, and
@@ -286,10 +304,10 @@ _PREFETCH_AT = {"before": PREFETCH_BEFORE_WAIT, "after": PREFETCH_AFTER_WAIT, "e
 PREFETCH_AT = _PREFETCH_AT[os.environ.get("KILN_PREFETCH_AT", "after")]
 
 # The decode kernel's key tile, when its caller names none; 0: 128 keys at head dims up to 64, else
-# 64. With the early kv loads those default tiles take 255 registers a thread and spill (ptxas
-# sm_90a, Triton 3.6, 4 warps: 32 bytes at head dim 64, 72 at 128), where 64 keys at head dim 64
-# take 146 and 32 at 128 take 195, with no spill. Not timed yet: KILN_DECODE_BLOCK_N=N for a process,
-# `benchmarks/decode_latency.py --compare-decode-block-n 64`, `scale_out.py --compare-decode-block-n 32`.
+# 64. With the early kv loads and NEWEST_ROW, 64 keys at head dim 64 take 152 registers a thread
+# and 32 at head dim 128 take 192, with no spill (the defaults: 191, and 255 with 48 bytes spilled).
+# Not timed yet: KILN_DECODE_BLOCK_N=N for a process, `benchmarks/decode_latency.py
+# --compare-decode-block-n 64`, `scale_out.py --compare-decode-block-n 32`.
 DECODE_BLOCK_N = int(os.environ.get("KILN_DECODE_BLOCK_N", "0"))
 
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
@@ -408,8 +426,8 @@ def decode_attention(
         MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
-        EARLY_KV=early_kv, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=num_warps, num_stages=num_stages, **pdl,
+        EARLY_KV=early_kv, NEWEST_ROW=NEWEST_ROW, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_DV=block_dv, num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if num_splits > 1 and counters is None:
         _merge_kernel[(B * H,)](

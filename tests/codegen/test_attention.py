@@ -94,10 +94,13 @@ def test_decode_attention(H, Hkv, window, num_splits, merge_in_kernel, dtype, de
     close(out, dense_paged(q, md, k_cache, v_cache, 0.2, window=window), dtype=dtype)
 
 
+@pytest.mark.parametrize("newest_row", [True, False])
 @pytest.mark.parametrize("num_splits, window", [(1, 0), (3, 0), (3, 6), (8, 0)])
-def test_decode_attention_early_kv(num_splits, window, device, poisoned, close):
-    """early_kv (the first tile loaded before the PDL wait, this step's token after it): the same
-    attention, with splits that hold this step's token and splits that do not, empty ones too."""
+def test_decode_attention_early_kv(num_splits, window, newest_row, device, poisoned, close, monkeypatch):
+    """early_kv (the first tile loaded before the PDL wait, this step's token after it, as a row or
+    as a masked tile: NEWEST_ROW): the same attention, with splits that hold this step's token and
+    splits that do not, empty ones too."""
+    monkeypatch.setattr(importlib.import_module("kiln.codegen.kernels.decode_attention"), "NEWEST_ROW", newest_row)
     md, k_cache, v_cache = make_batch([1, 1, 1, 1], [1, 9, 23, 70], 2, 32, 4, torch.bfloat16, device)
     q = torch.randn(4, 8, 32, device=device).to(torch.bfloat16)
     out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables, lens_tensors(md, device)[1], 0.2, window,
