@@ -34,8 +34,8 @@ of the gate/up weight (`decode_attention.PREFETCH_BYTES`, named by the prefetch_
 where "@before", "@after" (the default) or "@end" says (`decode_attention.PREFETCH_AT`);
 `--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
 (`decode_attention.DECODE_BLOCK_N`; the default 128 spills registers with the early kv loads);
-`--compare-newest-tile` an async bf16 row whose decode attention reads this step's token as a masked
-tile, as before session 24, instead of one row (`decode_attention.NEWEST_ROW` off);
+`--compare-newest-row` an async bf16 row whose decode attention reads this step's token as one row
+instead of a masked tile (`decode_attention.NEWEST_ROW`: fewer registers, no spill at head dim 64);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
@@ -169,9 +169,9 @@ def main() -> None:
                         "that much of the next gate/up weight into L2, from there")
     p.add_argument("--compare-decode-block-n", default="",
                    help="comma-separated key tiles: an async bf16 row each whose decode attention takes that tile")
-    p.add_argument("--compare-newest-tile", action="store_true",
-                   help="add an async bf16 row whose decode attention reads this step's token as a masked tile "
-                        "(decode_attention.NEWEST_ROW off)")
+    p.add_argument("--compare-newest-row", action="store_true",
+                   help="add an async bf16 row whose decode attention reads this step's token as one row "
+                        "(decode_attention.NEWEST_ROW on)")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
@@ -224,8 +224,8 @@ def main() -> None:
             "prefetch_at": decode_kernels._PREFETCH_AT[at or "after"]})]
     for n in filter(None, args.compare_decode_block_n.split(",")):
         variants += [(f"async, attention tile {n} keys", {"async_scheduling": True, "decode_block_n": int(n)})]
-    if args.compare_newest_tile:
-        variants += [("async, newest token as a masked tile", {"async_scheduling": True, "newest_row": False})]
+    if args.compare_newest_row:
+        variants += [("async, newest token as a row", {"async_scheduling": True, "newest_row": True})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     if args.bracket and len(variants) > 1:
@@ -233,6 +233,7 @@ def main() -> None:
     default_tiles = dict(quant_gemm._GEMV_TILES)
     default_prefetch = decode_kernels.PREFETCH_BYTES
     default_block_n = decode_kernels.DECODE_BLOCK_N
+    default_newest_row = decode_kernels.NEWEST_ROW
     default_prefetch_at = decode_kernels.PREFETCH_AT
     for name, kwargs in variants:
         kwargs = dict(kwargs)
@@ -247,7 +248,7 @@ def main() -> None:
         decode_kernels.MIN_SPLIT_KEYS = kwargs.pop("min_split_keys", 0)
         decode_kernels.PREFETCH_BYTES = kwargs.pop("prefetch_bytes", default_prefetch)
         decode_kernels.DECODE_BLOCK_N = kwargs.pop("decode_block_n", default_block_n)
-        decode_kernels.NEWEST_ROW = kwargs.pop("newest_row", True)
+        decode_kernels.NEWEST_ROW = kwargs.pop("newest_row", default_newest_row)
         decode_kernels.PREFETCH_AT = kwargs.pop("prefetch_at", default_prefetch_at)
         quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
         quant_gemm.NORM_AT_END = kwargs.pop("norm_at_end", True)

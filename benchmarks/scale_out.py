@@ -31,10 +31,10 @@ other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+r
 q/k/v gemv of 8B's shapes on its own tile), `--compare-prefetch MB` one whose decode attention asks L2 for the
 first MB of the gate/up weight (KILN_PREFETCH_MB), `--compare-decode-block-n N` one whose decode
 attention takes tiles of N keys (KILN_DECODE_BLOCK_N; the default 64 at head dim 128 spills registers with
-the early kv loads), `--compare-newest-tile` one whose decode attention reads this step's token as a
-masked tile (KILN_NEWEST_ROW=0, as before session 24). `--bracket` runs the default TP=2 configuration again after
-the variants, so a drift along the call (the variants always run after the default) shows as two
-default rows that differ. `--rounds N` runs the TP=2 configurations N times, interleaved (default,
+the early kv loads), `--compare-newest-row` one whose decode attention reads this step's token as one
+row instead of a masked tile (KILN_NEWEST_ROW=1: fewer registers). `--bracket` runs the default TP=2
+configuration again after the variants, so a drift along the call (the variants always run after the
+default) shows as two default rows that differ. `--rounds N` runs the TP=2 configurations N times, interleaved (default,
 variants, default, variants, ...), and reports each one's median: one call once gave the same
 default configuration 3.273 and, three processes later, 3.511 ms/token. Each configuration's line
 also gives the GPUs' SM clock range, hottest temperature and most power while its decode was timed.
@@ -42,7 +42,7 @@ also gives the GPUs' SM clock range, hottest temperature and most power while it
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
-                                   [--compare-prefetch MB] [--compare-decode-block-n N] [--compare-newest-tile]
+                                   [--compare-prefetch MB] [--compare-decode-block-n N] [--compare-newest-row]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
 """
 
@@ -134,7 +134,7 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
             "tp2-prefetch": ("compare_prefetch", "KILN_PREFETCH_MB", None, "L2 prefetch of gate/up, MB"),
             "tp2-block-n": ("compare_decode_block_n", "KILN_DECODE_BLOCK_N", None, "attention key tile"),
-            "tp2-newest-tile": ("compare_newest_tile", "KILN_NEWEST_ROW", "0", "newest token as a masked tile"),
+            "tp2-newest-row": ("compare_newest_row", "KILN_NEWEST_ROW", "1", "newest token as a row"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
 
 
@@ -212,9 +212,9 @@ def main() -> None:
                         "L2 (KILN_PREFETCH_MB)")
     p.add_argument("--compare-decode-block-n", default="",
                    help="add a TP=2 run whose decode attention takes key tiles of this many (KILN_DECODE_BLOCK_N)")
-    p.add_argument("--compare-newest-tile", action="store_true",
-                   help="add a TP=2 run whose decode attention reads this step's token as a masked tile "
-                        "(KILN_NEWEST_ROW=0)")
+    p.add_argument("--compare-newest-row", action="store_true",
+                   help="add a TP=2 run whose decode attention reads this step's token as one row "
+                        "(KILN_NEWEST_ROW=1)")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],

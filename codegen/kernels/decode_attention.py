@@ -276,13 +276,14 @@ MERGE_IN_KERNEL = True
 # by default (`early_kv`; benchmarks/decode_latency.py --compare-early-kv times both).
 EARLY_KV = True
 
-# How the early kv path reads this step's token after its wait: as one row of k and of v (True), or
-# as a tile of the split's first keys masked to that row (False, as before session 24). The masked
-# tiles are a second [BLOCK_N, D] tile of k and of v in registers: with them the kernel took 255
-# registers a thread and spilled (ptxas sm_90a, Triton 3.6, 4 warps: 32 bytes at head dim 64 with
-# 128-key tiles, 72 at head dim 128 with 64-key tiles); as rows, 191 and no spill at head dim 64,
-# 255 and 48 bytes at 128. Not timed yet: KILN_NEWEST_ROW=0, `decode_latency.py --compare-newest-tile`.
-NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "1") != "0"
+# How the early kv path reads this step's token after its wait: as a tile of the split's first keys
+# masked to that row (False, the default, timed and confirmed on GPUs since session 21), or as one
+# row of k and of v (True). The masked tiles are a second [BLOCK_N, D] tile of k and of v in
+# registers: with them the kernel takes 255 registers a thread and spills (ptxas sm_90a, Triton 3.6,
+# 4 warps: 32 bytes at head dim 64 with 128-key tiles, 72 at head dim 128 with 64-key tiles); as rows,
+# 191 and no spill at head dim 64, 255 and 48 bytes at 128. Off until timed: KILN_NEWEST_ROW=1,
+# `decode_latency.py --compare-newest-row`, `scale_out.py --compare-newest-row`.
+NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "0") != "0"
 
 # The fewest keys a split takes, when the splits merge in the kernel (`min_split_keys`): a context
 # shorter than num_splits of them runs on fewer splits, and one that fits in one split skips the
@@ -304,8 +305,8 @@ _PREFETCH_AT = {"before": PREFETCH_BEFORE_WAIT, "after": PREFETCH_AFTER_WAIT, "e
 PREFETCH_AT = _PREFETCH_AT[os.environ.get("KILN_PREFETCH_AT", "after")]
 
 # The decode kernel's key tile, when its caller names none; 0: 128 keys at head dims up to 64, else
-# 64. With the early kv loads and NEWEST_ROW, 64 keys at head dim 64 take 152 registers a thread
-# and 32 at head dim 128 take 192, with no spill (the defaults: 191, and 255 with 48 bytes spilled).
+# 64. With the early kv loads, 64 keys at head dim 64 take 146 registers a thread and 32 at head dim
+# 128 take 195, with no spill (the defaults: 255 and spills; see NEWEST_ROW).
 # Not timed yet: KILN_DECODE_BLOCK_N=N for a process, `benchmarks/decode_latency.py
 # --compare-decode-block-n 64`, `scale_out.py --compare-decode-block-n 32`.
 DECODE_BLOCK_N = int(os.environ.get("KILN_DECODE_BLOCK_N", "0"))
