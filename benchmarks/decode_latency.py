@@ -231,10 +231,13 @@ def main() -> None:
     if args.bracket and len(variants) > 1:
         variants += [("bf16, again last", {})]
     default_tiles = dict(quant_gemm._GEMV_TILES)
-    default_prefetch = decode_kernels.PREFETCH_BYTES
-    default_block_n = decode_kernels.DECODE_BLOCK_N
-    default_newest_row = decode_kernels.NEWEST_ROW
-    default_prefetch_at = decode_kernels.PREFETCH_AT
+    # a row's key -> the module switch it sets (read while the graphs capture), and its value in the others
+    switches = {key: (module, name, getattr(module, name)) for key, module, name in (
+        ("merge_in_kernel", decode_kernels, "MERGE_IN_KERNEL"), ("early_kv", decode_kernels, "EARLY_KV"),
+        ("min_split_keys", decode_kernels, "MIN_SPLIT_KEYS"), ("prefetch_bytes", decode_kernels, "PREFETCH_BYTES"),
+        ("prefetch_at", decode_kernels, "PREFETCH_AT"), ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
+        ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
+        ("norm_at_end", quant_gemm, "NORM_AT_END"))}
     for name, kwargs in variants:
         kwargs = dict(kwargs)
         quant_gemm._GEMV_TILES.clear()
@@ -242,16 +245,8 @@ def main() -> None:
         quant_gemm._GEMV_TILES.update(kwargs.pop("gemv_tiles", {}))
         options = {"quantize_lm_head": args.quantize_lm_head,
                    **{key: kwargs.pop(key) for key in ("float_gemv", "pdl", "passes") if key in kwargs}}
-        # (module switches, read while the graphs capture)
-        decode_kernels.MERGE_IN_KERNEL = kwargs.pop("merge_in_kernel", True)
-        decode_kernels.EARLY_KV = kwargs.pop("early_kv", True)
-        decode_kernels.MIN_SPLIT_KEYS = kwargs.pop("min_split_keys", 0)
-        decode_kernels.PREFETCH_BYTES = kwargs.pop("prefetch_bytes", default_prefetch)
-        decode_kernels.DECODE_BLOCK_N = kwargs.pop("decode_block_n", default_block_n)
-        decode_kernels.NEWEST_ROW = kwargs.pop("newest_row", default_newest_row)
-        decode_kernels.PREFETCH_AT = kwargs.pop("prefetch_at", default_prefetch_at)
-        quant_gemm.FP8_BY_BITS = kwargs.pop("fp8_by_bits", False)
-        quant_gemm.NORM_AT_END = kwargs.pop("norm_at_end", True)
+        for key, (module, switch, default) in switches.items():
+            setattr(module, switch, kwargs.pop(key, default))
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
                   enable_prefix_caching=False, compilation_config=options, **kwargs)
 

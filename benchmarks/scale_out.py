@@ -255,8 +255,7 @@ def main() -> None:
                 switch, value, _ = variant_switch(name, args)
                 env[switch] = value
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name.removesuffix("-again"),
-                                  "--checkpoint", path,
-                                  *flags], capture_output=True, text=True, env=env)
+                                  "--checkpoint", path, *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -75,8 +75,9 @@ def _decode_kernel(
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    program = (b * (H // GROUP) + kvh) * NUM_SPLITS + split  # (its share of the prefetch)
     if PREFETCH == 1:  # PREFETCH_BEFORE_WAIT (a weight no kernel writes: safe before the wait)
-        prefetch_l2(prefetch_ptr, (b * (H // GROUP) + kvh) * NUM_SPLITS + split, prefetch_share, prefetch_total)
+        prefetch_l2(prefetch_ptr, program, prefetch_share, prefetch_total)
     if not EARLY_KV:
         wait_for_inputs(PDL)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -111,7 +112,7 @@ def _decode_kernel(
         wait_for_inputs(PDL)
         first = start + BLOCK_N
     if PREFETCH == 2:  # PREFETCH_AFTER_WAIT (a later kernel's weight into L2; see `decode_attention`)
-        prefetch_l2(prefetch_ptr, (b * (H // GROUP) + kvh) * NUM_SPLITS + split, prefetch_share, prefetch_total)
+        prefetch_l2(prefetch_ptr, program, prefetch_share, prefetch_total)
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
@@ -181,7 +182,7 @@ def _decode_kernel(
                              H, DV, NUM_SPLITS, HAS_SINKS, active)
                 tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
     if PREFETCH == 3:  # PREFETCH_AT_END
-        prefetch_l2(prefetch_ptr, (b * (H // GROUP) + kvh) * NUM_SPLITS + split, prefetch_share, prefetch_total)
+        prefetch_l2(prefetch_ptr, program, prefetch_share, prefetch_total)
 
 
 @triton.jit
@@ -414,9 +415,9 @@ def decode_attention(
         min_split_keys = MIN_SPLIT_KEYS
     adaptive = min_split_keys > 0 and counters is not None  # (the merge kernel reads every split's partial)
     share = None
-    if prefetch is not None and l2_prefetch_enabled(q.device):
-        share = l2_prefetch_shares(prefetch, PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes,
-                                B * HKV * num_splits)
+    prefetch_bytes = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
+    if prefetch is not None and prefetch_bytes > 0 and l2_prefetch_enabled(q.device):
+        share = l2_prefetch_shares(prefetch, prefetch_bytes, B * HKV * num_splits)
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],

@@ -17,6 +17,7 @@ and the attention 1.5 us more, its dependent loads queued behind the prefetch's 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,8 +32,12 @@ def l2_prefetch_enabled(device: torch.device) -> bool:
     """Whether kernels launched on `device` may issue L2 prefetches."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _hopper_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def l2_prefetch_shares(weight: torch.Tensor, max_bytes: int, programs: int) -> tuple[int, int] | None:
