@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
+import threading
 
 import torch
 import transformers
@@ -42,6 +44,47 @@ def header(device: torch.device, dtype: str) -> str:
 def runs(times: dict[str, list[float]], digits: int = 2) -> str:
     """Every timed run of every side, so a noisy median can be seen as one."""
     return "runs s: " + ", ".join(f"{name} " + " ".join(f"{t:.{digits}f}" for t in ts) for name, ts in times.items())
+
+
+class GpuWatch:
+    """The GPUs' SM clocks, temperatures and power, polled from nvidia-smi every half second while
+    a measurement runs: a figure that drifts along a call can then be told from one taken at lower
+    clocks. `summary()`: per GPU, SM MHz min-max, the hottest C, the most W ("" without nvidia-smi)."""
+
+    def __init__(self):
+        self.samples: list[list[tuple[float, ...]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,temperature.gpu,power.draw",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+                self.samples.append([tuple(float(v) for v in line.split(",")) for line in out.stdout.splitlines()])
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> "GpuWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        return gpu_summary(self.samples)
+
+
+def gpu_summary(samples: list[list[tuple[float, ...]]]) -> str:
+    """GpuWatch.summary of samples from one watch or several (their `samples` added up)."""
+    if not samples:
+        return ""
+    per_gpu = list(zip(*samples))
+    return " | ".join(f"gpu{i} {min(s[0] for s in g):.0f}-{max(s[0] for s in g):.0f} MHz "
+                      f"{max(s[1] for s in g):.0f} C {max(s[2] for s in g):.0f} W" for i, g in enumerate(per_gpu))
 
 
 def large_random_checkpoint(path: str, architecture: str = "LlamaForCausalLM", dtype: str = "bfloat16",

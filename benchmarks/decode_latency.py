@@ -34,10 +34,14 @@ of the gate/up weight (`decode_attention.PREFETCH_BYTES`, named by the prefetch_
 where "@before", "@after" (the default) or "@end" says (`decode_attention.PREFETCH_AT`);
 `--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
 (`decode_attention.DECODE_BLOCK_N`; the default 128 spills registers with the early kv loads);
-`--compare-newest-row` an async bf16 row whose decode attention reads this step's token as one row
-instead of a masked tile (`decode_attention.NEWEST_ROW`: fewer registers, no spill at head dim 64);
+`--compare-masked-row` an async bf16 row whose decode attention reads this step's token as a tile masked
+to its row, the form before session 25 (`decode_attention.NEWEST_ROW` off: more registers, spills);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
+`--rounds N` builds every row's engine first (the 1B's fit side by side), then times the rows N
+times, interleaved, each round starting one row later, and reports each row's median: the same
+default row once gave 1.133 ms/token first and 0.937 last in one call. Every row's timings are
+printed in the order taken, with the GPU's SM clock range, temperature and power while they ran.
 `--quantization int8_weight_only,fp8_weight_only` adds a row per scheme from the same run: each
 against its own roofline, the bytes its compiled graphs actually read per token (8-bit weights and
 their scales, and whatever stays bf16: norms, and the output projection unless
@@ -50,7 +54,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -61,6 +67,9 @@ from transformers import AutoModelForCausalLM
 from kiln import LLM, SamplingParams
 from kiln.codegen.kernels import quant_gemm
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import GpuWatch, gpu_summary  # noqa: E402
 
 # (the kernels package re-exports the launcher under the module's name)
 decode_kernels = importlib.import_module("kiln.codegen.kernels.decode_attention")
@@ -169,12 +178,15 @@ def main() -> None:
                         "that much of the next gate/up weight into L2, from there")
     p.add_argument("--compare-decode-block-n", default="",
                    help="comma-separated key tiles: an async bf16 row each whose decode attention takes that tile")
-    p.add_argument("--compare-newest-row", action="store_true",
-                   help="add an async bf16 row whose decode attention reads this step's token as one row "
-                        "(decode_attention.NEWEST_ROW on)")
+    p.add_argument("--compare-masked-row", action="store_true",
+                   help="add an async bf16 row whose decode attention reads this step's token as a masked tile "
+                        "(decode_attention.NEWEST_ROW off)")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="build every row's engine first, then time the rows this many times, interleaved (each round "
+                        "starting one row later), and report each row's median and range")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--sync-scheduling", action="store_true",
                    help="add a bf16 row with the steps in turn (async_scheduling=False)")
@@ -191,7 +203,6 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
 
     prompt = {"prompt_token_ids": list(range(100, 100 + args.prompt_len))}
-    results = {}  # variant -> (bytes read per token, seconds per token, time to first token)
     variants = [("bf16", {})] + ([("bf16 steps in turn", {"async_scheduling": False})] if args.sync_scheduling else [])
     variants += [("bf16 cuBLAS", {"float_gemv": False})] if args.cublas else []
     if args.compare_pdl:
@@ -224,8 +235,8 @@ def main() -> None:
             "prefetch_at": decode_kernels._PREFETCH_AT[at or "after"]})]
     for n in filter(None, args.compare_decode_block_n.split(",")):
         variants += [(f"async, attention tile {n} keys", {"async_scheduling": True, "decode_block_n": int(n)})]
-    if args.compare_newest_row:
-        variants += [("async, newest token as a row", {"async_scheduling": True, "newest_row": True})]
+    if args.compare_masked_row:
+        variants += [("async, newest token as a masked tile", {"async_scheduling": True, "newest_row": False})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     if args.bracket and len(variants) > 1:
@@ -238,32 +249,57 @@ def main() -> None:
         ("prefetch_at", decode_kernels, "PREFETCH_AT"), ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
         ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
         ("norm_at_end", quant_gemm, "NORM_AT_END"))}
-    for name, kwargs in variants:
+
+    def configure(kwargs: dict) -> dict:
+        """Set a row's module switches and gemv tiles (the others' defaults); its LLM keyword arguments."""
         kwargs = dict(kwargs)
         quant_gemm._GEMV_TILES.clear()
         quant_gemm._GEMV_TILES.update(default_tiles)
         quant_gemm._GEMV_TILES.update(kwargs.pop("gemv_tiles", {}))
-        options = {"quantize_lm_head": args.quantize_lm_head,
-                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl", "passes") if key in kwargs}}
         for key, (module, switch, default) in switches.items():
             setattr(module, switch, kwargs.pop(key, default))
+        options = {"quantize_lm_head": args.quantize_lm_head,
+                   **{key: kwargs.pop(key) for key in ("float_gemv", "pdl", "passes") if key in kwargs}}
+        return dict(kwargs, compilation_config=options)
+
+    def timed(llm, n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        torch.cuda.synchronize()
+        assert len(out[0].outputs[0].token_ids) == n
+        return time.perf_counter() - t0
+
+    def measure(name: str, llm) -> None:
+        """One timing of a row: (seconds per decoded token, time to first token) joins its rounds."""
+        with GpuWatch() as watch:
+            first = statistics.median(timed(llm, 1) for _ in range(args.repeats))
+            full = statistics.median(timed(llm, args.new_tokens) for _ in range(args.repeats))
+        rounds.setdefault(name, []).append(((full - first) / (args.new_tokens - 1), first))
+        clocks.setdefault(name, []).extend(watch.samples)
+
+    rounds: dict[str, list[tuple[float, float]]] = {}
+    clocks: dict[str, list] = {}
+    engines, weight_read = {}, {}
+    for name, kwargs in variants:
         llm = LLM(path, dtype="bfloat16", enforce_eager=False, max_num_seqs=8, max_model_len=1024,
-                  enable_prefix_caching=False, compilation_config=options, **kwargs)
-
-        def timed(n: int, llm=llm) -> float:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-            torch.cuda.synchronize()
-            assert len(out[0].outputs[0].token_ids) == n
-            return time.perf_counter() - t0
-
-        timed(args.new_tokens)  # warm-up
-        first = statistics.median(timed(1) for _ in range(args.repeats))
-        full = statistics.median(timed(args.new_tokens) for _ in range(args.repeats))
-        results[name] = (bytes_read_per_token(llm), (full - first) / (args.new_tokens - 1), first)
+                  enable_prefix_caching=False, **configure(kwargs))
+        timed(llm, args.new_tokens)  # warm-up (the graphs capture here, under this row's switches)
+        weight_read[name] = bytes_read_per_token(llm)
+        if args.rounds > 1:
+            engines[name] = llm
+            continue
+        measure(name, llm)
         del llm
         torch.cuda.empty_cache()
+    for r in range(args.rounds if engines else 0):  # each round starts one row later
+        for name, kwargs in variants[r % len(variants):] + variants[:r % len(variants)]:
+            configure(kwargs)
+            measure(name, engines[name])
+    results = {}  # row -> (bytes read per token, seconds per token, time to first token): the medians
+    for name, _ in variants:
+        per_token, first = zip(*rounds[name])
+        results[name] = (weight_read[name], statistics.median(per_token), statistics.median(first))
     # Measured again after the runs, and the higher kept: the roofline is the most the device can
     # move (one call measured 2.58 TB/s at its start where the calls around it measured 2.90-2.97,
     # which would have flattered every fraction by 11%).
@@ -286,6 +322,8 @@ def main() -> None:
               f"{read / bandwidth / secs:13.1%}{per_token / secs:9.2f}")
     if len(results) > 1:
         print(f"lm_head {'quantized' if args.quantize_lm_head else 'kept in bf16'} in the quantized rows")
+    for name, timings in rounds.items():  # each row's timings (in the order taken) and the GPU's state meanwhile
+        print(f"{name}: ms/token {' '.join(f'{t * 1e3:.3f}' for t, _ in timings)} | {gpu_summary(clocks[name])}")
     if hf_s is not None:
         hf_tok = hf_s / args.new_tokens
         print(f"{'HF generate (eager)':28}{weight_bytes / 1e9:9.3f}{roofline * 1e3:13.3f}{hf_tok * 1e3:10.3f}"

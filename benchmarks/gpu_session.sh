@@ -19,8 +19,10 @@
 #               with the attention asking L2 for the first 4, 8, 16, 32 MB of the gate/up weight
 #               (PREFETCH_ROWS="8@end,...": other sizes and places), bracketed
 #   kv-tile     the decode attention's tests compiled on the GPU, then batch-1 decode with its key tile at 64 and 32,
-#               and with this step's token read as one row (NEWEST_ROW: fewer registers than the masked tile),
-#               bracketed
+#               with this step's token read as a masked tile (the form before session 25), and with the attention's
+#               L2 prefetch of 8 MB at its end; five interleaved rounds (--rounds 5), medians
+#   row-prefetch batch-1 decode: the default, this step's token as a masked tile, the L2 prefetch of 8 MB at the
+#               attention's end; seven interleaved rounds
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -52,9 +54,11 @@
 #               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
 #   tp-prefetch scale_out.py --skip-dp --compare-prefetch MB (default 16; PREFETCH_MB=...) --bracket: TP=2 whose decode
 #               attention asks L2 for the first MB of the gate/up weight
-#   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-newest-row --rounds 2: TP=2 with the
-#               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as one
-#               row, each configuration twice, interleaved
+#   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-masked-row --rounds 2: TP=2 with the
+#               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as a masked
+#               tile, each configuration twice, interleaved
+#   tp-rounds   scale_out.py --skip-dp --compare-masked-row --compare-prefetch 8 --rounds 2 (the prefetch at the
+#               attention's end): TP=1, TP=2 and its two variants, twice, interleaved
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -121,8 +125,12 @@ section() {
                 tests/codegen/test_attention.py -k "decode"
             tail -2 "$OUT/kv-tile-kernels.txt" | cut -c1-300
             run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-decode-block-n 64,32 \
-                --compare-newest-row --bracket
-            grep -A8 "^device" "$OUT/kv-tile.txt" ;;
+                --compare-masked-row --compare-prefetch 8@end --rounds 5
+            grep -A16 "^device" "$OUT/kv-tile.txt" ;;
+        row-prefetch)
+            run row-prefetch 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-masked-row \
+                --compare-prefetch 8@end --rounds 7
+            grep -A16 "^device" "$OUT/row-prefetch.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;
@@ -197,8 +205,12 @@ section() {
             tail -11 "$OUT/tp-prefetch.txt" ;;
         tp-kv-tile)
             run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --compare-decode-block-n 32 \
-                --compare-newest-row --rounds 2 $CKPT_8B
+                --compare-masked-row --rounds 2 $CKPT_8B
             tail -12 "$OUT/tp-kv-tile.txt" ;;
+        tp-rounds)
+            KILN_PREFETCH_AT=end run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --compare-masked-row \
+                --compare-prefetch 8 --rounds 2 $CKPT_8B
+            tail -14 "$OUT/tp-rounds.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B
             tail -9 "$OUT/tp-flags.txt" ;;

@@ -54,8 +54,15 @@ def kernel_table(trace_path: str, marker: str = "argmax") -> None:
             steps.append(current)
             current = []
     per_step = collections.Counter(len(s) for s in steps).most_common(1)[0][0]
-    between = sorted(b[0]["ts"] - a[-1]["ts"] - a[-1]["dur"] for a, b in zip(steps, steps[1:])
-                     if len(a) == len(b) == per_step)
+    pairs = [(a, b) for a, b in zip(steps, steps[1:]) if len(a) == len(b) == per_step]
+    between = sorted(b[0]["ts"] - a[-1]["ts"] - a[-1]["dur"] for a, b in pairs)
+    if pairs:  # what the device does from one step's last kernel to the next one's sixth, copies included
+        a, b = pairs[len(pairs) // 2]
+        t0, t1 = a[-1]["ts"] + a[-1]["dur"], b[min(5, len(b) - 1)]["ts"]
+        copies = [e for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset") and t0 <= e["ts"] <= t1]
+        print("between two steps (the middle pair): start us after the last step's end, us long, what")
+        for e in sorted(copies + b[:6], key=lambda e: e["ts"]):
+            print(f"  {e['ts'] - t0:8.1f} {e['dur']:7.2f}  {e['cat']:10} {e['name'][:70]}")
     steps = [s for s in steps if len(s) == per_step]
     rows: dict[tuple, list] = {}
     def kind(e):

@@ -31,18 +31,18 @@ other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+r
 q/k/v gemv of 8B's shapes on its own tile), `--compare-prefetch MB` one whose decode attention asks L2 for the
 first MB of the gate/up weight (KILN_PREFETCH_MB), `--compare-decode-block-n N` one whose decode
 attention takes tiles of N keys (KILN_DECODE_BLOCK_N; the default 64 at head dim 128 spills registers with
-the early kv loads), `--compare-newest-row` one whose decode attention reads this step's token as one
-row instead of a masked tile (KILN_NEWEST_ROW=1: fewer registers). `--bracket` runs the default TP=2
+the early kv loads), `--compare-masked-row` one whose decode attention reads this step's token as a
+tile masked to its row instead of one row (KILN_NEWEST_ROW=0: the form before session 25). `--bracket` runs the default TP=2
 configuration again after the variants, so a drift along the call (the variants always run after the
-default) shows as two default rows that differ. `--rounds N` runs the TP=2 configurations N times, interleaved (default,
-variants, default, variants, ...), and reports each one's median: one call once gave the same
+default) shows as two default rows that differ. `--rounds N` runs TP=1 and the TP=2 configurations N times, interleaved
+(TP=1, default, variants, TP=1, default, variants, ...), and reports each one's median: one call once gave the same
 default configuration 3.273 and, three processes later, 3.511 ms/token. Each configuration's line
 also gives the GPUs' SM clock range, hottest temperature and most power while its decode was timed.
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
-                                   [--compare-prefetch MB] [--compare-decode-block-n N] [--compare-newest-row]
+                                   [--compare-prefetch MB] [--compare-decode-block-n N] [--compare-masked-row]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
 """
 
@@ -56,53 +56,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import GpuWatch  # noqa: E402
 
 LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=14336, max_position_embeddings=2048, tie_word_embeddings=False,
                 initializer_range=0.02, vocab_size=128256)
 SMALL = dict(LLAMA_8B, hidden_size=2048, num_hidden_layers=8, intermediate_size=8192)
-
-
-class GpuWatch:
-    """The GPUs' SM clocks, temperatures and power, polled from nvidia-smi every half second while
-    a measurement runs: a figure that drifts along a call can then be told from one taken at lower
-    clocks. `summary()`: per GPU, SM MHz min-max, the hottest C, the most W ("" without nvidia-smi)."""
-
-    def __init__(self):
-        self.samples: list[list[tuple[float, ...]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,temperature.gpu,power.draw",
-                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
-                self.samples.append([tuple(float(v) for v in line.split(",")) for line in out.stdout.splitlines()])
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                return
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> "GpuWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> str:
-        if not self.samples:
-            return ""
-        per_gpu = list(zip(*self.samples))
-        return " | ".join(f"gpu{i} {min(s[0] for s in g):.0f}-{max(s[0] for s in g):.0f} MHz "
-                          f"{max(s[1] for s in g):.0f} C {max(s[2] for s in g):.0f} W" for i, g in enumerate(per_gpu))
 
 
 def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
@@ -134,7 +98,7 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
             "tp2-prefetch": ("compare_prefetch", "KILN_PREFETCH_MB", None, "L2 prefetch of gate/up, MB"),
             "tp2-block-n": ("compare_decode_block_n", "KILN_DECODE_BLOCK_N", None, "attention key tile"),
-            "tp2-newest-row": ("compare_newest_row", "KILN_NEWEST_ROW", "1", "newest token as a row"),
+            "tp2-masked-row": ("compare_masked_row", "KILN_NEWEST_ROW", "0", "newest token as a masked tile"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
 
 
@@ -212,9 +176,9 @@ def main() -> None:
                         "L2 (KILN_PREFETCH_MB)")
     p.add_argument("--compare-decode-block-n", default="",
                    help="add a TP=2 run whose decode attention takes key tiles of this many (KILN_DECODE_BLOCK_N)")
-    p.add_argument("--compare-newest-row", action="store_true",
-                   help="add a TP=2 run whose decode attention reads this step's token as one row "
-                        "(KILN_NEWEST_ROW=1)")
+    p.add_argument("--compare-masked-row", action="store_true",
+                   help="add a TP=2 run whose decode attention reads this step's token as a masked tile "
+                        "(KILN_NEWEST_ROW=0)")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
@@ -222,7 +186,7 @@ def main() -> None:
                         "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
     p.add_argument("--bracket", action="store_true", help="run the default TP=2 again after the variants")
     p.add_argument("--rounds", type=int, default=1,
-                   help="run the TP=2 configurations (the default and each variant) this many times, interleaved, "
+                   help="run TP=1 and the TP=2 configurations (the default and each variant) this many times, interleaved, "
                         "and take each one's median")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
@@ -247,7 +211,7 @@ def main() -> None:
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
         tp = [] if args.skip_tp else ["tp2"] + [name for name, (option, *_) in VARIANTS.items() if getattr(args, option)]
-        runs = ["tp1"] + tp * args.rounds + (["tp2-again"] if args.bracket and len(tp) > 1 else [])
+        runs = (["tp1"] + tp) * args.rounds + (["tp2-again"] if args.bracket and len(tp) > 1 else [])
         for name in runs + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
             env = dict(os.environ)
