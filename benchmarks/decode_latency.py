@@ -29,11 +29,8 @@ async bf16 row whose decode attention loads every key and value after its PDL wa
 attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
 fewer splits, one split and no merge when it fits); `--compare-norm-at-end` an async bf16 row whose
 norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off);
-`--compare-prefetch 8,16@end` an async bf16 row per size whose decode attention asks L2 for that many MB
-of the gate/up weight (`decode_attention.PREFETCH_BYTES`, named by the prefetch_weights pass), from
-where "@before", "@after" (the default) or "@end" says (`decode_attention.PREFETCH_AT`);
 `--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
-(`decode_attention.DECODE_BLOCK_N`; the default 128 spills registers with the early kv loads);
+(`decode_attention.DECODE_BLOCK_N`; both lost to the default 128 on an H100 in session 25);
 `--compare-masked-row` an async bf16 row whose decode attention reads this step's token as a tile masked
 to its row, the form before session 25 (`decode_attention.NEWEST_ROW` off: more registers, spills);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
@@ -173,9 +170,6 @@ def main() -> None:
                         "(quant_gemm.NORM_AT_END off)")
     p.add_argument("--compare-min-split-keys", type=int, default=0,
                    help="add an async bf16 row whose decode attention splits take at least this many keys")
-    p.add_argument("--compare-prefetch", default="",
-                   help="comma-separated MB[@before|@after|@end]: an async bf16 row each whose attention prefetches "
-                        "that much of the next gate/up weight into L2, from there")
     p.add_argument("--compare-decode-block-n", default="",
                    help="comma-separated key tiles: an async bf16 row each whose decode attention takes that tile")
     p.add_argument("--compare-masked-row", action="store_true",
@@ -228,11 +222,6 @@ def main() -> None:
     if args.compare_min_split_keys:
         variants += [(f"async, splits of >= {args.compare_min_split_keys} keys",
                       {"async_scheduling": True, "min_split_keys": args.compare_min_split_keys})]
-    for spec in filter(None, args.compare_prefetch.split(",")):
-        mb, _, at = spec.partition("@")
-        variants += [(f"async, prefetch {mb} MB {at or 'after'}", {
-            "async_scheduling": True, "prefetch_bytes": int(float(mb) * 2**20),
-            "prefetch_at": decode_kernels._PREFETCH_AT[at or "after"]})]
     for n in filter(None, args.compare_decode_block_n.split(",")):
         variants += [(f"async, attention tile {n} keys", {"async_scheduling": True, "decode_block_n": int(n)})]
     if args.compare_masked_row:
@@ -245,8 +234,7 @@ def main() -> None:
     # a row's key -> the module switch it sets (read while the graphs capture), and its value in the others
     switches = {key: (module, name, getattr(module, name)) for key, module, name in (
         ("merge_in_kernel", decode_kernels, "MERGE_IN_KERNEL"), ("early_kv", decode_kernels, "EARLY_KV"),
-        ("min_split_keys", decode_kernels, "MIN_SPLIT_KEYS"), ("prefetch_bytes", decode_kernels, "PREFETCH_BYTES"),
-        ("prefetch_at", decode_kernels, "PREFETCH_AT"), ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
+        ("min_split_keys", decode_kernels, "MIN_SPLIT_KEYS"), ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
         ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
         ("norm_at_end", quant_gemm, "NORM_AT_END"))}
 

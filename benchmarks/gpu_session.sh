@@ -15,14 +15,9 @@
 #               context on one split, no merge) and at least 128, against the default
 #   norm        the norm gemvs' kernel tests compiled on the GPU (both ways of normalizing), then batch-1 decode with
 #               the norm's statistics gathered in the gemv's product loop (the default) and read first
-#   prefetch    the decode attention's tests compiled on the GPU (its L2 prefetch changes no bit), then batch-1 decode
-#               with the attention asking L2 for the first 4, 8, 16, 32 MB of the gate/up weight
-#               (PREFETCH_ROWS="8@end,...": other sizes and places), bracketed
 #   kv-tile     the decode attention's tests compiled on the GPU, then batch-1 decode with its key tile at 64 and 32,
-#               with this step's token read as a masked tile (the form before session 25), and with the attention's
-#               L2 prefetch of 8 MB at its end; five interleaved rounds (--rounds 5), medians
-#   row-prefetch batch-1 decode: the default, this step's token as a masked tile, the L2 prefetch of 8 MB at the
-#               attention's end; seven interleaved rounds
+#               and with this step's token read as a masked tile (the form before session 25); five interleaved
+#               rounds (--rounds 5), medians
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -52,13 +47,11 @@
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-ab       scale_out.py --skip-dp --compare-tiles deep+rope=8x1024x8 --compare-min-split-keys 64 --bracket: tp-tiles
 #               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
-#   tp-prefetch scale_out.py --skip-dp --compare-prefetch MB (default 16; PREFETCH_MB=...) --bracket: TP=2 whose decode
-#               attention asks L2 for the first MB of the gate/up weight
 #   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-masked-row --rounds 2: TP=2 with the
 #               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as a masked
 #               tile, each configuration twice, interleaved
-#   tp-rounds   scale_out.py --skip-dp --compare-masked-row --compare-prefetch 8 --rounds 2 (the prefetch at the
-#               attention's end): TP=1, TP=2 and its two variants, twice, interleaved
+#   tp-rounds   scale_out.py --skip-dp --compare-masked-row --rounds 3: TP=1, TP=2 and TP=2 with this step's token
+#               read as a masked tile, three times, interleaved (the speedup read through the run-to-run spread)
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -113,24 +106,13 @@ section() {
             tail -2 "$OUT/norm-kernels.txt" | cut -c1-300
             run norm 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-norm-at-end --bracket
             grep -A6 "^device" "$OUT/norm.txt" ;;
-        prefetch)
-            TRITON_INTERPRET=0 run prefetch-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
-                tests/codegen/test_attention.py -k "decode"
-            tail -2 "$OUT/prefetch-kernels.txt" | cut -c1-300
-            run prefetch 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
-                --compare-prefetch "${PREFETCH_ROWS:-4,8,16,32}" --bracket
-            grep -A10 "^device" "$OUT/prefetch.txt" ;;
         kv-tile)
             TRITON_INTERPRET=0 run kv-tile-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
                 tests/codegen/test_attention.py -k "decode"
             tail -2 "$OUT/kv-tile-kernels.txt" | cut -c1-300
             run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-decode-block-n 64,32 \
-                --compare-masked-row --compare-prefetch 8@end --rounds 5
+                --compare-masked-row --rounds 5
             grep -A16 "^device" "$OUT/kv-tile.txt" ;;
-        row-prefetch)
-            run row-prefetch 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-masked-row \
-                --compare-prefetch 8@end --rounds 7
-            grep -A16 "^device" "$OUT/row-prefetch.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;
@@ -199,17 +181,12 @@ section() {
             run tp-ab 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" \
                 --compare-min-split-keys 64 --bracket $CKPT_8B
             tail -12 "$OUT/tp-ab.txt" ;;
-        tp-prefetch)
-            run tp-prefetch 590 python benchmarks/scale_out.py --skip-dp --compare-prefetch "${PREFETCH_MB:-16}" \
-                --bracket $CKPT_8B
-            tail -11 "$OUT/tp-prefetch.txt" ;;
         tp-kv-tile)
             run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --compare-decode-block-n 32 \
                 --compare-masked-row --rounds 2 $CKPT_8B
             tail -12 "$OUT/tp-kv-tile.txt" ;;
         tp-rounds)
-            KILN_PREFETCH_AT=end run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --compare-masked-row \
-                --compare-prefetch 8 --rounds 2 $CKPT_8B
+            run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --compare-masked-row --rounds 3 $CKPT_8B
             tail -14 "$OUT/tp-rounds.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B

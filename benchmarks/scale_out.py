@@ -28,8 +28,7 @@ last program sums the row with the peer's; "0": the gemv, then the all-reduce ke
 (KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its
 statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take
 other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
-q/k/v gemv of 8B's shapes on its own tile), `--compare-prefetch MB` one whose decode attention asks L2 for the
-first MB of the gate/up weight (KILN_PREFETCH_MB), `--compare-decode-block-n N` one whose decode
+q/k/v gemv of 8B's shapes on its own tile), `--compare-decode-block-n N` one whose decode
 attention takes tiles of N keys (KILN_DECODE_BLOCK_N; the default 64 at head dim 128 spills registers with
 the early kv loads), `--compare-masked-row` one whose decode attention reads this step's token as a
 tile masked to its row instead of one row (KILN_NEWEST_ROW=0: the form before session 25). `--bracket` runs the default TP=2
@@ -42,7 +41,7 @@ also gives the GPUs' SM clock range, hottest temperature and most power while it
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
-                                   [--compare-prefetch MB] [--compare-decode-block-n N] [--compare-masked-row]
+                                   [--compare-decode-block-n N] [--compare-masked-row]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
 """
 
@@ -96,7 +95,6 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", None,
                           "fused all-reduce mode"),
             "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
-            "tp2-prefetch": ("compare_prefetch", "KILN_PREFETCH_MB", None, "L2 prefetch of gate/up, MB"),
             "tp2-block-n": ("compare_decode_block_n", "KILN_DECODE_BLOCK_N", None, "attention key tile"),
             "tp2-masked-row": ("compare_masked_row", "KILN_NEWEST_ROW", "0", "newest token as a masked tile"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
@@ -171,9 +169,6 @@ def main() -> None:
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--compare-min-split-keys", default="",
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
-    p.add_argument("--compare-prefetch", default="",
-                   help="add a TP=2 run whose decode attention prefetches this many MB of the gate/up weight into "
-                        "L2 (KILN_PREFETCH_MB)")
     p.add_argument("--compare-decode-block-n", default="",
                    help="add a TP=2 run whose decode attention takes key tiles of this many (KILN_DECODE_BLOCK_N)")
     p.add_argument("--compare-masked-row", action="store_true",

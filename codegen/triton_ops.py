@@ -63,11 +63,10 @@ def _batch_tensors(md: AttentionMetadata, device: torch.device, paged: bool) -> 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, sliding_window: int = 0,
     causal: bool = True, soft_cap: float = 0.0, sinks: torch.Tensor | None = None, kv_written: bool = False,
-    alibi_slopes: torch.Tensor | None = None, prefetch: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`kiln::attention` on Triton: same arguments and result as the reference (q [T, H, D],
-    k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv]). A decode step's attention asks L2 for the first
-    bytes of `prefetch` (`decode_attention`)."""
+    k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv])."""
     from kiln.codegen.kernels import decode_attention, prefill_attention, write_kv_cache
 
     ctx = get_forward_context()
@@ -83,7 +82,7 @@ def attention(
     qsl, seq_lens, max_q = _batch_tensors(md, q.device, paged=True)
     if max_q == 1:  # pure decode; like the reference, one query at the end of its context is causal
         return decode_attention(q, k_cache, v_cache, md.block_tables, seq_lens, scale, sliding_window, soft_cap, sinks,
-                                k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, prefetch=prefetch)
+                                k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes)
     return prefill_attention(q, k_cache, v_cache, qsl, seq_lens, max_q, scale, md.block_tables, causal,
                              sliding_window, soft_cap, sinks, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes)
 

@@ -350,7 +350,6 @@ def attention(
     sinks: torch.Tensor | None = None,
     kv_written: bool = False,
     alibi_slopes: torch.Tensor | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of this step's queries over each sequence's context.
 
@@ -366,9 +365,7 @@ def attention(
     given, are attention sinks: one learned logit per head that joins each query's softmax as an
     extra key with no value, so the weights over the real keys sum to less than one (GPT-OSS).
     `alibi_slopes` [H] float32, when given, add slope * (k_pos - q_pos) to each head's scores
-    (ALiBi: BLOOM). `prefetch`, when given, is a weight a later op reads (the prefetch_weights
-    pass names it), a hint that changes no value: on a GPU, a decode step's attention asks L2 to
-    fetch its first bytes.
+    (ALiBi: BLOOM).
     """
     ctx = get_forward_context()
     md = ctx.attn
@@ -577,7 +574,7 @@ def _(q, layer, scale):
 
 @attention.register_fake
 def _(q, k, v, layer, scale, sliding_window=0, causal=True, soft_cap=0.0, sinks=None, kv_written=False,
-      alibi_slopes=None, prefetch=None):
+      alibi_slopes=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -23,7 +23,6 @@ PIPELINE = [
     "fuse_linear_all_reduce",  # a row-parallel linear + its all_reduce -> one op (a 2-GPU gemv may sum its row)
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
     "fuse_linear_rope",  # norm + q/k/v linear feeding rotary_kv_write -> one op (a batch-1 gemv rotates its outputs)
-    "prefetch_weights",  # attention names the weight of the second linear after it (a batch-1 step's L2 prefetch)
 ]
 
 

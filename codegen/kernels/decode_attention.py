@@ -33,7 +33,6 @@ from kiln.codegen.kernels.attention_common import (
     block_dim, check_cache, dot_precision, dot_upcast, load_paged, load_paged_row, log2_scores, mma,
 )
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
-from kiln.codegen.kernels.prefetch import l2_prefetch_enabled, l2_prefetch_shares, prefetch_l2
 
 
 @triton.jit
@@ -64,8 +63,7 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
     part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr, min_chunk,
-    prefetch_ptr, prefetch_share, prefetch_total,
-    PREFETCH: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, NEWEST_ROW: tl.constexpr, ADAPTIVE: tl.constexpr,
@@ -75,9 +73,6 @@ def _decode_kernel(
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    program = (b * (H // GROUP) + kvh) * NUM_SPLITS + split  # (its share of the prefetch)
-    if PREFETCH == 1:  # PREFETCH_BEFORE_WAIT (a weight no kernel writes: safe before the wait)
-        prefetch_l2(prefetch_ptr, program, prefetch_share, prefetch_total)
     if not EARLY_KV:
         wait_for_inputs(PDL)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -111,8 +106,6 @@ def _decode_kernel(
                              dv_mask, block_size)
         wait_for_inputs(PDL)
         first = start + BLOCK_N
-    if PREFETCH == 2:  # PREFETCH_AFTER_WAIT (a later kernel's weight into L2; see `decode_attention`)
-        prefetch_l2(prefetch_ptr, program, prefetch_share, prefetch_total)
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
@@ -181,8 +174,6 @@ def _decode_kernel(
                 _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, b * H + heads, g_mask, dv, dv_mask,
                              H, DV, NUM_SPLITS, HAS_SINKS, active)
                 tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
-    if PREFETCH == 3:  # PREFETCH_AT_END
-        prefetch_l2(prefetch_ptr, program, prefetch_share, prefetch_total)
 
 
 @triton.jit
@@ -282,9 +273,10 @@ EARLY_KV = True
 # form of sessions 21-24). The masked tiles are a second [BLOCK_N, D] tile of k and of v in
 # registers: with them the kernel takes 255 registers a thread and spills (ptxas sm_90a, Triton 3.6,
 # 4 warps: 32 bytes at head dim 64 with 128-key tiles, 72 at head dim 128 with 64-key tiles); as rows,
-# 191 and no spill at head dim 64, 255 and 48 bytes at 128. On an H100 the 1B step took 1.022
-# ms/token with rows against 1.031 with masked tiles (median of 5 interleaved rounds, every round
-# faster). KILN_NEWEST_ROW=0 for a process; `decode_latency.py --compare-masked-row`, `scale_out.py
+# 191 and no spill at head dim 64, 255 and 48 bytes at 128. The time is the same: on H100s the 1B
+# step took 1.022 ms/token with rows against 1.031 with masked tiles in one call, 1.026 against
+# 1.026 in the next (medians of 5 and 7 interleaved rounds). Rows stay for their registers.
+# KILN_NEWEST_ROW=0 for a process; `decode_latency.py --compare-masked-row`, `scale_out.py
 # --compare-masked-row`.
 NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "1") != "0"
 
@@ -294,24 +286,13 @@ NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "1") != "0"
 # KILN_MIN_SPLIT_KEYS=N for a process (`benchmarks/scale_out.py --compare-min-split-keys N`).
 MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
 
-# The bytes of a later kernel's weight a decode step's attention asks L2 to fetch (`prefetch`). 0
-# (off): on an H100 (session 24, 1B shape) 4-32 MB from any of the three places below gained
-# nothing beyond the spread of the default: the gate/up gemv found its bytes in L2, but the
-# attention's chain of loads waited longer behind them. `benchmarks/decode_latency.py
-# --compare-prefetch MB[@at],...`, and KILN_PREFETCH_MB for a process (`scale_out.py --compare-prefetch MB`).
-PREFETCH_BYTES = int(float(os.environ.get("KILN_PREFETCH_MB", "0")) * 2**20)
-# Where in its program the attention issues the prefetch: before its PDL wait (the q/k/v gemv's end
-# overlaps it), right after it, or at the end, after its stores (its chain of loads then has the
-# memory system to itself). KILN_PREFETCH_AT: "before", "after" or "end".
-PREFETCH_BEFORE_WAIT, PREFETCH_AFTER_WAIT, PREFETCH_AT_END = 1, 2, 3
-_PREFETCH_AT = {"before": PREFETCH_BEFORE_WAIT, "after": PREFETCH_AFTER_WAIT, "end": PREFETCH_AT_END}
-PREFETCH_AT = _PREFETCH_AT[os.environ.get("KILN_PREFETCH_AT", "after")]
-
 # The decode kernel's key tile, when its caller names none; 0: 128 keys at head dims up to 64, else
 # 64. With the early kv loads, 64 keys at head dim 64 take 146 registers a thread and 32 at head dim
-# 128 take 195, with no spill (the defaults: 255 and spills; see NEWEST_ROW).
-# Not timed yet: KILN_DECODE_BLOCK_N=N for a process, `benchmarks/decode_latency.py
-# --compare-decode-block-n 64`, `scale_out.py --compare-decode-block-n 32`.
+# 128 take 195, with no spill (the defaults: 255 and spills; see NEWEST_ROW). Both lost on the 1B
+# step (H100, 5 interleaved rounds): 64 keys 1.046 and 32 keys 1.107 ms/token against 1.031 (32
+# keys make 32 splits, a grid of 256 programs: too many for the early kv loads). KILN_DECODE_BLOCK_N=N
+# for a process, `benchmarks/decode_latency.py --compare-decode-block-n 64`, `scale_out.py
+# --compare-decode-block-n 32`.
 DECODE_BLOCK_N = int(os.environ.get("KILN_DECODE_BLOCK_N", "0"))
 
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
@@ -346,7 +327,7 @@ def decode_attention(
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
     alibi_slopes: torch.Tensor | None = None, merge_in_kernel: bool | None = None, early_kv: bool | None = None,
-    min_split_keys: int | None = None, prefetch: torch.Tensor | None = None, prefetch_bytes: int | None = None,
+    min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
@@ -365,12 +346,7 @@ def decode_attention(
     min_split_keys (None: MIN_SPLIT_KEYS; 0: off): with the splits merged in the kernel, each split
     takes at least this many keys (whole tiles), so a sequence shorter than num_splits of them
     uses its first few splits and the rest do nothing; one whose keys fit in one split writes
-    the output from it, with no partials and no merge. The grid stays a function of shapes.
-    prefetch: a weight a later kernel streams (the `prefetch_weights` pass names the gate/up
-    projection's); the programs ask L2 for its first `prefetch_bytes` (None: PREFETCH_BYTES), where
-    PREFETCH_AT says, so those bytes come in while the attention waits on its chain of small loads
-    (`kernels/prefetch.py`; only a compiled kernel on Hopper issues it, `l2_prefetch_enabled`). The
-    output is the same either way."""
+    the output from it, with no partials and no merge. The grid stays a function of shapes."""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -416,17 +392,12 @@ def decode_attention(
     if min_split_keys is None:
         min_split_keys = MIN_SPLIT_KEYS
     adaptive = min_split_keys > 0 and counters is not None  # (the merge kernel reads every split's partial)
-    share = None
-    prefetch_bytes = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
-    if prefetch is not None and prefetch_bytes > 0 and l2_prefetch_enabled(q.device):
-        share = l2_prefetch_shares(prefetch, prefetch_bytes, B * HKV * num_splits)
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
         block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
         sliding_window, float(v_scale), counters if counters is not None else seq_lens,
-        triton.cdiv(min_split_keys, block_n) * block_n if adaptive else 0,
-        prefetch if share else out, *(share or (0, 0)), PREFETCH=PREFETCH_AT if share else 0, ADAPTIVE=adaptive,
+        triton.cdiv(min_split_keys, block_n) * block_n if adaptive else 0, ADAPTIVE=adaptive,
         MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),

@@ -90,13 +90,13 @@ _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr"
 
 
 def compile_decode(cache_ty: str, num_splits: int, early_kv: bool = False, adaptive: bool = False,
-                   prefetch: int = 0, newest_row: bool = False) -> None:
+                   newest_row: bool = True) -> None:
     """One `_decode_kernel` variant (Llama-3.2-1B heads: 32 over 8 kv heads of 64): the cache's
     element type, the splits (merged in the kernel), the first tile loaded before the wait, the
-    splits' fewest keys (`min_split_keys`), a weight's L2 prefetch (`PREFETCH_AT`: its bulk prefetch must be in the
-    PTX), this step's token read as a row or as a masked tile (`NEWEST_ROW`)."""
+    splits' fewest keys (`min_split_keys`), this step's token read as a row or as a masked tile
+    (`NEWEST_ROW`)."""
     fn = decode_attention._decode_kernel
-    consts = dict(PREFETCH=prefetch, NUM_SPLITS=num_splits, MERGE_HERE=num_splits > 1, HAS_WINDOW=False,
+    consts = dict(NUM_SPLITS=num_splits, MERGE_HERE=num_splits > 1, HAS_WINDOW=False,
                   HAS_SOFT_CAP=False, HAS_SINKS=False, HAS_ALIBI=False, KV_FP8=cache_ty == "fp8e4nv", PRECISION="tf32",
                   UPCAST=False, EARLY_KV=early_kv, NEWEST_ROW=newest_row, ADAPTIVE=adaptive, BLOCK_G=16, BLOCK_N=128,
                   BLOCK_D=64, BLOCK_DV=64, PDL=True)
@@ -109,8 +109,7 @@ def compile_decode(cache_ty: str, num_splits: int, early_kv: bool = False, adapt
             sig[name] = "*" + (cache_ty if ty == "cache" else ty)
         else:
             sig[name] = "fp32" if name in ("scale", "soft_cap", "v_scale") else "i32"
-    ptx = _compile(fn, sig, consts, num_warps=4, num_stages=2)
-    assert ("cp.async.bulk.prefetch.L2.global" in ptx) == bool(prefetch), "the L2 prefetch is missing or unasked"
+    _compile(fn, sig, consts, num_warps=4, num_stages=2)
 
 
 def compile_two_rank_all_reduce(ty: str) -> None:
@@ -168,8 +167,7 @@ def variants() -> list[tuple]:
             for rope, tile in ((quant_gemm.NEOX, (8, 1024, 8)), (0, (4, 2048, 8)), (quant_gemm.NEOX, (4, 2048, 8)))]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", "bf16", 16, early, True) for early in (False, True)]  # decode_attention.MIN_SPLIT_KEYS
-    out += [("decode", "bf16", 16, True, False, at) for at in (1, 2, 3)]  # a weight's L2 prefetch, at each PREFETCH_AT
-    out += [("decode", c, 16, True, False, 0, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
+    out += [("decode", c, 16, True, False, False) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW off
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
     out += [("two_rank_ll", ty, send) for ty in ("bf16", "fp32") for send in (True, False)]
     return out

@@ -137,38 +137,6 @@ def test_decode_attention_default_key_tile_switch(tile, device, poisoned, close,
     close(out, dense_paged(q, md, k_cache, v_cache, 0.2), dtype=torch.bfloat16)
 
 
-def test_l2_prefetch_shares_cover_the_asked_bytes_in_16_byte_units():
-    from kiln.codegen.kernels.prefetch import l2_prefetch_shares
-
-    w = torch.empty(1000, 3, dtype=torch.bfloat16)  # 6000 bytes
-    assert l2_prefetch_shares(w, 10**6, 7) == (864, 6000)  # all of it, 7 x 864 >= 6000
-    assert l2_prefetch_shares(w, 1000, 3) == (336, 992)  # the asked bytes, down to 16-byte units
-    assert l2_prefetch_shares(w, 8, 3) is None
-    assert l2_prefetch_shares(w.flatten()[1:], 4096, 3) is None  # not 16-byte aligned
-
-
-@pytest.mark.parametrize("num_splits, early_kv, prefetch_bytes, at", [
-    (1, False, 4096, "after"), (8, True, 1 << 20, "before"), (8, False, 100000, "end"), (8, True, 50000, "end")])
-def test_decode_attention_prefetch_changes_nothing(num_splits, early_kv, prefetch_bytes, at, device, poisoned, close,
-                                                   monkeypatch):
-    """A weight's L2 prefetch (the programs' shares of its first bytes, past its end too): the same
-    output, bit for bit, as without it. Only a compiled kernel on Hopper issues one (on CPU the
-    interpreter has no inline assembly and the launcher leaves it out)."""
-    from kiln.codegen.kernels.prefetch import l2_prefetch_enabled
-
-    module = importlib.import_module("kiln.codegen.kernels.decode_attention")  # (the package's name is the launcher)
-    monkeypatch.setattr(module, "PREFETCH_AT", module._PREFETCH_AT[at])
-    md, k_cache, v_cache = make_batch([1, 1, 1, 1], [1, 9, 23, 70], 2, 32, 4, torch.bfloat16, device)
-    q = torch.randn(4, 8, 32, device=device).to(torch.bfloat16)
-    weight = torch.randn(300, 160, device=device).to(torch.bfloat16)  # 96000 bytes
-    args = (q, k_cache, v_cache, md.block_tables, lens_tensors(md, device)[1], 0.2)
-    kwargs = dict(num_splits=num_splits, block_n=16, early_kv=early_kv)
-    out = poisoned(decode_attention, *args, prefetch=weight, prefetch_bytes=prefetch_bytes, **kwargs)
-    assert torch.equal(out, poisoned(decode_attention, *args, **kwargs))
-    close(out, dense_paged(q, md, k_cache, v_cache, 0.2), dtype=torch.bfloat16)
-    assert l2_prefetch_enabled(q.device) == (device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
-
-
 def test_in_kernel_merge_gives_the_same_output_launch_after_launch(device, poisoned, close):
     """The last split to arrive merges (an atomic count per sequence and kv head): on a GPU, where
     the splits really race, 200 launches must give one output (the merge sums in a fixed order,

@@ -105,9 +105,7 @@ def test_kiln_compile_dumps_the_ir_before_and_after_each_pass(llama_path, tmp_pa
     after = {name: text[f"{i:02d}-{name}.txt"] for i, name in enumerate(PIPELINE, start=1)}
     rotary, rope = after["fuse_rotary_cache_write"], after["fuse_linear_rope"]
     assert "kiln.rotary_kv_write" in rotary and "kiln.rotary(" not in rotary
-    assert "kiln.add_rms_norm_linear_rope" in rope and "kiln.rotary_kv_write" not in rope and "prefetch=" not in rope
-    gate = "%l_self_modules_model_modules_layers_modules_0_modules_mlp_modules_gate_proj"
-    assert f"prefetch={gate}" in after["prefetch_weights"]  # the attention names its layer's gate/up weight
+    assert "kiln.add_rms_norm_linear_rope" in rope and "kiln.rotary_kv_write" not in rope
     listing = capsys.readouterr().out
     counts = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in listing.splitlines()
               if line.strip().endswith(tuple("0123456789")) and line.strip().split()[0].endswith(".txt")}
