@@ -29,7 +29,9 @@ async bf16 row whose decode attention loads every key and value after its PDL wa
 attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
 fewer splits, one split and no merge when it fits); `--compare-norm-at-end` an async bf16 row whose
 norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off);
-`--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
+`--compare-switches "decode_block_n=512,min_split_keys=512;..."` an async bf16
+row per ';'-separated set of module switches (the names of the `switches` table in main(), integer
+values), for switches that only work together; `--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
 (`decode_attention.DECODE_BLOCK_N`; both lost to the default 128 on an H100 in session 25);
 `--compare-masked-row` an async bf16 row whose decode attention reads this step's token as a tile masked
 to its row, the form before session 25 (`decode_attention.NEWEST_ROW` off: more registers, spills);
@@ -63,6 +65,7 @@ from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
 from kiln.codegen.kernels import quant_gemm
+from kiln.runtime import cuda_graphs, model_runner
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -170,6 +173,9 @@ def main() -> None:
                         "(quant_gemm.NORM_AT_END off)")
     p.add_argument("--compare-min-split-keys", type=int, default=0,
                    help="add an async bf16 row whose decode attention splits take at least this many keys")
+    p.add_argument("--compare-switches", default="",
+                   help="';'-separated sets of NAME=INT module switches (decode_block_n, min_split_keys, "
+                        "...): an async bf16 row each")
     p.add_argument("--compare-decode-block-n", default="",
                    help="comma-separated key tiles: an async bf16 row each whose decode attention takes that tile")
     p.add_argument("--compare-masked-row", action="store_true",
@@ -222,6 +228,9 @@ def main() -> None:
     if args.compare_min_split_keys:
         variants += [(f"async, splits of >= {args.compare_min_split_keys} keys",
                       {"async_scheduling": True, "min_split_keys": args.compare_min_split_keys})]
+    for spec in filter(None, args.compare_switches.split(";")):
+        variants += [(f"async, {spec}", {"async_scheduling": True,
+                                         **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}})]
     for n in filter(None, args.compare_decode_block_n.split(",")):
         variants += [(f"async, attention tile {n} keys", {"async_scheduling": True, "decode_block_n": int(n)})]
     if args.compare_masked_row:
@@ -236,7 +245,8 @@ def main() -> None:
         ("merge_in_kernel", decode_kernels, "MERGE_IN_KERNEL"), ("early_kv", decode_kernels, "EARLY_KV"),
         ("min_split_keys", decode_kernels, "MIN_SPLIT_KEYS"), ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
         ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
-        ("norm_at_end", quant_gemm, "NORM_AT_END"))}
+        ("norm_at_end", quant_gemm, "NORM_AT_END"), ("unpack_in_graph", cuda_graphs, "UNPACK_IN_GRAPH"),
+        ("readback_stream", model_runner, "READBACK_STREAM"))}
 
     def configure(kwargs: dict) -> dict:
         """Set a row's module switches and gemv tiles (the others' defaults); its LLM keyword arguments."""

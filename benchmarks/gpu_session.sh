@@ -10,6 +10,9 @@
 #   decode      batch-1 decode (Llama-3.2-1B shape; async scheduling, the default on CUDA, and a row with
 #               the steps in turn), with the A/B rows of two switches: rotary in the q/k/v gemv (on:
 #               won in session 20), fp8 read by its bits (off: lost in session 20)
+#   inputs      the decode graphs' input kernel's tests compiled on the GPU, then batch-1 decode with the staged step
+#               unpacked by five copies instead (unpack_in_graph=0), the tokens read back on the main stream
+#               (readback_stream=0), and both (the step boundary before session 25); five interleaved rounds
 #   early-kv    batch-1 decode with the attention's older keys and values loaded before its PDL wait and after
 #   splits      batch-1 decode with the decode attention's splits taking at least 512 keys (a 128-384-token
 #               context on one split, no merge) and at least 128, against the default
@@ -113,6 +116,13 @@ section() {
             run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-decode-block-n 64,32 \
                 --compare-masked-row --rounds 5
             grep -A16 "^device" "$OUT/kv-tile.txt" ;;
+        inputs)
+            TRITON_INTERPRET=0 run inputs-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
+                tests/codegen/test_decode_inputs.py
+            tail -2 "$OUT/inputs-kernels.txt" | cut -c1-300
+            run inputs 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
+                --compare-switches "unpack_in_graph=0;readback_stream=0;unpack_in_graph=0,readback_stream=0"
+            grep -A16 "^device" "$OUT/inputs.txt" ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;

@@ -25,12 +25,36 @@ on a CPU.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
 from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
 from kiln.runtime.sampler import greedy_tokens
+
+# The staging buffer: FIELDS entries a row (ids, positions, slots, seq_lens, cross slots, src), META
+# entries (the block tables' width, then room), then the step's block tables packed [b, width].
+FIELDS, META = 6, 8
+
+# Whether each graph's first kernel unpacks the staged step (True), or five copies around the
+# replay do (False: the form before session 25, kept until the GPU times both; KILN_UNPACK_IN_GRAPH=0).
+# Read when a DecodeGraphs is made.
+UNPACK_IN_GRAPH = os.environ.get("KILN_UNPACK_IN_GRAPH", "1") != "0"
+
+
+def unpack_reference(staging: torch.Tensor, at: tuple[int, ...], b: int, last_tokens: torch.Tensor,
+                     input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor) -> None:
+    """`codegen/kernels/decode_inputs.unpack_decode_inputs` in torch ops: a graph's first op off
+    CUDA (and the kernel's test reference)."""
+    ids_at, positions_at, seq_lens_at, src_at, width_at, tables_at = at
+    src = staging[src_at:src_at + b]
+    input_ids[:b] = torch.where(src >= 0, last_tokens[src.clamp(min=0)], staging[ids_at:ids_at + b])
+    positions[:b] = staging[positions_at:positions_at + b]
+    seq_lens[:b] = staging[seq_lens_at:seq_lens_at + b].to(torch.int32)
+    width = int(staging[width_at])
+    block_tables[:b, :width] = staging[tables_at:tables_at + b * width].view(b, width)
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -58,21 +82,30 @@ class DecodeGraphs:
         self.scratch_slot = scratch_block * block_size
         # A step's inputs reach the device in one copy from pinned memory, into one int64 buffer
         # that the staged inputs are views of: [ids | positions | slots | seq_lens | cross slots |
-        # the step's block tables, [rows, widest row] packed]; the packed tables then go into the
-        # graphs' [n, max_blocks] table on the device. (A copy from pageable memory would make the
-        # host wait for the queued work, the step in flight included, undoing async scheduling's
-        # overlap; copying whole max_blocks-wide rows would move megabytes at long max_model_len.)
+        # src | the widest table row, 7 unused | the step's block tables, [rows, widest row]
+        # packed]. Each graph's first kernel (`unpack`) then fills the forward's own inputs from it:
+        # the ids (row i takes last_tokens[src[i]], the previous replay's argmax, where src[i] >= 0:
+        # async scheduling's tokens, sampled on the device), positions, int32 seq_lens, and the
+        # packed tables into the graphs' [n, max_blocks] table. (A copy from pageable memory would
+        # make the host wait for the queued work, the step in flight included, undoing async
+        # scheduling's overlap; copying whole max_blocks-wide rows would move megabytes at long
+        # max_model_len.)
         # Created in inference mode, like the tensors of the eager steps: a normal tensor carries a
         # dispatch key (ADInplaceOrView) that inference tensors lack, so graph inputs made outside
         # inference mode fail the guards of the graph the capture compiled, and torch.compile
         # traced the model a second time for the first prompt (10 s of a warm start on an H100).
+        self.unpack_in_graph = UNPACK_IN_GRAPH
+        self.tables_start = FIELDS * n + META
+        # where `unpack` reads ids, positions, seq_lens, src, the tables' width and the tables
+        self.layout = (0, n, 3 * n, 5 * n, FIELDS * n, self.tables_start)
         with torch.inference_mode():
-            self.staging = torch.zeros(5 * n + n * max_blocks_per_seq, dtype=torch.long, device=device)
-            self.staged_ids, self.staged_positions, self.slot_mapping, seq_lens, self.cross_slots = \
-                self.staging[:5 * n].view(5, n)
-            # The forward's own inputs are separate tensors, copied from the staged ones inside each
+            self.staging = torch.zeros(self.tables_start + n * max_blocks_per_seq, dtype=torch.long, device=device)
+            self.staged_ids, self.staged_positions, self.slot_mapping, seq_lens, self.cross_slots, self.staged_src = \
+                self.staging[:FIELDS * n].view(FIELDS, n)
+            self.staged_src.fill_(-1)
+            # The forward's own inputs are separate tensors, filled from the staged ones inside each
             # graph: views at an offset into one buffer would not match the prefill's fresh tensors
-            # either (a guard on positions.storage_offset()), for two tiny copies per step.
+            # either (a guard on positions.storage_offset()).
             self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
             self.positions = torch.zeros(n, dtype=torch.long, device=device)
             self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
@@ -80,6 +113,8 @@ class DecodeGraphs:
             seq_lens.fill_(1)
             self.seq_lens_long = seq_lens
             self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)  # (the kernels' dtype: converted in the graph)
+            # every graph's greedy argmax, written here: the next step's `src` rows read it
+            self.last_tokens = torch.zeros(n, dtype=torch.long, device=device)
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
             # two pinned host buffers, alternating: the host fills one while the other's copy may still be queued
             pinned = device.type == "cuda"
@@ -119,13 +154,16 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.input_ids[:b].copy_(self.staged_ids[:b])
-                    self.positions[:b].copy_(self.staged_positions[:b])
-                    self.seq_lens[:b].copy_(self.seq_lens_long[:b])
+                    if self.unpack_in_graph:
+                        self.unpack(b)
+                    else:  # (the tables were copied in before the replay)
+                        self.input_ids[:b].copy_(self.staged_ids[:b])
+                        self.positions[:b].copy_(self.staged_positions[:b])
+                        self.seq_lens[:b].copy_(self.seq_lens_long[:b])
                     self.outputs[b] = self.forward(self.input_ids[:b], self.positions[:b])
                     if self.logits is not None:
                         logits = self.logits(self.outputs[b])
-                        self.captured_logits[b] = (logits, greedy_tokens(logits))
+                        self.captured_logits[b] = (logits, greedy_tokens(logits, out=self.last_tokens[:b]))
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[b] = graph
@@ -133,18 +171,39 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
+    def unpack(self, b: int) -> None:
+        """A graph's first op: rows [0, b) of the staged step into the forward's inputs (the Triton
+        kernel on CUDA, torch ops elsewhere; `codegen/kernels/decode_inputs.py`)."""
+        unpack = unpack_reference
+        if self.staging.is_cuda:
+            from kiln.codegen.kernels.decode_inputs import unpack_decode_inputs as unpack
+        unpack(self.staging, self.layout, b, self.last_tokens, self.input_ids, self.positions, self.seq_lens,
+               self.block_tables)
+
+    def takes_own(self, tokens: torch.Tensor) -> bool:
+        """Whether `tokens` are the last replay's argmax, in place (`last_tokens`): a step can then
+        read them inside its graph, by index, instead of a copy before it."""
+        return (self.unpack_in_graph and tokens.device == self.last_tokens.device and tokens.dtype == torch.long and tokens.dim() == 1
+                and tokens.data_ptr() == self.last_tokens.data_ptr() and tokens.is_contiguous())
+
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
             seq_lens: list[int], cross_slots: list[int] | None = None, fill=None) -> torch.Tensor:
         """One decode step of len(input_ids) sequences -> hidden states [B, hidden]. `fill`:
-        (tokens, rows, src) of async scheduling, input_ids[rows] = tokens[src] on the device."""
+        (tokens, rows, src) of async scheduling, input_ids[rows] = tokens[src] on the device: read
+        inside the graph when `tokens` are the last replay's argmax (`takes_own`), else copied into
+        the staged ids before it."""
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
-        self.stage(input_ids, positions, slots, block_tables, seq_lens, cross_slots, padded)
-        if fill is not None:
-            from kiln.runtime.model_runner import fill_in
+        own = fill is not None and self.takes_own(fill[0])
+        self.stage(input_ids, positions, slots, block_tables, seq_lens, cross_slots, padded,
+                   src=fill[1:] if own else None)
+        from kiln.runtime.model_runner import fill_in, wait_for_readback
 
+        if fill is not None and not own:
             fill_in(self.staged_ids, *fill)
+        if self.staging.is_cuda:
+            wait_for_readback(self.staging.device)  # (the last step's tokens, before the argmax rewrites them)
         self.graphs[padded].replay()
         hidden = self.outputs[padded][:b]
         if padded in self.captured_logits:
@@ -165,23 +224,29 @@ class DecodeGraphs:
         return last[2] if last is not None and last[1] is logits else None
 
     def stage(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-              seq_lens: list[int], cross_slots: list[int] | None, padded: int) -> None:
+              seq_lens: list[int], cross_slots: list[int] | None, padded: int, src=None) -> None:
         """Write the step's inputs, padded to `padded` rows, into a pinned host buffer and queue its
-        copy into the static buffers. (Under run()'s inference mode: the buffers are inference tensors.)"""
+        copy into the staging buffer, which the graph's first kernel unpacks. `src`: (rows,
+        indices), rows whose id is last_tokens[index]. (Under run()'s inference mode: the buffers
+        are inference tensors.)"""
         n, b, turn = self.rows, len(input_ids), self.turn
         self.turn ^= 1
         if self.copied[turn] is not None:
             self.copied[turn].synchronize()  # (its last copy, two steps ago: long done)
         host, array = self.host[turn], self.host_arrays[turn]
-        heads = array[:5 * n].reshape(5, n)
+        heads = array[:FIELDS * n].reshape(FIELDS, n)
         heads[0, :b], heads[0, b:padded] = input_ids, 0
         heads[1, :b], heads[1, b:padded] = positions, 0
         heads[2, :b], heads[2, b:padded] = slots, self.scratch_slot
         heads[3, :b], heads[3, b:padded] = seq_lens, 1
         heads[4, :b], heads[4, b:padded] = cross_slots if cross_slots is not None else 0, 0
+        heads[5, :padded] = -1
+        if src is not None:
+            heads[5, src[0]] = src[1]
         width = max(len(t) for t in block_tables)
-        end = 5 * n + padded * width
-        tables = array[5 * n:end].reshape(padded, width)
+        array[FIELDS * n] = width
+        end = self.tables_start + padded * width
+        tables = array[self.tables_start:end].reshape(padded, width)
         for i, t in enumerate(block_tables):  # (columns past a row's length are never read)
             tables[i, :len(t)] = t
         tables[b:, 0] = self.scratch_slot // self.block_size
@@ -189,7 +254,8 @@ class DecodeGraphs:
         self.staging[:end].copy_(host[:end], non_blocking=True)
         if self.copied[turn] is not None:
             self.copied[turn].record()
-        self.block_tables[:padded, :width].copy_(self.staging[5 * n:end].view(padded, width))
+        if not self.unpack_in_graph:
+            self.block_tables[:padded, :width].copy_(self.staging[self.tables_start:end].view(padded, width))
 
 
 class EmulatedGraph:
@@ -211,15 +277,13 @@ class EmulatedGraph:
             g.outputs[b] = g.forward(g.input_ids[:b], g.positions[:b]).clone()
             if g.logits is not None:
                 logits = g.logits(g.outputs[b]).clone()
-                g.captured_logits[b] = (logits, greedy_tokens(logits).clone())
+                g.captured_logits[b] = (logits, greedy_tokens(logits, out=g.last_tokens[:b]))
 
     @torch.inference_mode()
     def replay(self) -> None:
         g, b = self.graphs, self.b
         self.replays += 1
-        g.input_ids[:b].copy_(g.staged_ids[:b])
-        g.positions[:b].copy_(g.staged_positions[:b])
-        g.seq_lens[:b].copy_(g.seq_lens_long[:b])
+        g.unpack(b)
         context = g._context(b)
         context.attn.seq_lens = g.seq_lens_long[:b].tolist()
         with set_forward_context(context):
@@ -228,4 +292,4 @@ class EmulatedGraph:
             if g.logits is not None:
                 logits, greedy = g.captured_logits[b]
                 logits.copy_(g.logits(g.outputs[b]))
-                greedy.copy_(greedy_tokens(logits))
+                greedy_tokens(logits, out=greedy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,24 @@ from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
 from kiln.runtime.pooler import PoolingBatch
 from kiln.runtime.request import Request
 from kiln.runtime.scheduler import SchedulerOutput
+
+
+# Whether a step's sampled tokens go back to the host on a CUDA stream of their own (True): on the
+# main stream the copy stood between two decode steps, the next step's input copy queued behind it.
+# KILN_READBACK_STREAM=0 copies on the main stream (the form before session 25, kept until timed).
+READBACK_STREAM = os.environ.get("KILN_READBACK_STREAM", "1") != "0"
+_readback_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+# per device: the last readback's event, which the next decode graph's replay waits for before it
+# rewrites the tokens (a graph's argmax output, `DecodeGraphs.last_tokens`)
+_last_readback: dict[torch.device, "torch.cuda.Event"] = {}
+
+
+def wait_for_readback(device: torch.device) -> None:
+    """Make the current stream wait for the last tokens read back on their own stream (before a
+    replay rewrites the buffer they came from)."""
+    done = _last_readback.pop(device, None)
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
 
 
 @dataclass
@@ -37,10 +56,10 @@ class StepRows:
 class PendingTokens:
     """A step's sampled tokens still on the device (async scheduling), and each request's row.
 
-    On CUDA their copy to the host is queued right behind the sampler, with an event after it:
-    `token_ids()` then waits for this step alone. A plain `tokens.tolist()` would be queued behind
-    the step launched after this one, so the host would wait for that step too, and nothing of
-    its work would overlap the device's."""
+    On CUDA their copy to the host is queued right behind the sampler, on a stream of its own
+    (`READBACK_STREAM`), with an event after it: `token_ids()` then waits for this step alone. A
+    plain `tokens.tolist()` would be queued behind the step launched after this one, so the host
+    would wait for that step too, and nothing of its work would overlap the device's."""
 
     tokens: torch.Tensor  # [B] int64
     index: dict  # Request -> row of `tokens`
@@ -49,12 +68,25 @@ class PendingTokens:
 
     def __post_init__(self):
         # `tokens` may be a decode graph's output buffer, which the next replay rewrites: what is
-        # read back is a snapshot taken now (on CUDA the copy queued here, in stream order)
+        # read back is a snapshot taken now (on CUDA the copy queued here, after the step; the next
+        # replay waits for it, `wait_for_readback`)
         if self.tokens.is_cuda:
             self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self._host.copy_(self.tokens, non_blocking=True)
             self._copied = torch.cuda.Event()
-            self._copied.record()
+            if not READBACK_STREAM:
+                self._host.copy_(self.tokens, non_blocking=True)
+                self._copied.record()
+                return
+            device = self.tokens.device
+            stream = _readback_streams.get(device)
+            if stream is None:
+                stream = _readback_streams[device] = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # (after the step that computes them)
+            with torch.cuda.stream(stream):
+                self._host.copy_(self.tokens, non_blocking=True)
+                self._copied.record(stream)
+            self.tokens.record_stream(stream)  # (its memory is not handed out again before the copy)
+            _last_readback[device] = self._copied
         else:
             self.tokens = self.tokens.clone()
 

@@ -77,12 +77,14 @@ def _triton_argmax():
     return argmax
 
 
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary, [B, V] -> [B] int64. On CUDA, kiln's two-launch Triton kernel:
-    torch's reduces a 128K row with one thread block."""
+def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax over the vocabulary, [B, V] -> [B] int64 (written into `out` when given). On CUDA,
+    kiln's two-launch Triton kernel: torch's reduces a 128K row with one thread block."""
     if logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0 and _triton_argmax() is not None:
-        return _triton_argmax()(logits)
-    return logits.argmax(-1)
+        return _triton_argmax()(logits, out)
+    if out is None:
+        return logits.argmax(-1)
+    return out.copy_(logits.argmax(-1))
 
 
 class Sampler:

@@ -48,10 +48,12 @@ def _chunks_argmax_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, V, BLOCK: tl.co
     tl.store(out_ptr + row, best.to(tl.int64))
 
 
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """x [B, V] float -> [B] int64, torch.argmax(x, -1)."""
+def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, V] float -> [B] int64, torch.argmax(x, -1); into `out` ([B] int64, contiguous) when given."""
     B, V = x.shape
-    out = torch.empty(B, dtype=torch.int64, device=x.device)
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64, device=x.device)
+    assert out.shape == (B,) and out.dtype == torch.int64 and out.is_contiguous()
     if B == 0:
         return out
     if V == 0:

@@ -141,6 +141,18 @@ def compile_two_rank_ll(ty: str, send: bool = True) -> None:
     assert "ld.volatile.global" in ptx, "the polls are not volatile loads"
 
 
+def compile_decode_inputs() -> None:
+    """A decode graph's first kernel (its loop over the table row runs to a width it loads)."""
+    from kiln.codegen.kernels import decode_inputs as m
+
+    fn = m._unpack_kernel
+    consts = dict(BLOCK=m._BLOCK, PDL=True)
+    pointers = {"seq_lens_ptr": "i32"}
+    sig = {name: "constexpr" if name in consts else f"*{pointers.get(name, 'i64')}" if name.endswith("_ptr")
+           else "i32" for name in fn.arg_names}
+    _compile(fn, sig, consts, num_warps=1, num_stages=1)
+
+
 def variants() -> list[tuple]:
     out = [(x, x, p, early) for x in ("bf16", "fp16") for p in range(6) for early in (False, True)]
     out += [("bf16", w, p, True) for w in ("i8", "fp8e4nv") for p in range(6)]
@@ -170,6 +182,7 @@ def variants() -> list[tuple]:
     out += [("decode", c, 16, True, False, False) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW off
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
     out += [("two_rank_ll", ty, send) for ty in ("bf16", "fp32") for send in (True, False)]
+    out += [("decode_inputs",)]
     return out
 
 
@@ -183,6 +196,8 @@ def main() -> int:
                 compile_two_rank_all_reduce(*case[1:])
             elif case[0] == "two_rank_ll":
                 compile_two_rank_ll(*case[1:])
+            elif case[0] == "decode_inputs":
+                compile_decode_inputs()
             else:
                 compile_gemv(*case)
             print("ok", case)

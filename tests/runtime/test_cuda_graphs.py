@@ -1,5 +1,6 @@
-"""The decode graphs' inputs: staged on the host and copied in one go into the buffers the graphs
-read (the capture and replay need CUDA; the staging is checked here, on CPU)."""
+"""The decode graphs' inputs: staged on the host, copied in one go, and unpacked by each graph's
+first op into the buffers the forward reads (the capture and replay need CUDA; the staging and
+the unpacking's torch form are checked here, on CPU; the kernel's in tests/codegen)."""
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ def test_bucket_sizes():
 def test_stage_fills_rows_and_pads_to_the_bucket_with_the_scratch_block():
     g = _graphs()
     g.stage([11, 12, 13], [7, 3, 9], [29, 14, 37], [[7, 1], [3], [8, 2, 9]], [8, 4, 10], [5, 6, 7], padded=4)
+    g.unpack(4)
+    assert g.input_ids[:4].tolist() == [11, 12, 13, 0] and g.positions[:4].tolist() == [7, 3, 9, 0]
+    assert g.seq_lens[:4].tolist() == [8, 4, 10, 1] and g.seq_lens.dtype == torch.int32
     assert g.staged_ids[:4].tolist() == [11, 12, 13, 0]
     assert g.staged_positions[:4].tolist() == [7, 3, 9, 0]
     assert g.slot_mapping[:4].tolist() == [29, 14, 37, g.scratch_slot]
@@ -36,28 +40,53 @@ def test_a_smaller_step_after_a_larger_one_reads_only_its_own_rows():
     """Stale values stay only where nothing reads them: past `padded`, and past a row's blocks."""
     g = _graphs()
     g.stage([1, 2, 3, 4, 5], [4, 4, 4, 4, 4], [16, 17, 18, 19, 20], [[4, 5]] * 5, [5] * 5, None, padded=6)
+    g.unpack(6)
     g.stage([8], [2], [10], [[2]], [3], None, padded=1)
-    assert g.staged_ids[0].item() == 8 and g.slot_mapping[0].item() == 10 and g.seq_lens_long[0].item() == 3
+    g.unpack(1)
+    assert g.input_ids[0].item() == 8 and g.slot_mapping[0].item() == 10 and g.seq_lens[0].item() == 3
     assert g.block_tables[0, 0].item() == 2 and g.cross_slots[0].item() == 0
     # the alternate host buffer was written the step before: both steps landed whole
     g.stage([6, 7], [1, 1], [4, 8], [[1], [2]], [2, 2], None, padded=2)
-    assert g.staged_ids[:2].tolist() == [6, 7] and g.block_tables[:2, 0].tolist() == [1, 2]
+    g.unpack(2)
+    assert g.input_ids[:2].tolist() == [6, 7] and g.block_tables[:2, 0].tolist() == [1, 2]
 
 
-def test_async_tokens_are_filled_into_the_staged_ids_that_the_graph_copies_in():
-    """Async scheduling fills the sampled tokens into the staged ids on the device; the graph's
-    first op copies the staged ids into its own input (a stand-in graph does that copy here),
-    so tokens filled into the input itself would be overwritten."""
+class _Unpacking:
+    """Stands in for a captured graph on CPU: its first op only (the unpacking), counted."""
+
+    def __init__(self, graphs, b):
+        self.graphs, self.b, self.replays = graphs, b, 0
+
+    def replay(self):
+        self.replays += 1
+        self.graphs.unpack(self.b)
+
+
+def test_async_tokens_are_filled_into_the_staged_ids_that_the_graph_unpacks():
+    """Async scheduling's tokens from elsewhere (a sampled step's) are filled into the staged ids
+    on the device before the replay; the graph's first op takes its input from them."""
     g = _graphs()
-
-    class Graph:
-        def replay(self):
-            g.input_ids[:4].copy_(g.staged_ids[:4])
-
-    g.graphs, g.outputs = {4: Graph()}, {4: torch.zeros(4, 8)}
+    g.graphs, g.outputs = {4: _Unpacking(g, 4)}, {4: torch.zeros(4, 8)}
     g.run([11, -1, 13], [7, 3, 9], [29, 14, 37], [[7], [3], [8]], [8, 4, 10],
           fill=(torch.tensor([40, 41]), [1], [1]))
     assert g.input_ids[:4].tolist() == [11, 41, 13, 0]
+
+
+@torch.inference_mode()
+def test_the_last_replays_argmax_is_read_inside_the_graph_by_index():
+    """Tokens that are the last replay's argmax in place (`last_tokens`) are not copied before the
+    replay: the staged `src` names, per row, which of them the graph's first op takes (-1: the
+    staged id), whatever bucket the last replay was."""
+    g = _graphs()
+    g.graphs, g.outputs = {b: _Unpacking(g, b) for b in (2, 4)}, {b: torch.zeros(b, 8) for b in (2, 4)}
+    g.last_tokens[:2] = torch.tensor([50, 51])  # (as a 2-row replay's argmax left them)
+    assert g.takes_own(g.last_tokens[:2]) and not g.takes_own(g.last_tokens[:2].clone())
+    staged = g.staged_ids.clone()
+    g.run([11, -1, -1], [7, 3, 9], [29, 14, 37], [[7], [3], [8]], [8, 4, 10], fill=(g.last_tokens[:2], [1, 2], [1, 0]))
+    assert torch.equal(g.staged_ids[3:], staged[3:]) and g.staged_src[:4].tolist() == [-1, 1, 0, -1]
+    assert g.input_ids[:4].tolist() == [11, 51, 50, 0]
+    g.run([12, 13], [8, 4], [30, 15], [[7], [3]], [9, 5])  # no fill: every row its staged id
+    assert g.staged_src[:2].tolist() == [-1, -1] and g.input_ids[:2].tolist() == [12, 13]
 
 
 class _Replay:
