@@ -53,8 +53,8 @@
 #   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-masked-row --rounds 2: TP=2 with the
 #               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as a masked
 #               tile, each configuration twice, interleaved
-#   tp-rounds   scale_out.py --skip-dp --compare-masked-row --rounds 3: TP=1, TP=2 and TP=2 with this step's token
-#               read as a masked tile, three times, interleaved (the speedup read through the run-to-run spread)
+#   tp-rounds   scale_out.py --skip-dp --rounds 3: TP=1 and TP=2, three times, interleaved (the speedup read through
+#               the run-to-run spread; TP_ROUNDS_FLAGS="--compare-masked-row" adds a variant)
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -196,7 +196,8 @@ section() {
                 --compare-masked-row --rounds 2 $CKPT_8B
             tail -12 "$OUT/tp-kv-tile.txt" ;;
         tp-rounds)
-            run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --compare-masked-row --rounds 3 $CKPT_8B
+            # shellcheck disable=SC2086
+            run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --rounds 3 ${TP_ROUNDS_FLAGS:-} $CKPT_8B
             tail -14 "$OUT/tp-rounds.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B
