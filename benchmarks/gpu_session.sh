@@ -55,6 +55,8 @@
 #               tile, each configuration twice, interleaved
 #   tp-rounds   scale_out.py --skip-dp --rounds 3: TP=1 and TP=2, three times, interleaved (the speedup read through
 #               the run-to-run spread; TP_ROUNDS_FLAGS="--compare-masked-row" adds a variant)
+#   tp-bisect   scale_out.py --skip-dp --compare-env "KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0" (TP_BISECT=...): TP=1,
+#               TP=2, and TP=2 with each set of switches, every run's greedy tokens against TP=1's
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
@@ -199,6 +201,10 @@ section() {
             # shellcheck disable=SC2086
             run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --rounds 3 ${TP_ROUNDS_FLAGS:-} $CKPT_8B
             tail -14 "$OUT/tp-rounds.txt" ;;
+        tp-bisect)  # (TP_BISECT: the env switch sets, ';'-separated)
+            run tp-bisect 590 python benchmarks/scale_out.py --skip-dp \
+                --compare-env "${TP_BISECT:-KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0}" $CKPT_8B
+            tail -14 "$OUT/tp-bisect.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B
             tail -9 "$OUT/tp-flags.txt" ;;

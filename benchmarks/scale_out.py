@@ -31,7 +31,9 @@ other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+r
 q/k/v gemv of 8B's shapes on its own tile), `--compare-decode-block-n N` one whose decode
 attention takes tiles of N keys (KILN_DECODE_BLOCK_N; the default 64 at head dim 128 spills registers with
 the early kv loads), `--compare-masked-row` one whose decode attention reads this step's token as a
-tile masked to its row instead of one row (KILN_NEWEST_ROW=0: the form before session 25). `--bracket` runs the default TP=2
+tile masked to its row instead of one row (KILN_NEWEST_ROW=0: the form before session 25), `--compare-env
+"KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0"` one per ';'-separated set of environment switches, its greedy tokens
+compared with TP=1's as well as TP=2's. `--bracket` runs the default TP=2
 configuration again after the variants, so a drift along the call (the variants always run after the
 default) shows as two default rows that differ. `--rounds N` runs TP=1 and the TP=2 configurations N times, interleaved
 (TP=1, default, variants, TP=1, default, variants, ...), and reports each one's median: one call once gave the same
@@ -41,7 +43,7 @@ also gives the GPUs' SM clock range, hottest temperature and most power while it
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
-                                   [--compare-decode-block-n N] [--compare-masked-row]
+                                   [--compare-decode-block-n N] [--compare-masked-row] [--compare-env SPECS]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
 """
 
@@ -179,14 +181,16 @@ def main() -> None:
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
                    help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (how the row-parallel gemv's row is "
                         "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
+    p.add_argument("--compare-env", default="",
+                   help="';'-separated sets of NAME=VALUE environment switches (e.g. KILN_UNPACK_IN_GRAPH=0): a TP=2 "
+                        "run each, its greedy tokens compared with TP=1's")
     p.add_argument("--bracket", action="store_true", help="run the default TP=2 again after the variants")
     p.add_argument("--rounds", type=int, default=1,
                    help="run TP=1 and the TP=2 configurations (the default and each variant) this many times, interleaved, "
                         "and take each one's median")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
-    p.add_argument("--phase", choices=["tp1", "tp2", *VARIANTS, "dp2"],  # (one configuration)
-                   help=argparse.SUPPRESS)
+    p.add_argument("--phase", help=argparse.SUPPRESS)  # (one configuration: tp1, tp2, a VARIANTS name, tp2-envN, dp2)
     args = p.parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.checkpoint, args)))
@@ -205,7 +209,9 @@ def main() -> None:
               f"{' | steps in turn' if args.async_scheduling is False else ' | async scheduling (on CUDA)'}", flush=True)
         results = {}
         # each configuration in a fresh process: the GPU memory of one is wholly free for the next
+        envs = [spec for spec in args.compare_env.split(";") if spec]
         tp = [] if args.skip_tp else ["tp2"] + [name for name, (option, *_) in VARIANTS.items() if getattr(args, option)]
+        tp += [] if args.skip_tp else [f"tp2-env{i}" for i in range(len(envs))]
         runs = (["tp1"] + tp) * args.rounds + (["tp2-again"] if args.bracket and len(tp) > 1 else [])
         for name in runs + ([] if args.skip_dp else ["dp2"]):
             flags = [a for a in sys.argv[1:] if a not in ("--checkpoint", args.checkpoint)]
@@ -213,6 +219,8 @@ def main() -> None:
             if name in VARIANTS:
                 switch, value, _ = variant_switch(name, args)
                 env[switch] = value
+            elif name.startswith("tp2-env"):
+                env.update(kv.split("=", 1) for kv in envs[int(name[len("tp2-env"):])].split(","))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", name.removesuffix("-again"),
                                   "--checkpoint", path, *flags], capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -244,6 +252,14 @@ def main() -> None:
             print(f"TP=2 {label}: greedy tokens == TP=2 (default) for "
                   f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
             rows.append((f"batch-1 decode ms/token, {label}", results["tp1"]["decode_ms"], results[name]["decode_ms"]))
+    for i, spec in enumerate(envs):
+        if f"tp2-env{i}" in results:
+            b = results[f"tp2-env{i}"]["tokens"]
+            print(f"TP=2 {spec}: greedy tokens == TP=1 for {sum(s == t for s, t in zip(results['tp1']['tokens'], b))}/"
+                  f"{len(b)} prompts, == TP=2 (default) for "
+                  f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)}")
+            rows.append((f"batch-1 decode ms/token, {spec}", results["tp1"]["decode_ms"],
+                         results[f"tp2-env{i}"]["decode_ms"]))
     if "tp2-again" in results:
         b = results["tp2-again"]["tokens"]
         print(f"TP=2 (default) again: greedy tokens == its first run for "

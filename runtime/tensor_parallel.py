@@ -540,11 +540,11 @@ def _broadcast_from_rank0(tensor: torch.Tensor, group) -> None:
 
 class _GraphsOverGroup:
     """Rank 0's decode graphs: each replay first sends the step's inputs to the workers. Under async
-    scheduling the last step's sampled tokens are still on the device. When they are the last
-    replay's greedy argmax (`DecodeGraphs.takes_own`), every rank's graph computed the same ones
-    from the same gathered logits, so each rank reads its own; otherwise (a sampled or edited
-    step) rank 0 broadcasts them over the group (queued on the device, no wait on the host) and
-    every rank fills them in itself."""
+    scheduling the last step's sampled tokens are still on the device: rank 0 broadcasts them over
+    the group (queued on the device, no wait on the host) and every rank fills them in itself.
+    (Each rank's graph computes an argmax too, but the workers do not take theirs: on two H200s
+    that run gave TP=1's greedy tokens for 0 of 4 prompts, diverging after 3-18 tokens, where
+    rank 0's broadcast gives 4 of 4.)"""
 
     def __init__(self, tp: TensorParallel, graphs):
         self.tp, self.graphs = tp, graphs
@@ -560,10 +560,8 @@ class _GraphsOverGroup:
 
     def run(self, input_ids: list[int], *args, fill=None) -> torch.Tensor:
         tokens, rows, src = fill if fill is not None else (None, None, None)
-        own = fill is not None and self.graphs.takes_own(tokens)
-        # (the workers' `pending`: the rows and their sources, and how many tokens come by broadcast; None: their own)
-        self.tp.send(("graph", (input_ids, args, None if fill is None else (rows, src, None if own else tokens.numel()))))
-        if fill is not None and not own:
+        self.tp.send(("graph", (input_ids, args, None if fill is None else (rows, src, tokens.numel()))))
+        if fill is not None:
             _broadcast_from_rank0(tokens.contiguous(), self.tp.group)
         return self.graphs.run(input_ids, *args, fill=fill)
 
@@ -616,13 +614,10 @@ def _serve(engine, conn, tp: TensorParallel) -> None:
             elif kind == "graph":  # a decode step the captured graphs cover
                 input_ids, args, pending = payload
                 fill = None
-                if pending is not None:  # async scheduling: the tokens rank 0 sampled, this rank's own or broadcast
+                if pending is not None:  # async scheduling: the tokens rank 0 sampled, broadcast
                     rows, src, n = pending
-                    if n is None:  # the last replay's argmax, which this rank's graph computed too
-                        tokens = runner.decode_graphs.last_tokens
-                    else:
-                        tokens = torch.empty(n, dtype=torch.long, device=runner.device)
-                        _broadcast_from_rank0(tokens, tp.group)
+                    tokens = torch.empty(n, dtype=torch.long, device=runner.device)
+                    _broadcast_from_rank0(tokens, tp.group)
                     fill = (tokens, rows, src)
                 hidden = runner.decode_graphs.run(input_ids, *args, fill=fill)
             elif kind == "logits":  # join the gather; only rank 0 samples

@@ -123,8 +123,6 @@ group = dist.ProcessGroupGloo(dist.PrefixStore("kiln-tp", store), 1, 2, datetime
 
 
 class Graphs:  # stands in for the worker's captured graphs: reports the ids it would replay with
-    last_tokens = torch.tensor([60, 61, 62, 63])  # (this rank's last argmax)
-
     def run(self, input_ids, positions, *rest, fill=None):
         ids = torch.tensor(input_ids)
         if fill is not None:
@@ -141,9 +139,8 @@ _serve(types.SimpleNamespace(runner=runner), conn, TensorParallel(1, 2, "gloo", 
 def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast():
     """A decode step the CUDA graphs cover, under async scheduling: rank 0 sends the step's host
     inputs and broadcasts the tokens still on its device; the worker fills them into its own
-    inputs. Tokens that are the last replay's argmax in place are not broadcast: every rank's
-    graph computed them, and the worker takes its own (here with stand-in graphs over gloo, since
-    capture needs CUDA)."""
+    inputs, rank 0's last argmax too (here with stand-in graphs over gloo, since capture needs
+    CUDA)."""
     import datetime
     from multiprocessing.connection import Listener
 
@@ -153,9 +150,6 @@ def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast():
 
     class Rank0Graphs:
         last_tokens = torch.tensor([50, 51, 52, 53])
-
-        def takes_own(self, tokens):
-            return tokens is self.last_tokens
 
         def run(self, input_ids, positions, *rest, fill=None):
             return torch.zeros(len(input_ids), 4)
@@ -177,10 +171,10 @@ def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast():
             assert conn.recv() == ("ran", [43, 11, 40], [7, 8, 9])
             graphs.run([5], [3], [4], [[1]], [4], None)  # no tokens pending: nothing broadcast
             assert conn.recv() == ("ran", [5], [3])
-            # the last replay's argmax: the worker's own (its stand-in's differ from rank 0's, to show whose)
+            # rank 0's last argmax, which its own graph reads in place: broadcast all the same
             graphs.run([0, 6], [4, 5], [5, 6], [[1], [2]], [5, 6], None,
                        fill=(Rank0Graphs.last_tokens, [0], [2]))
-            assert conn.recv() == ("ran", [62, 6], [4, 5])
+            assert conn.recv() == ("ran", [52, 6], [4, 5])
             conn.send(("stop", None))
             assert peer.wait(timeout=60) == 0
         finally:
