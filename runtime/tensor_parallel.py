@@ -542,9 +542,9 @@ class _GraphsOverGroup:
     """Rank 0's decode graphs: each replay first sends the step's inputs to the workers. Under async
     scheduling the last step's sampled tokens are still on the device: rank 0 broadcasts them over
     the group (queued on the device, no wait on the host) and every rank fills them in itself.
-    (Each rank's graph computes an argmax too, but the workers do not take theirs: on two H200s
-    that run gave TP=1's greedy tokens for 0 of 4 prompts, diverging after 3-18 tokens, where
-    rank 0's broadcast gives 4 of 4.)"""
+    (Each rank's graph computes an argmax too, and a worker could read its own in place, as rank
+    0's graph does (`DecodeGraphs.takes_own`), with no broadcast; that needs every rank's logits
+    bit for bit rank 0's, which no GPU check has shown yet, so the workers take rank 0's.)"""
 
     def __init__(self, tp: TensorParallel, graphs):
         self.tp, self.graphs = tp, graphs
