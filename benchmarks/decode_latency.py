@@ -33,8 +33,8 @@ norm gemvs read the row for its statistics before their product (`quant_gemm.NOR
 row per ';'-separated set of module switches (the names of the `switches` table in main(), integer
 values), for switches that only work together; `--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
 (`decode_attention.DECODE_BLOCK_N`; both lost to the default 128 on an H100 in session 25);
-`--compare-masked-row` an async bf16 row whose decode attention reads this step's token as a tile masked
-to its row, the form before session 25 (`decode_attention.NEWEST_ROW` off: more registers, spills);
+`--compare-newest-row` an async bf16 row whose decode attention reads this step's token as one row
+instead of a masked tile (`decode_attention.NEWEST_ROW` on: fewer registers, the same time on the 1B);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
 `--rounds N` builds every row's engine first (the 1B's fit side by side), then times the rows N
@@ -178,9 +178,9 @@ def main() -> None:
                         "...): an async bf16 row each")
     p.add_argument("--compare-decode-block-n", default="",
                    help="comma-separated key tiles: an async bf16 row each whose decode attention takes that tile")
-    p.add_argument("--compare-masked-row", action="store_true",
-                   help="add an async bf16 row whose decode attention reads this step's token as a masked tile "
-                        "(decode_attention.NEWEST_ROW off)")
+    p.add_argument("--compare-newest-row", action="store_true",
+                   help="add an async bf16 row whose decode attention reads this step's token as one row "
+                        "(decode_attention.NEWEST_ROW on)")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
@@ -233,8 +233,8 @@ def main() -> None:
                                          **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}})]
     for n in filter(None, args.compare_decode_block_n.split(",")):
         variants += [(f"async, attention tile {n} keys", {"async_scheduling": True, "decode_block_n": int(n)})]
-    if args.compare_masked_row:
-        variants += [("async, newest token as a masked tile", {"async_scheduling": True, "newest_row": False})]
+    if args.compare_newest_row:
+        variants += [("async, newest token as a row", {"async_scheduling": True, "newest_row": True})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     if args.bracket and len(variants) > 1:

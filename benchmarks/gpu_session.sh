@@ -19,8 +19,7 @@
 #   norm        the norm gemvs' kernel tests compiled on the GPU (both ways of normalizing), then batch-1 decode with
 #               the norm's statistics gathered in the gemv's product loop (the default) and read first
 #   kv-tile     the decode attention's tests compiled on the GPU, then batch-1 decode with its key tile at 64 and 32,
-#               and with this step's token read as a masked tile (the form before session 25); five interleaved
-#               rounds (--rounds 5), medians
+#               and with this step's token read as one row (NEWEST_ROW); five interleaved rounds (--rounds 5), medians
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -50,11 +49,11 @@
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-ab       scale_out.py --skip-dp --compare-tiles deep+rope=8x1024x8 --compare-min-split-keys 64 --bracket: tp-tiles
 #               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
-#   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-masked-row --rounds 2: TP=2 with the
-#               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as a masked
-#               tile, each configuration twice, interleaved
+#   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-newest-row --rounds 2: TP=2 with the
+#               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as one
+#               row, each configuration twice, interleaved
 #   tp-rounds   scale_out.py --skip-dp --rounds 3: TP=1 and TP=2, three times, interleaved (the speedup read through
-#               the run-to-run spread; TP_ROUNDS_FLAGS="--compare-masked-row" adds a variant)
+#               the run-to-run spread; TP_ROUNDS_FLAGS="--compare-newest-row" or "--compare-env SPECS" adds variants)
 #   tp-bisect   scale_out.py --skip-dp --compare-env "KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0" (TP_BISECT=...): TP=1,
 #               TP=2, and TP=2 with each set of switches, every run's greedy tokens against TP=1's
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
@@ -116,7 +115,7 @@ section() {
                 tests/codegen/test_attention.py -k "decode"
             tail -2 "$OUT/kv-tile-kernels.txt" | cut -c1-300
             run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-decode-block-n 64,32 \
-                --compare-masked-row --rounds 5
+                --compare-newest-row --rounds 5
             grep -A16 "^device" "$OUT/kv-tile.txt" ;;
         inputs)
             TRITON_INTERPRET=0 run inputs-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
@@ -195,7 +194,7 @@ section() {
             tail -12 "$OUT/tp-ab.txt" ;;
         tp-kv-tile)
             run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --compare-decode-block-n 32 \
-                --compare-masked-row --rounds 2 $CKPT_8B
+                --compare-newest-row --rounds 2 $CKPT_8B
             tail -12 "$OUT/tp-kv-tile.txt" ;;
         tp-rounds)
             # shellcheck disable=SC2086

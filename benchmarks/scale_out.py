@@ -30,8 +30,8 @@ statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one
 other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
 q/k/v gemv of 8B's shapes on its own tile), `--compare-decode-block-n N` one whose decode
 attention takes tiles of N keys (KILN_DECODE_BLOCK_N; the default 64 at head dim 128 spills registers with
-the early kv loads), `--compare-masked-row` one whose decode attention reads this step's token as a
-tile masked to its row instead of one row (KILN_NEWEST_ROW=0: the form before session 25), `--compare-env
+the early kv loads), `--compare-newest-row` one whose decode attention reads this step's token as one
+row instead of a masked tile (KILN_NEWEST_ROW=1: fewer registers), `--compare-env
 "KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0"` one per ';'-separated set of environment switches, its greedy tokens
 compared with TP=1's as well as TP=2's. `--bracket` runs the default TP=2
 configuration again after the variants, so a drift along the call (the variants always run after the
@@ -43,7 +43,7 @@ also gives the GPUs' SM clock range, hottest temperature and most power while it
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
-                                   [--compare-decode-block-n N] [--compare-masked-row] [--compare-env SPECS]
+                                   [--compare-decode-block-n N] [--compare-newest-row] [--compare-env SPECS]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
 """
 
@@ -98,7 +98,7 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
                           "fused all-reduce mode"),
             "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
             "tp2-block-n": ("compare_decode_block_n", "KILN_DECODE_BLOCK_N", None, "attention key tile"),
-            "tp2-masked-row": ("compare_masked_row", "KILN_NEWEST_ROW", "0", "newest token as a masked tile"),
+            "tp2-newest-row": ("compare_newest_row", "KILN_NEWEST_ROW", "1", "newest token as a row"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
 
 
@@ -173,9 +173,9 @@ def main() -> None:
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
     p.add_argument("--compare-decode-block-n", default="",
                    help="add a TP=2 run whose decode attention takes key tiles of this many (KILN_DECODE_BLOCK_N)")
-    p.add_argument("--compare-masked-row", action="store_true",
-                   help="add a TP=2 run whose decode attention reads this step's token as a masked tile "
-                        "(KILN_NEWEST_ROW=0)")
+    p.add_argument("--compare-newest-row", action="store_true",
+                   help="add a TP=2 run whose decode attention reads this step's token as one row "
+                        "(KILN_NEWEST_ROW=1)")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],

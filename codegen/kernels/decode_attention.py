@@ -268,17 +268,17 @@ MERGE_IN_KERNEL = True
 # by default (`early_kv`; benchmarks/decode_latency.py --compare-early-kv times both).
 EARLY_KV = True
 
-# How the early kv path reads this step's token after its wait: as one row of k and of v (True, the
-# default since session 25), or as a tile of the split's first keys masked to that row (False, the
-# form of sessions 21-24). The masked tiles are a second [BLOCK_N, D] tile of k and of v in
-# registers: with them the kernel takes 255 registers a thread and spills (ptxas sm_90a, Triton 3.6,
-# 4 warps: 32 bytes at head dim 64 with 128-key tiles, 72 at head dim 128 with 64-key tiles); as rows,
-# 191 and no spill at head dim 64, 255 and 48 bytes at 128. The time is the same: on H100s the 1B
-# step took 1.022 ms/token with rows against 1.031 with masked tiles in one call, 1.026 against
-# 1.026 in the next (medians of 5 and 7 interleaved rounds). Rows stay for their registers.
-# KILN_NEWEST_ROW=0 for a process; `decode_latency.py --compare-masked-row`, `scale_out.py
-# --compare-masked-row`.
-NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "1") != "0"
+# How the early kv path reads this step's token after its wait: as a tile of the split's first keys
+# masked to that row (False, the default, GPU-confirmed since session 21), or as one row of k and of
+# v (True). The masked tiles are a second [BLOCK_N, D] tile of k and of v in registers: with them the
+# kernel takes 255 registers a thread and spills (ptxas sm_90a, Triton 3.6, 4 warps: 32 bytes at head
+# dim 64 with 128-key tiles, 72 at head dim 128 with 64-key tiles); as rows, 191 and no spill at head
+# dim 64, 255 and 48 bytes at 128. The time did not follow the registers: on H100s the 1B step took
+# 1.022 ms/token with rows against 1.031 with masked tiles in one call, 1.026 against 1.026 in the
+# next (medians of 5 and 7 interleaved rounds), and a TP=2 8B run with rows took 3.422 against 3.249
+# (single runs, one call). Off; KILN_NEWEST_ROW=1 for a process, `decode_latency.py
+# --compare-newest-row`, `scale_out.py --compare-newest-row`.
+NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "0") != "0"
 
 # The fewest keys a split takes, when the splits merge in the kernel (`min_split_keys`): a context
 # shorter than num_splits of them runs on fewer splits, and one that fits in one split skips the
