@@ -183,8 +183,8 @@ class DecodeGraphs:
     def takes_own(self, tokens: torch.Tensor) -> bool:
         """Whether `tokens` are the last replay's argmax, in place (`last_tokens`): a step can then
         read them inside its graph, by index, instead of a copy before it."""
-        return (self.unpack_in_graph and tokens.device == self.last_tokens.device and tokens.dtype == torch.long and tokens.dim() == 1
-                and tokens.data_ptr() == self.last_tokens.data_ptr() and tokens.is_contiguous())
+        return (self.unpack_in_graph and tokens.device == self.last_tokens.device and tokens.dtype == torch.long
+                and tokens.dim() == 1 and tokens.is_contiguous() and tokens.data_ptr() == self.last_tokens.data_ptr())
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
@@ -193,13 +193,13 @@ class DecodeGraphs:
         (tokens, rows, src) of async scheduling, input_ids[rows] = tokens[src] on the device: read
         inside the graph when `tokens` are the last replay's argmax (`takes_own`), else copied into
         the staged ids before it."""
+        from kiln.runtime.model_runner import fill_in, wait_for_readback
+
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
         own = fill is not None and self.takes_own(fill[0])
         self.stage(input_ids, positions, slots, block_tables, seq_lens, cross_slots, padded,
                    src=fill[1:] if own else None)
-        from kiln.runtime.model_runner import fill_in, wait_for_readback
-
         if fill is not None and not own:
             fill_in(self.staged_ids, *fill)
         if self.staging.is_cuda:
