@@ -24,7 +24,9 @@ from kiln.runtime.scheduler import SchedulerOutput
 READBACK_STREAM = os.environ.get("KILN_READBACK_STREAM", "1") != "0"
 _readback_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 # per device: the last readback's event, which the next decode graph's replay waits for before it
-# rewrites the tokens (a graph's argmax output, `DecodeGraphs.last_tokens`)
+# rewrites the tokens (a graph's argmax output, `DecodeGraphs.last_tokens`). One entry a device
+# holds while one engine steps on it at a time, as in a process's LLM calls (each reads back all its
+# tokens before it returns); engines stepping in turn on one device would need one per buffer.
 _last_readback: dict[torch.device, "torch.cuda.Event"] = {}
 
 
