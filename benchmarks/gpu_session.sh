@@ -53,7 +53,8 @@
 #               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as one
 #               row, each configuration twice, interleaved
 #   tp-rounds   scale_out.py --skip-dp --rounds 3: TP=1 and TP=2, three times, interleaved (the speedup read through
-#               the run-to-run spread; TP_ROUNDS_FLAGS="--compare-newest-row" or "--compare-env SPECS" adds variants)
+#               the run-to-run spread; TP_ROUNDS_ENV="A=0,B=0;C=1" adds a TP=2 run per set of environment switches,
+#               TP_ROUNDS=2 fewer rounds: each run is about 45 s, and a call has 590)
 #   tp-bisect   scale_out.py --skip-dp --compare-env "KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0" (TP_BISECT=...): TP=1,
 #               TP=2, and TP=2 with each set of switches, every run's greedy tokens against TP=1's
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
@@ -198,7 +199,8 @@ section() {
             tail -12 "$OUT/tp-kv-tile.txt" ;;
         tp-rounds)
             # shellcheck disable=SC2086
-            run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --rounds 3 ${TP_ROUNDS_FLAGS:-} $CKPT_8B
+            run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --rounds "${TP_ROUNDS:-3}" \
+                ${TP_ROUNDS_ENV:+--compare-env "$TP_ROUNDS_ENV"} $CKPT_8B
             tail -14 "$OUT/tp-rounds.txt" ;;
         tp-bisect)  # (TP_BISECT: the env switch sets, ';'-separated)
             run tp-bisect 590 python benchmarks/scale_out.py --skip-dp \

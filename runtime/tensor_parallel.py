@@ -538,13 +538,19 @@ def _broadcast_from_rank0(tensor: torch.Tensor, group) -> None:
     group.broadcast([tensor], options).wait()
 
 
+# Whether the workers read the last replay's argmax from their own graphs when rank 0's tokens are
+# its own graph's (`DecodeGraphs.takes_own`), instead of rank 0 broadcasting them. Every rank's
+# graph computes that argmax from the gathered logits, so it is the same only if every rank's logits
+# are bit for bit rank 0's, which no GPU check has shown yet: off until one does
+# (KILN_TP_OWN_TOKENS=1; `scale_out.py --compare-env KILN_TP_OWN_TOKENS=1` compares its tokens).
+TP_OWN_TOKENS = os.environ.get("KILN_TP_OWN_TOKENS", "0") != "0"
+
+
 class _GraphsOverGroup:
     """Rank 0's decode graphs: each replay first sends the step's inputs to the workers. Under async
     scheduling the last step's sampled tokens are still on the device: rank 0 broadcasts them over
-    the group (queued on the device, no wait on the host) and every rank fills them in itself.
-    (Each rank's graph computes an argmax too, and a worker could read its own in place, as rank
-    0's graph does (`DecodeGraphs.takes_own`), with no broadcast; that needs every rank's logits
-    bit for bit rank 0's, which no GPU check has shown yet, so the workers take rank 0's.)"""
+    the group (queued on the device, no wait on the host) and every rank fills them in itself, or,
+    with TP_OWN_TOKENS, each rank reads its own graph's argmax."""
 
     def __init__(self, tp: TensorParallel, graphs):
         self.tp, self.graphs = tp, graphs
@@ -560,8 +566,11 @@ class _GraphsOverGroup:
 
     def run(self, input_ids: list[int], *args, fill=None) -> torch.Tensor:
         tokens, rows, src = fill if fill is not None else (None, None, None)
-        self.tp.send(("graph", (input_ids, args, None if fill is None else (rows, src, tokens.numel()))))
-        if fill is not None:
+        own = TP_OWN_TOKENS and fill is not None and self.graphs.takes_own(tokens)
+        # the workers' `pending`: the rows, their sources, and how many tokens come by broadcast (None: their own)
+        pending = None if fill is None else (rows, src, None if own else tokens.numel())
+        self.tp.send(("graph", (input_ids, args, pending)))
+        if fill is not None and not own:
             _broadcast_from_rank0(tokens.contiguous(), self.tp.group)
         return self.graphs.run(input_ids, *args, fill=fill)
 
@@ -614,10 +623,13 @@ def _serve(engine, conn, tp: TensorParallel) -> None:
             elif kind == "graph":  # a decode step the captured graphs cover
                 input_ids, args, pending = payload
                 fill = None
-                if pending is not None:  # async scheduling: the tokens rank 0 sampled, broadcast
+                if pending is not None:  # async scheduling: the tokens rank 0 sampled, broadcast or this rank's own
                     rows, src, n = pending
-                    tokens = torch.empty(n, dtype=torch.long, device=runner.device)
-                    _broadcast_from_rank0(tokens, tp.group)
+                    if n is None:  # (TP_OWN_TOKENS: the last replay's argmax, which this rank's graph computed too)
+                        tokens = runner.decode_graphs.last_tokens
+                    else:
+                        tokens = torch.empty(n, dtype=torch.long, device=runner.device)
+                        _broadcast_from_rank0(tokens, tp.group)
                     fill = (tokens, rows, src)
                 hidden = runner.decode_graphs.run(input_ids, *args, fill=fill)
             elif kind == "logits":  # join the gather; only rank 0 samples

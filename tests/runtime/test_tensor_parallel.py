@@ -123,6 +123,8 @@ group = dist.ProcessGroupGloo(dist.PrefixStore("kiln-tp", store), 1, 2, datetime
 
 
 class Graphs:  # stands in for the worker's captured graphs: reports the ids it would replay with
+    last_tokens = torch.tensor([60, 61, 62, 63])  # (this rank's last argmax)
+
     def run(self, input_ids, positions, *rest, fill=None):
         ids = torch.tensor(input_ids)
         if fill is not None:
@@ -136,20 +138,24 @@ _serve(types.SimpleNamespace(runner=runner), conn, TensorParallel(1, 2, "gloo", 
 """
 
 
-def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast():
+def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast(monkeypatch):
     """A decode step the CUDA graphs cover, under async scheduling: rank 0 sends the step's host
     inputs and broadcasts the tokens still on its device; the worker fills them into its own
-    inputs, rank 0's last argmax too (here with stand-in graphs over gloo, since capture needs
-    CUDA)."""
+    inputs, rank 0's last argmax too; with TP_OWN_TOKENS that one is not broadcast, and the worker
+    reads its own graph's (here with stand-in graphs over gloo, since capture needs CUDA)."""
     import datetime
     from multiprocessing.connection import Listener
 
     import torch.distributed as dist
 
+    from kiln.runtime import tensor_parallel
     from kiln.runtime.tensor_parallel import TensorParallel, _GraphsOverGroup
 
     class Rank0Graphs:
         last_tokens = torch.tensor([50, 51, 52, 53])
+
+        def takes_own(self, tokens):
+            return tokens is self.last_tokens
 
         def run(self, input_ids, positions, *rest, fill=None):
             return torch.zeros(len(input_ids), 4)
@@ -175,6 +181,14 @@ def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast():
             graphs.run([0, 6], [4, 5], [5, 6], [[1], [2]], [5, 6], None,
                        fill=(Rank0Graphs.last_tokens, [0], [2]))
             assert conn.recv() == ("ran", [52, 6], [4, 5])
+            # with TP_OWN_TOKENS, not broadcast: the worker reads its own (its stand-in's differ, to show whose)
+            monkeypatch.setattr(tensor_parallel, "TP_OWN_TOKENS", True)
+            graphs.run([0, 6], [4, 5], [5, 6], [[1], [2]], [5, 6], None,
+                       fill=(Rank0Graphs.last_tokens, [0], [2]))
+            assert conn.recv() == ("ran", [62, 6], [4, 5])
+            # (tokens not its graph's: broadcast)
+            graphs.run([0], [6], [7], [[1]], [7], None, fill=(torch.tensor([70, 71]), [0], [1]))
+            assert conn.recv() == ("ran", [71], [6])
             conn.send(("stop", None))
             assert peer.wait(timeout=60) == 0
         finally:
