@@ -9,7 +9,7 @@
 #   paths       check_decode_paths.py: compiled == eager, gemv vs cuBLAS, async == steps in turn
 #   decode      batch-1 decode (Llama-3.2-1B shape; async scheduling, the default on CUDA, and a row with
 #               the steps in turn), with the A/B rows of two switches: rotary in the q/k/v gemv (on:
-#               won in session 20), fp8 read by its bits (off: lost in session 20)
+#               won in session 20), fp8 read by its bits (off: lost in session 20); three interleaved rounds
 #   inputs      the decode graphs' input kernel's tests compiled on the GPU, then batch-1 decode with the staged step
 #               unpacked by five copies instead (unpack_in_graph=0), the tokens read back on the main stream
 #               (readback_stream=0), and both (the step boundary before session 25); five interleaved rounds
@@ -20,7 +20,7 @@
 #               the norm's statistics gathered in the gemv's product loop (the default) and read first
 #   kv-tile     the decode attention's tests compiled on the GPU, then batch-1 decode with its key tile at 64 and 32,
 #               and with this step's token read as one row (NEWEST_ROW); five interleaved rounds (--rounds 5), medians
-#   quant       batch-1 decode of the 8-bit weight-only rows (issue 9)
+#   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
 #               shape and a TP=2 rank of 8B
@@ -88,19 +88,19 @@ section() {
         kernels)
             TRITON_INTERPRET=0 run kernels 300 python -m pytest -q -p no:cacheprovider -W ignore \
                 tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py tests/codegen/test_rotary.py \
-                tests/codegen/test_attention.py
+                tests/codegen/test_attention.py tests/codegen/test_decode_inputs.py
             tail -3 "$OUT/kernels.txt" | cut -c1-300 ;;
         paths)
             run paths 300 python benchmarks/check_decode_paths.py
             grep -E "==|Error" "$OUT/paths.txt" ;;
         decode)
-            run decode 500 python benchmarks/decode_latency.py --no-hf --sync-scheduling --repeats 3 \
+            run decode 500 python benchmarks/decode_latency.py --no-hf --sync-scheduling --repeats 3 --rounds 3 \
                 --compare-rope-fusion --quantization fp8_weight_only --compare-fp8-conversion
-            grep -A12 "^device" "$OUT/decode.txt" ;;
+            grep -A18 "^device" "$OUT/decode.txt" ;;
         quant)
-            run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 \
+            run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
                 --quantization int8_weight_only,fp8_weight_only
-            grep -A10 "^device" "$OUT/quant.txt" ;;
+            grep -A14 "^device" "$OUT/quant.txt" ;;
         splits)
             run splits 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 512 --bracket
             run splits-128 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 128
