@@ -244,6 +244,7 @@ def main() -> None:
     switches = {key: (module, name, getattr(module, name)) for key, module, name in (
         ("merge_in_kernel", decode_kernels, "MERGE_IN_KERNEL"), ("early_kv", decode_kernels, "EARLY_KV"),
         ("min_split_keys", decode_kernels, "MIN_SPLIT_KEYS"), ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
+        ("decode_max_splits", decode_kernels, "DECODE_MAX_SPLITS"),
         ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
         ("norm_at_end", quant_gemm, "NORM_AT_END"), ("unpack_in_graph", cuda_graphs, "UNPACK_IN_GRAPH"),
         ("readback_stream", model_runner, "READBACK_STREAM"))}

@@ -295,6 +295,14 @@ MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
 # --compare-decode-block-n 32`.
 DECODE_BLOCK_N = int(os.environ.get("KILN_DECODE_BLOCK_N", "0"))
 
+# The most splits a launch that names none takes (0: 32). A decode graph is captured for the longest
+# context, so a short one fills few of its splits and the rest store empty partials for the merge: at
+# TP=2 on Llama-3.1-8B (4 kv heads a rank, 64-key tiles, 2048 tokens) a batch-1 step launches 32
+# splits, of which a 128-256-token context fills 2-4, and its attention took 7.1 us a layer against
+# the 1B's 5.9 on 8 splits (session 23-24 profiles). Not timed: KILN_DECODE_MAX_SPLITS=8 for a process
+# (`scale_out.py --compare-env KILN_DECODE_MAX_SPLITS=8`).
+DECODE_MAX_SPLITS = int(os.environ.get("KILN_DECODE_MAX_SPLITS", "0"))
+
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
 # program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
 # buffer made while capturing would be the graph's, and a capture first runs the same step eagerly.
@@ -318,7 +326,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n:
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
     want = triton.cdiv(4 * sms, max(1, batch * num_kv_heads))
-    return max(1, min(want, triton.cdiv(max_context, block_n), 32))
+    return max(1, min(want, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS or 32))
 
 
 def decode_attention(

@@ -124,6 +124,21 @@ def test_decode_attention_min_split_keys(min_split_keys, window, early_kv, devic
     assert not _counter_buffers[q.device].any()
 
 
+@pytest.mark.parametrize("cap", [0, 2])
+def test_decode_attention_split_cap_switch(cap, device, poisoned, close, monkeypatch):
+    """DECODE_MAX_SPLITS (KILN_DECODE_MAX_SPLITS) caps the splits of a launch that names none: the
+    same attention over contexts of 1 to 70 keys, early kv loads included."""
+    module = importlib.import_module("kiln.codegen.kernels.decode_attention")
+    uncapped = module.default_num_splits(1, 2, 4096, 16, device)
+    monkeypatch.setattr(module, "DECODE_MAX_SPLITS", cap)
+    assert uncapped > 2 and module.default_num_splits(1, 2, 4096, 16, device) == (2 if cap else uncapped)
+    md, k_cache, v_cache = make_batch([1, 1, 1, 1], [1, 9, 23, 70], 2, 32, 4, torch.bfloat16, device)
+    q = torch.randn(4, 8, 32, device=device).to(torch.bfloat16)
+    out = poisoned(decode_attention, q, k_cache, v_cache, md.block_tables, lens_tensors(md, device)[1], 0.2,
+                   block_n=16, early_kv=True)
+    close(out, dense_paged(q, md, k_cache, v_cache, 0.2), dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("tile", [0, 32])
 def test_decode_attention_default_key_tile_switch(tile, device, poisoned, close, monkeypatch):
     """DECODE_BLOCK_N (KILN_DECODE_BLOCK_N) picks the key tile of a launch that names none: the same
