@@ -29,12 +29,11 @@ async bf16 row whose decode attention loads every key and value after its PDL wa
 attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
 fewer splits, one split and no merge when it fits); `--compare-norm-at-end` an async bf16 row whose
 norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off);
-`--compare-switches "decode_block_n=512,min_split_keys=512;..."` an async bf16
-row per ';'-separated set of module switches (the names of the `switches` table in main(), integer
-values), for switches that only work together; `--compare-decode-block-n 64,32` an async bf16 row per key tile of the decode attention
-(`decode_attention.DECODE_BLOCK_N`; both lost to the default 128 on an H100 in session 25);
-`--compare-newest-row` an async bf16 row whose decode attention reads this step's token as one row
-instead of a masked tile (`decode_attention.NEWEST_ROW` on: fewer registers, the same time on the 1B);
+`--compare-switches "decode_block_n=64;newest_row=1;decode_block_n=512,min_split_keys=512"` an async
+bf16 row per ';'-separated set of module switches (the names of the `switches` table in main(),
+integer values), e.g. the decode attention's key tile (`decode_attention.DECODE_BLOCK_N`: 64 and 32
+lost to the default 128 on an H100 in session 25) or this step's token read as one row
+(`decode_attention.NEWEST_ROW`: fewer registers, the same time on the 1B);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
 `--rounds N` builds every row's engine first (the 1B's fit side by side), then times the rows N
@@ -174,13 +173,8 @@ def main() -> None:
     p.add_argument("--compare-min-split-keys", type=int, default=0,
                    help="add an async bf16 row whose decode attention splits take at least this many keys")
     p.add_argument("--compare-switches", default="",
-                   help="';'-separated sets of NAME=INT module switches (decode_block_n, min_split_keys, "
-                        "...): an async bf16 row each")
-    p.add_argument("--compare-decode-block-n", default="",
-                   help="comma-separated key tiles: an async bf16 row each whose decode attention takes that tile")
-    p.add_argument("--compare-newest-row", action="store_true",
-                   help="add an async bf16 row whose decode attention reads this step's token as one row "
-                        "(decode_attention.NEWEST_ROW on)")
+                   help="';'-separated sets of NAME=INT module switches (decode_block_n, newest_row, "
+                        "min_split_keys, ...): an async bf16 row each")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
@@ -231,10 +225,6 @@ def main() -> None:
     for spec in filter(None, args.compare_switches.split(";")):
         variants += [(f"async, {spec}", {"async_scheduling": True,
                                          **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}})]
-    for n in filter(None, args.compare_decode_block_n.split(",")):
-        variants += [(f"async, attention tile {n} keys", {"async_scheduling": True, "decode_block_n": int(n)})]
-    if args.compare_newest_row:
-        variants += [("async, newest token as a row", {"async_scheduling": True, "newest_row": True})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
     if args.bracket and len(variants) > 1:

@@ -52,7 +52,7 @@
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-ab       scale_out.py --skip-dp --compare-tiles deep+rope=8x1024x8 --compare-min-split-keys 64 --bracket: tp-tiles
 #               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
-#   tp-kv-tile  scale_out.py --skip-dp --compare-decode-block-n 32 --compare-newest-row --rounds 2: TP=2 with the
+#   tp-kv-tile  scale_out.py --skip-dp --compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1" --rounds 2: TP=2 with the
 #               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as one
 #               row, each configuration twice, interleaved
 #   tp-rounds   scale_out.py --skip-dp --rounds 3: TP=1 and TP=2, three times, interleaved (the speedup read through
@@ -118,8 +118,8 @@ section() {
             TRITON_INTERPRET=0 run kv-tile-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
                 tests/codegen/test_attention.py -k "decode"
             tail -2 "$OUT/kv-tile-kernels.txt" | cut -c1-300
-            run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-decode-block-n 64,32 \
-                --compare-newest-row --rounds 5
+            run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
+                --compare-switches "decode_block_n=64;decode_block_n=32;newest_row=1"
             grep -A16 "^device" "$OUT/kv-tile.txt" ;;
         inputs)
             TRITON_INTERPRET=0 run inputs-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
@@ -208,8 +208,8 @@ section() {
                 --compare-min-split-keys 64 --bracket $CKPT_8B
             tail -12 "$OUT/tp-ab.txt" ;;
         tp-kv-tile)
-            run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --compare-decode-block-n 32 \
-                --compare-newest-row --rounds 2 $CKPT_8B
+            run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --rounds 2 \
+                --compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1" $CKPT_8B
             tail -12 "$OUT/tp-kv-tile.txt" ;;
         tp-rounds)
             # shellcheck disable=SC2086

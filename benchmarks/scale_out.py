@@ -28,12 +28,10 @@ last program sums the row with the peer's; "0": the gemv, then the all-reduce ke
 (KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its
 statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take
 other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
-q/k/v gemv of 8B's shapes on its own tile), `--compare-decode-block-n N` one whose decode
-attention takes tiles of N keys (KILN_DECODE_BLOCK_N; the default 64 at head dim 128 spills registers with
-the early kv loads), `--compare-newest-row` one whose decode attention reads this step's token as one
-row instead of a masked tile (KILN_NEWEST_ROW=1: fewer registers), `--compare-env
-"KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0"` one per ';'-separated set of environment switches, its greedy tokens
-compared with TP=1's as well as TP=2's. `--bracket` runs the default TP=2
+q/k/v gemv of 8B's shapes on its own tile), `--compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1"` one
+per ';'-separated set of environment switches (here the decode attention's key tile, and this step's
+token read as one row instead of a masked tile), its greedy tokens compared with TP=1's as well as
+TP=2's. `--bracket` runs the default TP=2
 configuration again after the variants, so a drift along the call (the variants always run after the
 default) shows as two default rows that differ. `--rounds N` runs TP=1 and the TP=2 configurations N times, interleaved
 (TP=1, default, variants, TP=1, default, variants, ...), and reports each one's median: one call once gave the same
@@ -43,7 +41,7 @@ also gives the GPUs' SM clock range, hottest temperature and most power while it
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
                                    [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
-                                   [--compare-decode-block-n N] [--compare-newest-row] [--compare-env SPECS]
+                                   [--compare-env SPECS]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
 """
 
@@ -97,8 +95,6 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", None,
                           "fused all-reduce mode"),
             "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
-            "tp2-block-n": ("compare_decode_block_n", "KILN_DECODE_BLOCK_N", None, "attention key tile"),
-            "tp2-newest-row": ("compare_newest_row", "KILN_NEWEST_ROW", "1", "newest token as a row"),
             "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
 
 
@@ -171,16 +167,6 @@ def main() -> None:
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--compare-min-split-keys", default="",
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
-    p.add_argument("--compare-decode-block-n", default="",
-                   help="add a TP=2 run whose decode attention takes key tiles of this many (KILN_DECODE_BLOCK_N)")
-    p.add_argument("--compare-newest-row", action="store_true",
-                   help="add a TP=2 run whose decode attention reads this step's token as one row "
-                        "(KILN_NEWEST_ROW=1)")
-    p.add_argument("--compare-norm-at-end", action="store_true",
-                   help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
-    p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
-                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (how the row-parallel gemv's row is "
-                        "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
     p.add_argument("--compare-env", default="",
                    help="';'-separated sets of NAME=VALUE environment switches (e.g. KILN_UNPACK_IN_GRAPH=0): a TP=2 "
                         "run each, its greedy tokens compared with TP=1's")
@@ -238,32 +224,30 @@ def main() -> None:
                 print(f"{name}: decode ms/token over {len(result['rounds'])} rounds "
                       f"{[round(v, 3) for v in result['rounds']]}, median {result['decode_ms']:.3f}")
 
+    def same(name: str, ref: str) -> str:
+        """How many prompts' greedy tokens run `name` shares with run `ref`, as "k/n"."""
+        a, b = results[ref]["tokens"], results[name]["tokens"]
+        return f"{sum(s == t for s, t in zip(a, b))}/{len(b)}"
+
     rows = []
     if "tp2" in results:
         a, b = results["tp1"]["tokens"], results["tp2"]["tokens"]
         first = [next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), len(s)) for s, t in zip(a, b)]
-        print(f"TP=2 greedy tokens == TP=1 for {sum(s == t for s, t in zip(a, b))}/{len(a)} prompts "
-              f"(first difference at {first})")
+        print(f"TP=2 greedy tokens == TP=1 for {same('tp2', 'tp1')} prompts (first difference at {first})")
         rows.append(("batch-1 decode ms/token", results["tp1"]["decode_ms"], results["tp2"]["decode_ms"]))
     for name in VARIANTS:
         if name in results:
             label = variant_switch(name, args)[2]
-            b = results[name]["tokens"]
-            print(f"TP=2 {label}: greedy tokens == TP=2 (default) for "
-                  f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
+            print(f"TP=2 {label}: greedy tokens == TP=2 (default) for {same(name, 'tp2')} prompts")
             rows.append((f"batch-1 decode ms/token, {label}", results["tp1"]["decode_ms"], results[name]["decode_ms"]))
     for i, spec in enumerate(envs):
         if f"tp2-env{i}" in results:
-            b = results[f"tp2-env{i}"]["tokens"]
-            print(f"TP=2 {spec}: greedy tokens == TP=1 for {sum(s == t for s, t in zip(results['tp1']['tokens'], b))}/"
-                  f"{len(b)} prompts, == TP=2 (default) for "
-                  f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)}")
+            print(f"TP=2 {spec}: greedy tokens == TP=1 for {same(f'tp2-env{i}', 'tp1')} prompts, == TP=2 (default) "
+                  f"for {same(f'tp2-env{i}', 'tp2')}")
             rows.append((f"batch-1 decode ms/token, {spec}", results["tp1"]["decode_ms"],
                          results[f"tp2-env{i}"]["decode_ms"]))
     if "tp2-again" in results:
-        b = results["tp2-again"]["tokens"]
-        print(f"TP=2 (default) again: greedy tokens == its first run for "
-              f"{sum(s == t for s, t in zip(results['tp2']['tokens'], b))}/{len(b)} prompts")
+        print(f"TP=2 (default) again: greedy tokens == its first run for {same('tp2-again', 'tp2')} prompts")
         rows.append(("batch-1 decode ms/token, default again (last)", results["tp1"]["decode_ms"],
                      results["tp2-again"]["decode_ms"]))
     if "dp2" in results:

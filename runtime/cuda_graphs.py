@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
+from kiln.runtime.model_runner import fill_in, wait_for_readback
 from kiln.runtime.sampler import greedy_tokens
 
 # The staging buffer: FIELDS entries a row (ids, positions, slots, seq_lens, cross slots, src), META
@@ -193,8 +194,6 @@ class DecodeGraphs:
         (tokens, rows, src) of async scheduling, input_ids[rows] = tokens[src] on the device: read
         inside the graph when `tokens` are the last replay's argmax (`takes_own`), else copied into
         the staged ids before it."""
-        from kiln.runtime.model_runner import fill_in, wait_for_readback
-
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
         own = fill is not None and self.takes_own(fill[0])

@@ -63,18 +63,17 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
     part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
     table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr, min_chunk,
-    NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFT_CAP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, NEWEST_ROW: tl.constexpr, ADAPTIVE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    if not EARLY_KV:
+        wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if not EARLY_KV:
-        wait_for_inputs(PDL)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     lo = 0
     if HAS_WINDOW:
@@ -277,7 +276,7 @@ EARLY_KV = True
 # 1.022 ms/token with rows against 1.031 with masked tiles in one call, 1.026 against 1.026 in the
 # next (medians of 5 and 7 interleaved rounds), and a TP=2 8B run with rows took 3.422 against 3.249
 # (single runs, one call). Off; KILN_NEWEST_ROW=1 for a process, `decode_latency.py
-# --compare-newest-row`, `scale_out.py --compare-newest-row`.
+# --compare-switches newest_row=1`, `scale_out.py --compare-env KILN_NEWEST_ROW=1`.
 NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "0") != "0"
 
 # The fewest keys a split takes, when the splits merge in the kernel (`min_split_keys`): a context
@@ -291,8 +290,8 @@ MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
 # 128 take 195, with no spill (the defaults: 255 and spills; see NEWEST_ROW). Both lost on the 1B
 # step (H100, 5 interleaved rounds): 64 keys 1.046 and 32 keys 1.107 ms/token against 1.031 (32
 # keys make 32 splits, a grid of 256 programs: too many for the early kv loads). KILN_DECODE_BLOCK_N=N
-# for a process, `benchmarks/decode_latency.py --compare-decode-block-n 64`, `scale_out.py
-# --compare-decode-block-n 32`.
+# for a process, `benchmarks/decode_latency.py --compare-switches decode_block_n=64`, `scale_out.py
+# --compare-env KILN_DECODE_BLOCK_N=32`.
 DECODE_BLOCK_N = int(os.environ.get("KILN_DECODE_BLOCK_N", "0"))
 
 # The most splits a launch that names none takes (0: 32). A decode graph is captured for the longest

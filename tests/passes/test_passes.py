@@ -238,17 +238,16 @@ class NormAttentionBlock(nn.Module):
         return self.attend(ops.rms_norm(out, self.g2, 1e-6), positions, 1, "2"), x + residual
 
 
-def run_two_layers(block: nn.Module, names: list[str]) -> tuple[dict, Graph]:
-    """block (two attention layers, `scattered_prefill`'s batch) run eagerly and compiled through
-    the named passes, each into fresh caches; its outputs checked equal. Returns ({"eager" |
-    "compiled": (outputs, caches)}, the graph after the passes)."""
+@pytest.mark.parametrize("neox", [True, False])
+def test_linear_rope_fusion_keeps_outputs_and_caches(neox):
     from kiln.ir import ForwardContext, set_forward_context
 
     torch._dynamo.reset()
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
-    block = block.eval()
+    block = NormAttentionBlock(neox=neox).eval()
     lay_out_adjacent(block)
-    compiled, graphs = compiled_with(block, names)
+    compiled, graphs = compiled_with(block, ["merge_linears", "fuse_add_rms_norm", "fuse_norm_linear",
+                                             "fuse_rotary_cache_write", "fuse_linear_rope"])
     md, positions = scattered_prefill()
     x, r = torch.randn(7, 32), torch.randn(7, 32)
     results = {}
@@ -258,17 +257,11 @@ def run_two_layers(block: nn.Module, names: list[str]) -> tuple[dict, Graph]:
             results[name] = fn(x, r, positions), caches
     for a, b in zip(results["eager"][0], results["compiled"][0]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    return results, graphs[0]
-
-
-@pytest.mark.parametrize("neox", [True, False])
-def test_linear_rope_fusion_keeps_outputs_and_caches(neox):
-    results, graph = run_two_layers(NormAttentionBlock(neox=neox), [
-        "merge_linears", "fuse_add_rms_norm", "fuse_norm_linear", "fuse_rotary_cache_write", "fuse_linear_rope"])
     for (k_a, v_a), (k_b, v_b) in zip(results["eager"][1], results["compiled"][1]):
         assert k_a.abs().sum() > 0
         torch.testing.assert_close(k_b, k_a, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v_b, v_a, rtol=1e-5, atol=1e-5)
+    graph = graphs[0]
     assert count(graph, "add_rms_norm_linear_rope") == 1 and count(graph, "rms_norm_linear_rope") == 1
     assert count(graph, "rotary_kv_write") == 0 and count(graph, "add_rms_norm_linear") == 0
     assert all(att.kwargs.get("kv_written") is True for att in graph.calls("attention"))
