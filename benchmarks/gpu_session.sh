@@ -13,9 +13,6 @@
 #   inputs      the decode graphs' input kernel's tests compiled on the GPU, then batch-1 decode with the staged step
 #               unpacked by five copies instead (unpack_in_graph=0), the tokens read back on the main stream
 #               (readback_stream=0), and both (the step boundary before session 25); five interleaved rounds
-#   pdl-first   every kiln kernel letting its successor launch before its own PDL wait (KILN_PDL_TRIGGER_FIRST=1, a
-#               process switch): the PDL and attention kernel tests and check_decode_paths.py with it, then batch-1
-#               decode in four processes, default and trigger-first in turn, twice
 #   early-kv    batch-1 decode with the attention's older keys and values loaded before its PDL wait and after
 #   splits      batch-1 decode with the decode attention's splits taking at least 512 keys (a 128-384-token
 #               context on one split, no merge) and at least 128, against the default
@@ -128,17 +125,6 @@ section() {
             run inputs 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-switches "unpack_in_graph=0;readback_stream=0;unpack_in_graph=0,readback_stream=0"
             grep -A16 "^device" "$OUT/inputs.txt" ;;
-        pdl-first)
-            KILN_PDL_TRIGGER_FIRST=1 TRITON_INTERPRET=0 run pdl-first-kernels 200 python -m pytest -q -p no:cacheprovider \
-                -W ignore tests/codegen/test_pdl.py tests/codegen/test_attention.py tests/codegen/test_decode_inputs.py
-            tail -2 "$OUT/pdl-first-kernels.txt" | cut -c1-300
-            KILN_PDL_TRIGGER_FIRST=1 run pdl-first-paths 300 python benchmarks/check_decode_paths.py
-            grep -E "==|Error" "$OUT/pdl-first-paths.txt"
-            for i in 1 2; do
-                run "pdl-default-$i" 200 python benchmarks/decode_latency.py --no-hf --repeats 5
-                KILN_PDL_TRIGGER_FIRST=1 run "pdl-first-$i" 200 python benchmarks/decode_latency.py --no-hf --repeats 5
-            done
-            grep -H "^copy\|kiln bf16" "$OUT"/pdl-default-?.txt "$OUT"/pdl-first-?.txt ;;
         early-kv)
             run early-kv 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-early-kv
             grep -A6 "^device" "$OUT/early-kv.txt" ;;

@@ -152,7 +152,7 @@ def phase(name: str, path: str, args) -> dict:
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -167,6 +167,11 @@ def main() -> None:
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--compare-min-split-keys", default="",
                    help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
+    p.add_argument("--compare-norm-at-end", action="store_true",
+                   help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
+    p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
+                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (how the row-parallel gemv's row is "
+                        "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
     p.add_argument("--compare-env", default="",
                    help="';'-separated sets of NAME=VALUE environment switches (e.g. KILN_UNPACK_IN_GRAPH=0): a TP=2 "
                         "run each, its greedy tokens compared with TP=1's")
@@ -177,7 +182,11 @@ def main() -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before reading the last one's tokens (default: the engine's, on for CUDA)")
     p.add_argument("--phase", help=argparse.SUPPRESS)  # (one configuration: tp1, tp2, a VARIANTS name, tp2-envN, dp2)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.checkpoint, args)))
         return

@@ -18,12 +18,9 @@ The protocol every kiln kernel follows (`wait_for_inputs` at the top of the kern
   direct predecessor; because every kernel waits, each one completes after the one before it, so
   a wait also covers all earlier kernels.
 - Right after the wait a kernel lets its successor launch (`griddepcontrol.launch_dependents`),
-  so at most one kernel waits behind a running one. With `TRIGGER_FIRST` (KILN_PDL_TRIGGER_FIRST=1,
-  off, not timed) it does so before its wait: then a kernel's successor can launch as soon as all
-  of its programs have started, and a one-wave kernel's successor starts loading its weights while
-  the kernel before that one still runs. Still safe: every kernel waits for its predecessor to
-  complete, and no program is left unlaunched behind the waiting ones (a successor launches only
-  once every program of its predecessor has started).
+  so at most one kernel waits behind a running one. (Letting it launch before the wait, so a
+  one-wave kernel's successor starts loading its weights earlier, was timed in session 26 on an
+  H100: 1.031-1.036 against 1.028-1.030 ms/token, no gain; codegen/NOTES.md.)
 
 Kernels from Inductor or cuBLAS in the same stream are launched without PDL and keep the usual
 stream order. PDL needs CUDA on compute capability 9.0 or later and a Triton that exposes it;
@@ -41,10 +38,6 @@ import triton
 import triton.language as tl
 
 _enabled = True
-
-# Whether a kernel lets its successor launch before its own wait (see above). A Triton global: read
-# when a kernel compiles, so set for a process only (KILN_PDL_TRIGGER_FIRST=1).
-TRIGGER_FIRST = tl.constexpr(os.environ.get("KILN_PDL_TRIGGER_FIRST", "0") == "1")
 
 
 def set_enabled(enabled: bool) -> None:
@@ -79,12 +72,7 @@ def launch_args(device: torch.device) -> dict:
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """Wait until the previous kernels' writes are visible, then let the next kernel launch (with
-    TRIGGER_FIRST, the other way round)."""
+    """Wait until the previous kernels' writes are visible, then let the next kernel launch."""
     if PDL:
-        if TRIGGER_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        else:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

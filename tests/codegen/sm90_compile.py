@@ -143,9 +143,8 @@ def compile_two_rank_ll(ty: str, send: bool = True) -> None:
 
 def compile_decode_inputs() -> None:
     """A decode graph's first kernel (its loop over the table row runs to a width it loads), and
-    its PDL calls in the order `pdl.TRIGGER_FIRST` says (KILN_PDL_TRIGGER_FIRST=1 compiles the other)."""
+    its PDL calls in the protocol's order: the wait, then the successor's launch."""
     from kiln.codegen.kernels import decode_inputs as m
-    from kiln.codegen.kernels.pdl import TRIGGER_FIRST
 
     fn = m._unpack_kernel
     consts = dict(BLOCK=m._BLOCK, PDL=True)
@@ -153,8 +152,8 @@ def compile_decode_inputs() -> None:
     sig = {name: "constexpr" if name in consts else f"*{pointers.get(name, 'i64')}" if name.endswith("_ptr")
            else "i32" for name in fn.arg_names}
     ptx = _compile(fn, sig, consts, num_warps=1, num_stages=1)
-    first = ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
-    assert first == bool(TRIGGER_FIRST), "the PDL calls are not in TRIGGER_FIRST's order"
+    assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents"), \
+        "the successor may launch before this kernel's wait"
 
 
 def variants() -> list[tuple]:

@@ -1,0 +1,27 @@
+"""The GPU benchmarks' options, checked on CPU: a GPU call that fails on its first line wastes the
+lent machine's time (session 26's first TP=2 call did, on a VARIANTS option the parser had lost)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_out_variants_have_their_options():
+    scale_out = _load("scale_out")
+    args = scale_out.build_parser().parse_args([])
+    missing = [option for option, *_ in scale_out.VARIANTS.values() if not hasattr(args, option)]
+    assert not missing, f"VARIANTS names options the parser lacks: {missing}"
+    # and a variant asked for reaches its switch
+    args = scale_out.build_parser().parse_args(["--fused-all-reduce", "last", "--compare-norm-at-end"])
+    assert scale_out.variant_switch("tp2-fused", args) == ("KILN_FUSED_ALL_REDUCE", "last", "fused all-reduce mode last")
+    assert scale_out.variant_switch("tp2-norm-first", args)[:2] == ("KILN_NORM_AT_END", "0")
