@@ -57,10 +57,9 @@ ATTENTION_ROWS = {
     "merge kernel": ({"merge_in_kernel": False}, {}),
     "no early kv": ({"early_kv": False}, {}),
     "newest as row": ({}, {"NEWEST_ROW": True}),
+    "newest as tile": ({}, {"NEWEST_ROW": False}),
     **{f"splits {n}": ({"num_splits": n}, {}) for n in (1, 2, 4, 8, 16, 32)},
     "splits 1 (tile 512, 16 warps)": ({"num_splits": 1, "block_n": 512, "num_warps": 16}, {}),
-    "min split 64": ({"min_split_keys": 64}, {}),
-    "min split 128": ({"min_split_keys": 128}, {}),
     "warps 2": ({"num_warps": 2}, {}),
     "warps 8": ({"num_warps": 8}, {}),
 }

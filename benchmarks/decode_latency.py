@@ -25,15 +25,13 @@ tiling is timed in the whole step, chained to its neighbours, rather than alone;
 `--compare-rope-fusion` an async bf16 row without the fuse_linear_rope pass (rotary and the cache
 write as a kernel of their own instead of in the q/k/v gemv's epilogue); `--compare-early-kv` an
 async bf16 row whose decode attention loads every key and value after its PDL wait
-(`decode_attention.EARLY_KV` off); `--compare-min-split-keys N` an async bf16 row whose decode
-attention gives each split at least N keys (`decode_attention.MIN_SPLIT_KEYS`: a short context on
-fewer splits, one split and no merge when it fits); `--compare-norm-at-end` an async bf16 row whose
+(`decode_attention.EARLY_KV` off); `--compare-norm-at-end` an async bf16 row whose
 norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off);
-`--compare-switches "decode_block_n=64;newest_row=1;decode_block_n=512,min_split_keys=512"` an async
+`--compare-switches "decode_block_n=64;newest_row=0;decode_max_splits=4"` an async
 bf16 row per ';'-separated set of module switches (the names of the `switches` table in main(),
 integer values), e.g. the decode attention's key tile (`decode_attention.DECODE_BLOCK_N`: 64 and 32
-lost to the default 128 on an H100 in session 25) or this step's token read as one row
-(`decode_attention.NEWEST_ROW`: fewer registers, the same time on the 1B);
+lost to the default 128 on an H100 in session 25), this step's token read as a masked tile
+(`decode_attention.NEWEST_ROW` 0) or the splits' cap (`decode_attention.DECODE_MAX_SPLITS`);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
 `--rounds N` builds every row's engine first (the 1B's fit side by side), then times the rows N
@@ -170,11 +168,9 @@ def main() -> None:
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add an async bf16 row whose norm gemvs read the row for its statistics first "
                         "(quant_gemm.NORM_AT_END off)")
-    p.add_argument("--compare-min-split-keys", type=int, default=0,
-                   help="add an async bf16 row whose decode attention splits take at least this many keys")
     p.add_argument("--compare-switches", default="",
                    help="';'-separated sets of NAME=INT module switches (decode_block_n, newest_row, "
-                        "min_split_keys, ...): an async bf16 row each")
+                        "decode_max_splits, ...): an async bf16 row each")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
@@ -219,9 +215,6 @@ def main() -> None:
         variants += [("async, kv after the wait", {"async_scheduling": True, "early_kv": False})]
     if args.compare_norm_at_end:
         variants += [("async, norm statistics first", {"async_scheduling": True, "norm_at_end": False})]
-    if args.compare_min_split_keys:
-        variants += [(f"async, splits of >= {args.compare_min_split_keys} keys",
-                      {"async_scheduling": True, "min_split_keys": args.compare_min_split_keys})]
     for spec in filter(None, args.compare_switches.split(";")):
         variants += [(f"async, {spec}", {"async_scheduling": True,
                                          **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}})]
@@ -233,7 +226,7 @@ def main() -> None:
     # a row's key -> the module switch it sets (read while the graphs capture), and its value in the others
     switches = {key: (module, name, getattr(module, name)) for key, module, name in (
         ("merge_in_kernel", decode_kernels, "MERGE_IN_KERNEL"), ("early_kv", decode_kernels, "EARLY_KV"),
-        ("min_split_keys", decode_kernels, "MIN_SPLIT_KEYS"), ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
+        ("decode_block_n", decode_kernels, "DECODE_BLOCK_N"),
         ("decode_max_splits", decode_kernels, "DECODE_MAX_SPLITS"),
         ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
         ("norm_at_end", quant_gemm, "NORM_AT_END"), ("unpack_in_graph", cuda_graphs, "UNPACK_IN_GRAPH"),

@@ -14,12 +14,10 @@
 #               unpacked by five copies instead (unpack_in_graph=0), the tokens read back on the main stream
 #               (readback_stream=0), and both (the step boundary before session 25); five interleaved rounds
 #   early-kv    batch-1 decode with the attention's older keys and values loaded before its PDL wait and after
-#   splits      batch-1 decode with the decode attention's splits taking at least 512 keys (a 128-384-token
-#               context on one split, no merge) and at least 128, against the default
 #   norm        the norm gemvs' kernel tests compiled on the GPU (both ways of normalizing), then batch-1 decode with
 #               the norm's statistics gathered in the gemv's product loop (the default) and read first
 #   kv-tile     the decode attention's tests compiled on the GPU, then batch-1 decode with its key tile at 64 and 32,
-#               and with this step's token read as one row (NEWEST_ROW); five interleaved rounds (--rounds 5), medians
+#               and with this step's token read as a masked tile (NEWEST_ROW=0); five interleaved rounds (--rounds 5), medians
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -35,9 +33,6 @@
 #               fused all-reduce's check is tp-fused's: float32 rows take cuBLAS, not the gemv, so only bf16 runs
 #               reach it, and those are compared with the unfused TP=2 run, whose bits they must give)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
-#   tp-splits   scale_out.py --skip-dp --compare-min-split-keys 64: TP=1, TP=2, TP=2 whose attention skips its empty
-#               splits (64 keys is one tile at head dim 128, so the splits keep their length; a 128-256-key context
-#               fills 2-4 of the 32 and only those store partials and merge)
 #   tp-fused    scale_out.py --skip-dp --fused-all-reduce last: TP=1, TP=2, TP=2 with the row-parallel gemvs' last
 #               programs summing their rows with the peer's (KILN_FUSED_ALL_REDUCE=last)
 #   tp-send     scale_out.py --skip-dp --fused-all-reduce 0: TP=1, TP=2 (each row-parallel gemv program sending its
@@ -47,15 +42,13 @@
 #               leaders summing the row (no receiving launch)
 #   tp-norm     scale_out.py --skip-dp --compare-norm-at-end: TP=1, TP=2, TP=2 with the norm's statistics read first
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
-#   tp-ab       scale_out.py --skip-dp --compare-tiles deep+rope=8x1024x8 --compare-min-split-keys 64 --bracket: tp-tiles
-#               and tp-splits in one run, then the default TP=2 again (the variants' order effect)
 #   tp-kv-tile  scale_out.py --skip-dp --compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1" --rounds 2: TP=2 with the
 #               attention's key tile at 32 (64 spills at head dim 128), and with this step's token read as one
 #               row, each configuration twice, interleaved
 #   tp-rounds   scale_out.py --skip-dp --rounds 3: TP=1 and TP=2, three times, interleaved (the speedup read through
 #               the run-to-run spread; TP_ROUNDS_ENV="A=0,B=0;C=1" adds a TP=2 run per set of environment switches,
 #               TP_ROUNDS=2 fewer rounds: each run is about 45 s, and a call has 590)
-#   tp-bisect   scale_out.py --skip-dp --compare-env "KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0" (TP_BISECT=...): TP=1,
+#   tp-bisect   scale_out.py --skip-dp --compare-env "KILN_UNPACK_IN_GRAPH=0;KILN_DECODE_MAX_SPLITS=32" (TP_BISECT=...): TP=1,
 #               TP=2, and TP=2 with each set of switches, every run's greedy tokens against TP=1's
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
@@ -101,10 +94,6 @@ section() {
             run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
                 --quantization int8_weight_only,fp8_weight_only
             grep -A14 "^device" "$OUT/quant.txt" ;;
-        splits)
-            run splits 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 512 --bracket
-            run splits-128 300 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-min-split-keys 128
-            grep -h -A6 "^device" "$OUT/splits.txt" "$OUT/splits-128.txt" ;;
         norm)
             TRITON_INTERPRET=0 run norm-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
                 tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py -k "norm or rope"
@@ -116,7 +105,7 @@ section() {
                 tests/codegen/test_attention.py -k "decode"
             tail -2 "$OUT/kv-tile-kernels.txt" | cut -c1-300
             run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
-                --compare-switches "decode_block_n=64;decode_block_n=32;newest_row=1"
+                --compare-switches "decode_block_n=64;decode_block_n=32;newest_row=0"
             grep -A16 "^device" "$OUT/kv-tile.txt" ;;
         inputs)
             TRITON_INTERPRET=0 run inputs-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
@@ -171,9 +160,6 @@ section() {
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce $CKPT_8B
             tail -9 "$OUT/tp.txt" ;;
-        tp-splits)
-            run tp-splits 590 python benchmarks/scale_out.py --skip-dp --compare-min-split-keys 64 $CKPT_8B
-            tail -9 "$OUT/tp-splits.txt" ;;
         tp-fused)
             run tp-fused 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce last $CKPT_8B
             tail -9 "$OUT/tp-fused.txt" ;;
@@ -189,10 +175,6 @@ section() {
         tp-tiles)
             run tp-tiles 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" $CKPT_8B
             tail -9 "$OUT/tp-tiles.txt" ;;
-        tp-ab)
-            run tp-ab 590 python benchmarks/scale_out.py --skip-dp --compare-tiles "deep+rope=8x1024x8" \
-                --compare-min-split-keys 64 --bracket $CKPT_8B
-            tail -12 "$OUT/tp-ab.txt" ;;
         tp-kv-tile)
             run tp-kv-tile 590 python benchmarks/scale_out.py --skip-dp --rounds 2 \
                 --compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1" $CKPT_8B
@@ -204,7 +186,7 @@ section() {
             tail -14 "$OUT/tp-rounds.txt" ;;
         tp-bisect)  # (TP_BISECT: the env switch sets, ';'-separated)
             run tp-bisect 590 python benchmarks/scale_out.py --skip-dp \
-                --compare-env "${TP_BISECT:-KILN_UNPACK_IN_GRAPH=0;KILN_NEWEST_ROW=0}" $CKPT_8B
+                --compare-env "${TP_BISECT:-KILN_UNPACK_IN_GRAPH=0;KILN_DECODE_MAX_SPLITS=32}" $CKPT_8B
             tail -14 "$OUT/tp-bisect.txt" ;;
         tp-flags)
             run tp-flags 580 python benchmarks/scale_out.py --skip-dp --flags-all-reduce $CKPT_8B

@@ -24,8 +24,7 @@ symmetric-memory kernel), `--fused-all-reduce MODE` one with KILN_FUSED_ALL_REDU
 receive-only all-reduce kernel sums; "gather": each gemv program sends its values and keeps them,
 and the last program of each chunk of the row sums that chunk; "last": each row-parallel gemv's
 last program sums the row with the peer's; "0": the gemv, then the all-reduce kernel),
-`--compare-min-split-keys N` one whose decode attention splits take at least N keys
-(KILN_MIN_SPLIT_KEYS), `--compare-norm-at-end` one whose norm gemvs read the row for its
+`--compare-norm-at-end` one whose norm gemvs read the row for its
 statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take
 other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
 q/k/v gemv of 8B's shapes on its own tile), `--compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1"` one
@@ -40,7 +39,7 @@ also gives the GPUs' SM clock range, hottest temperature and most power while it
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
                                    [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
-                                   [--compare-norm-at-end] [--compare-tiles SPEC] [--compare-min-split-keys N]
+                                   [--compare-norm-at-end] [--compare-tiles SPEC]
                                    [--compare-env SPECS]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
 """
@@ -86,7 +85,7 @@ def decode_ms_per_token(llm, new_tokens: int, repeats: int = 3) -> float:
     return (full - prefill) / new_tokens * 1e3
 
 
-# the TP=2 runs with another all-reduce, other gemv tiles or attention splits: phase -> (the option
+# the TP=2 runs with another all-reduce, other gemv tiles or norm order: phase -> (the option
 # that asks for it, the switch it sets, the switch's value (None: the option's own), a label)
 VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NCCL all-reduce"),
             "tp2-flags": ("flags_all_reduce", "KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
@@ -94,8 +93,7 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-tiles": ("compare_tiles", "KILN_GEMV_TILES", None, "gemv tiles"),
             "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", None,
                           "fused all-reduce mode"),
-            "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first"),
-            "tp2-min-split": ("compare_min_split_keys", "KILN_MIN_SPLIT_KEYS", None, "attention splits of at least")}
+            "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first")}
 
 
 def variant_switch(name: str, args) -> tuple[str, str, str]:
@@ -165,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-shot-all-reduce", action="store_true", help="add a TP=2 run with KILN_ONE_SHOT_ALL_REDUCE=1")
     p.add_argument("--nccl-all-reduce", action="store_true", help="add a TP=2 run with KILN_TWO_RANK_ALL_REDUCE=0")
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
-    p.add_argument("--compare-min-split-keys", default="",
-                   help="add a TP=2 run with KILN_MIN_SPLIT_KEYS set to this (decode attention's splits)")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
     p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],

@@ -62,10 +62,10 @@ def _attend_tile(q, k, v, n, n_mask, seq_len, m_i, l_i, acc, scale, soft_cap, sl
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr,
     part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h,
-    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr, min_chunk,
+    table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr,
     NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, NEWEST_ROW: tl.constexpr, ADAPTIVE: tl.constexpr,
+    UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, NEWEST_ROW: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -78,13 +78,8 @@ def _decode_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - sliding_window, 0)
-    # This split's share of [lo, seq_len), in whole BLOCK_N tiles. ADAPTIVE: at least min_chunk keys
-    # a split, so a short context takes the first `active` splits and the others sit out.
+    # This split's share of [lo, seq_len), in whole BLOCK_N tiles.
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    active = NUM_SPLITS
-    if ADAPTIVE:
-        chunk = tl.maximum(chunk, min_chunk)
-        active = tl.maximum(tl.cdiv(seq_len - lo, chunk), 1)
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
     table_row = tables_ptr + b * table_stride
@@ -155,10 +150,7 @@ def _decode_kernel(
 
     if NUM_SPLITS == 1:
         _store_out(acc, m_i, l_i, sinks_ptr, out_ptr, b, heads, g_mask, dv, dv_mask, H, DV, HAS_SINKS)
-    elif ADAPTIVE and active == 1:  # one split holds every key: it writes the output, as one split does
-        if split == 0:
-            _store_out(acc, m_i, l_i, sinks_ptr, out_ptr, b, heads, g_mask, dv, dv_mask, H, DV, HAS_SINKS)
-    elif split < active:
+    else:
         row = (b * H + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] partial layout
         tl.store(part_acc_ptr + row[:, None] * DV + dv[None, :], acc, mask=g_mask[:, None] & dv_mask[None, :])
         tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
@@ -169,9 +161,9 @@ def _decode_kernel(
             # come after its own count, through L2 (.cg), as a CUTLASS semaphore hands over tiles.
             tl.debug_barrier()
             counter = counter_ptr + b * (H // GROUP) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == active - 1:
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
                 _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, b * H + heads, g_mask, dv, dv_mask,
-                             H, DV, NUM_SPLITS, HAS_SINKS, active)
+                             H, DV, NUM_SPLITS, HAS_SINKS)
                 tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
 
 
@@ -193,14 +185,12 @@ def _store_out(acc, m_i, l_i, sinks_ptr, out_ptr, b, heads, g_mask, dv, dv_mask,
 
 @triton.jit
 def _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, bh, bh_mask, dv, dv_mask, H, DV,
-                 NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr, active):
-    """out rows bh [R] (sequence * H + head) from the partial (acc, m, l) of their first `active`
-    of NUM_SPLITS splits (the others hold none), as `_merge_kernel` merges one."""
+                 NUM_SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """out rows bh [R] (sequence * H + head) from the partial (acc, m, l) of their NUM_SPLITS
+    splits, as `_merge_kernel` merges one."""
     m_max = tl.full(bh.shape, float("-inf"), tl.float32)
-    # (split s's rows as a vector: Triton 3.9's interpreter cannot mask with tensor & scalar)
-    s_of = tl.zeros(bh.shape, tl.int32)
     for s in tl.static_range(NUM_SPLITS):
-        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (bh * NUM_SPLITS + s) * 2, mask=bh_mask & (s_of + s < active),
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (bh * NUM_SPLITS + s) * 2, mask=bh_mask,
                                           other=float("-inf"), cache_modifier=".cg"))
     if HAS_SINKS:
         sink = tl.load(sinks_ptr + bh % H, mask=bh_mask, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -210,12 +200,11 @@ def _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, bh, bh_mask, dv,
     acc = tl.zeros((bh.shape[0], dv.shape[0]), tl.float32)
     for s in tl.static_range(NUM_SPLITS):
         row = bh * NUM_SPLITS + s
-        held = bh_mask & (s_of + s < active)
-        m = tl.load(part_ml_ptr + row * 2, mask=held, other=float("-inf"), cache_modifier=".cg")
+        m = tl.load(part_ml_ptr + row * 2, mask=bh_mask, other=float("-inf"), cache_modifier=".cg")
         w = tl.exp2(m - m_max)
-        l_tot += w * tl.load(part_ml_ptr + row * 2 + 1, mask=held, other=0.0, cache_modifier=".cg")
+        l_tot += w * tl.load(part_ml_ptr + row * 2 + 1, mask=bh_mask, other=0.0, cache_modifier=".cg")
         acc += w[:, None] * tl.load(part_acc_ptr + row[:, None] * DV + dv[None, :],
-                                    mask=held[:, None] & dv_mask[None, :], other=0.0, cache_modifier=".cg")
+                                    mask=bh_mask[:, None] & dv_mask[None, :], other=0.0, cache_modifier=".cg")
     if HAS_SINKS:
         l_tot += tl.exp2(sink - m_max)
     l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
@@ -267,23 +256,16 @@ MERGE_IN_KERNEL = True
 # by default (`early_kv`; benchmarks/decode_latency.py --compare-early-kv times both).
 EARLY_KV = True
 
-# How the early kv path reads this step's token after its wait: as a tile of the split's first keys
-# masked to that row (False, the default, GPU-confirmed since session 21), or as one row of k and of
-# v (True). The masked tiles are a second [BLOCK_N, D] tile of k and of v in registers: with them the
-# kernel takes 255 registers a thread and spills (ptxas sm_90a, Triton 3.6, 4 warps: 32 bytes at head
-# dim 64 with 128-key tiles, 72 at head dim 128 with 64-key tiles); as rows, 191 and no spill at head
-# dim 64, 255 and 48 bytes at 128. The time did not follow the registers: on H100s the 1B step took
-# 1.022 ms/token with rows against 1.031 with masked tiles in one call, 1.026 against 1.026 in the
-# next (medians of 5 and 7 interleaved rounds), and a TP=2 8B run with rows took 3.422 against 3.249
-# (single runs, one call). Off; KILN_NEWEST_ROW=1 for a process, `decode_latency.py
-# --compare-switches newest_row=1`, `scale_out.py --compare-env KILN_NEWEST_ROW=1`.
-NEWEST_ROW = os.environ.get("KILN_NEWEST_ROW", "0") != "0"
-
-# The fewest keys a split takes, when the splits merge in the kernel (`min_split_keys`): a context
-# shorter than num_splits of them runs on fewer splits, and one that fits in one split skips the
-# merge. 0 (off) until timed: `benchmarks/decode_latency.py --compare-min-split-keys N`, and
-# KILN_MIN_SPLIT_KEYS=N for a process (`benchmarks/scale_out.py --compare-min-split-keys N`).
-MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
+# How the early kv path reads this step's token after its wait: as one row of k and of v (True), or
+# as a tile of the split's first keys masked to that row (False). None (the default): as a row at head
+# dims up to 64, as a tile above. The masked tiles are a second [BLOCK_N, D] tile of k and of v in
+# registers: with them the kernel takes 255 registers a thread and spills (ptxas sm_90a, Triton 3.6,
+# 4 warps: 32 bytes at head dim 64 with 128-key tiles, 72 at head dim 128 with 64-key tiles); as
+# rows, 191 and no spill at head dim 64, 255 and 48 bytes at 128. Timed between the step's own
+# neighbours (`benchmarks/attention_chain.py`, H100, session 26), the attention added, us a layer:
+# 1B heads 3.86 / 3.89 / 4.12 as rows against 4.11 / 4.21 / 4.53 as tiles at 128 / 256 / 1000 keys;
+# 8B TP=2 heads (dim 128) 9.06 against 8.27 at 256 keys. KILN_NEWEST_ROW=1 or 0 forces either.
+NEWEST_ROW = {"1": True, "0": False}.get(os.environ.get("KILN_NEWEST_ROW", ""))
 
 # The decode kernel's key tile, when its caller names none; 0: 128 keys at head dims up to 64, else
 # 64. With the early kv loads, 64 keys at head dim 64 take 146 registers a thread and 32 at head dim
@@ -294,13 +276,15 @@ MIN_SPLIT_KEYS = int(os.environ.get("KILN_MIN_SPLIT_KEYS", "0"))
 # --compare-env KILN_DECODE_BLOCK_N=32`.
 DECODE_BLOCK_N = int(os.environ.get("KILN_DECODE_BLOCK_N", "0"))
 
-# The most splits a launch that names none takes (0: 32). A decode graph is captured for the longest
-# context, so a short one fills few of its splits and the rest store empty partials for the merge: at
-# TP=2 on Llama-3.1-8B (4 kv heads a rank, 64-key tiles, 2048 tokens) a batch-1 step launches 32
-# splits, of which a 128-256-token context fills 2-4, and its attention took 7.1 us a layer against
-# the 1B's 5.9 on 8 splits (session 23-24 profiles). Not timed: KILN_DECODE_MAX_SPLITS=8 for a process
-# (`scale_out.py --compare-env KILN_DECODE_MAX_SPLITS=8`).
-DECODE_MAX_SPLITS = int(os.environ.get("KILN_DECODE_MAX_SPLITS", "0"))
+# The most splits a launch that names none takes. A decode graph is captured for the longest context
+# (the block tables' width), and the split count follows that, so a short context fills few splits:
+# the rest store empty partials that the merge reads. Timed between the step's own neighbours
+# (`benchmarks/attention_chain.py`, H100, session 26; 8B TP=2 heads, 64-key tiles, tables of 2048
+# keys), the attention added, us a layer, with 32 / 16 / 8 splits: 8.27 / 7.07 / 6.01 at 256 keys,
+# 8.73 / 7.71 / 9.38 at 1024, 9.46 / 10.26 / 14.60 at 2000 (fewer splits mean more tiles one after
+# another in each). 16 is the compromise. On the 1B's heads the graph has 8 splits of 128 keys, and
+# 4 lost at 1000 keys (7.35 against 4.53). KILN_DECODE_MAX_SPLITS=N for a process.
+DECODE_MAX_SPLITS = int(os.environ.get("KILN_DECODE_MAX_SPLITS", "16"))
 
 # Per device: int32 arrival counters of the in-kernel merge, zero between launches (the last
 # program of each (sequence, kv head) puts its counter back). Grown outside graph capture only: a
@@ -325,7 +309,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n:
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
     want = triton.cdiv(4 * sms, max(1, batch * num_kv_heads))
-    return max(1, min(want, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS or 32))
+    return max(1, min(want, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS))
 
 
 def decode_attention(
@@ -334,7 +318,6 @@ def decode_attention(
     sinks: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0,
     alibi_slopes: torch.Tensor | None = None, merge_in_kernel: bool | None = None, early_kv: bool | None = None,
-    min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [num_blocks, block_size, Hkv, D|Dv], block_tables [B, max_blocks],
     seq_lens [B] -> [B, H, Dv] in q's dtype. `num_splits` defaults to a function of the shapes;
@@ -349,11 +332,8 @@ def decode_attention(
     table entry: inside a captured decode step, whose kernels before the attention are the
     projection that writes this step's k and v (or the cache write) and, earlier, kernels that have
     finished (each waited on its own predecessor). None: EARLY_KV while a CUDA graph is being
-    captured with PDL on, for a grid of at most two programs per multiprocessor. (On CPU it only changes the order of the loads: tested so under the interpreter.)
-    min_split_keys (None: MIN_SPLIT_KEYS; 0: off): with the splits merged in the kernel, each split
-    takes at least this many keys (whole tiles), so a sequence shorter than num_splits of them
-    uses its first few splits and the rest do nothing; one whose keys fit in one split writes
-    the output from it, with no partials and no merge. The grid stays a function of shapes."""
+    captured with PDL on, for a grid of at most two programs per multiprocessor. (On CPU it only
+    changes the order of the loads: tested so under the interpreter.)"""
     B, H, D = q.shape
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -396,19 +376,15 @@ def decode_attention(
         early_kv = (EARLY_KV and pdl["PDL"] and torch.cuda.is_current_stream_capturing()
                     and B * HKV * num_splits <= 2 * _num_sms(q.device.index if q.device.index is not None
                                                              else torch.cuda.current_device()))
-    if min_split_keys is None:
-        min_split_keys = MIN_SPLIT_KEYS
-    adaptive = min_split_keys > 0 and counters is not None  # (the merge kernel reads every split's partial)
+    newest_row = NEWEST_ROW if NEWEST_ROW is not None else max(block_d, block_dv) <= 64
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
         block_tables.stride(0), H, D, DV, group, block_size, scale * k_scale if fp8 else scale, soft_cap,
-        sliding_window, float(v_scale), counters if counters is not None else seq_lens,
-        triton.cdiv(min_split_keys, block_n) * block_n if adaptive else 0, ADAPTIVE=adaptive,
-        MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
+        sliding_window, float(v_scale), counters if counters is not None else seq_lens, MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
-        EARLY_KV=early_kv, NEWEST_ROW=NEWEST_ROW, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        EARLY_KV=early_kv, NEWEST_ROW=newest_row, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_DV=block_dv, num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if num_splits > 1 and counters is None:
