@@ -17,7 +17,8 @@ for the longest context, and the split count follows that). Rows:
 - `copy`: a program per kv head that waits, loads its heads' q and stores them as the output (a
   boundary and one dependent load);
 - `default`: `decode_attention` as the step calls it; then its variants (splits, tiles, warps,
-  the merge kernel, no early kv loads, this step's token as one row).
+  the merge kernel, no early kv loads, this step's token as one row or a tile);
+- `handoff`: the attention in the q/k/v gemv's launch (`qkv_attention.py`), no boundary between them.
 
 Each row: us a layer (the graph's median replay / layers) and what the attention adds over `none`.
 Rows are timed in rounds, interleaved, as `decode_latency.py --rounds` does. Without CUDA,
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from kiln.codegen.kernels.decode_attention import decode_attention
+from kiln.codegen.kernels.qkv_attention import qkv_attention
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.quant_gemm import NEOX, Rope, float_linear, rope_gemv
 
@@ -63,6 +65,10 @@ ATTENTION_ROWS = {
     "warps 2": ({"num_warps": 2}, {}),
     "warps 8": ({"num_warps": 8}, {}),
 }
+
+# name -> qkv_attention keyword arguments: the attention in the q/k/v gemv's launch (its programs run
+# at the gemv's 8 warps under its 80-register cap: ptxas spills 80 bytes with 128-key tiles, none with 64)
+HANDOFF_ROWS = {"handoff": {}, "handoff (tile 64)": {"block_n": 64}}
 
 
 @triton.jit
@@ -114,6 +120,10 @@ class Layer:
                                 **kwargs).view(1, H * D)
 
     def forward(self, row: str, x):
+        if row in HANDOFF_ROWS:
+            _, _, out = qkv_attention(x, None, self.g, 1e-5, self.w_qkv, None, self.rope, self.tables, self.seq_lens,
+                                      self.D ** -0.5, **HANDOFF_ROWS[row])
+            return float_linear(out.view(1, -1), self.w_o)
         qkv = self.qkv(x)
         q = qkv[0, :self.H * self.D].view(1, -1)
         return float_linear(self.attention(row, q), self.w_o)
@@ -152,7 +162,7 @@ def main() -> int:
     dtype = torch.bfloat16
     hidden, H, HKV, D, layers, capacity = SHAPES["smoke" if smoke else args.shape]
     context, capacity = (40, capacity) if smoke else (args.context, args.capacity or capacity)
-    rows = ["none", "empty", "copy", *ATTENTION_ROWS]
+    rows = ["none", "empty", "copy", *ATTENTION_ROWS, *HANDOFF_ROWS]
     if args.rows:
         rows = [r for r in rows if r in args.rows.split(",")]
     torch.manual_seed(0)

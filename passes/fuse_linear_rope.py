@@ -21,7 +21,7 @@ import operator
 import torch
 from torch import fx
 
-from kiln.ir.graph import Graph, is_kiln_op
+from kiln.ir.graph import Graph, norm_op_output
 
 NAME = "fuse_linear_rope"
 
@@ -54,11 +54,10 @@ def _split_sizes(split: fx.Node) -> list | None:
 
 def _projection(node: fx.Node) -> tuple[fx.Node, str] | None:
     """(the fused norm + linear op whose output `node` is, its name)."""
-    if is_kiln_op(node, "rms_norm_linear") and len(node.args) == 6:
-        return node, "rms_norm_linear"
-    if node.target is operator.getitem and node.args[1] == 0 and is_kiln_op(node.args[0], "add_rms_norm_linear"):
-        return node.args[0], "add_rms_norm_linear"
-    return None
+    found = norm_op_output(node, "rms_norm_linear")
+    if found is not None and found[1] == "rms_norm_linear" and len(node.args) != 6:
+        return None
+    return found
 
 
 def run(graph: Graph) -> Graph:
