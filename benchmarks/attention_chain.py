@@ -67,8 +67,8 @@ ATTENTION_ROWS = {
 }
 
 # name -> qkv_attention keyword arguments: the attention in the q/k/v gemv's launch (its programs run
-# at the gemv's 8 warps under its 80-register cap: ptxas spills 80 bytes with 128-key tiles, none with 64)
-HANDOFF_ROWS = {"handoff": {}, "handoff (tile 64)": {"block_n": 64}}
+# at the gemv's 8 warps under its 80-register cap; qkv_attention.py has what spills)
+HANDOFF_ROWS = {"handoff": {}, **{f"handoff (tile {n})": {"block_n": n} for n in (128, 64, 32)}}
 
 
 @triton.jit

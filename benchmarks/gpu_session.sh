@@ -98,7 +98,7 @@ section() {
                 tests/codegen/test_qkv_attention.py
             tail -2 "$OUT/handoff-kernels.txt" | cut -c1-300
             run handoff-chain 150 python benchmarks/attention_chain.py --rounds 5 \
-                --rows "none,empty,default,handoff,handoff (tile 64)"
+                --rows "none,empty,default,handoff,handoff (tile 128),handoff (tile 32)"
             run handoff-chain-8b 150 python benchmarks/attention_chain.py --shape llama-8b-tp2 --rounds 5 \
                 --rows "none,empty,default,handoff,handoff (tile 64)"
             grep -h -A7 "^device" "$OUT/handoff-chain.txt" "$OUT/handoff-chain-8b.txt"

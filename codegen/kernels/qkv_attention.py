@@ -17,8 +17,10 @@ prologue, rotary and the cache write in its epilogue), so the boundary between t
   last program puts both counts back to 0.
 
 All programs share one register allocation, so the attention runs at the gemv's warps under its
-register cap (ptxas, sm_90a, Triton 3.6, 8 warps capped at 80: the 1B's split fits with 16 bytes
-spilled at 128-key tiles, none at 64). bf16/fp16 caches, no sliding window, soft cap, sinks or
+register cap. ptxas (sm_90a, Triton 3.6, the launch's divisibility hints, 8 warps capped at 80), the
+whole launch: the 1B's heads (64) spill 80 bytes with 128-key tiles and none with 64; 8B's (128) 84
+with 64-key tiles and 8 with 32, 122 registers uncapped. So its key tile defaults to 64 keys at head
+dims up to 64 and 32 above (`HANDOFF_BLOCK_N`), half the decode kernel's. bf16/fp16 caches, no sliding window, soft cap, sinks or
 ALiBi: those keep `rope_gemv` and `decode_attention` apart. Not in the pipeline yet: it is timed
 first as a row of `attention_chain.py`.
 """
@@ -43,6 +45,10 @@ decode_module = importlib.import_module("kiln.codegen.kernels.decode_attention")
 # handoff=1` in the whole step; KILN_HANDOFF=1 for a process.
 HANDOFF = os.environ.get("KILN_HANDOFF", "0") == "1"
 
+# Its key tile when the caller names none; 0: 64 keys at head dims up to 64, else 32 (see above).
+# KILN_HANDOFF_BLOCK_N=N for a process.
+HANDOFF_BLOCK_N = int(os.environ.get("KILN_HANDOFF_BLOCK_N", "0"))
+
 
 def takes(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether `qkv_attention` takes a layer of these caches and heads."""
@@ -58,7 +64,7 @@ def qkv_attention(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     """`rope_gemv(x, residual, norm_weight, eps, w, bias, rope)` and then `decode_attention(q,
     rope.k_cache, rope.v_cache, block_tables, seq_lens, scale)` of its q, for one sequence, in one
     launch -> (the projection [1, N], x + residual or None, the attention [1, H, DV]). The
-    splits, key tile and early kv loads default as `decode_attention`'s do."""
+    splits and early kv loads default as `decode_attention`'s do, the key tile to HANDOFF_BLOCK_N's."""
     k_cache, v_cache = rope.k_cache, rope.v_cache
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
@@ -72,7 +78,7 @@ def qkv_attention(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     device = x.device
     block_d = block_dim(D)
     if block_n is None:
-        block_n = decode_module.DECODE_BLOCK_N or (128 if block_d <= 64 else 64)
+        block_n = HANDOFF_BLOCK_N or (64 if block_d <= 64 else 32)
     if num_splits is None:
         num_splits = decode_module.default_num_splits(1, HKV, block_tables.shape[1] * k_cache.shape[1], block_n,
                                                       device)

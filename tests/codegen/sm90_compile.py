@@ -69,8 +69,8 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                 "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "attn_counter_ptr": "*i32", "gemv_programs": "i32",
                 "arrivals": "i32", "attn_scale": "fp32", "GROUP": "i32"})
     handoff = dict(quant_gemm._NO_HANDOFF)
-    if attend:  # the 1B's heads: 8 splits of 128 keys, early kv loads, this step's token as a row
-        handoff.update(ATTEND=True, A_SPLITS=8, A_BLOCK_N=128, A_BLOCK_G=16, A_BLOCK_D=64, A_EARLY_KV=True,
+    if attend:  # the 1B's heads: 16 splits of 64 keys (qkv_attention's tile), early kv loads, the token as a row
+        handoff.update(ATTEND=True, A_SPLITS=16, A_BLOCK_N=64, A_BLOCK_G=16, A_BLOCK_D=64, A_EARLY_KV=True,
                        A_NEWEST_ROW=True)
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=block_n, BLOCK_K=block_k,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,

@@ -109,10 +109,11 @@ def test_each_kv_head_counts_the_programs_that_store_its_columns(H, HKV, D, DV, 
     assert counts == [quant_gemm._arrivals(rope, block_n)] * HKV
 
 
-def test_the_fused_op_on_triton_takes_one_launch_with_the_switch(device, monkeypatch):
+def test_the_fused_op_on_triton_takes_one_launch_with_the_switch(device, monkeypatch, close):
     """`triton_ops.add_rms_norm_linear_rope_attention` (the op fuse_rope_attention makes) on a
     one-sequence decode step: with `qkv_attention.HANDOFF` one `qkv_attention` launch, without it
-    the projection's and the attention's, and the same projection, sum, caches and attention."""
+    the projection's and the attention's: the same projection, sum and caches, and the same
+    attention up to bf16's rounding (the two take other key tiles by default, so other splits)."""
     from kiln.codegen import triton_ops
     from kiln.codegen.kernels import qkv_attention as module
     from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
@@ -134,6 +135,8 @@ def test_the_fused_op_on_triton_takes_one_launch_with_the_switch(device, monkeyp
     finally:
         triton_ops.set_float_gemv(False)
     assert calls == [1]
-    for a, b in zip(results[True], results[False]):
-        assert a.shape == b.shape and torch.equal(a, b)
+    (qkv, summed, out), (ref_qkv, ref_summed, ref_out) = results[True], results[False]
+    assert torch.equal(qkv, ref_qkv) and torch.equal(summed, ref_summed)
+    assert out.shape == ref_out.shape == (1, H, D)
+    close(out, ref_out, dtype=torch.bfloat16)
     assert torch.equal(rope.k_cache, ref_rope.k_cache) and torch.equal(rope.v_cache, ref_rope.v_cache)
