@@ -16,11 +16,14 @@ prologue, rotary and the cache write in its epilogue), so the boundary between t
   its kv head's count is complete (acquire), and goes on as the decode kernel does. The merge's
   last program puts both counts back to 0.
 
-All programs share one register allocation, so the attention runs at the gemv's warps under its
-register cap. ptxas (sm_90a, Triton 3.6, the launch's divisibility hints, 8 warps capped at 80), the
-whole launch: the 1B's heads (64) spill 80 bytes with 128-key tiles and none with 64; 8B's (128) 84
-with 64-key tiles and 8 with 32, 122 registers uncapped. So its key tile defaults to 64 keys at head
-dims up to 64 and 32 above (`HANDOFF_BLOCK_N`), half the decode kernel's. bf16/fp16 caches, no sliding window, soft cap, sinks or
+All programs share one register allocation, so the attention runs at the gemv's warps, and the
+launch is capped at the q/k/v tiles' own 77-80 registers a thread (`quant_gemm._linear`), lest the
+attention cost the gemv blocks an SM. ptxas (sm_90a, Triton 3.6, the launch's divisibility hints),
+the whole launch under that cap: the 1B's bf16 tile (8 warps, heads of 64) spills 80 bytes with
+128-key tiles and none with 64; 8B's deep tile (8 warps, heads of 128) 84 with 64-key tiles and 8
+with 32 (122 registers uncapped); the 8-bit tile (4 warps, heads of 64) 120 with 64-key tiles, 20
+with 32, none with 16 (128 registers uncapped, against the gemv's 79). So its key tile defaults to
+what spills least (`_TILES`; `HANDOFF_BLOCK_N` overrides it). bf16/fp16 caches, no sliding window, soft cap, sinks or
 ALiBi: those keep `rope_gemv` and `decode_attention` apart. Not in the pipeline yet: it is timed
 first as a row of `attention_chain.py`.
 """
@@ -34,7 +37,7 @@ import torch
 
 from kiln.codegen.kernels.attention_common import block_dim, check_cache, dot_upcast
 from kiln.codegen.kernels.pdl import launch_args
-from kiln.codegen.kernels.quant_gemm import Handoff, Rope, rope_gemv
+from kiln.codegen.kernels.quant_gemm import Handoff, Rope, _num_sms, _rope_config, pick_config, rope_gemv
 
 # (the package re-exports the launcher under the module's name)
 decode_module = importlib.import_module("kiln.codegen.kernels.decode_attention")
@@ -45,9 +48,11 @@ decode_module = importlib.import_module("kiln.codegen.kernels.decode_attention")
 # handoff=1` in the whole step; KILN_HANDOFF=1 for a process.
 HANDOFF = os.environ.get("KILN_HANDOFF", "0") == "1"
 
-# Its key tile when the caller names none; 0: 64 keys at head dims up to 64, else 32 (see above).
-# KILN_HANDOFF_BLOCK_N=N for a process.
+# Its key tile when the caller names none; 0: `_TILES`' (see above). KILN_HANDOFF_BLOCK_N=N for a process.
 HANDOFF_BLOCK_N = int(os.environ.get("KILN_HANDOFF_BLOCK_N", "0"))
+
+# (the gemv's warps, the head dim's tile) -> keys a tile; 16 for any other
+_TILES = {(8, 64): 64, (8, 128): 32, (4, 64): 16}
 
 
 def takes(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
@@ -77,8 +82,11 @@ def qkv_attention(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
                          f"{seq_lens.numel()} lengths")
     device = x.device
     block_d = block_dim(D)
+    # the gemv's tiling, as rope_gemv would pick it: its warps are the attention's
+    config = config or pick_config(1, w.shape[0], w.shape[1], x.dtype, _num_sms(device), w.dtype, rope=True)
+    config = _rope_config(config, rope, None)
     if block_n is None:
-        block_n = HANDOFF_BLOCK_N or (64 if block_d <= 64 else 32)
+        block_n = HANDOFF_BLOCK_N or _TILES.get((config.num_warps, block_d), 16)
     if num_splits is None:
         num_splits = decode_module.default_num_splits(1, HKV, block_tables.shape[1] * k_cache.shape[1], block_n,
                                                       device)

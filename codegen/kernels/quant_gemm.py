@@ -823,6 +823,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         pro = prologue or Prologue(NO_PROLOGUE)
         norm_at_end = NORM_AT_END and pro.kind in (RMS_NORM, ADD_RMS_NORM) and split_k == 1
         cap = {"maxnreg": _ROPE_AT_END_MAXNREG} if norm_at_end and rope is not None and cfg.num_warps == 8 else {}
+        if handoff is not None:  # (the attention's registers must not cost the gemv blocks: see qkv_attention)
+            cap = {"maxnreg": _ROPE_AT_END_MAXNREG}
         if handoff is not None:
             if rope is None or split_k != 1 or rope.head_dim % cfg.block_n or rope.v_cache.shape[-1] % cfg.block_n:
                 raise ValueError(f"a hand-off needs the rope epilogue, one split and heads of whole tiles, got {cfg}")

@@ -69,9 +69,9 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                 "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "attn_counter_ptr": "*i32", "gemv_programs": "i32",
                 "arrivals": "i32", "attn_scale": "fp32", "GROUP": "i32"})
     handoff = dict(quant_gemm._NO_HANDOFF)
-    if attend:  # the 1B's heads: 16 splits of 64 keys (qkv_attention's tile), early kv loads, the token as a row
-        handoff.update(ATTEND=True, A_SPLITS=16, A_BLOCK_N=64, A_BLOCK_G=16, A_BLOCK_D=64, A_EARLY_KV=True,
-                       A_NEWEST_ROW=True)
+    if attend:  # the 1B's heads: 16 splits of qkv_attention's tile for these warps, early kv loads, the token as a row
+        handoff.update(ATTEND=True, A_SPLITS=16, A_BLOCK_N=64 if num_warps == 8 else 16, A_BLOCK_G=16, A_BLOCK_D=64,
+                       A_EARLY_KV=True, A_NEWEST_ROW=True)
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=block_n, BLOCK_K=block_k,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
                   FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
@@ -80,7 +80,7 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                   NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM), **handoff)
     sig.update(dict.fromkeys(consts, "constexpr"))
     at_end = consts["NORM_AT_END"]
-    cap = quant_gemm._ROPE_AT_END_MAXNREG if at_end and rope and num_warps == 8 else None  # (as `_linear` caps it)
+    cap = quant_gemm._ROPE_AT_END_MAXNREG if (at_end and rope and num_warps == 8) or attend else None  # (as `_linear`)
     ptx = _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3, maxnreg=cap)
     if reduce == quant_gemm.REDUCE_LAST:  # the last program's exchange: its count, its polls re-read, and the trap
         assert "acq_rel.add" in ptx and "ld.volatile.global" in ptx and "trap;" in ptx, "the exchange is lost"
@@ -193,6 +193,8 @@ def variants() -> list[tuple]:
     # the q/k/v gemv whose launch also runs the token's decode attention (qkv_attention.py): both norms
     out += [("bf16", "bf16", p, True, False, False, None, quant_gemm.NEOX, None, (8, 1024, 8), 0, True, True)
             for p in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM)]
+    out += [("bf16", "i8", quant_gemm.ADD_RMS_NORM, True, False, False, None, quant_gemm.NEOX, None, (4, 1024, 4), 0,
+             True, True)]  # (8-bit weights' tile: 4 warps)
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]

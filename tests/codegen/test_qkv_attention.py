@@ -140,3 +140,20 @@ def test_the_fused_op_on_triton_takes_one_launch_with_the_switch(device, monkeyp
     assert out.shape == ref_out.shape == (1, H, D)
     close(out, ref_out, dtype=torch.bfloat16)
     assert torch.equal(rope.k_cache, ref_rope.k_cache) and torch.equal(rope.v_cache, ref_rope.v_cache)
+
+
+def test_qkv_attention_with_8bit_weights(device, poisoned):
+    """int8 weight-only weights (the 8-bit gemv's tile: 4 warps, so the attention's 16-key tiles):
+    the same projection, caches and attention as the two launches apart."""
+    from kiln.ir import quant_ops as Q
+
+    x, residual, g, _, rope, ref_rope, table, seq_lens = _case(40, NEOX, device)
+    w, w_scale = Q.quantize_weight(torch.randn((H + 2 * HKV) * D, K, device=device) * 0.125, "int8")
+    qkv, summed, out = poisoned(qkv_attention, x, residual, g, 1e-5, w, None, rope, table, seq_lens, 0.2,
+                                w_scale=w_scale)
+    ref_qkv, ref_summed = quant_gemm.rope_gemv(x, residual, g, 1e-5, w, None, ref_rope, w_scale=w_scale)
+    ref_out = decode_module.decode_attention(ref_qkv[:, :H * D].view(1, H, D), ref_rope.k_cache, ref_rope.v_cache,
+                                             table, seq_lens, 0.2, block_n=16)
+    assert torch.equal(qkv, ref_qkv) and torch.equal(summed, ref_summed)
+    assert torch.equal(rope.k_cache, ref_rope.k_cache) and torch.equal(rope.v_cache, ref_rope.v_cache)
+    assert torch.equal(out, ref_out)
