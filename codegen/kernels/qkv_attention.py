@@ -6,9 +6,11 @@ kernel adds 2.03 us a layer, the decode attention 4.21 (`benchmarks/attention_ch
 prologue, rotary and the cache write in its epilogue), so the boundary between them goes:
 
 - the grid is the gemv's programs, then HKV x num_splits attention programs, each one split of the
-  decode kernel (`decode_attention.decode_split`). Blocks are dispatched in index order, so every
-  gemv program is running or done before an attention program starts, and an attention program
-  that waits never holds back one it waits for;
+  decode kernel (`decode_attention.decode_split`). This relies on the GPU dispatching a grid's
+  blocks in index order (as NVIDIA's do): every gemv program is then running or done before an
+  attention program starts, so one that waits never holds back one it waits for. Were that ever
+  not so, a waiting program gives up after `decode_attention.MAX_SPINS` polls with a device assert
+  (an error, not a hang);
 - each gemv program, once its q, k or v columns are stored (a barrier, then one thread's release),
   counts itself in for its kv head (`handoff_arrive`);
 - an attention program loads its older keys and values first (as the decode kernel's early kv
