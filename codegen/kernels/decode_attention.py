@@ -32,11 +32,13 @@ import triton.language as tl
 from kiln.codegen.kernels.attention_common import (
     block_dim, check_cache, dot_precision, dot_upcast, load_paged, load_paged_row, log2_scores, mma,
 )
-from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+from kiln.codegen.kernels.pdl import launch_args, trap, wait_for_inputs
 
-# Polls of a hand-off count before a split gives up with a device assert (`_inputs_ready`): far longer
-# than a q/k/v gemv runs.
+# Polls of a hand-off count before a split gives up (`_inputs_ready`): far longer than a q/k/v gemv
+# runs. On a GPU the launch then fails (a trap: device asserts need a debug build); under the
+# interpreter the device assert raises.
 MAX_SPINS = tl.constexpr(1 << 26)
+_TRAP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -96,7 +98,10 @@ def _inputs_ready(PDL: tl.constexpr, HANDOFF: tl.constexpr, arrive_ptr, arrivals
         while (seen < arrivals) & (spins < max_spins):
             seen = tl.atomic_add(arrive_ptr, 0, sem="acquire")
             spins += 1
-        tl.device_assert(seen >= arrivals, "decode attention: the q/k/v programs of its kv head never arrived")
+        if seen < arrivals:
+            if _TRAP:
+                trap(seen)
+            tl.device_assert(seen >= arrivals, "decode attention: the q/k/v programs of its kv head never arrived")
 
 
 @triton.jit

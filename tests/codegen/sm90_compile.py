@@ -93,6 +93,7 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
         # acquire polls and the merge's count
         released = "atom.global.gpu.release.add" in ptx or "red.global.gpu.release.add" in ptx
         assert released and "ld.global.gpu.acquire" in ptx and "acq_rel.add" in ptx, "the hand-off is lost"
+        assert "trap;" in ptx, "a hand-off that never completes must fail the launch"
 
 
 
