@@ -58,9 +58,12 @@ _TILES = {(8, 64): 64, (8, 128): 32, (4, 64): 16}
 
 
 def takes(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    """Whether `qkv_attention` takes a layer of these caches and heads."""
+    """Whether `qkv_attention` takes a layer of these caches and heads now: bf16/fp16 caches, and
+    its counters there (they are made outside graph capture: a capture that finds none, with no
+    run before it, keeps the two launches)."""
     return (k_cache.dtype in (torch.bfloat16, torch.float16) and v_cache.dtype == k_cache.dtype
-            and num_heads % num_kv_heads == 0 and block_dim(head_dim) == block_dim(v_cache.shape[-1]))
+            and num_heads % num_kv_heads == 0 and block_dim(head_dim) == block_dim(v_cache.shape[-1])
+            and decode_module._counters(k_cache.device, 2 * num_kv_heads) is not None)
 
 
 def qkv_attention(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
