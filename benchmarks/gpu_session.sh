@@ -21,6 +21,7 @@
 #   handoff     the q/k/v gemv and the attention in one launch (codegen/kernels/qkv_attention.py, KILN_HANDOFF=1, off):
 #               its kernel tests compiled on the GPU, attention_chain.py's rows on the 1B's and 8B TP=2's heads,
 #               check_decode_paths.py with it, then batch-1 decode with it against the default, five interleaved rounds
+#               (about 500 s: alone in a call)
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
