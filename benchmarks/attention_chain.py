@@ -32,9 +32,11 @@ the merge kernel's form.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import statistics
 import sys
+from unittest import mock
 
 import torch
 import triton
@@ -130,17 +132,9 @@ class Layer:
 
 
 def switched(row: str):
-    """The decode_attention module's switches for a row: (set, restore) callables."""
+    """The decode_attention module's switches for a row, set while the context lasts."""
     switches = ATTENTION_ROWS.get(row, ({}, {}))[1]
-    saved = {name: getattr(attention_module, name) for name in switches}
-
-    def restore():
-        for name, value in saved.items():
-            setattr(attention_module, name, value)
-
-    for name, value in switches.items():
-        setattr(attention_module, name, value)
-    return restore
+    return mock.patch.multiple(attention_module, **switches) if switches else contextlib.nullcontext()
 
 
 def main() -> int:
@@ -181,11 +175,8 @@ def main() -> int:
     if smoke:
         outs = {}
         for row in rows:
-            restore = switched(row)
-            try:
+            with switched(row):
                 outs[row] = chain(row).float()
-            finally:
-                restore()
         ref = outs.get("merge kernel")
         for row, out in outs.items():
             err = "" if ref is None or row in ("none", "empty", "copy") else \
@@ -200,18 +191,16 @@ def main() -> int:
 
     graphs = {}
     for row in rows:  # every graph first, then the rounds (decode_latency.py --rounds's lesson)
-        restore = switched(row)
         try:
-            chain(row)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with switched(row):
                 chain(row)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    chain(row)
             graphs[row] = g
         except Exception as e:  # a tile that does not compile or fit: not a candidate
             print(f"{row}: skipped ({type(e).__name__}: {str(e)[:120]})")
-        finally:
-            restore()
     times = {row: [] for row in graphs}
     names = list(graphs)
     for r in range(args.rounds):

@@ -28,13 +28,6 @@ _FUSED = {"rms_norm_linear_rope": torch.ops.kiln.rms_norm_linear_rope_attention.
 
 # attention's keyword arguments that must keep these values (its plain causal form) for the fusion
 _PLAIN = {"sliding_window": 0, "causal": True, "soft_cap": 0.0, "sinks": None, "alibi_slopes": None}
-_ATTENTION_ARGS = ("q", "k", "v", "layer", "scale", "sliding_window", "causal", "soft_cap", "sinks", "kv_written",
-                   "alibi_slopes")
-
-
-def _arguments(att: fx.Node) -> dict:
-    """attention's arguments by name, positional ones included."""
-    return {**dict(zip(_ATTENTION_ARGS, att.args)), **att.kwargs}
 
 
 def _source(view: fx.Node) -> tuple[fx.Node, int] | None:
@@ -51,8 +44,9 @@ def _source(view: fx.Node) -> tuple[fx.Node, int] | None:
 def run(graph: Graph) -> Graph:
     g = graph.graph
     for att in list(graph.calls("attention")):
-        a = _arguments(att)
-        if a.get("kv_written") is not True or any(a.get(k, v) != v for k, v in _PLAIN.items()):
+        # (every argument by name, defaults filled in from the op's schema)
+        a = att.normalized_arguments(graph.gm, normalize_to_only_use_kwargs=True).kwargs
+        if a["kv_written"] is not True or any(a[k] != v for k, v in _PLAIN.items()):
             continue
         sources = [_source(a[n]) if isinstance(a[n], fx.Node) else None for n in ("q", "k", "v")]
         if None in sources or [i for _, i in sources] != [0, 1, 2] or len({s for s, _ in sources}) != 1:

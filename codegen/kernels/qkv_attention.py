@@ -101,13 +101,12 @@ def qkv_attention(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     if early_kv is None:
         early_kv = (decode_module.EARLY_KV and launch_args(device)["PDL"]
                     and torch.cuda.is_current_stream_capturing())
-    newest_row = decode_module.NEWEST_ROW if decode_module.NEWEST_ROW is not None else block_d <= 64
     out = torch.empty((1, H, DV), dtype=x.dtype, device=device)
     part_acc = torch.empty((1, H, num_splits, DV), dtype=torch.float32, device=device)
     part_ml = torch.empty((1, H, num_splits, 2), dtype=torch.float32, device=device)
     handoff = Handoff(
         HKV * num_splits, block_tables, seq_lens, out, part_acc, part_ml, counters, scale, H // HKV,
         dict(ATTEND=True, A_SPLITS=num_splits, A_BLOCK_N=block_n, A_BLOCK_G=block_dim(H // HKV), A_BLOCK_D=block_d,
-             A_EARLY_KV=bool(early_kv), A_NEWEST_ROW=bool(newest_row), A_UPCAST=dot_upcast(k_cache.dtype)))
+             A_EARLY_KV=bool(early_kv), A_NEWEST_ROW=decode_module.newest_row(block_d, block_d), A_UPCAST=dot_upcast(k_cache.dtype)))
     qkv, summed = rope_gemv(x, residual, norm_weight, eps, w, bias, rope, config, static_weight, w_scale, handoff)
     return qkv, summed, out
