@@ -70,7 +70,10 @@ ATTENTION_ROWS = {
 
 # name -> qkv_attention keyword arguments: the attention in the q/k/v gemv's launch (its programs run
 # at the gemv's 8 warps under its 80-register cap; qkv_attention.py has what spills)
-HANDOFF_ROWS = {"handoff": {}, **{f"handoff (tile {n})": {"block_n": n} for n in (128, 64, 32)}}
+HANDOFF_ROWS = {"handoff": {}, **{f"handoff (tile {n})": {"block_n": n} for n in (128, 64, 32, 16)},
+                **{f"handoff (splits {s})": {"num_splits": s} for s in (2, 4, 8)},
+                **{f"handoff (tile {n} x {s} splits)": {"block_n": n, "num_splits": s}
+                   for n, s in ((32, 8), (32, 4), (128, 2))}}
 
 
 @triton.jit
@@ -158,7 +161,11 @@ def main() -> int:
     context, capacity = (40, capacity) if smoke else (args.context, args.capacity or capacity)
     rows = ["none", "empty", "copy", *ATTENTION_ROWS, *HANDOFF_ROWS]
     if args.rows:
-        rows = [r for r in rows if r in args.rows.split(",")]
+        asked = args.rows.split(",")
+        unknown = [r for r in asked if r not in rows]
+        if unknown:
+            p.error(f"unknown rows {unknown}; the rows: {rows}")
+        rows = [r for r in rows if r in asked]
     torch.manual_seed(0)
     inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2, device=device).float() / D))
     freqs = torch.arange(capacity, device=device).float()[:, None] * inv_freq

@@ -63,7 +63,7 @@ def test_qkv_attention_is_rope_gemv_then_decode_attention(seq_len, num_splits, b
     assert torch.equal(qkv, ref_qkv) and torch.equal(summed, ref_summed)
     assert torch.equal(rope.k_cache, ref_rope.k_cache) and torch.equal(rope.v_cache, ref_rope.v_cache)
     assert out.shape == (1, H, D) and torch.equal(out, ref_out)
-    assert not decode_module._counter_buffers[device][:2 * HKV].any()
+    assert not decode_module._counter_buffers[out.device][:2 * HKV].any()
 
 
 def test_qkv_attention_gptj_and_defaults(device, poisoned, close):
