@@ -17,8 +17,7 @@ for the longest context, and the split count follows that). Rows:
 - `copy`: a program per kv head that waits, loads its heads' q and stores them as the output (a
   boundary and one dependent load);
 - `default`: `decode_attention` as the step calls it; then its variants (splits, tiles, warps,
-  the merge kernel, no early kv loads, this step's token as one row or a tile);
-- `handoff`: the attention in the q/k/v gemv's launch (`qkv_attention.py`), no boundary between them.
+  the merge kernel, no early kv loads, this step's token as one row or a tile).
 
 Each row: us a layer (the graph's median replay / layers) and what the attention adds over `none`.
 Rows are timed in rounds, interleaved, as `decode_latency.py --rounds` does. Without CUDA,
@@ -43,7 +42,6 @@ import triton
 import triton.language as tl
 
 from kiln.codegen.kernels.decode_attention import decode_attention
-from kiln.codegen.kernels.qkv_attention import qkv_attention
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.quant_gemm import NEOX, Rope, float_linear, rope_gemv
 
@@ -67,13 +65,6 @@ ATTENTION_ROWS = {
     "warps 2": ({"num_warps": 2}, {}),
     "warps 8": ({"num_warps": 8}, {}),
 }
-
-# name -> qkv_attention keyword arguments: the attention in the q/k/v gemv's launch (its programs run
-# at the gemv's 8 warps under its 80-register cap; qkv_attention.py has what spills)
-HANDOFF_ROWS = {"handoff": {}, **{f"handoff (tile {n})": {"block_n": n} for n in (128, 64, 32, 16)},
-                **{f"handoff (splits {s})": {"num_splits": s} for s in (2, 4, 8)},
-                **{f"handoff (tile {n} x {s} splits)": {"block_n": n, "num_splits": s}
-                   for n, s in ((32, 8), (32, 4), (128, 2))}}
 
 
 @triton.jit
@@ -125,10 +116,6 @@ class Layer:
                                 **kwargs).view(1, H * D)
 
     def forward(self, row: str, x):
-        if row in HANDOFF_ROWS:
-            _, _, out = qkv_attention(x, None, self.g, 1e-5, self.w_qkv, None, self.rope, self.tables, self.seq_lens,
-                                      self.D ** -0.5, **HANDOFF_ROWS[row])
-            return float_linear(out.view(1, -1), self.w_o)
         qkv = self.qkv(x)
         q = qkv[0, :self.H * self.D].view(1, -1)
         return float_linear(self.attention(row, q), self.w_o)
@@ -159,7 +146,7 @@ def main() -> int:
     dtype = torch.bfloat16
     hidden, H, HKV, D, layers, capacity = SHAPES["smoke" if smoke else args.shape]
     context, capacity = (40, capacity) if smoke else (args.context, args.capacity or capacity)
-    rows = ["none", "empty", "copy", *ATTENTION_ROWS, *HANDOFF_ROWS]
+    rows = ["none", "empty", "copy", *ATTENTION_ROWS]
     if args.rows:
         asked = args.rows.split(",")
         unknown = [r for r in asked if r not in rows]

@@ -18,10 +18,6 @@
 #               the norm's statistics gathered in the gemv's product loop (the default) and read first
 #   kv-tile     the decode attention's tests compiled on the GPU, then batch-1 decode with its key tile at 64 and 32,
 #               and with this step's token read as a masked tile (NEWEST_ROW=0); five interleaved rounds (--rounds 5), medians
-#   handoff     the q/k/v gemv and the attention in one launch (codegen/kernels/qkv_attention.py, KILN_HANDOFF=1, off):
-#               its kernel tests compiled on the GPU, attention_chain.py's rows on the 1B's and 8B TP=2's heads,
-#               check_decode_paths.py with it, then batch-1 decode with it against the default, five interleaved rounds
-#               (about 500 s: alone in a call)
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -94,20 +90,6 @@ section() {
             run decode 500 python benchmarks/decode_latency.py --no-hf --sync-scheduling --repeats 3 --rounds 3 \
                 --compare-rope-fusion --quantization fp8_weight_only --compare-fp8-conversion
             grep -A18 "^device" "$OUT/decode.txt" ;;
-        handoff)
-            TRITON_INTERPRET=0 run handoff-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
-                tests/codegen/test_qkv_attention.py
-            tail -2 "$OUT/handoff-kernels.txt" | cut -c1-300
-            run handoff-chain 150 python benchmarks/attention_chain.py --rounds 5 \
-                --rows "none,empty,default,handoff,handoff (tile 128),handoff (tile 32)"
-            run handoff-chain-8b 150 python benchmarks/attention_chain.py --shape llama-8b-tp2 --rounds 5 \
-                --rows "none,empty,default,handoff,handoff (tile 64)"
-            grep -h -A7 "^device" "$OUT/handoff-chain.txt" "$OUT/handoff-chain-8b.txt"
-            KILN_HANDOFF=1 run handoff-paths 300 python benchmarks/check_decode_paths.py
-            grep -E "==|Error" "$OUT/handoff-paths.txt"
-            run handoff-decode 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
-                --compare-switches "handoff=1"
-            grep -A9 "^device" "$OUT/handoff-decode.txt" ;;
         quant)
             run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
                 --quantization int8_weight_only,fp8_weight_only

@@ -238,54 +238,6 @@ def add_rms_norm_linear_rope(x: torch.Tensor, residual: torch.Tensor, norm_weigh
                              is_neox, layer, num_heads, num_kv_heads, head_dim)
 
 
-def _norm_linear_rope_attention(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache,
-                                is_neox, layer, num_heads, num_kv_heads, head_dim, scale):
-    """(the rotated q/k/v projection, x + residual or None, its attention): one launch for a
-    one-sequence decode step whose q/k/v gemv takes the row, with `qkv_attention.HANDOFF` on
-    (`kernels/qkv_attention.py`), else the projection's launch and then the attention's."""
-    from kiln.codegen.kernels import qkv_attention as handoff
-
-    ctx = get_forward_context()
-    if handoff.HANDOFF and ctx.kv_caches is not None and x.shape[0] == 1 and ctx.attn.block_tables.shape[0] == 1:
-        weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
-        k_cache, v_cache = ctx.kv_caches[layer]
-        _, seq_lens, max_q = _batch_tensors(ctx.attn, x.device, paged=True)
-        if (weight is not None and max_q == 1 and cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0
-                and handoff.takes(k_cache, v_cache, num_heads, num_kv_heads, head_dim)):
-            from kiln.codegen.kernels.quant_gemm import GPTJ, NEOX, Rope
-
-            rope = Rope(NEOX if is_neox else GPTJ, positions, cos_sin_cache, ctx.attn.slot_mapping, k_cache, v_cache,
-                        num_heads, num_kv_heads, head_dim)
-            qkv, summed, out = handoff.qkv_attention(x, residual, norm_weight, eps, weight,
-                                                     ops._adjacent(biases) if biases else None, rope,
-                                                     ctx.attn.block_tables, seq_lens, scale, static_weight=static,
-                                                     w_scale=w_scale)
-            return qkv, summed, out
-    qkv, summed = _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache,
-                                    is_neox, layer, num_heads, num_kv_heads, head_dim)
-    q, k, v = ops.qkv_heads(qkv, num_heads, num_kv_heads, head_dim)
-    return qkv, summed, attention(q, k, v, layer, scale, kv_written=True)
-
-
-def rms_norm_linear_rope_attention(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
-                                   biases: list[torch.Tensor], w_scale: torch.Tensor | None, positions: torch.Tensor,
-                                   cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, num_heads: int,
-                                   num_kv_heads: int, head_dim: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    qkv, _, out = _norm_linear_rope_attention(x, None, norm_weight, eps, weights, biases, w_scale, positions,
-                                              cos_sin_cache, is_neox, layer, num_heads, num_kv_heads, head_dim, scale)
-    return qkv, out
-
-
-def add_rms_norm_linear_rope_attention(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                       weights: list[torch.Tensor], biases: list[torch.Tensor],
-                                       w_scale: torch.Tensor | None, positions: torch.Tensor,
-                                       cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, num_heads: int,
-                                       num_kv_heads: int, head_dim: int,
-                                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _norm_linear_rope_attention(x, residual, norm_weight, eps, weights, biases, w_scale, positions,
-                                       cos_sin_cache, is_neox, layer, num_heads, num_kv_heads, head_dim, scale)
-
-
 def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Tensor],
                        biases: list[torch.Tensor], w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One gemv launch for a one-row step the gemv takes, else the activation kernel and then the
@@ -384,8 +336,6 @@ def register_cuda_kernels() -> bool:
         "kiln::linear_all_reduce": linear_all_reduce,
         "kiln::rms_norm_linear_rope": rms_norm_linear_rope,
         "kiln::add_rms_norm_linear_rope": add_rms_norm_linear_rope,
-        "kiln::rms_norm_linear_rope_attention": rms_norm_linear_rope_attention,
-        "kiln::add_rms_norm_linear_rope_attention": add_rms_norm_linear_rope_attention,
         "kiln::logits": logits,
     }
     for name, fn in impls.items():

@@ -558,60 +558,6 @@ def _(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_si
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))), torch.empty_like(x)
 
 
-def _attend_qkv(qkv: torch.Tensor, layer: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                scale: float) -> torch.Tensor:
-    """The attention of a rotated q/k/v projection whose k and v are in the cache already."""
-    q, k, v = qkv_heads(qkv, num_heads, num_kv_heads, head_dim)
-    return attention(q, k, v, layer, scale, kv_written=True)
-
-
-@kiln_op("rms_norm_linear_rope_attention")
-def rms_norm_linear_rope_attention(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                   weights: list[torch.Tensor], biases: list[torch.Tensor],
-                                   w_scale: torch.Tensor | None, positions: torch.Tensor,
-                                   cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, num_heads: int,
-                                   num_kv_heads: int, head_dim: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """rms_norm_linear_rope and then the plain causal `attention` of its q, k and v (the
-    fuse_rope_attention pass): returns (the rotated projection, the attention [T, H, Dv]). On a GPU
-    a one-sequence decode step may run both in one launch (`kernels/qkv_attention.py`)."""
-    qkv = rms_norm_linear_rope(x, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox,
-                               layer, num_heads, num_kv_heads, head_dim)
-    return qkv, _attend_qkv(qkv, layer, num_heads, num_kv_heads, head_dim, scale)
-
-
-def _attention_shape(x: torch.Tensor, weights, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple:
-    v_cols = sum(w.shape[0] for w in weights) - (num_heads + num_kv_heads) * head_dim
-    return (*x.shape[:-1], num_heads, v_cols // num_kv_heads)
-
-
-@rms_norm_linear_rope_attention.register_fake
-def _(x, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox, layer, num_heads,
-      num_kv_heads, head_dim, scale):
-    return (x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))),
-            x.new_empty(_attention_shape(x, weights, num_heads, num_kv_heads, head_dim)))
-
-
-@kiln_op("add_rms_norm_linear_rope_attention")
-def add_rms_norm_linear_rope_attention(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                                       eps: float, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                                       w_scale: torch.Tensor | None, positions: torch.Tensor,
-                                       cos_sin_cache: torch.Tensor, is_neox: bool, layer: int, num_heads: int,
-                                       num_kv_heads: int, head_dim: int,
-                                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """add_rms_norm_linear_rope and then the attention of its q, k and v: returns (the rotated
-    projection, x + residual, the attention)."""
-    qkv, summed = add_rms_norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions,
-                                           cos_sin_cache, is_neox, layer, num_heads, num_kv_heads, head_dim)
-    return qkv, summed, _attend_qkv(qkv, layer, num_heads, num_kv_heads, head_dim, scale)
-
-
-@add_rms_norm_linear_rope_attention.register_fake
-def _(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox, layer, num_heads,
-      num_kv_heads, head_dim, scale):
-    return (x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))), torch.empty_like(x),
-            x.new_empty(_attention_shape(x, weights, num_heads, num_kv_heads, head_dim)))
-
-
 def _write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
     if k_cache.dtype == FP8_KV_DTYPE:  # quantized; copied as bytes (index_copy_ has no fp8 kernel on CPU)
         k_cache.view(torch.uint8).flatten(0, 1).index_copy_(0, slot_mapping, quantize_kv(k, k_scale).view(torch.uint8))

@@ -23,7 +23,6 @@ PIPELINE = [
     "fuse_linear_all_reduce",  # a row-parallel linear + its all_reduce -> one op (a 2-GPU gemv may sum its row)
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
     "fuse_linear_rope",  # norm + q/k/v linear feeding rotary_kv_write -> one op (a batch-1 gemv rotates its outputs)
-    "fuse_rope_attention",  # that op feeding a plain attention -> one op (a batch-1 step may run both in one launch)
 ]
 
 

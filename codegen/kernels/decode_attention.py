@@ -32,13 +32,7 @@ import triton.language as tl
 from kiln.codegen.kernels.attention_common import (
     block_dim, check_cache, dot_precision, dot_upcast, load_paged, load_paged_row, log2_scores, mma,
 )
-from kiln.codegen.kernels.pdl import launch_args, trap, wait_for_inputs
-
-# Polls of a hand-off count before a split gives up (`_inputs_ready`): far longer than a q/k/v gemv
-# runs. On a GPU the launch then fails (a trap: device asserts need a debug build); under the
-# interpreter the device assert raises.
-MAX_SPINS = tl.constexpr(1 << 26)
-_TRAP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 
 @triton.jit
@@ -75,51 +69,11 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    decode_split(
-        tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
-        seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr, part_acc_ptr, part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b,
-        kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s, vc_stride_h, table_stride, H, D, DV, GROUP, block_size,
-        scale, soft_cap, sliding_window, v_scale, counter_ptr, counter_ptr, 0, NUM_SPLITS, MERGE_HERE, HAS_WINDOW,
-        HAS_SOFT_CAP, HAS_SINKS, HAS_ALIBI, KV_FP8, PRECISION, UPCAST, EARLY_KV, NEWEST_ROW, BLOCK_G, BLOCK_N, BLOCK_D,
-        BLOCK_DV, PDL, False,
-    )
-
-
-@triton.jit
-def _inputs_ready(PDL: tl.constexpr, HANDOFF: tl.constexpr, arrive_ptr, arrivals, max_spins):
-    """The point after which a split reads what the kernels before it wrote: the PDL wait; with
-    HANDOFF (a split run by the q/k/v gemv's own launch, `qkv_attention.py`) also until `arrivals`
-    programs of that launch have stored its kv head's q, k and v (acquire: their stores are then
-    visible to this program)."""
-    wait_for_inputs(PDL)
-    if HANDOFF:
-        seen = tl.atomic_add(arrive_ptr, 0, sem="acquire")
-        spins = 0
-        while (seen < arrivals) & (spins < max_spins):
-            seen = tl.atomic_add(arrive_ptr, 0, sem="acquire")
-            spins += 1
-        if seen < arrivals:
-            if _TRAP:
-                trap(seen)
-            tl.device_assert(seen >= arrivals, "decode attention: the q/k/v programs of its kv head never arrived")
-
-
-@triton.jit
-def decode_split(
-    b, kvh, split, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, sinks_ptr, alibi_ptr, out_ptr,
-    part_acc_ptr, part_ml_ptr, q_stride_b, q_stride_h, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
-    vc_stride_h, table_stride, H, D, DV, GROUP, block_size, scale, soft_cap, sliding_window, v_scale, counter_ptr,
-    arrive_ptr, arrivals, NUM_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFT_CAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_FP8: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EARLY_KV: tl.constexpr, NEWEST_ROW: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
-    HANDOFF: tl.constexpr,
-):
-    """Split `split` of sequence b's kv head kvh (`_decode_kernel`'s program (b, kvh, split)).
-    HANDOFF: run by the projection's own launch; it waits for `arrivals` programs to count at
-    arrive_ptr too (`_inputs_ready`), and whoever writes the output puts that count back to 0."""
     if not EARLY_KV:
-        _inputs_ready(PDL, HANDOFF, arrive_ptr, arrivals, MAX_SPINS)
+        wait_for_inputs(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     lo = 0
     if HAS_WINDOW:
@@ -144,7 +98,7 @@ def decode_split(
                              block_size)
         v_early = load_paged(v_cache_ptr, table_row, n, early, kvh, vc_stride_b, vc_stride_s, vc_stride_h, dv,
                              dv_mask, block_size)
-        _inputs_ready(PDL, HANDOFF, arrive_ptr, arrivals, MAX_SPINS)
+        wait_for_inputs(PDL)
         first = start + BLOCK_N
 
     g = tl.arange(0, BLOCK_G)
@@ -196,8 +150,6 @@ def decode_split(
 
     if NUM_SPLITS == 1:
         _store_out(acc, m_i, l_i, sinks_ptr, out_ptr, b, heads, g_mask, dv, dv_mask, H, DV, HAS_SINKS)
-        if HANDOFF:
-            tl.atomic_xchg(arrive_ptr, 0, sem="relaxed")  # ready for the next launch
     else:
         row = (b * H + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] partial layout
         tl.store(part_acc_ptr + row[:, None] * DV + dv[None, :], acc, mask=g_mask[:, None] & dv_mask[None, :])
@@ -213,40 +165,6 @@ def decode_split(
                 _merge_heads(part_acc_ptr, part_ml_ptr, sinks_ptr, out_ptr, b * H + heads, g_mask, dv, dv_mask,
                              H, DV, NUM_SPLITS, HAS_SINKS)
                 tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
-                if HANDOFF:  # (every split of the kv head has passed its wait: each counted after it)
-                    tl.atomic_xchg(arrive_ptr, 0, sem="relaxed")
-
-
-@triton.jit
-def handoff_split(a, q_ptr, k_cache_ptr, v_cache_ptr, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
-                  vc_stride_h, block_size, QD, DV, tables_ptr, table_stride, seq_lens_ptr, out_ptr, part_acc_ptr,
-                  part_ml_ptr, counter_ptr, arrivals, scale, GROUP, HEAD_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  EARLY_KV: tl.constexpr, NEWEST_ROW: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """Attention program `a` of a q/k/v gemv's launch (`qkv_attention.py`): split a % NUM_SPLITS of
-    kv head a // NUM_SPLITS of the one sequence, its q the projection's row at q_ptr. counter_ptr
-    holds the merge's counts (one a kv head) and, after them, the hand-off's."""
-    kvh = a // NUM_SPLITS
-    H = QD // HEAD_D
-    decode_split(
-        0, kvh, a % NUM_SPLITS, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, q_ptr, q_ptr, out_ptr,
-        part_acc_ptr, part_ml_ptr, 0, HEAD_D, kc_stride_b, kc_stride_s, kc_stride_h, vc_stride_b, vc_stride_s,
-        vc_stride_h, table_stride, H, HEAD_D, DV, GROUP, block_size, scale, 0.0, 0, 1.0, counter_ptr,
-        counter_ptr + H // GROUP + kvh, arrivals, NUM_SPLITS, True, False, False, False, False, False, "tf32", UPCAST,
-        EARLY_KV, NEWEST_ROW, BLOCK_G, BLOCK_N, BLOCK_D, BLOCK_DV, PDL, True,
-    )
-
-
-@triton.jit
-def handoff_arrive(pid_n, BLOCK_N: tl.constexpr, counter_ptr, QD, KD, DV, GROUP, HEAD_D: tl.constexpr):
-    """A q/k/v gemv program whose columns (q, k or v of one kv head) are stored: counted in for
-    that kv head's attention programs (`handoff_split`). Every thread's stores, a barrier, then
-    one thread's release (as the merge's count)."""
-    first = pid_n * BLOCK_N
-    kvh = tl.where(first < QD, first // HEAD_D // GROUP,
-                   tl.where(first < QD + KD, (first - QD) // HEAD_D, (first - QD - KD) // DV))
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr + QD // HEAD_D // GROUP + kvh, 1, sem="release")
 
 
 @triton.jit

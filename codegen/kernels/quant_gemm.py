@@ -59,7 +59,6 @@ import triton
 import triton.language as tl
 
 from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
-from kiln.codegen.kernels.decode_attention import handoff_arrive, handoff_split
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
@@ -434,16 +433,12 @@ def _gemv_kernel(
     pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
     k_scale, v_scale, QD, KD, DV,
     red_counter_ptr, recv_addr, peer_recv_addr, own_ptr, epochs_ptr, slot_stride, max_spins,
-    tables_ptr, table_stride, seq_lens_ptr, attn_out_ptr, part_acc_ptr, part_ml_ptr, attn_counter_ptr, gemv_programs,
-    arrivals, attn_scale, GROUP,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
     FP8_BITS: tl.constexpr, ROUND: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
     EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr, REDUCE: tl.constexpr, PER_WORD: tl.constexpr,
-    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr, ATTEND: tl.constexpr, A_SPLITS: tl.constexpr,
-    A_BLOCK_N: tl.constexpr, A_BLOCK_G: tl.constexpr, A_BLOCK_D: tl.constexpr, A_EARLY_KV: tl.constexpr,
-    A_NEWEST_ROW: tl.constexpr, A_UPCAST: tl.constexpr,
+    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
@@ -458,18 +453,9 @@ def _gemv_kernel(
     launch after it; REDUCE_GATHER, each program sends its values to the peer and keeps them as
     words in `own`, storing nothing to out, and the last program of each chunk of the row (the
     highest of its programs: launched last) gathers both ranks' words of the chunk into out
-    (`ll_gather_chunk`). ATTEND (with ROPE, one row): the launch's programs past the gemv's
-    `gemv_programs` run the token's decode attention, each kv head's once its gemv programs have
-    stored their columns (`qkv_attention.py`; the arguments from tables_ptr to GROUP are its)."""
+    (`ll_gather_chunk`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if ATTEND:
-        if pid_n >= gemv_programs:
-            handoff_split(pid_n - gemv_programs, out_ptr, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh,
-                          block_size, QD, DV, tables_ptr, table_stride, seq_lens_ptr, attn_out_ptr, part_acc_ptr,
-                          part_ml_ptr, attn_counter_ptr, arrivals, attn_scale, GROUP, HEAD_D, A_SPLITS, A_BLOCK_N,
-                          A_BLOCK_G, A_BLOCK_D, A_BLOCK_D, A_EARLY_KV, A_NEWEST_ROW, A_UPCAST, PDL)
-            return
     # with ROPE, two tiles of BLOCK_N / 2 rows, a rotation pair's members (rope_epilogue.rope_rows)
     ROWS: tl.constexpr = BLOCK_N // 2 if ROPE != 0 else BLOCK_N
     if ROPE != 0:
@@ -566,8 +552,6 @@ def _gemv_kernel(
             vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
         rope_store(vals_a, vals_b, rn, rn_b, pid_n, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
                    vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, ROWS, KV_FP8, EXACT_ROUND)
-        if ATTEND:
-            handoff_arrive(pid_n, BLOCK_N, attn_counter_ptr, QD, KD, DV, GROUP, HEAD_D)
 
 
 @triton.jit
@@ -703,44 +687,6 @@ def _no_rope_args(x: torch.Tensor) -> tuple:
     return (x, x, x, x, x) + (0,) * 8 + (1.0, 1.0) + (0, 0, 1)
 
 
-@dataclass
-class Handoff:
-    """The decode attention of one sequence that a q/k/v gemv's launch runs after its projection
-    (`ATTEND`; `qkv_attention.qkv_attention` makes it): `programs` more programs, its tensors, and
-    the attention's constexprs (`consts`, the kernel's A_*)."""
-
-    programs: int
-    block_tables: torch.Tensor  # [1, max_blocks]
-    seq_lens: torch.Tensor  # [1]
-    out: torch.Tensor  # [1, H, DV], written
-    part_acc: torch.Tensor  # [1, H, splits, DV] float32
-    part_ml: torch.Tensor  # [1, H, splits, 2] float32
-    counters: torch.Tensor  # int32, zero: the merge's count a kv head, then the hand-off's
-    scale: float
-    group: int  # q heads a kv head
-    consts: dict
-
-    def args(self, gemv_programs: int, arrivals: int) -> tuple:
-        """The kernel's arguments from tables_ptr to GROUP."""
-        return (self.block_tables, self.block_tables.stride(0), self.seq_lens, self.out, self.part_acc, self.part_ml,
-                self.counters, gemv_programs, arrivals, float(self.scale), self.group)
-
-
-def _arrivals(rope: Rope, block_n: int) -> int:
-    """How many of a q/k/v gemv's programs store one kv head's columns (its q heads', k's and v's)."""
-    group = rope.num_heads // rope.num_kv_heads
-    return ((group + 1) * rope.head_dim + rope.v_cache.shape[-1]) // block_n
-
-
-def _no_handoff_args(x: torch.Tensor) -> tuple:
-    """The hand-off arguments of a gemv without one: placeholders it never reads."""
-    return (x, 0, x, x, x, x, x, 1 << 30, 0, 1.0, 1)
-
-
-_NO_HANDOFF = dict(ATTEND=False, A_SPLITS=1, A_BLOCK_N=16, A_BLOCK_G=16, A_BLOCK_D=16, A_EARLY_KV=False,
-                   A_NEWEST_ROW=False, A_UPCAST=False)
-
-
 def _reduce_args(buffers: TwoRankAllReduce | None, x: torch.Tensor, max_spins: int) -> tuple:
     """The all-reduce arguments of a gemv (`reduced_gemv`), or placeholders it never reads."""
     if buffers is None:
@@ -753,7 +699,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
             static_weight: bool = True, prologue: Prologue | None = None,
             round_to: torch.dtype | None = None, rope: Rope | None = None, reduce: TwoRankAllReduce | None = None,
-            max_spins: int = MAX_SPINS, reduce_mode: int = REDUCE_LAST, handoff: Handoff | None = None) -> torch.Tensor:
+            max_spins: int = MAX_SPINS, reduce_mode: int = REDUCE_LAST) -> torch.Tensor:
     """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias
     (rounded to `round_to` first, when given).
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
@@ -761,8 +707,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     first (a gated one reads x2 [1, 2K]). reduce (a `TwoRankAllReduce`): the output is summed
     with the peer rank's by the gemv's last program (reduce_mode REDUCE_LAST) or by each chunk's
     last program (REDUCE_GATHER), or each program sends its values to the peer and the output
-    stays this rank's partial row (REDUCE_SEND); see `reduced_gemv`. handoff (with rope): the
-    launch also runs the token's decode attention (`qkv_attention.py`)."""
+    stays this rank's partial row (REDUCE_SEND); see `reduced_gemv`."""
     M, N, K = x2.shape[0], wq.shape[0], wq.shape[1]
     if x2.shape[1] != (2 * K if prologue is not None and prologue.gated else K):
         raise ValueError(f"input of shape {tuple(x2.shape)} for a weight of shape {tuple(wq.shape)}")
@@ -823,19 +768,11 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         pro = prologue or Prologue(NO_PROLOGUE)
         norm_at_end = NORM_AT_END and pro.kind in (RMS_NORM, ADD_RMS_NORM) and split_k == 1
         cap = {"maxnreg": _ROPE_AT_END_MAXNREG} if norm_at_end and rope is not None and cfg.num_warps == 8 else {}
-        if handoff is not None:  # (the attention's registers must not cost the gemv blocks: see qkv_attention)
-            cap = {"maxnreg": _ROPE_AT_END_MAXNREG}
-        if handoff is not None:
-            if rope is None or split_k != 1 or rope.head_dim % cfg.block_n or rope.v_cache.shape[-1] % cfg.block_n:
-                raise ValueError(f"a hand-off needs the rope epilogue, one split and heads of whole tiles, got {cfg}")
-            handoff_args = handoff.args(grid_n, _arrivals(rope, cfg.block_n))
-        _gemv_kernel[(grid_n + (handoff.programs if handoff is not None else 0), split_k)](
+        _gemv_kernel[(grid_n, split_k)](
             x2, wq, w_scale, x_scale_arg, bias_arg, out, part,
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
             N, K, wq.stride(0), k_per_split, M * N, pro.eps, *(rope.args() if rope is not None else _no_rope_args(x2)),
             *_reduce_args(reduce, x2, max_spins),
-            *(handoff_args if handoff is not None else _no_handoff_args(x2)),
-            **(handoff.consts if handoff is not None else _NO_HANDOFF),
             ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
             EXACT_ROUND=rope is not None and rope.fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
             HEAD_D=rope.head_dim if rope is not None else 2, REDUCE=reduce_mode if reduce is not None else NO_REDUCE,
@@ -926,14 +863,12 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
 
 def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
               bias: torch.Tensor | None, rope: Rope, config: GemmConfig | None = None, static_weight: bool = True,
-              w_scale: torch.Tensor | None = None,
-              handoff: Handoff | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`rms_norm_gemv` whose output is a q/k/v projection of one token, [H*D | Hkv*D | Hkv*DV]:
     its q and k heads come out rotated and its k and v columns also go into the caches, as
     `kiln::rms_norm_linear_rope` / `add_rms_norm_linear_rope` compute them (`Rope` says how;
     `rope_epilogue.py`). One launch: the norm in its prologue, rotary and the cache write in its
-    epilogue. Full rotary only (the cos/sin table as wide as a head). handoff: the launch also runs
-    the token's decode attention (`qkv_attention.py`, which makes it)."""
+    epilogue. Full rotary only (the cos/sin table as wide as a head)."""
     D, H, HKV = rope.head_dim, rope.num_heads, rope.num_kv_heads
     if rope.cos_sin_cache.shape[-1] != D or rope.style not in (NEOX, GPTJ):
         raise ValueError(f"rope_gemv: full rotary only (a cos/sin table {D} wide), NEOX or GPTJ; got a table "
@@ -941,11 +876,10 @@ def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     if w.shape[0] != (H + HKV) * D + HKV * rope.v_cache.shape[-1]:
         raise ValueError(f"rope_gemv: a weight of {w.shape[0]} rows for {H} q and {HKV} kv heads of {D}")
     rope = dataclasses.replace(rope, cos_sin_cache=rope.cos_sin_cache.contiguous())
-    return _norm_gemv("rope_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope,
-                      handoff)
+    return _norm_gemv("rope_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope)
 
 
-def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope=None, handoff=None):
+def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope=None):
     K = x.shape[-1]
     if x.numel() != K:
         raise ValueError(f"{name} takes one row, got x of shape {tuple(x.shape)}")
@@ -957,7 +891,7 @@ def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weig
     prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
                         _rows(residual) if residual is not None else None,
                         summed.view(1, K) if summed is not None else None)
-    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue, rope=rope, handoff=handoff)
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue, rope=rope)
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 
 

@@ -45,14 +45,13 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
                  cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: int = 0,
-                 norm_at_end: bool = True, attend: bool = False) -> None:
+                 norm_at_end: bool = True) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
     NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type), the tile (rows, K step,
     warps), the sum over two ranks (quant_gemm's REDUCE_LAST, REDUCE_SEND or REDUCE_GATHER), a norm prologue's
-    statistics gathered in the product's loop (`quant_gemm.NORM_AT_END`, the default) or first, the token's
-    decode attention in the same launch (`qkv_attention.py`)."""
+    statistics gathered in the product's loop (`quant_gemm.NORM_AT_END`, the default) or first."""
     block_n, block_k, num_warps = tile
     out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
@@ -65,22 +64,15 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
     sig.update({"k_scale": "fp32", "v_scale": "fp32", "QD": "i32", "KD": "i32", "DV": "i32"})
     sig.update({"red_counter_ptr": "*i32", "recv_addr": "i64", "peer_recv_addr": "i64", "own_ptr": "*i64",
                 "epochs_ptr": "*i32", "slot_stride": "i32", "max_spins": "i32"})
-    sig.update({"tables_ptr": "*i32", "table_stride": "i32", "seq_lens_ptr": "*i32", "attn_out_ptr": f"*{out_ty}",
-                "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "attn_counter_ptr": "*i32", "gemv_programs": "i32",
-                "arrivals": "i32", "attn_scale": "fp32", "GROUP": "i32"})
-    handoff = dict(quant_gemm._NO_HANDOFF)
-    if attend:  # the 1B's heads: 16 splits of qkv_attention's tile for these warps, early kv loads, the token as a row
-        handoff.update(ATTEND=True, A_SPLITS=16, A_BLOCK_N=64 if num_warps == 8 else 16, A_BLOCK_G=16, A_BLOCK_D=64,
-                       A_EARLY_KV=True, A_NEWEST_ROW=True)
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=block_n, BLOCK_K=block_k,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
                   FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
                   KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64, REDUCE=reduce,
                   PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True,
-                  NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM), **handoff)
+                  NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM))
     sig.update(dict.fromkeys(consts, "constexpr"))
     at_end = consts["NORM_AT_END"]
-    cap = quant_gemm._ROPE_AT_END_MAXNREG if (at_end and rope and num_warps == 8) or attend else None  # (as `_linear`)
+    cap = quant_gemm._ROPE_AT_END_MAXNREG if at_end and rope and num_warps == 8 else None  # (as `_linear` caps it)
     ptx = _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3, maxnreg=cap)
     if reduce == quant_gemm.REDUCE_LAST:  # the last program's exchange: its count, its polls re-read, and the trap
         assert "acq_rel.add" in ptx and "ld.volatile.global" in ptx and "trap;" in ptx, "the exchange is lost"
@@ -89,11 +81,6 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
     if reduce in (quant_gemm.REDUCE_SEND, quant_gemm.REDUCE_GATHER):  # each program's words: no fence, no count
         assert "st.global.v2.b64" in ptx or "st.global.b64" in ptx, "the words to the peer are lost"
         assert "acq_rel" not in ptx and "fence" not in ptx, "a program that sends its row waits for nothing"
-    if attend:  # the gemv programs' release count (an atom, or a red: Triton 3.9), the attention programs'
-        # acquire polls and the merge's count
-        released = "atom.global.gpu.release.add" in ptx or "red.global.gpu.release.add" in ptx
-        assert released and "ld.global.gpu.acquire" in ptx and "acq_rel.add" in ptx, "the hand-off is lost"
-        assert "trap;" in ptx, "a hand-off that never completes must fail the launch"
 
 
 
@@ -191,11 +178,6 @@ def variants() -> list[tuple]:
     # q/k/v with rotary, the deep tile's gate_up and q/k/v
     out += [("bf16", "bf16", quant_gemm.ADD_RMS_NORM, True, False, False, None, rope, None, tile, 0, False)
             for rope, tile in ((quant_gemm.NEOX, (8, 1024, 8)), (0, (4, 2048, 8)), (quant_gemm.NEOX, (4, 2048, 8)))]
-    # the q/k/v gemv whose launch also runs the token's decode attention (qkv_attention.py): both norms
-    out += [("bf16", "bf16", p, True, False, False, None, quant_gemm.NEOX, None, (8, 1024, 8), 0, True, True)
-            for p in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM)]
-    out += [("bf16", "i8", quant_gemm.ADD_RMS_NORM, True, False, False, None, quant_gemm.NEOX, None, (4, 1024, 4), 0,
-             True, True)]  # (8-bit weights' tile: 4 warps)
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
