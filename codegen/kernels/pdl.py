@@ -71,14 +71,6 @@ def launch_args(device: torch.device) -> dict:
 
 
 @triton.jit
-def trap(anything):
-    """Kill the kernel (PTX `trap`): the launch fails, as a device-side assert's does, without the
-    debug build that a kernel's asserts need. For a program that waits on other programs (the
-    two-rank all-reduce's peer, the hand-off's q/k/v programs) and gives up."""
-    tl.inline_asm_elementwise("trap;", "=r,r", [anything], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
     """Wait until the previous kernels' writes are visible, then let the next kernel launch."""
     if PDL:

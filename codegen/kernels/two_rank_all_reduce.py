@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.codegen.kernels.pdl import launch_args, trap, wait_for_inputs
+from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 
 BLOCK = 1024  # elements a program moves (2 KB in bf16: batch-1 Llama-8B is 4 programs)
 CHUNK = tl.constexpr(BLOCK)  # (the same, for the jit functions other kernels call)
@@ -219,6 +219,13 @@ def ll_gather_chunk(out_ptr, n, c, recv_addr, own_ptr, epochs_ptr, slot_stride, 
 
 
 @triton.jit
+def _trap(anything):
+    """Kill the kernel (PTX `trap`): the launch fails, as a device-side assert's does, without the
+    debug build that a kernel's asserts need."""
+    tl.inline_asm_elementwise("trap;", "=r,r", [anything], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def ll_exchange_row(out_ptr, n, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins,
                     BLOCK: tl.constexpr, PER_WORD: tl.constexpr, TRAP: tl.constexpr):
     """out[:n] += the peer rank's out[:n], by one program of a kernel that wrote out (and has made
@@ -257,7 +264,7 @@ def _store_sum(out_ptr, offs, n, total, arrived, epochs_ptr, c, epoch, TRAP: tl.
     with debug on) if the peer's words never arrived; then chunk c's epoch bumped."""
     if arrived == 0:
         if TRAP:
-            trap(arrived)
+            _trap(arrived)
         tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
         total = total + float("nan")
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=offs < n)
