@@ -20,6 +20,8 @@
 #               and with this step's token read as a masked tile (NEWEST_ROW=0); five interleaved rounds (--rounds 5), medians
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
+#   wide-tiles  batch-1 decode with other gate/up ("wide") gemv tilings: more rows a program, fewer reads of the row and
+#               residual by its norm prologue (codegen/NOTES.md, session 27); five interleaved rounds
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
 #               shape and a TP=2 rank of 8B
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
@@ -125,6 +127,10 @@ section() {
             run tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
             grep -A12 "^device" "$OUT/tiles.txt" ;;
+        wide-tiles)
+            run wide-tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
+                --compare-gemv-tiles "wide=8x1024x8;wide=8x2048x8;wide=4x2048x8"
+            grep -A12 "^device" "$OUT/wide-tiles.txt" ;;
         tp2tiles)
             run tp2tiles 500 python benchmarks/kernels.py --sweep --sweep-kinds bf16 --sweep-chain 8 \
                 --sweep-model llama-8b-tp2
