@@ -129,7 +129,7 @@ section() {
             grep -A12 "^device" "$OUT/tiles.txt" ;;
         wide-tiles)
             run wide-tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
-                --compare-gemv-tiles "wide=8x1024x8;wide=8x2048x8;wide=4x2048x8"
+                --compare-gemv-tiles "wide=8x1024x4;wide=8x1024x8;wide=8x2048x8"
             grep -A12 "^device" "$OUT/wide-tiles.txt" ;;
         tp2tiles)
             run tp2tiles 500 python benchmarks/kernels.py --sweep --sweep-kinds bf16 --sweep-chain 8 \
