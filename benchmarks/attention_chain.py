@@ -66,7 +66,7 @@ ATTENTION_ROWS = {
     "newest as row": ({}, {"NEWEST_ROW": True}),
     "newest as tile": ({}, {"NEWEST_ROW": False}),
     **{f"splits {n}": ({"num_splits": n}, {}) for n in (1, 2, 4, 8, 16, 32)},
-    "splits 1 (tile 512, 16 warps)": ({"num_splits": 1, "block_n": 512, "num_warps": 16}, {}),
+    "splits 1 (tile 512 / 16 warps)": ({"num_splits": 1, "block_n": 512, "num_warps": 16}, {}),
     "warps 2": ({"num_warps": 2}, {}),
     "warps 8": ({"num_warps": 8}, {}),
 }

@@ -25,3 +25,25 @@ def test_scale_out_variants_have_their_options():
     args = scale_out.build_parser().parse_args(["--fused-all-reduce", "last", "--compare-norm-at-end"])
     assert scale_out.variant_switch("tp2-fused", args) == ("KILN_FUSED_ALL_REDUCE", "last", "fused all-reduce mode last")
     assert scale_out.variant_switch("tp2-norm-first", args)[:2] == ("KILN_NORM_AT_END", "0")
+
+
+def _session_arguments(option: str) -> list[str]:
+    """Every quoted value `gpu_session.sh` passes to `option`."""
+    import re
+
+    text = (BENCHMARKS / "gpu_session.sh").read_text()
+    return re.findall(rf'{option} "([^"]*)"', text)
+
+
+def test_gpu_session_tiles_and_rows_parse():
+    """gpu_session.sh's gemv tile specs parse, and the attention_chain rows it names exist (a row
+    name with a comma in it would be split by --rows)."""
+    from kiln.codegen.kernels.quant_gemm import parse_gemv_tiles
+
+    specs = [s for arg in _session_arguments("--compare-gemv-tiles") for s in arg.split(";")]
+    assert specs and all(parse_gemv_tiles(s) for s in specs)
+    chain = _load("attention_chain")
+    known = [*chain.BOUNDARY_ROWS, *chain.ATTENTION_ROWS]
+    assert not [r for r in known if "," in r], "a row name with a comma cannot be asked for"
+    asked = [r for arg in _session_arguments("--rows") for r in arg.split(",")]
+    assert not [r for r in asked if r not in known]
