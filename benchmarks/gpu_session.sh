@@ -20,6 +20,8 @@
 #               and with this step's token read as a masked tile (NEWEST_ROW=0); five interleaved rounds (--rounds 5), medians
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
+#   embedding   kiln's embedding kernel (PDL) in torch's gather's place (codegen/kernels/embedding.py, off): its tests
+#               compiled on the GPU, then batch-1 decode with it against the default, five interleaved rounds
 #   wide-tiles  batch-1 decode with other gate/up ("wide") gemv tilings: more rows a program, fewer reads of the row and
 #               residual by its norm prologue (codegen/NOTES.md, session 27); five interleaved rounds
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -127,6 +129,13 @@ section() {
             run tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
             grep -A12 "^device" "$OUT/tiles.txt" ;;
+        embedding)
+            TRITON_INTERPRET=0 run embedding-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
+                tests/codegen/test_embedding.py
+            tail -2 "$OUT/embedding-kernels.txt" | cut -c1-300
+            run embedding 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
+                --compare-switches "triton_embedding=1"
+            grep -A9 "^device" "$OUT/embedding.txt" ;;
         wide-tiles)
             run wide-tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-gemv-tiles "wide=8x1024x4;wide=8x1024x8;wide=8x2048x8"

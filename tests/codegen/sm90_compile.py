@@ -154,6 +154,19 @@ def compile_decode_inputs() -> None:
         "the successor may launch before this kernel's wait"
 
 
+def compile_embedding() -> None:
+    """The embedding kernel (bf16 table, int64 ids), its PDL calls in the protocol's order."""
+    from kiln.codegen.kernels import embedding as m
+
+    fn = m._embedding_kernel
+    consts = dict(BLOCK=m._BLOCK, PDL=True)
+    sig = {"ids_ptr": "*i64", "weight_ptr": "*bf16", "out_ptr": "*bf16", "E": "i32", "stride_w": "i32",
+           **dict.fromkeys(consts, "constexpr")}
+    ptx = _compile(fn, sig, consts, num_warps=4, num_stages=1)
+    assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents"), \
+        "the successor may launch before this kernel's wait"
+
+
 def variants() -> list[tuple]:
     out = [(x, x, p, early) for x in ("bf16", "fp16") for p in range(6) for early in (False, True)]
     out += [("bf16", w, p, True) for w in ("i8", "fp8e4nv") for p in range(6)]
@@ -182,7 +195,7 @@ def variants() -> list[tuple]:
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
     out += [("two_rank_ll", ty, send) for ty in ("bf16", "fp32") for send in (True, False)]
-    out += [("decode_inputs",)]
+    out += [("decode_inputs",), ("embedding",)]
     return out
 
 
@@ -198,6 +211,8 @@ def main() -> int:
                 compile_two_rank_ll(*case[1:])
             elif case[0] == "decode_inputs":
                 compile_decode_inputs()
+            elif case[0] == "embedding":
+                compile_embedding()
             else:
                 compile_gemv(*case)
             print("ok", case)
