@@ -80,13 +80,18 @@ run() {  # run NAME SECONDS COMMAND...: the command's output to $OUT/NAME.txt, i
     echo "== $name: exit $?"
 }
 
+gpu_tests() {  # gpu_tests NAME SECONDS PYTEST_ARGS...: kiln's kernel tests compiled on the GPU, their last lines shown
+    local name=$1 limit=$2
+    shift 2
+    TRITON_INTERPRET=0 run "$name" "$limit" python -m pytest -q -p no:cacheprovider -W ignore "$@"
+    tail -3 "$OUT/$name.txt" | cut -c1-300
+}
+
 section() {
     case $1 in
         kernels)
-            TRITON_INTERPRET=0 run kernels 300 python -m pytest -q -p no:cacheprovider -W ignore \
-                tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py tests/codegen/test_rotary.py \
-                tests/codegen/test_attention.py tests/codegen/test_decode_inputs.py
-            tail -3 "$OUT/kernels.txt" | cut -c1-300 ;;
+            gpu_tests kernels 300 tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py \
+                tests/codegen/test_rotary.py tests/codegen/test_attention.py tests/codegen/test_decode_inputs.py ;;
         paths)
             run paths 300 python benchmarks/check_decode_paths.py
             grep -E "==|Error" "$OUT/paths.txt" ;;
@@ -99,22 +104,16 @@ section() {
                 --quantization int8_weight_only,fp8_weight_only
             grep -A14 "^device" "$OUT/quant.txt" ;;
         norm)
-            TRITON_INTERPRET=0 run norm-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
-                tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py -k "norm or rope"
-            tail -2 "$OUT/norm-kernels.txt" | cut -c1-300
+            gpu_tests norm-kernels 200 tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py -k "norm or rope"
             run norm 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --compare-norm-at-end --bracket
             grep -A6 "^device" "$OUT/norm.txt" ;;
         kv-tile)
-            TRITON_INTERPRET=0 run kv-tile-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
-                tests/codegen/test_attention.py -k "decode"
-            tail -2 "$OUT/kv-tile-kernels.txt" | cut -c1-300
+            gpu_tests kv-tile-kernels 200 tests/codegen/test_attention.py -k "decode"
             run kv-tile 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-switches "decode_block_n=64;decode_block_n=32;newest_row=0"
             grep -A16 "^device" "$OUT/kv-tile.txt" ;;
         inputs)
-            TRITON_INTERPRET=0 run inputs-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
-                tests/codegen/test_decode_inputs.py
-            tail -2 "$OUT/inputs-kernels.txt" | cut -c1-300
+            gpu_tests inputs-kernels 200 tests/codegen/test_decode_inputs.py
             run inputs 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-switches "unpack_in_graph=0;readback_stream=0;unpack_in_graph=0,readback_stream=0"
             grep -A16 "^device" "$OUT/inputs.txt" ;;
@@ -130,9 +129,7 @@ section() {
                 --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
             grep -A12 "^device" "$OUT/tiles.txt" ;;
         embedding)
-            TRITON_INTERPRET=0 run embedding-kernels 200 python -m pytest -q -p no:cacheprovider -W ignore \
-                tests/codegen/test_embedding.py
-            tail -2 "$OUT/embedding-kernels.txt" | cut -c1-300
+            gpu_tests embedding-kernels 200 tests/codegen/test_embedding.py
             run embedding 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-switches "triton_embedding=1"
             grep -A9 "^device" "$OUT/embedding.txt" ;;
@@ -169,9 +166,7 @@ section() {
                 --dtype float32 --hidden-size 1024 --num-layers 4
             tail -4 "$OUT/tp-check-ll.txt" ;;
         pdl)
-            TRITON_INTERPRET=0 run pdl 300 python -m pytest -q -p no:cacheprovider -W ignore tests/codegen/test_pdl.py \
-                tests/codegen/test_attention.py tests/codegen/test_kv_cache_fp8.py
-            tail -3 "$OUT/pdl.txt" | cut -c1-300 ;;
+            gpu_tests pdl 300 tests/codegen/test_pdl.py tests/codegen/test_attention.py tests/codegen/test_kv_cache_fp8.py ;;
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce $CKPT_8B
             tail -9 "$OUT/tp.txt" ;;

@@ -22,16 +22,6 @@ def is_kiln_op(node: fx.Node, name: str | None = None) -> bool:
     return ns == "kiln" and (name is None or op == name)
 
 
-def norm_op_output(node: fx.Node, name: str) -> tuple[fx.Node, str] | None:
-    """(the op, its name) when `node` is what kiln op `name` returns, or the first of what its
-    residual-add form `add_<name>` returns ((out, x + residual)); else None."""
-    if is_kiln_op(node, name):
-        return node, name
-    if node.target is operator.getitem and node.args[1] == 0 and is_kiln_op(node.args[0], "add_" + name):
-        return node.args[0], "add_" + name
-    return None
-
-
 def _writes_in_place(node: fx.Node) -> bool:
     """Dead-code elimination keeps in-place writes whose result nobody reads (FX would drop them):
     HF code fills buffers that way, as latent attention's `query[..., :nope] = q_nope`, which

@@ -21,7 +21,7 @@ import operator
 import torch
 from torch import fx
 
-from kiln.ir.graph import Graph, norm_op_output
+from kiln.ir.graph import Graph, is_kiln_op
 
 NAME = "fuse_linear_rope"
 
@@ -54,10 +54,11 @@ def _split_sizes(split: fx.Node) -> list | None:
 
 def _projection(node: fx.Node) -> tuple[fx.Node, str] | None:
     """(the fused norm + linear op whose output `node` is, its name)."""
-    found = norm_op_output(node, "rms_norm_linear")
-    if found is not None and found[1] == "rms_norm_linear" and len(node.args) != 6:
-        return None
-    return found
+    if is_kiln_op(node, "rms_norm_linear") and len(node.args) == 6:
+        return node, "rms_norm_linear"
+    if node.target is operator.getitem and node.args[1] == 0 and is_kiln_op(node.args[0], "add_rms_norm_linear"):
+        return node.args[0], "add_rms_norm_linear"
+    return None
 
 
 def run(graph: Graph) -> Graph:

@@ -267,11 +267,6 @@ EARLY_KV = True
 # 8B TP=2 heads (dim 128) 9.06 against 8.27 at 256 keys. KILN_NEWEST_ROW=1 or 0 forces either.
 NEWEST_ROW = {"1": True, "0": False}.get(os.environ.get("KILN_NEWEST_ROW", ""))
 
-
-def newest_row(block_d: int, block_dv: int) -> bool:
-    """NEWEST_ROW for a launch with these head tiles."""
-    return NEWEST_ROW if NEWEST_ROW is not None else max(block_d, block_dv) <= 64
-
 # The decode kernel's key tile, when its caller names none; 0: 128 keys at head dims up to 64, else
 # 64. With the early kv loads, 64 keys at head dim 64 take 146 registers a thread and 32 at head dim
 # 128 take 195, with no spill (the defaults: 255 and spills; see NEWEST_ROW). Both lost on the 1B
@@ -381,6 +376,7 @@ def decode_attention(
         early_kv = (EARLY_KV and pdl["PDL"] and torch.cuda.is_current_stream_capturing()
                     and B * HKV * num_splits <= 2 * _num_sms(q.device.index if q.device.index is not None
                                                              else torch.cuda.current_device()))
+    newest_row = NEWEST_ROW if NEWEST_ROW is not None else max(block_d, block_dv) <= 64
     _decode_kernel[(B, HKV, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, sinks_arg, alibi_arg, out, part_acc, part_ml,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
@@ -389,7 +385,7 @@ def decode_attention(
         MERGE_HERE=counters is not None, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window > 0,
         HAS_SOFT_CAP=soft_cap > 0, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, KV_FP8=fp8, PRECISION=dot_precision(compute), UPCAST=dot_upcast(compute),
-        EARLY_KV=early_kv, NEWEST_ROW=newest_row(block_d, block_dv), BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        EARLY_KV=early_kv, NEWEST_ROW=newest_row, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_DV=block_dv, num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if num_splits > 1 and counters is None:
