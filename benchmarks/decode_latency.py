@@ -31,8 +31,7 @@ norm gemvs read the row for its statistics before their product (`quant_gemm.NOR
 bf16 row per ';'-separated set of module switches (the names of the `switches` table in main(),
 integer values), e.g. the decode attention's key tile (`decode_attention.DECODE_BLOCK_N`: 64 and 32
 lost to the default 128 on an H100 in session 25), this step's token read as a masked tile
-(`decode_attention.NEWEST_ROW` 0), the splits' cap (`decode_attention.DECODE_MAX_SPLITS`) or kiln's
-embedding kernel in torch's place (`embedding.TRITON_EMBEDDING`, "triton_embedding=1");
+(`decode_attention.NEWEST_ROW` 0) or the splits' cap (`decode_attention.DECODE_MAX_SPLITS`);
 `--bracket` runs the default row again after the others (the rows share one process, each engine
 built after the last is deleted: the two default figures tell whether the order moves them).
 `--rounds N` builds every row's engine first (the 1B's fit side by side), then times the rows N
@@ -62,7 +61,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
-from kiln.codegen.kernels import embedding as embedding_kernel, quant_gemm
+from kiln.codegen.kernels import quant_gemm
 from kiln.runtime import cuda_graphs, model_runner
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
@@ -231,7 +230,7 @@ def main() -> None:
         ("decode_max_splits", decode_kernels, "DECODE_MAX_SPLITS"),
         ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
         ("norm_at_end", quant_gemm, "NORM_AT_END"), ("unpack_in_graph", cuda_graphs, "UNPACK_IN_GRAPH"),
-        ("readback_stream", model_runner, "READBACK_STREAM"), ("triton_embedding", embedding_kernel, "TRITON_EMBEDDING"))}
+        ("readback_stream", model_runner, "READBACK_STREAM"), ("token_buffers", cuda_graphs, "TOKEN_BUFFERS"))}
 
     def configure(kwargs: dict) -> dict:
         """Set a row's module switches and gemv tiles (the others' defaults); its LLM keyword arguments."""

@@ -20,8 +20,9 @@
 #               and with this step's token read as a masked tile (NEWEST_ROW=0); five interleaved rounds (--rounds 5), medians
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
-#   embedding   kiln's embedding kernel (PDL) in torch's gather's place (codegen/kernels/embedding.py, off): its tests
-#               compiled on the GPU, then batch-1 decode with it against the default, five interleaved rounds
+#   token-buffers  two token buffers for the decode graphs' argmax (KILN_TOKEN_BUFFERS=2; cuda_graphs.TOKEN_BUFFERS): the
+#               argmax's tests compiled on the GPU, the decode paths with it, then batch-1 decode with it against the
+#               default, five interleaved rounds
 #   wide-tiles  batch-1 decode with other gate/up ("wide") gemv tilings: more rows a program, fewer reads of the row and
 #               residual by its norm prologue (codegen/NOTES.md, session 27); five interleaved rounds
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -128,11 +129,13 @@ section() {
             run tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 \
                 --compare-gemv-tiles "small=8x1024x8,long=8x1024x8;small=4x2048x8,long=4x2048x8;small=16x1024x8,long=16x1024x8"
             grep -A12 "^device" "$OUT/tiles.txt" ;;
-        embedding)
-            gpu_tests embedding-kernels 200 tests/codegen/test_embedding.py
-            run embedding 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
-                --compare-switches "triton_embedding=1"
-            grep -A9 "^device" "$OUT/embedding.txt" ;;
+        token-buffers)
+            gpu_tests token-kernels 200 tests/codegen/test_sampling.py tests/codegen/test_decode_inputs.py
+            KILN_TOKEN_BUFFERS=2 run token-paths 300 python benchmarks/check_decode_paths.py
+            grep -E "==|Error" "$OUT/token-paths.txt"
+            run token-buffers 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
+                --compare-switches "token_buffers=2"
+            grep -A9 "^device" "$OUT/token-buffers.txt" ;;
         wide-tiles)
             run wide-tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-gemv-tiles "wide=8x1024x4;wide=8x1024x8;wide=8x2048x8"

@@ -292,16 +292,6 @@ def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tens
     return ops.all_reduce(_then_linear(x, weights, biases, w_scale))
 
 
-def embedding(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """kiln's gather, which follows the PDL protocol (`kernels/embedding.py`), where its switch is on;
-    else torch's."""
-    from kiln.codegen.kernels import embedding as kernel
-
-    if kernel.TRITON_EMBEDDING and weight.dim() == 2 and weight.stride(1) == 1:
-        return kernel.embedding(input_ids, weight)
-    return torch.nn.functional.embedding(input_ids, weight)
-
-
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
     """In the model dtype, then float32: the reference's rounding. The gemv stores float32 itself
     (about 4 us a step less than a cast kernel over 128K logits)."""
@@ -347,7 +337,6 @@ def register_cuda_kernels() -> bool:
         "kiln::rms_norm_linear_rope": rms_norm_linear_rope,
         "kiln::add_rms_norm_linear_rope": add_rms_norm_linear_rope,
         "kiln::logits": logits,
-        "kiln::embedding": embedding,
     }
     for name, fn in impls.items():
         torch.library.register_kernel(name, "cuda", fn)

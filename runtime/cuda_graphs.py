@@ -35,8 +35,15 @@ from kiln.runtime.model_runner import fill_in, wait_for_readback
 from kiln.runtime.sampler import greedy_tokens
 
 # The staging buffer: FIELDS entries a row (ids, positions, slots, seq_lens, cross slots, src), META
-# entries (the block tables' width, then room), then the step's block tables packed [b, width].
+# entries (the block tables' width, the token buffer the replay's argmax writes, then room), then
+# the step's block tables packed [b, width].
 FIELDS, META = 6, 8
+
+# How many buffers the graphs' argmax writes in turn (`DecodeGraphs.token_buffers`). With one, each
+# replay waits before it starts for the copy to the host of the last replay's tokens, since its
+# argmax rewrites them; with two, replay k writes buffer k % 2, and waits only for the copy of
+# replay k - 2's tokens, long done (KILN_TOKEN_BUFFERS; read when a DecodeGraphs is made).
+TOKEN_BUFFERS = int(os.environ.get("KILN_TOKEN_BUFFERS", "1"))
 
 # Whether each graph's first kernel unpacks the staged step (True), or five copies around the
 # replay do (False: the form before session 25, kept until the GPU times both; KILN_UNPACK_IN_GRAPH=0).
@@ -114,8 +121,12 @@ class DecodeGraphs:
             seq_lens.fill_(1)
             self.seq_lens_long = seq_lens
             self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)  # (the kernels' dtype: converted in the graph)
-            # every graph's greedy argmax, written here: the next step's `src` rows read it
-            self.last_tokens = torch.zeros(n, dtype=torch.long, device=device)
+            # every graph's greedy argmax, written into row (replay number % TOKEN_BUFFERS), which
+            # the staging names (`turn_at`): the next step's `src` rows read it, by an index into
+            # the flattened buffers
+            self.token_buffers = torch.zeros((TOKEN_BUFFERS, n), dtype=torch.long, device=device)
+            self.turn_at = FIELDS * n + 1
+            self.staged_turn = self.staging[self.turn_at:self.turn_at + 1]
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
             # two pinned host buffers, alternating: the host fills one while the other's copy may still be queued
             pinned = device.type == "cuda"
@@ -124,9 +135,10 @@ class DecodeGraphs:
         self.host_arrays = [h.numpy() for h in self.host]
         self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
         self.turn = 0
+        self.replays = 0  # (replay k's argmax writes token_buffers[k % TOKEN_BUFFERS])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.captured_logits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, argmax)
+        self.captured_logits: dict[int, torch.Tensor] = {}  # bucket -> its logits (the argmax: token_buffers)
         # the last replay's (hidden, logits, argmax), as run() returned them
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.pool = None
@@ -163,8 +175,8 @@ class DecodeGraphs:
                         self.seq_lens[:b].copy_(self.seq_lens_long[:b])
                     self.outputs[b] = self.forward(self.input_ids[:b], self.positions[:b])
                     if self.logits is not None:
-                        logits = self.logits(self.outputs[b])
-                        self.captured_logits[b] = (logits, greedy_tokens(logits, out=self.last_tokens[:b]))
+                        self.captured_logits[b] = self.logits(self.outputs[b])
+                        self.argmax(b)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[b] = graph
@@ -172,14 +184,24 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
+    def argmax(self, b: int) -> None:
+        """A graph's last op: the greedy tokens of bucket b's logits into the token buffer the
+        staging names."""
+        greedy_tokens(self.captured_logits[b], out=self.token_buffers[:, :b], out_row=self.staged_turn)
+
+    @property
+    def last_tokens(self) -> torch.Tensor:
+        """The buffer the last replay's argmax wrote (all rows: a replay of b rows wrote [:b])."""
+        return self.token_buffers[(self.replays - 1) % len(self.token_buffers)]
+
     def unpack(self, b: int) -> None:
         """A graph's first op: rows [0, b) of the staged step into the forward's inputs (the Triton
         kernel on CUDA, torch ops elsewhere; `codegen/kernels/decode_inputs.py`)."""
         unpack = unpack_reference
         if self.staging.is_cuda:
             from kiln.codegen.kernels.decode_inputs import unpack_decode_inputs as unpack
-        unpack(self.staging, self.layout, b, self.last_tokens, self.input_ids, self.positions, self.seq_lens,
-               self.block_tables)
+        unpack(self.staging, self.layout, b, self.token_buffers.view(-1), self.input_ids, self.positions,
+               self.seq_lens, self.block_tables)
 
     def takes_own(self, tokens: torch.Tensor) -> bool:
         """Whether `tokens` are the last replay's argmax, in place (`last_tokens`): a step can then
@@ -197,17 +219,22 @@ class DecodeGraphs:
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
         own = fill is not None and self.takes_own(fill[0])
+        buffers = len(self.token_buffers)
+        if own:  # (the staged src index the flattened buffers: the last replay's is row (replays - 1) % buffers)
+            start = (self.replays - 1) % buffers * self.rows
+            fill = (fill[0], fill[1], [start + i for i in fill[2]])
+        tokens = self.token_buffers[self.replays % buffers]  # (the buffer this replay's argmax writes)
         self.stage(input_ids, positions, slots, block_tables, seq_lens, cross_slots, padded,
                    src=fill[1:] if own else None)
         if fill is not None and not own:
             fill_in(self.staged_ids, *fill)
         if self.staging.is_cuda:
-            wait_for_readback(self.staging.device)  # (the last step's tokens, before the argmax rewrites them)
+            wait_for_readback(tokens)  # (the copy of what that buffer held, before the argmax rewrites it)
         self.graphs[padded].replay()
+        self.replays += 1
         hidden = self.outputs[padded][:b]
         if padded in self.captured_logits:
-            logits, greedy = self.captured_logits[padded]
-            self._last = (hidden, logits[:b], greedy[:b])
+            self._last = (hidden, self.captured_logits[padded][:b], tokens[:b])
         return hidden
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -244,6 +271,7 @@ class DecodeGraphs:
             heads[5, src[0]] = src[1]
         width = max(len(t) for t in block_tables)
         array[FIELDS * n] = width
+        array[self.turn_at] = self.replays % len(self.token_buffers)  # (the token buffer its argmax writes)
         end = self.tables_start + padded * width
         tables = array[self.tables_start:end].reshape(padded, width)
         for i, t in enumerate(block_tables):  # (columns past a row's length are never read)
@@ -275,8 +303,8 @@ class EmulatedGraph:
         with set_forward_context(g._context(b)):
             g.outputs[b] = g.forward(g.input_ids[:b], g.positions[:b]).clone()
             if g.logits is not None:
-                logits = g.logits(g.outputs[b]).clone()
-                g.captured_logits[b] = (logits, greedy_tokens(logits, out=g.last_tokens[:b]))
+                g.captured_logits[b] = g.logits(g.outputs[b]).clone()
+                g.argmax(b)
 
     @torch.inference_mode()
     def replay(self) -> None:
@@ -289,6 +317,5 @@ class EmulatedGraph:
             hidden = g.forward(g.input_ids[:b], g.positions[:b])
             g.outputs[b].copy_(hidden)
             if g.logits is not None:
-                logits, greedy = g.captured_logits[b]
-                logits.copy_(g.logits(g.outputs[b]))
-                greedy_tokens(logits, out=greedy)
+                g.captured_logits[b].copy_(g.logits(g.outputs[b]))
+                g.argmax(b)

@@ -23,19 +23,19 @@ from kiln.runtime.scheduler import SchedulerOutput
 # KILN_READBACK_STREAM=0 copies on the main stream (the form before session 25, kept until timed).
 READBACK_STREAM = os.environ.get("KILN_READBACK_STREAM", "1") != "0"
 _readback_streams: dict[torch.device, "torch.cuda.Stream"] = {}
-# per device: the last readback's event, which the next decode graph's replay waits for before it
-# rewrites the tokens (a graph's argmax output, `DecodeGraphs.last_tokens`). One entry a device
-# holds while one engine steps on it at a time, as in a process's LLM calls (each reads back all its
-# tokens before it returns); engines stepping in turn on one device would need one per buffer.
-_last_readback: dict[torch.device, "torch.cuda.Event"] = {}
+# per device tensor read back (its data pointer): the event after its copy, which a decode graph's
+# replay waits for before its argmax rewrites that buffer (`DecodeGraphs.token_buffers`). An entry
+# goes when the host has waited for its copy (`PendingTokens.token_ids`), so it holds the tokens of
+# at most the steps in flight.
+_readbacks: dict[int, "torch.cuda.Event"] = {}
 
 
-def wait_for_readback(device: torch.device) -> None:
-    """Make the current stream wait for the last tokens read back on their own stream (before a
-    replay rewrites the buffer they came from)."""
-    done = _last_readback.pop(device, None)
+def wait_for_readback(tokens: torch.Tensor) -> None:
+    """Make the current stream wait for the last copy to the host of `tokens` (a buffer), queued on
+    the readback stream, before it is rewritten."""
+    done = _readbacks.pop(tokens.data_ptr(), None)
     if done is not None:
-        torch.cuda.current_stream(device).wait_event(done)
+        torch.cuda.current_stream(tokens.device).wait_event(done)
 
 
 @dataclass
@@ -69,9 +69,9 @@ class PendingTokens:
     _copied: "torch.cuda.Event | None" = None
 
     def __post_init__(self):
-        # `tokens` may be a decode graph's output buffer, which the next replay rewrites: what is
-        # read back is a snapshot taken now (on CUDA the copy queued here, after the step; the next
-        # replay waits for it, `wait_for_readback`)
+        # `tokens` may be a decode graph's output buffer, which a later replay rewrites: what is
+        # read back is a snapshot taken now (on CUDA the copy queued here, after the step; the
+        # replay that next writes that buffer waits for it, `wait_for_readback`)
         if self.tokens.is_cuda:
             self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
             self._copied = torch.cuda.Event()
@@ -88,7 +88,7 @@ class PendingTokens:
                 self._host.copy_(self.tokens, non_blocking=True)
                 self._copied.record(stream)
             self.tokens.record_stream(stream)  # (its memory is not handed out again before the copy)
-            _last_readback[device] = self._copied
+            _readbacks[self.tokens.data_ptr()] = self._copied
         else:
             self.tokens = self.tokens.clone()
 
@@ -96,6 +96,8 @@ class PendingTokens:
         if self._copied is None:
             return self.tokens.tolist()
         self._copied.synchronize()
+        if _readbacks.get(self.tokens.data_ptr()) is self._copied:  # (done: no replay need wait for it)
+            del _readbacks[self.tokens.data_ptr()]
         return self._host.tolist()
 
 

@@ -77,13 +77,18 @@ def _triton_argmax():
     return argmax
 
 
-def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """argmax over the vocabulary, [B, V] -> [B] int64 (written into `out` when given). On CUDA,
-    kiln's two-launch Triton kernel: torch's reduces a 128K row with one thread block."""
+def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None,
+                  out_row: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax over the vocabulary, [B, V] -> [B] int64 (written into `out` when given; with
+    `out_row`, a one-element int64 tensor, into out[out_row] of an [R, B] `out`, the row read on
+    the device). On CUDA, kiln's two-launch Triton kernel: torch's reduces a 128K row with one
+    thread block."""
     if logits.is_cuda and logits.dim() == 2 and logits.shape[-1] > 0 and _triton_argmax() is not None:
-        return _triton_argmax()(logits, out)
+        return _triton_argmax()(logits, out, out_row)
     if out is None:
         return logits.argmax(-1)
+    if out_row is not None:
+        return out.index_copy_(0, out_row.view(1), logits.argmax(-1)[None])
     return out.copy_(logits.argmax(-1))
 
 

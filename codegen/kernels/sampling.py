@@ -36,8 +36,11 @@ def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, V, stride_row, num_chunks, BLOCK:
 
 
 @triton.jit
-def _chunks_argmax_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _chunks_argmax_kernel(val_ptr, idx_ptr, out_ptr, out_row_ptr, out_stride, num_chunks, V, BLOCK: tl.constexpr,
+                          OUT_ROW: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
+    if OUT_ROW:  # (the row of `out` this launch writes, read on the device: a CUDA graph replays it)
+        out_ptr += tl.load(out_row_ptr) * out_stride
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     mask = c < num_chunks
@@ -48,12 +51,16 @@ def _chunks_argmax_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, V, BLOCK: tl.co
     tl.store(out_ptr + row, best.to(tl.int64))
 
 
-def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, V] float -> [B] int64, torch.argmax(x, -1); into `out` ([B] int64, contiguous) when given."""
+def argmax(x: torch.Tensor, out: torch.Tensor | None = None, out_row: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, V] float -> [B] int64, torch.argmax(x, -1); into `out` ([B] int64, contiguous) when
+    given. With `out_row` (a one-element int64 tensor on the device), `out` is [R, B] (rows
+    contiguous) and the result goes into out[out_row], a row chosen when the kernel runs."""
     B, V = x.shape
     if out is None:
         out = torch.empty(B, dtype=torch.int64, device=x.device)
-    assert out.shape == (B,) and out.dtype == torch.int64 and out.is_contiguous()
+    rows = out if out_row is not None else out[None]
+    assert rows.shape[1:] == (B,) and out.dtype == torch.int64 and (B == 0 or rows.stride(1) == 1)
+    assert out_row is None or (out_row.numel() == 1 and out_row.dtype == torch.int64)
     if B == 0:
         return out
     if V == 0:
@@ -64,6 +71,7 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     idx = torch.empty((B, num_chunks), dtype=torch.int32, device=x.device)
     pdl = launch_args(x.device)
     _chunk_max_kernel[(B, num_chunks)](x, vals, idx, V, x.stride(0), num_chunks, BLOCK=_BLOCK, num_warps=4, **pdl)
-    _chunks_argmax_kernel[(B,)](vals, idx, out, num_chunks, V, BLOCK=triton.next_power_of_2(num_chunks),
-                                num_warps=4, **pdl)
+    _chunks_argmax_kernel[(B,)](vals, idx, rows, out_row if out_row is not None else rows, rows.stride(0),
+                                num_chunks, V, BLOCK=triton.next_power_of_2(num_chunks),
+                                OUT_ROW=out_row is not None, num_warps=4, **pdl)
     return out

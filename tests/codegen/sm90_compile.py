@@ -154,14 +154,15 @@ def compile_decode_inputs() -> None:
         "the successor may launch before this kernel's wait"
 
 
-def compile_embedding() -> None:
-    """The embedding kernel (bf16 table, int64 ids), its PDL calls in the protocol's order."""
-    from kiln.codegen.kernels import embedding as m
+def compile_argmax(out_row: bool) -> None:
+    """The argmax's second launch (out_row: into the row of its output that a device scalar names,
+    as the decode graphs' does), its PDL calls in the protocol's order."""
+    from kiln.codegen.kernels import sampling as m
 
-    fn = m._embedding_kernel
-    consts = dict(BLOCK=m._BLOCK, PDL=True)
-    sig = {"ids_ptr": "*i64", "weight_ptr": "*bf16", "out_ptr": "*bf16", "E": "i32", "stride_w": "i32",
-           **dict.fromkeys(consts, "constexpr")}
+    fn = m._chunks_argmax_kernel
+    consts = dict(BLOCK=64, OUT_ROW=out_row, PDL=True)
+    sig = {"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "out_row_ptr": "*i64", "out_stride": "i32",
+           "num_chunks": "i32", "V": "i32", **dict.fromkeys(consts, "constexpr")}
     ptx = _compile(fn, sig, consts, num_warps=4, num_stages=1)
     assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents"), \
         "the successor may launch before this kernel's wait"
@@ -195,7 +196,7 @@ def variants() -> list[tuple]:
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
     out += [("two_rank_ll", ty, send) for ty in ("bf16", "fp32") for send in (True, False)]
-    out += [("decode_inputs",), ("embedding",)]
+    out += [("decode_inputs",), ("argmax", False), ("argmax", True)]
     return out
 
 
@@ -211,8 +212,8 @@ def main() -> int:
                 compile_two_rank_ll(*case[1:])
             elif case[0] == "decode_inputs":
                 compile_decode_inputs()
-            elif case[0] == "embedding":
-                compile_embedding()
+            elif case[0] == "argmax":
+                compile_argmax(*case[1:])
             else:
                 compile_gemv(*case)
             print("ok", case)

@@ -35,3 +35,21 @@ def test_argmax_ties_across_chunks_and_nan(device):
     assert argmax(x[:, :0].reshape(0, 5)).shape == (0,)
     with pytest.raises(ValueError, match="empty row"):
         argmax(torch.zeros(2, 0, device=device))
+
+
+def test_argmax_into_the_row_that_a_device_scalar_names(device):
+    """With `out_row`, the result goes into out[out_row] of an [R, B] out, the row read when the
+    kernel runs (a decode graph's argmax alternates between token buffers this way); the other
+    row and the columns past B keep what they held. greedy_tokens' torch form does the same."""
+    from kiln.runtime.sampler import greedy_tokens
+
+    x = torch.randn(3, 2 * _BLOCK + 1, device=device)
+    want = torch.argmax(x, -1).tolist()
+    for fn in (argmax, greedy_tokens):
+        out = torch.full((2, 5), -7, dtype=torch.int64, device=device)
+        row = torch.tensor([1], device=device)
+        fn(x, out[:, :3], row)
+        assert out[1, :3].tolist() == want and out[0].tolist() == [-7] * 5 and out[1, 3:].tolist() == [-7] * 2
+        row.fill_(0)  # (the same launch, another row: as a replay after the staging changed)
+        fn(x.flip(0), out[:, :3], row)
+        assert out[0, :3].tolist() == want[::-1] and out[1, :3].tolist() == want

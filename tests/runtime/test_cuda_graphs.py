@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kiln import LLM, SamplingParams
+from kiln.runtime import cuda_graphs
 from kiln.runtime.cuda_graphs import DecodeGraphs, EmulatedGraph, bucket_sizes
 
 
@@ -72,21 +73,29 @@ def test_async_tokens_are_filled_into_the_staged_ids_that_the_graph_unpacks():
     assert g.input_ids[:4].tolist() == [11, 41, 13, 0]
 
 
+@pytest.mark.parametrize("buffers", [1, 2])
 @torch.inference_mode()
-def test_the_last_replays_argmax_is_read_inside_the_graph_by_index():
+def test_the_last_replays_argmax_is_read_inside_the_graph_by_index(monkeypatch, buffers):
     """Tokens that are the last replay's argmax in place (`last_tokens`) are not copied before the
     replay: the staged `src` names, per row, which of them the graph's first op takes (-1: the
-    staged id), whatever bucket the last replay was."""
+    staged id), whatever bucket the last replay was. `src` indexes the token buffers flattened:
+    with two, the last replay's is the other one from the one this replay's argmax writes."""
+    monkeypatch.setattr(cuda_graphs, "TOKEN_BUFFERS", buffers)
     g = _graphs()
-    g.graphs, g.outputs = {b: _Unpacking(g, b) for b in (2, 4)}, {b: torch.zeros(b, 8) for b in (2, 4)}
+    g.graphs, g.outputs = {b: _Unpacking(g, b) for b in (1, 2, 4)}, {b: torch.zeros(b, 8) for b in (1, 2, 4)}
     g.last_tokens[:2] = torch.tensor([50, 51])  # (as a 2-row replay's argmax left them)
     assert g.takes_own(g.last_tokens[:2]) and not g.takes_own(g.last_tokens[:2].clone())
+    start = (buffers - 1) * g.rows  # (before any replay, the "last" is buffer -1 % buffers)
     staged = g.staged_ids.clone()
     g.run([11, -1, -1], [7, 3, 9], [29, 14, 37], [[7], [3], [8]], [8, 4, 10], fill=(g.last_tokens[:2], [1, 2], [1, 0]))
-    assert torch.equal(g.staged_ids[3:], staged[3:]) and g.staged_src[:4].tolist() == [-1, 1, 0, -1]
-    assert g.input_ids[:4].tolist() == [11, 51, 50, 0]
+    assert torch.equal(g.staged_ids[3:], staged[3:]) and g.staged_src[:4].tolist() == [-1, start + 1, start, -1]
+    assert g.input_ids[:4].tolist() == [11, 51, 50, 0] and g.staged_turn.item() == 0
     g.run([12, 13], [8, 4], [30, 15], [[7], [3]], [9, 5])  # no fill: every row its staged id
     assert g.staged_src[:2].tolist() == [-1, -1] and g.input_ids[:2].tolist() == [12, 13]
+    assert g.staged_turn.item() == 1 % buffers  # (the buffer the second replay's argmax writes)
+    g.last_tokens[:2] = torch.tensor([60, 61])  # (as the second replay's argmax left them)
+    g.run([-1], [9], [31], [[7]], [10], fill=(g.last_tokens[:2], [0], [1]))
+    assert g.staged_src[:1].tolist() == [1 % buffers * g.rows + 1] and g.input_ids[:1].tolist() == [61]
 
 
 class _Replay:
@@ -103,11 +112,12 @@ class _Replay:
 def test_run_hands_over_the_logits_and_argmax_its_graph_computed():
     g = _graphs()
     g.graphs[2], g.outputs[2] = _Replay(), torch.randn(3, 4)
-    g.captured_logits[2] = (torch.randn(3, 5), torch.tensor([4, 0, 1]))
+    g.captured_logits[2] = torch.randn(3, 5)
+    g.token_buffers[0, :3] = torch.tensor([4, 0, 1])  # (as the replay's argmax writes them)
     hidden = g.run([1, 2], [0, 0], [4, 5], [[1], [1]], [1, 1])
     assert g.graphs[2].replays == 1 and hidden.shape == (2, 4)
     logits = g.logits_of(hidden)
-    assert torch.equal(logits, g.captured_logits[2][0][:2])
+    assert torch.equal(logits, g.captured_logits[2][:2])
     assert g.greedy_of(logits).tolist() == [4, 0]
     # other tensors, even equal ones, are not this replay's
     assert g.logits_of(hidden.clone()) is None and g.greedy_of(logits.clone()) is None
@@ -126,8 +136,9 @@ class _ShiftedGraph(EmulatedGraph):
 
     def replay(self):
         super().replay()
-        greedy = self.graphs.captured_logits[self.b][1]
-        greedy.copy_((greedy + self.shift) % self.graphs.captured_logits[self.b][0].shape[-1])
+        g = self.graphs
+        greedy = g.token_buffers[g.staged_turn.item(), :self.b]  # (what the replay's argmax wrote)
+        greedy.copy_((greedy + self.shift) % g.captured_logits[self.b].shape[-1])
 
 
 def _eager_graphs(llm, shift=0):
@@ -167,17 +178,22 @@ def test_decode_steps_sample_the_logits_and_argmax_their_graph_computed(llama_pa
     assert sum(g.replays for g in shifted.graphs.values()) > replays  # (through the graphs, their logits)
 
 
-def test_emulated_graphs_through_the_engine(llama_path):
+@pytest.mark.parametrize("buffers,async_scheduling", [(1, False), (1, True), (2, True)])
+def test_emulated_graphs_through_the_engine(llama_path, monkeypatch, buffers, async_scheduling):
     """compilation_config={"cudagraph": "emulate"}: the compiled engine builds its decode graphs on
-    a CPU, replayed eagerly, and gives the eager engine's tokens; a bad value is a clear error."""
+    a CPU, replayed eagerly, and gives the eager engine's tokens, with one token buffer or two
+    (async scheduling reads each step's argmax from the buffer the last replay wrote); a bad value
+    is a clear error."""
+    monkeypatch.setattr(cuda_graphs, "TOKEN_BUFFERS", buffers)
     prompts = ["Hello, my name is", "one two three four five six", "a"]
     plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(llama_path).generate(prompts, plain, use_tqdm=False)]
-    llm = LLM(llama_path, enforce_eager=False, max_num_seqs=4,
+    llm = LLM(llama_path, enforce_eager=False, max_num_seqs=4, async_scheduling=async_scheduling,
               compilation_config={"backend": "eager", "cudagraph": "emulate"})
     graphs = llm.llm_engine.runner.decode_graphs
     assert graphs is not None and graphs.emulate and graphs.sizes == [1, 2, 4]
+    assert graphs.token_buffers.shape == (buffers, graphs.rows)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)] == want
-    assert sum(g.replays for g in graphs.graphs.values()) >= 5
+    assert sum(g.replays for g in graphs.graphs.values()) >= 5 and graphs.replays >= 5
     with pytest.raises(ValueError, match=r"\['cudagraph'\] must be True, False or 'emulate', got 'yes'"):
         LLM(llama_path, enforce_eager=False, compilation_config={"backend": "eager", "cudagraph": "yes"})
