@@ -20,9 +20,11 @@
 #               and with this step's token read as a masked tile (NEWEST_ROW=0); five interleaved rounds (--rounds 5), medians
 #   quant       batch-1 decode of the 8-bit weight-only rows (issue 9), three interleaved rounds
 #   tiles       batch-1 decode with other o/down gemv tilings (codegen/NOTES.md, session 19)
-#   token-buffers  two token buffers for the decode graphs' argmax (KILN_TOKEN_BUFFERS=2; cuda_graphs.TOKEN_BUFFERS): the
-#               argmax's tests compiled on the GPU, the decode paths with it, then batch-1 decode with it against the
-#               default, five interleaved rounds
+#   token-buffers  one token buffer for the decode graphs' argmax against two (cuda_graphs.TOKEN_BUFFERS, 2 since
+#               session 28): the argmax's tests compiled on the GPU, the decode paths with one, then batch-1 decode
+#               with one against the default, five interleaved rounds
+#   prologue    benchmarks/gemv_prologue.py: gate/up and q/k/v gemvs bare, with the norm prologue and with the
+#               residual add in it, as chains
 #   wide-tiles  batch-1 decode with other gate/up ("wide") gemv tilings: more rows a program, fewer reads of the row and
 #               residual by its norm prologue (codegen/NOTES.md, session 27); five interleaved rounds
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
@@ -131,11 +133,15 @@ section() {
             grep -A12 "^device" "$OUT/tiles.txt" ;;
         token-buffers)
             gpu_tests token-kernels 200 tests/codegen/test_sampling.py tests/codegen/test_decode_inputs.py
-            KILN_TOKEN_BUFFERS=2 run token-paths 300 python benchmarks/check_decode_paths.py
+            KILN_TOKEN_BUFFERS=1 run token-paths 300 python benchmarks/check_decode_paths.py
             grep -E "==|Error" "$OUT/token-paths.txt"
             run token-buffers 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
-                --compare-switches "token_buffers=2"
+                --compare-switches "token_buffers=1"
             grep -A9 "^device" "$OUT/token-buffers.txt" ;;
+        prologue)
+            run prologue 200 python benchmarks/gemv_prologue.py --tiles 8x1024x4,4x2048x8
+            run prologue-qkv 200 python benchmarks/gemv_prologue.py --matrix qkv --tiles 4x1024x4
+            cat "$OUT/prologue.txt" "$OUT/prologue-qkv.txt" ;;
         wide-tiles)
             run wide-tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-gemv-tiles "wide=8x1024x4;wide=8x1024x8;wide=8x2048x8"

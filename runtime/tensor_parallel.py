@@ -540,10 +540,11 @@ def _broadcast_from_rank0(tensor: torch.Tensor, group) -> None:
 
 # Whether the workers read the last replay's argmax from their own graphs when rank 0's tokens are
 # its own graph's (`DecodeGraphs.takes_own`), instead of rank 0 broadcasting them. Every rank's
-# graph computes that argmax from the gathered logits, so it is the same only if every rank's logits
-# are bit for bit rank 0's, which no GPU check has shown yet: off until one does
-# (KILN_TP_OWN_TOKENS=1; `scale_out.py --compare-env KILN_TP_OWN_TOKENS=1` compares its tokens).
-TP_OWN_TOKENS = os.environ.get("KILN_TP_OWN_TOKENS", "0") != "0"
+# graph computes that argmax from the same gathered logits (the all-gather hands every rank the same
+# bytes), so it is rank 0's: on two H200s in bf16 the workers' own tokens gave the broadcast run's,
+# 4/4 prompts of the 8B shape (session 28), and TP=1's in float32. KILN_TP_OWN_TOKENS=0 broadcasts
+# them (`scale_out.py --compare-env KILN_TP_OWN_TOKENS=0` compares the two).
+TP_OWN_TOKENS = os.environ.get("KILN_TP_OWN_TOKENS", "1") != "0"
 
 
 class _GraphsOverGroup:

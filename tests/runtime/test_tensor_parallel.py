@@ -177,7 +177,8 @@ def test_graph_steps_reach_the_workers_with_the_sampled_tokens_broadcast(monkeyp
             assert conn.recv() == ("ran", [43, 11, 40], [7, 8, 9])
             graphs.run([5], [3], [4], [[1]], [4], None)  # no tokens pending: nothing broadcast
             assert conn.recv() == ("ran", [5], [3])
-            # rank 0's last argmax, which its own graph reads in place: broadcast all the same
+            # rank 0's last argmax, which its own graph reads in place: broadcast without TP_OWN_TOKENS
+            monkeypatch.setattr(tensor_parallel, "TP_OWN_TOKENS", False)
             graphs.run([0, 6], [4, 5], [5, 6], [[1], [2]], [5, 6], None,
                        fill=(Rank0Graphs.last_tokens, [0], [2]))
             assert conn.recv() == ("ran", [52, 6], [4, 5])
