@@ -124,11 +124,11 @@ class DecodeGraphs:
             self.seq_lens_long = seq_lens
             self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)  # (the kernels' dtype: converted in the graph)
             # every graph's greedy argmax, written into row (replay number % TOKEN_BUFFERS), which
-            # the staging names (`turn_at`): the next step's `src` rows read it, by an index into
+            # the staging names (at `token_buffer_at`): the next step's `src` rows read it, by an index into
             # the flattened buffers
             self.token_buffers = torch.zeros((TOKEN_BUFFERS, n), dtype=torch.long, device=device)
-            self.turn_at = FIELDS * n + 1
-            self.staged_turn = self.staging[self.turn_at:self.turn_at + 1]
+            self.token_buffer_at = FIELDS * n + 1
+            self.staged_token_buffer = self.staging[self.token_buffer_at:self.token_buffer_at + 1]
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
             # two pinned host buffers, alternating: the host fills one while the other's copy may still be queued
             pinned = device.type == "cuda"
@@ -189,7 +189,7 @@ class DecodeGraphs:
     def argmax(self, b: int) -> None:
         """A graph's last op: the greedy tokens of bucket b's logits into the token buffer the
         staging names."""
-        greedy_tokens(self.captured_logits[b], out=self.token_buffers[:, :b], out_row=self.staged_turn)
+        greedy_tokens(self.captured_logits[b], out=self.token_buffers[:, :b], out_row=self.staged_token_buffer)
 
     @property
     def last_tokens(self) -> torch.Tensor:
@@ -222,7 +222,7 @@ class DecodeGraphs:
         padded = next(s for s in self.sizes if s >= b)
         own = fill is not None and self.takes_own(fill[0])
         buffers = len(self.token_buffers)
-        if own:  # (the staged src index the flattened buffers: the last replay's is row (replays - 1) % buffers)
+        if own:  # (the staged src indexes the flattened buffers: the last replay's is row (replays - 1) % buffers)
             start = (self.replays - 1) % buffers * self.rows
             fill = (fill[0], fill[1], [start + i for i in fill[2]])
         tokens = self.token_buffers[self.replays % buffers]  # (the buffer this replay's argmax writes)
@@ -273,7 +273,7 @@ class DecodeGraphs:
             heads[5, src[0]] = src[1]
         width = max(len(t) for t in block_tables)
         array[FIELDS * n] = width
-        array[self.turn_at] = self.replays % len(self.token_buffers)  # (the token buffer its argmax writes)
+        array[self.token_buffer_at] = self.replays % len(self.token_buffers)  # (the token buffer its argmax writes)
         end = self.tables_start + padded * width
         tables = array[self.tables_start:end].reshape(padded, width)
         for i, t in enumerate(block_tables):  # (columns past a row's length are never read)

@@ -89,10 +89,10 @@ def test_the_last_replays_argmax_is_read_inside_the_graph_by_index(monkeypatch, 
     staged = g.staged_ids.clone()
     g.run([11, -1, -1], [7, 3, 9], [29, 14, 37], [[7], [3], [8]], [8, 4, 10], fill=(g.last_tokens[:2], [1, 2], [1, 0]))
     assert torch.equal(g.staged_ids[3:], staged[3:]) and g.staged_src[:4].tolist() == [-1, start + 1, start, -1]
-    assert g.input_ids[:4].tolist() == [11, 51, 50, 0] and g.staged_turn.item() == 0
+    assert g.input_ids[:4].tolist() == [11, 51, 50, 0] and g.staged_token_buffer.item() == 0
     g.run([12, 13], [8, 4], [30, 15], [[7], [3]], [9, 5])  # no fill: every row its staged id
     assert g.staged_src[:2].tolist() == [-1, -1] and g.input_ids[:2].tolist() == [12, 13]
-    assert g.staged_turn.item() == 1 % buffers  # (the buffer the second replay's argmax writes)
+    assert g.staged_token_buffer.item() == 1 % buffers  # (the buffer the second replay's argmax writes)
     g.last_tokens[:2] = torch.tensor([60, 61])  # (as the second replay's argmax left them)
     g.run([-1], [9], [31], [[7]], [10], fill=(g.last_tokens[:2], [0], [1]))
     assert g.staged_src[:1].tolist() == [1 % buffers * g.rows + 1] and g.input_ids[:1].tolist() == [61]
@@ -137,7 +137,7 @@ class _ShiftedGraph(EmulatedGraph):
     def replay(self):
         super().replay()
         g = self.graphs
-        greedy = g.token_buffers[g.staged_turn.item(), :self.b]  # (what the replay's argmax wrote)
+        greedy = g.token_buffers[g.staged_token_buffer.item(), :self.b]  # (what the replay's argmax wrote)
         greedy.copy_((greedy + self.shift) % g.captured_logits[self.b].shape[-1])
 
 
