@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from unittest import mock
 
 import torch
 
@@ -38,7 +39,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("benchmarks/gemv_prologue.py times Triton kernels on a CUDA device; none is available here.")
         return 1
-    from kiln.codegen.kernels.quant_gemm import GemmConfig, float_linear, pick_config, rms_norm_gemv
+    from kiln.codegen.kernels import quant_gemm
+    from kiln.codegen.kernels.quant_gemm import float_linear, parse_gemv_tiles, pick_config, rms_norm_gemv
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     N, K = MATRICES[args.matrix]
@@ -53,10 +55,14 @@ def main() -> int:
     print(f"device {props.name}, torch {torch.__version__} | {args.matrix} {N} x {K} bf16 | copy {copy_gbs:.0f} GB/s | "
           f"floor {weight_bytes / copy_gbs / 1e3:.2f} us | chains of {args.chain}")
 
-    default = pick_config(1, N, K, dtype, props.multi_processor_count, dtype)
-    configs = [default] + [GemmConfig("gemv", 1, *(int(v) for v in t.split("x")[:2]), 1,
-                                      num_warps=int(t.split("x")[2]), num_stages=3)
-                           for t in filter(None, args.tiles.split(","))]
+    def config(tile: str | None):
+        """The launch's tiling as the engine picks it, with `tile` (ROWSxKxWARPS) as its role's tile."""
+        role = quant_gemm._gemv_role(N, K)
+        with mock.patch.dict(quant_gemm._GEMV_TILES, parse_gemv_tiles(f"{role}={tile}") if tile else {}):
+            return pick_config(1, N, K, dtype, props.multi_processor_count, dtype)
+
+    default = config(None)
+    configs = [default] + [config(t) for t in filter(None, args.tiles.split(","))]
     print(f"{'tile':>14} {'bare us':>9} {'norm us':>9} {'add+norm us':>12} | % of copy: bare, norm, add+norm")
     for cfg in dict.fromkeys(configs):
         us = [graph_us(fn, args.chain) for fn in (

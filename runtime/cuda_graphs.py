@@ -191,10 +191,14 @@ class DecodeGraphs:
         staging names."""
         greedy_tokens(self.captured_logits[b], out=self.token_buffers[:, :b], out_row=self.staged_token_buffer)
 
+    def _buffer(self, replay: int) -> int:
+        """The token buffer that replay number `replay` (from 0) writes its argmax into."""
+        return replay % len(self.token_buffers)
+
     @property
     def last_tokens(self) -> torch.Tensor:
         """The buffer the last replay's argmax wrote (all rows: a replay of b rows wrote [:b])."""
-        return self.token_buffers[(self.replays - 1) % len(self.token_buffers)]
+        return self.token_buffers[self._buffer(self.replays - 1)]
 
     def unpack(self, b: int) -> None:
         """A graph's first op: rows [0, b) of the staged step into the forward's inputs (the Triton
@@ -221,11 +225,10 @@ class DecodeGraphs:
         b = len(input_ids)
         padded = next(s for s in self.sizes if s >= b)
         own = fill is not None and self.takes_own(fill[0])
-        buffers = len(self.token_buffers)
-        if own:  # (the staged src indexes the flattened buffers: the last replay's is row (replays - 1) % buffers)
-            start = (self.replays - 1) % buffers * self.rows
+        if own:  # (the staged src indexes the flattened buffers, the last replay's among them)
+            start = self._buffer(self.replays - 1) * self.rows
             fill = (fill[0], fill[1], [start + i for i in fill[2]])
-        tokens = self.token_buffers[self.replays % buffers]  # (the buffer this replay's argmax writes)
+        tokens = self.token_buffers[self._buffer(self.replays)]  # (the buffer this replay's argmax writes)
         self.stage(input_ids, positions, slots, block_tables, seq_lens, cross_slots, padded,
                    src=fill[1:] if own else None)
         if fill is not None and not own:
@@ -273,7 +276,7 @@ class DecodeGraphs:
             heads[5, src[0]] = src[1]
         width = max(len(t) for t in block_tables)
         array[FIELDS * n] = width
-        array[self.token_buffer_at] = self.replays % len(self.token_buffers)  # (the token buffer its argmax writes)
+        array[self.token_buffer_at] = self._buffer(self.replays)  # (the token buffer its argmax writes)
         end = self.tables_start + padded * width
         tables = array[self.tables_start:end].reshape(padded, width)
         for i, t in enumerate(block_tables):  # (columns past a row's length are never read)
