@@ -20,8 +20,9 @@ whose gemv converts the weights by their bits (`quant_gemm.FP8_BY_BITS`); `--com
 "small=8x1024x8,long=8x1024x8;small=4x2048x4"` an async bf16 row per ';'-separated set of batch-1
 gemv tilings (`quant_gemm._GEMV_TILES`: role=rows x K step x warps; roles small (o), long (down),
 narrow (qkv), wide (gate_up), vocab (lm_head), deep (8B's K >= 4096 matrices); "8bit.ROLE" for the
-8-bit weights' rows; "ROLE+rope" for the q/k/v gemv with the rotary epilogue alone), so a
-tiling is timed in the whole step, chained to its neighbours, rather than alone;
+8-bit weights' rows, in a row of that scheme: "int8_weight_only@8bit.wide=2x2048x4x4"; "ROLE+rope" for
+the q/k/v gemv with the rotary epilogue alone; a 4th and 5th number: tiles a program and steps loaded
+ahead), so a tiling is timed in the whole step, chained to its neighbours, rather than alone;
 `--compare-rope-fusion` an async bf16 row without the fuse_linear_rope pass (rotary and the cache
 write as a kernel of their own instead of in the q/k/v gemv's epilogue); `--compare-early-kv` an
 async bf16 row whose decode attention loads every key and value after its PDL wait
@@ -160,7 +161,8 @@ def main() -> None:
                    help="add an async fp8_weight_only row whose gemv reads e4m3 weights by their bits "
                         "(quant_gemm.FP8_BY_BITS)")
     p.add_argument("--compare-gemv-tiles", default="",
-                   help="';'-separated sets of role=NxKxW gemv tilings, an async bf16 row each (see above)")
+                   help="';'-separated sets of role=NxKxW[xTILES[xDEPTH]] gemv tilings, an async row each, bf16 "
+                        "or SCHEME@SET for a quantization scheme's (see above)")
     p.add_argument("--compare-rope-fusion", action="store_true",
                    help="add an async bf16 row without the fuse_linear_rope pass")
     p.add_argument("--compare-early-kv", action="store_true",
@@ -219,7 +221,9 @@ def main() -> None:
         variants += [(f"async, {spec}", {"async_scheduling": True,
                                          **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
-        variants += [(f"async, tiles {spec}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(spec)})]
+        scheme, _, tiles = spec.rpartition("@")
+        variants += [(f"{scheme or 'async'}, tiles {tiles}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(tiles),
+                                                              **({"quantization": scheme} if scheme else {})})]
     if args.bracket and len(variants) > 1:
         variants += [("bf16, again last", {})]
     default_tiles = dict(quant_gemm._GEMV_TILES)

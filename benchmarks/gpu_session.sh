@@ -27,6 +27,9 @@
 #               residual add in it, as chains
 #   wide-tiles  batch-1 decode with other gate/up ("wide") gemv tilings: more rows a program, fewer reads of the row and
 #               residual by its norm prologue (codegen/NOTES.md, session 27); five interleaved rounds
+#   gemv-tiles  several tiles a gemv program (quant_gemm._gemv_tiles_kernel, session 29): its kernel tests compiled
+#               on the GPU, then batch-1 decode in bf16, int8 and fp8 weight-only, each with today's tiles and with
+#               gate/up, down (and bf16's o) on tiles streamed several a program; three interleaved rounds
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
 #               shape and a TP=2 rank of 8B
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
@@ -142,6 +145,13 @@ section() {
             run prologue 200 python benchmarks/gemv_prologue.py --tiles 8x1024x4,4x2048x8
             run prologue-qkv 200 python benchmarks/gemv_prologue.py --matrix qkv --tiles 4x1024x4
             cat "$OUT/prologue.txt" "$OUT/prologue-qkv.txt" ;;
+        gemv-tiles)
+            gpu_tests gemv-tiles-kernels 150 tests/codegen/test_quant_kernels.py \
+                -k "tiles or 1-37-100-config3 or 1-40-512-config4 or 33-96-config3 or 40-200-config4"
+            run gemv-tiles 430 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
+                --quantization int8_weight_only,fp8_weight_only --compare-gemv-tiles \
+                "${GEMV_TILES_ROWS:-wide=4x2048x8x4x2,long=2x8192x8x2,small=2x2048x4x2;int8_weight_only@8bit.wide=2x2048x4x4,8bit.long=4x8192x8x2;fp8_weight_only@8bit.wide=2x2048x4x4,8bit.long=4x8192x8x2}"
+            grep -A16 "^device" "$OUT/gemv-tiles.txt" ;;
         wide-tiles)
             run wide-tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-gemv-tiles "wide=8x1024x4;wide=8x1024x8;wide=8x2048x8"

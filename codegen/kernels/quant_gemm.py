@@ -74,7 +74,9 @@ ROW_CHUNK = tl.constexpr(_ALL_REDUCE_BLOCK)
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch's tiling. kernel: "gemv" (M == 1 only; block_m is ignored) or "dot"."""
+    """One launch's tiling. kernel: "gemv" (M == 1 only; block_m is ignored) or "dot". tiles (gemv
+    only): the tiles of block_n rows each program streams (`_gemv_tiles_kernel`; 1: one, the plain
+    gemv), loading the weights of `depth` steps ahead."""
 
     kernel: str = "dot"
     block_m: int = 16
@@ -84,6 +86,8 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    tiles: int = 1
+    depth: int = 1
 
     def __post_init__(self):
         if self.kernel not in ("gemv", "dot"):
@@ -96,6 +100,10 @@ class GemmConfig:
             raise ValueError(f"GemmConfig: tl.dot needs blocks of at least 16, got {self}")
         if self.split_k < 1:
             raise ValueError(f"GemmConfig.split_k must be >= 1, got {self.split_k}")
+        if self.tiles < 1 or self.depth not in (1, 2):
+            raise ValueError(f"GemmConfig: tiles must be >= 1 and depth 1 or 2, got {self.tiles} and {self.depth}")
+        if self.tiles > 1 and (self.kernel != "gemv" or self.split_k > 1):
+            raise ValueError(f"GemmConfig: several tiles a program are the gemv's, without split K; got {self}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,9 +136,9 @@ _ROPE_AT_END_MAXNREG = 80
 SPLIT_K_BY_DEFAULT = False
 
 
-# Batch-1 tiles (block_n, block_k, num_warps) by weight width and matrix role, measured on an H100
-# as chains of 8 launches with PDL (`benchmarks/kernels.py --sweep --sweep-chain 8`, Llama-3.2-1B
-# shapes; benchmarks/RESULTS.md): each was the best or within 3% of it. The tiles that win differ
+# Batch-1 tiles (block_n, block_k, num_warps[, tiles a program, steps loaded ahead]) by weight width and
+# matrix role, measured on an H100 as chains of 8 launches with PDL (`benchmarks/kernels.py --sweep
+# --sweep-chain 8`, Llama-3.2-1B shapes; benchmarks/RESULTS.md): each was the best or within 3% of it. The tiles that win differ
 # by role, not by a rule of thumb on bytes: wide outputs (gate_up, lm_head) want many short
 # programs, long rows (down's K=8192) and small matrices (o) 2048-wide K steps.
 # "deep" (16-bit weights only): the matrices of Llama-3.1-8B, whole or halved by TP=2 (K >= 4096), swept
@@ -145,17 +153,22 @@ _GEMV_TILES = {
     # 16-bit weights (float_linear)
     (2, "vocab"): (4, 1024, 4), (2, "wide"): (4, 1024, 4), (2, "long"): (8, 2048, 8),
     (2, "small"): (8, 2048, 8), (2, "narrow"): (8, 1024, 8), (2, "deep"): (4, 2048, 8),
-    # 8-bit weights (int8 and fp8 alike)
-    (1, "vocab"): (16, 256, 4), (1, "wide"): (16, 512, 8), (1, "long"): (4, 2048, 8),
+    # 8-bit weights (int8 and fp8 alike). gate/up ("wide") and down ("long") stream several tiles a program
+    # (`_gemv_tiles_kernel`): session 29, H100, the 1B step in 3 rounds, int8 0.731 against 0.823 ms/token
+    # with (16, 512, 8) and (4, 2048, 8), fp8 0.759 against 0.840 (`gpu_session.sh gemv-tiles`). bf16's
+    # roles lost that way in the step (1.065 against 1.005 with wide 4x2048x8x4x2, long 2x8192x8x2, small
+    # 2x2048x4x2, though each won as a chain of its own: `benchmarks/persistent_gemv.py`).
+    (1, "vocab"): (16, 256, 4), (1, "wide"): (2, 2048, 4, 4, 1), (1, "long"): (4, 8192, 8, 2, 1),
     (1, "small"): (4, 2048, 4), (1, "narrow"): (4, 1024, 4),
 }
 
 
 def parse_gemv_tiles(spec: str) -> dict:
-    """"small=8x1024x8,8bit.long=4x2048x8,deep+rope=4x2048x8" -> {(2, "small"): (8, 1024, 8), (1, "long"):
-    (4, 2048, 8), (2, "deep+rope"): (4, 2048, 8)}: `_GEMV_TILES` entries (rows x K step x warps; "8bit."
-    for the 8-bit weights' roles, "+rope" for the q/k/v gemv with the rotary epilogue), for benchmarks
-    to time other tilings (`KILN_GEMV_TILES`, `benchmarks/decode_latency.py --compare-gemv-tiles`)."""
+    """"small=8x1024x8,8bit.long=4x2048x8x2,deep+rope=4x2048x8" -> {(2, "small"): (8, 1024, 8), (1, "long"):
+    (4, 2048, 8, 2, 1), (2, "deep+rope"): (4, 2048, 8)}: `_GEMV_TILES` entries (rows x K step x warps, then
+    optionally tiles a program and the steps loaded ahead, default 1; "8bit." for the 8-bit weights' roles,
+    "+rope" for the q/k/v gemv with the rotary epilogue), for benchmarks to time other tilings
+    (`KILN_GEMV_TILES`, `benchmarks/decode_latency.py --compare-gemv-tiles`)."""
     tiles = {}
     for item in filter(None, (i.strip() for i in spec.split(","))):
         role, _, tiling = item.partition("=")
@@ -164,10 +177,12 @@ def parse_gemv_tiles(spec: str) -> dict:
             raise ValueError(f"gemv tiles: unknown role {role!r} in {item!r} (roles: "
                              f"{sorted({r for _, r in _GEMV_TILES})})")
         try:
-            block_n, block_k, num_warps = (int(v) for v in tiling.split("x"))
+            values = tuple(int(v) for v in tiling.split("x"))
         except ValueError:
-            raise ValueError(f"gemv tiles: {item!r} is not ROLE=ROWSxKxWARPS") from None
-        tiles[(width, role)] = (block_n, block_k, num_warps)
+            values = ()
+        if len(values) not in (3, 4, 5):
+            raise ValueError(f"gemv tiles: {item!r} is not ROLE=ROWSxKxWARPS[xTILES[xDEPTH]]")
+        tiles[(width, role)] = values if len(values) == 3 else (values + (1,))[:5]
     return tiles
 
 
@@ -204,14 +219,16 @@ def pick_config(M: int, N: int, K: int, x_dtype: torch.dtype, num_sms: int = 132
         width = 1 if w_dtype.itemsize == 1 else 2
         role = _gemv_role(N, K, width)
         tile = _GEMV_TILES.get((width, role + "+rope")) if rope else None
-        block_n, block_k, num_warps = tile or _GEMV_TILES[(width, role)]
+        block_n, block_k, num_warps, *stream = tile or _GEMV_TILES[(width, role)]
+        tiles, depth = stream or (1, 1)
         block_k = min(block_k, triton.next_power_of_2(K))
         split_k = 1
         programs = triton.cdiv(N, block_n)
         if programs < 2 * num_sms:  # too few rows to fill the SMs: split K as well
             split_k = max(split_k, min(triton.cdiv(4 * num_sms, programs), K // (2 * block_k)))
-        split_k = split_k if SPLIT_K_BY_DEFAULT else 1
-        return GemmConfig("gemv", 1, block_n, block_k, split_k, num_warps=num_warps, num_stages=3)
+        split_k = split_k if SPLIT_K_BY_DEFAULT and tiles == 1 else 1
+        return GemmConfig("gemv", 1, block_n, block_k, split_k, num_warps=num_warps, num_stages=3, tiles=tiles,
+                          depth=depth)
     if M <= 16:
         block_k = 256 if K >= 256 else max(16, triton.next_power_of_2(K))
         tiles = triton.cdiv(N, 32)
@@ -555,6 +572,71 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _stream_step(w_ptr, N, K, stride_wn, pid, step, TILES: tl.constexpr, K_STEPS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The weights of step `step` of a `_gemv_tiles_kernel` program's stream: its tiles are
+    consecutive, each in K_STEPS steps along K. Rows past N read row N-1 and are never stored."""
+    rn = (pid * TILES + step // K_STEPS) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs = (step % K_STEPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ptrs = w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn + offs[None, :]
+    return _load(ptrs, (offs < K)[None, :], EVEN_K)
+
+
+@triton.jit
+def _gemv_tiles_kernel(
+    x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
+    HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, FP8_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, TILES: tl.constexpr, DEPTH: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, ROUND: tl.constexpr,
+):
+    """`_gemv_kernel`'s product for one row (float or 8-bit weight-only, a prologue, no split, no
+    rope, no sum over ranks), each program streaming TILES consecutive tiles of BLOCK_N rows: a
+    stream of TILES * K_STEPS steps, unrolled, in which step i + DEPTH's weights (DEPTH 1 or 2)
+    are loaded before step i's product, so a program's loads do not drain between its tiles as
+    they do between programs. With one K step a tile (BLOCK_K >= K) the prologue's row is made
+    once a program, not once a tile. Its norm is the reference's (statistics first, then the
+    row rounded as rms_norm rounds it), not NORM_AT_END's."""
+    pid = tl.program_id(0)
+    STEPS: tl.constexpr = TILES * K_STEPS
+    rk = tl.arange(0, BLOCK_K)
+    if not EARLY_W:
+        wait_for_inputs(PDL)
+    w_a = _stream_step(w_ptr, N, K, stride_wn, pid, 0, TILES, K_STEPS, BLOCK_N, BLOCK_K, EVEN_K)
+    w_b = w_a
+    if DEPTH == 2 and STEPS > 1:
+        w_b = _stream_step(w_ptr, N, K, stride_wn, pid, 1, TILES, K_STEPS, BLOCK_N, BLOCK_K, EVEN_K)
+    if EARLY_W:
+        wait_for_inputs(PDL)
+    rstd = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+    if K_STEPS == 1:
+        x_row = _gemv_input(x_ptr, res_ptr, g_ptr, rk, rk < K, K, rstd, PROLOGUE, EVEN_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for i in tl.static_range(STEPS):
+        w = w_a
+        w_next = w_a
+        if i + DEPTH < STEPS:
+            w_next = _stream_step(w_ptr, N, K, stride_wn, pid, i + DEPTH, TILES, K_STEPS, BLOCK_N, BLOCK_K, EVEN_K)
+        if DEPTH == 2:
+            w_a = w_b
+            w_b = w_next
+        else:
+            w_a = w_next
+        if K_STEPS == 1:
+            x = x_row
+        else:
+            offs = (i % K_STEPS) * BLOCK_K + rk
+            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+        acc = _gemv_product(acc, w, x, False, W_INT8, FP8_BITS)
+        if i % K_STEPS == K_STEPS - 1:
+            rn = (pid * TILES + i // K_STEPS) * BLOCK_N + tl.arange(0, BLOCK_N)
+            _epilogue(tl.sum(acc, axis=1)[None, :], tl.arange(0, 1), rn, 1, N, out_ptr, N, w_scale_ptr, w_scale_ptr,
+                      bias_ptr, False, HAS_BIAS, ROUND)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+
+
+@triton.jit
 def _dot_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, k_per_split, plane,
@@ -679,7 +761,7 @@ def _rope_config(cfg: GemmConfig, rope: Rope, x_scale: torch.Tensor | None) -> G
         block_n //= 2
     if block_n < 2 or rope.head_dim % block_n:
         raise ValueError(f"a rope epilogue needs an even head_dim, got {rope.head_dim}")
-    return dataclasses.replace(cfg, block_n=block_n, split_k=1)
+    return dataclasses.replace(cfg, block_n=block_n, split_k=1, tiles=1, depth=1)
 
 
 def _no_rope_args(x: torch.Tensor) -> tuple:
@@ -741,7 +823,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         if cfg.kernel != "gemv" or rope is not None or not reduce.takes_row(N, out_dtype, x2.device):
             raise ValueError(f"a summed row needs the gemv without a rope epilogue and a row the buffers take, got "
                              f"{cfg}, {N} {out_dtype} values on {x2.device}" + (" with rope" if rope else ""))
-        cfg = dataclasses.replace(cfg, split_k=1)
+        cfg = dataclasses.replace(cfg, split_k=1, tiles=1, depth=1)
         if reduce_mode >= REDUCE_SEND and (cfg.block_n % (4 // out.element_size()) or _ALL_REDUCE_BLOCK % cfg.block_n):
             raise ValueError(f"a gemv that sends its rows needs tiles of whole words in one chunk, got {cfg}")
     acc_int = x2.dtype == torch.int8 and wq.dtype == torch.int8
@@ -764,7 +846,17 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
                   ROUND=TL_DTYPES[round_to] if round_to is not None else None, **pdl)
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
-    if cfg.kernel == "gemv":
+    # several tiles a program (`_gemv_tiles_kernel`) for float rows; 8-bit activations (W8A8) take the plain gemv
+    if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int:
+        pro = prologue or Prologue(NO_PROLOGUE)
+        _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
+            x2, wq, w_scale, bias_arg, out, *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
+            N, K, wq.stride(0), pro.eps, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
+            FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+            K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth, EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"],
+            PROLOGUE=pro.kind, ROUND=common["ROUND"], num_warps=cfg.num_warps, num_stages=1, **pdl,
+        )
+    elif cfg.kernel == "gemv":
         pro = prologue or Prologue(NO_PROLOGUE)
         norm_at_end = NORM_AT_END and pro.kind in (RMS_NORM, ADD_RMS_NORM) and split_k == 1
         cap = {"maxnreg": _ROPE_AT_END_MAXNREG} if norm_at_end and rope is not None and cfg.num_warps == 8 else {}

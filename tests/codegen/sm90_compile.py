@@ -84,6 +84,23 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
 
 
 
+def compile_gemv_tiles(w_ty: str, prologue: int, tiles: int, tile: tuple[int, int, int], depth: int = 1,
+                       k_steps: int = 1, early_w: bool = True, fp8_bits: bool = False) -> None:
+    """One `_gemv_tiles_kernel` variant (bf16 rows): the weight type, a prologue, the tiles a program
+    and the tile (rows, K step, warps), the steps loaded ahead, the K steps a tile."""
+    block_n, block_k, num_warps = tile
+    consts = dict(HAS_BIAS=False, W_INT8=w_ty == "i8", FP8_BITS=fp8_bits, BLOCK_N=block_n, BLOCK_K=block_k,
+                  K_STEPS=k_steps, TILES=tiles, DEPTH=depth, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue,
+                  ROUND=None)
+    fn = quant_gemm._gemv_tiles_kernel
+    sig = {name: "constexpr" if name in consts else f"*{w_ty}" if name == "w_ptr" else "*fp32"
+           if name == "w_scale_ptr" else "*bf16" if name.endswith("_ptr") else "fp32" if name == "eps" else "i32"
+           for name in fn.arg_names}
+    ptx = _compile(fn, sig, consts, num_warps=num_warps, num_stages=1)
+    if early_w:  # the first step's weights are asked for before the wait
+        assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "no weight load before the wait"
+
+
 _DECODE_POINTERS = {"k_cache_ptr": "cache", "v_cache_ptr": "cache", "tables_ptr": "i64", "seq_lens_ptr": "i32",
                     "sinks_ptr": "fp32", "alibi_ptr": "fp32", "part_acc_ptr": "fp32", "part_ml_ptr": "fp32",
                     "counter_ptr": "i32"}
@@ -192,6 +209,13 @@ def variants() -> list[tuple]:
     # q/k/v with rotary, the deep tile's gate_up and q/k/v
     out += [("bf16", "bf16", quant_gemm.ADD_RMS_NORM, True, False, False, None, rope, None, tile, 0, False)
             for rope, tile in ((quant_gemm.NEOX, (8, 1024, 8)), (0, (4, 2048, 8)), (quant_gemm.NEOX, (4, 2048, 8)))]
+    # several tiles a program (quant_gemm._gemv_tiles_kernel): every prologue, float and 8-bit weights, whole
+    # rows and rows in steps, two steps ahead
+    out += [("gemv_tiles", w, p, 4, (4, 2048, 8)) for w in ("bf16", "i8", "fp8e4nv") for p in range(6)]
+    out += [("gemv_tiles", "bf16", quant_gemm.SILU_AND_MUL, 2, (2, 4096, 8), 1, 2),
+            ("gemv_tiles", "bf16", quant_gemm.ADD_RMS_NORM, 2, (4, 1024, 4), 2, 2),
+            ("gemv_tiles", "fp8e4nv", quant_gemm.NO_PROLOGUE, 2, (4, 2048, 4), 2, 1, True, True),
+            ("gemv_tiles", "bf16", quant_gemm.NO_PROLOGUE, 2, (2, 2048, 4), 1, 1, False)]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
@@ -214,6 +238,8 @@ def main() -> int:
                 compile_decode_inputs()
             elif case[0] == "argmax":
                 compile_argmax(*case[1:])
+            elif case[0] == "gemv_tiles":
+                compile_gemv_tiles(*case[1:])
             else:
                 compile_gemv(*case)
             print("ok", case)

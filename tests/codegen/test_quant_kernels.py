@@ -11,6 +11,8 @@ programs one after another), and speed. Run this file with TRITON_INTERPRET=0 on
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -169,6 +171,8 @@ GEMM_CASES = [
     (1, 37, 100, None),
     (1, 24, 600, GemmConfig("gemv", 1, 8, 64, split_k=4)),
     (1, 40, 512, GemmConfig("gemv", 1, 8, 128)),
+    (1, 37, 100, GemmConfig("gemv", 1, 4, 64, tiles=3)),  # several tiles a program: uneven K steps, rows past N
+    (1, 40, 512, GemmConfig("gemv", 1, 2, 512, tiles=4, depth=2)),  # whole rows, two steps ahead
     (5, 40, 300, GemmConfig("dot", 16, 16, 32, split_k=3)),
     (37, 50, 70, None),
     (37, 50, 128, GemmConfig("dot", 32, 32, 32, split_k=2)),
@@ -285,6 +289,8 @@ NORM_GEMV_CASES = [
     (40, 64, None),
     (33, 96, GemmConfig("gemv", 1, 4, 32)),  # three K steps, rows past N
     (24, 200, GemmConfig("gemv", 1, 8, 64, split_k=2)),  # uneven K, split: each split normalizes the whole row
+    (33, 96, GemmConfig("gemv", 1, 4, 32, tiles=3)),  # several tiles a program, three K steps, rows past N
+    (40, 200, GemmConfig("gemv", 1, 2, 256, tiles=4, depth=2)),  # whole uneven rows, made once a program
 ]
 
 
@@ -529,7 +535,40 @@ def test_scaled_linear_scaled_mm(M, has_bias, device, close):
     close(out, truth_scaled(xq, x_scale, wq, w_scale, bias), dtype=torch.bfloat16)
 
 
+def test_a_config_of_several_tiles_takes_the_tiles_kernel(device, monkeypatch, close):
+    """tiles > 1 launches `_gemv_tiles_kernel` over cdiv(N, rows x tiles) programs (the plain gemv
+    would give the same numbers, so the launch is what is checked); the rotary gemv and 8-bit
+    activations (W8A8) take the plain gemv whatever the config."""
+    grids = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    real = quant_gemm._gemv_tiles_kernel
+    monkeypatch.setattr(quant_gemm, "_gemv_tiles_kernel", Spy())
+    config = GemmConfig("gemv", 1, 4, 64, tiles=3)
+    w = torch.randn(37, 100, device=device)
+    x = torch.randn(1, 100, device=device)
+    close(quant_gemm.float_linear(x, w, config=config), torch.nn.functional.linear(x.double(), w.double()))
+    assert grids == [(4,)]
+    xq, x_scale = Q.quantize(x, "int8")
+    wq, w_scale = Q.quantize_weight(w, "int8")
+    scaled_linear(xq, x_scale, wq, w_scale, None, torch.float32, config=config, backend="triton")
+    assert grids == [(4,)]
+    assert quant_gemm._rope_config(config, SimpleNamespace(head_dim=64), None).tiles == 1  # (all it reads)
+
+
 def test_gemm_config_checks():
+    with pytest.raises(ValueError, match="tiles must be"):
+        GemmConfig("gemv", 1, 4, 64, tiles=0)
+    with pytest.raises(ValueError, match="depth 1 or 2"):
+        GemmConfig("gemv", 1, 4, 64, tiles=2, depth=3)
+    with pytest.raises(ValueError, match="without split K"):
+        GemmConfig("gemv", 1, 4, 64, split_k=2, tiles=2)
+    with pytest.raises(ValueError, match="without split K"):
+        GemmConfig("dot", 16, 16, 32, tiles=2)
     with pytest.raises(ValueError, match="gemv"):
         weight_only_linear(torch.randn(2, 32), torch.zeros(16, 32, dtype=torch.int8), torch.ones(16), None,
                            config=GemmConfig("gemv", 1, 8, 32))
@@ -544,7 +583,7 @@ def test_pick_config_buckets():
     default), 16-row dot tiles up to 16, compute-bound tiles beyond; every config is valid."""
     sms = 132
     big = quant_gemm.pick_config(1, 16384, 2048, torch.bfloat16, sms)
-    assert big.kernel == "gemv" and big.split_k == 1 and big.block_n == 16
+    assert big.kernel == "gemv" and big.split_k == 1 and (big.block_n, big.tiles) == (2, 4)
     float_down = quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.bfloat16)
     assert (float_down.block_n, float_down.block_k, float_down.num_warps) == (8, 2048, 8)
     assert quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.int8).block_n == 4
@@ -565,11 +604,24 @@ def test_parse_gemv_tiles_reads_roles_and_refuses_unknown_ones():
     """KILN_GEMV_TILES / --compare-gemv-tiles: ROLE=ROWSxKxWARPS, 8-bit roles and the rotary gemv's."""
     assert quant_gemm.parse_gemv_tiles(" small=8x1024x8, 8bit.long=4x2048x8,deep+rope=4x2048x8") == {
         (2, "small"): (8, 1024, 8), (1, "long"): (4, 2048, 8), (2, "deep+rope"): (4, 2048, 8)}
+    assert quant_gemm.parse_gemv_tiles("wide=4x2048x8x4,long=2x8192x8x2x2") == {
+        (2, "wide"): (4, 2048, 8, 4, 1), (2, "long"): (2, 8192, 8, 2, 2)}
     assert quant_gemm.parse_gemv_tiles("") == {}
     with pytest.raises(ValueError, match="unknown role 'huge'"):
         quant_gemm.parse_gemv_tiles("huge=4x1024x4")
     with pytest.raises(ValueError, match="ROWSxKxWARPS"):
         quant_gemm.parse_gemv_tiles("small=4x1024")
+    with pytest.raises(ValueError, match="ROWSxKxWARPS"):
+        quant_gemm.parse_gemv_tiles("small=4x1024x4x2x1x1")
+
+
+def test_a_tile_entry_may_name_tiles_a_program(monkeypatch):
+    """A 5-value `_GEMV_TILES` entry gives the config its tiles and depth; without them, one tile."""
+    monkeypatch.setitem(quant_gemm._GEMV_TILES, (2, "long"), (2, 8192, 8, 2, 2))
+    cfg = quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, 132, torch.bfloat16)
+    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.tiles, cfg.depth, cfg.split_k) == (2, 8192, 8, 2, 2, 1)
+    monkeypatch.setitem(quant_gemm._GEMV_TILES, (2, "long"), (8, 2048, 8))
+    assert quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, 132, torch.bfloat16).tiles == 1
 
 
 def test_the_rotary_gemv_takes_its_roles_rope_tile_where_there_is_one(monkeypatch):
