@@ -89,8 +89,8 @@ def main() -> int:
         base = graph_us(lambda: [gemv(c) for c in copies], args.chain)
         pct = lambda us: 100 * weight_bytes / (us * 1e-6) / (copy_gbs * 1e9)  # noqa: E731
         form = {"gate_up": "add + norm prologue", "down": "SwiGLU prologue"}.get(name, "bare")
-        print(f"\n{name} {N} x {K}, {form}: the default "
-              f"({default.block_n}x{default.block_k}x{default.num_warps}x{default.tiles}) {base:.2f} us, {pct(base):.0f}%")
+        default_tiling = f"{default.block_n}x{default.block_k}x{default.num_warps}x{default.tiles}"
+        print(f"\n{name} {N} x {K}, {form}: the default ({default_tiling}) {base:.2f} us, {pct(base):.0f}%")
         for tiling in tilings.get(name, []):
             block_n, block_k, warps, tiles, *depth = (int(v) for v in tiling.split("x"))
             config = GemmConfig("gemv", 1, block_n, block_k, num_warps=warps, tiles=tiles, depth=(depth or [1])[0])

@@ -138,9 +138,9 @@ SPLIT_K_BY_DEFAULT = False
 
 # Batch-1 tiles (block_n, block_k, num_warps[, tiles a program, steps loaded ahead]) by weight width and
 # matrix role, measured on an H100 as chains of 8 launches with PDL (`benchmarks/kernels.py --sweep
-# --sweep-chain 8`, Llama-3.2-1B shapes; benchmarks/RESULTS.md): each was the best or within 3% of it. The tiles that win differ
-# by role, not by a rule of thumb on bytes: wide outputs (gate_up, lm_head) want many short
-# programs, long rows (down's K=8192) and small matrices (o) 2048-wide K steps.
+# --sweep-chain 8`, Llama-3.2-1B shapes; benchmarks/RESULTS.md): each was the best or within 3% of it.
+# The tiles that win differ by role, not by a rule of thumb on bytes: wide outputs (gate_up, lm_head)
+# want many short programs, long rows (down's K=8192) and small matrices (o) 2048-wide K steps.
 # "deep" (16-bit weights only): the matrices of Llama-3.1-8B, whole or halved by TP=2 (K >= 4096), swept
 # in session 20 (`--sweep-model llama-8b` / `llama-8b-tp2`): 4 x 2048 x 8 was the best or within 1%
 # of it for every one of them; the 1B roles they fell into were 1-11% slower (TP=2's down: 10%).
@@ -154,10 +154,10 @@ _GEMV_TILES = {
     (2, "vocab"): (4, 1024, 4), (2, "wide"): (4, 1024, 4), (2, "long"): (8, 2048, 8),
     (2, "small"): (8, 2048, 8), (2, "narrow"): (8, 1024, 8), (2, "deep"): (4, 2048, 8),
     # 8-bit weights (int8 and fp8 alike). gate/up ("wide") and down ("long") stream several tiles a program
-    # (`_gemv_tiles_kernel`): session 29, H100, the 1B step in 3 rounds, int8 0.731 against 0.823 ms/token
-    # with (16, 512, 8) and (4, 2048, 8), fp8 0.759 against 0.840 (`gpu_session.sh gemv-tiles`). bf16's
-    # roles lost that way in the step (1.065 against 1.005 with wide 4x2048x8x4x2, long 2x8192x8x2, small
-    # 2x2048x4x2, though each won as a chain of its own: `benchmarks/persistent_gemv.py`).
+    # (`_gemv_tiles_kernel`): session 29, H100, the 1B step in 3 rounds, int8 0.742 against 0.837 ms/token
+    # with the plain (16, 512, 8) and (4, 2048, 8), fp8 0.759 against 0.840 (`gpu_session.sh gemv-tiles`).
+    # bf16's roles lost that way in the step (1.065 against 1.005 with wide 4x2048x8x4x2, long 2x8192x8x2,
+    # small 2x2048x4x2), though each won as a chain of its own (`benchmarks/gemv_tiles.py`).
     (1, "vocab"): (16, 256, 4), (1, "wide"): (2, 2048, 4, 4, 1), (1, "long"): (4, 8192, 8, 2, 1),
     (1, "small"): (4, 2048, 4), (1, "narrow"): (4, 1024, 4),
 }
@@ -850,8 +850,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int:
         pro = prologue or Prologue(NO_PROLOGUE)
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
-            x2, wq, w_scale, bias_arg, out, *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
-            N, K, wq.stride(0), pro.eps, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
+            x2, wq, w_scale, bias_arg, out,
+            *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)), N, K, wq.stride(0), pro.eps, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
             K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth, EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, ROUND=common["ROUND"], num_warps=cfg.num_warps, num_stages=1, **pdl,
