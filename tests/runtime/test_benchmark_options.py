@@ -28,11 +28,13 @@ def test_scale_out_variants_have_their_options():
 
 
 def _session_arguments(option: str) -> list[str]:
-    """Every quoted value `gpu_session.sh` passes to `option`."""
+    """Every quoted value `gpu_session.sh` passes to `option` (on its line or the next), a
+    `${NAME:-default}` value read as its default."""
     import re
 
     text = (BENCHMARKS / "gpu_session.sh").read_text()
-    return re.findall(rf'{option} "([^"]*)"', text)
+    values = re.findall(rf'{option} (?:\\\n\s*)?"([^"]*)"', text)
+    return [re.sub(r"^\$\{\w+:-(.*)\}$", r"\1", v) for v in values]
 
 
 def test_gpu_session_tiles_and_rows_parse():
@@ -41,7 +43,10 @@ def test_gpu_session_tiles_and_rows_parse():
     from kiln.codegen.kernels.quant_gemm import parse_gemv_tiles
 
     specs = [s for arg in _session_arguments("--compare-gemv-tiles") for s in arg.split(";")]
-    assert specs and all(parse_gemv_tiles(s) for s in specs)
+    assert any("@" in s for s in specs), "the gemv-tiles section's quantized rows were not read"
+    schemes = {s.rpartition("@")[0] for s in specs} - {""}
+    assert schemes <= {"int8_weight_only", "fp8_weight_only", "int8", "fp8"}, schemes
+    assert specs and all(parse_gemv_tiles(s.rpartition("@")[2]) for s in specs)
     chain = _load("attention_chain")
     known = [*chain.BOUNDARY_ROWS, *chain.ATTENTION_ROWS]
     assert not [r for r in known if "," in r], "a row name with a comma cannot be asked for"
