@@ -851,7 +851,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         pro = prologue or Prologue(NO_PROLOGUE)
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
             x2, wq, w_scale, bias_arg, out,
-            *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)), N, K, wq.stride(0), pro.eps, HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
+            *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)), N, K, wq.stride(0), pro.eps,
+            HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
             K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth, EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, ROUND=common["ROUND"], num_warps=cfg.num_warps, num_stages=1, **pdl,
