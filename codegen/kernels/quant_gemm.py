@@ -583,22 +583,71 @@ def _stream_step(w_ptr, N, K, stride_wn, pid, step, TILES: tl.constexpr, K_STEPS
 
 
 @triton.jit
+def _stream_input(x_ptr, res_ptr, g_ptr, sum_ptr, K, eps, pid, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr,
+                  K_STEPS: tl.constexpr, EVEN_K: tl.constexpr):
+    """(the norm's rstd or 1, the input row's first K step as the product reads it) of a
+    `_gemv_tiles_kernel` program: made once, after its wait. With a residual, program 0 also stores
+    the sum."""
+    rstd = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+    rk = tl.arange(0, BLOCK_K)
+    return rstd, _gemv_input(x_ptr, res_ptr, g_ptr, rk, rk < K, K, rstd, PROLOGUE, EVEN_K)
+
+
+@triton.jit
+def _step_input(first, x_ptr, res_ptr, g_ptr, K, rstd, i: tl.constexpr, PROLOGUE: tl.constexpr,
+                BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, EVEN_K: tl.constexpr):
+    """Stream step i's input chunk: the row's first K step, kept, or a later one, made again."""
+    if i % K_STEPS == 0:
+        x = first
+    else:
+        offs = (i % K_STEPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+    return x
+
+
+@triton.jit
+def _rope_stream_step(w_ptr, N, K, stride_wn, pid, step, QK, HEAD_D: tl.constexpr, TILES: tl.constexpr,
+                      K_STEPS: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+    """`_stream_step` of a program with the rotary epilogue: its tiles are `rope_rows`' units (the
+    plain gemv's programs), each two half tiles, the rotation pairs' first members and their
+    partners. QK: the q and k columns, which rotate."""
+    rows_a, rows_b, _ = rope_rows(pid * TILES + step // K_STEPS, QK, HEAD_D, HALF_N, ROPE)
+    offs = (step % K_STEPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs < K)[None, :]
+    w_a = _load(w_ptr + tl.minimum(rows_a, N - 1)[:, None].to(tl.int64) * stride_wn + offs[None, :], mask, EVEN_K)
+    w_b = _load(w_ptr + tl.minimum(rows_b, N - 1)[:, None].to(tl.int64) * stride_wn + offs[None, :], mask, EVEN_K)
+    return w_a, w_b
+
+
+@triton.jit
 def _gemv_tiles_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
+    pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
+    k_scale, v_scale, QD, KD, DV,
     HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, FP8_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, TILES: tl.constexpr, DEPTH: tl.constexpr,
     EVEN_K: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, ROUND: tl.constexpr,
+    ROPE: tl.constexpr, KV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr,
 ):
     """`_gemv_kernel`'s product for one row (float or 8-bit weight-only, a prologue, no split, no
-    rope, no sum over ranks), each program streaming TILES consecutive tiles of BLOCK_N rows: a
-    stream of TILES * K_STEPS steps, unrolled, in which step i + DEPTH's weights (DEPTH 1 or 2)
-    are loaded before step i's product, so a program's loads do not drain between its tiles as
-    they do between programs. With one K step a tile (BLOCK_K >= K) the prologue's row is made
-    once a program, not once a tile. Its norm is the reference's (statistics first, then the
-    row rounded as rms_norm rounds it), not NORM_AT_END's."""
+    sum over ranks), each program streaming TILES consecutive tiles of BLOCK_N rows: a stream of
+    TILES * K_STEPS steps, unrolled, in which step i + DEPTH's weights (DEPTH 1 or 2) are loaded
+    before step i's product, so a program's loads do not drain between its tiles as they do
+    between programs. With one K step a tile (BLOCK_K >= K) the prologue's row is made once a
+    program, not once a tile. Its norm is the reference's (statistics first, then the row rounded
+    as rms_norm rounds it), not NORM_AT_END's. ROPE: the rotary epilogue (`_rope_tiles`; the
+    arguments from pos_ptr to DV are the epilogue's, as `_gemv_kernel`'s)."""
+    if ROPE != 0:
+        _rope_tiles(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
+                    pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh,
+                    block_size, k_scale, v_scale, QD, KD, DV, HAS_BIAS, W_INT8, FP8_BITS, BLOCK_N, BLOCK_K, K_STEPS,
+                    TILES, EVEN_K, PDL, EARLY_W, PROLOGUE, ROPE, KV_FP8, EXACT_ROUND, HEAD_D)
+        return
     pid = tl.program_id(0)
     STEPS: tl.constexpr = TILES * K_STEPS
-    rk = tl.arange(0, BLOCK_K)
     if not EARLY_W:
         wait_for_inputs(PDL)
     w_a = _stream_step(w_ptr, N, K, stride_wn, pid, 0, TILES, K_STEPS, BLOCK_N, BLOCK_K, EVEN_K)
@@ -607,11 +656,7 @@ def _gemv_tiles_kernel(
         w_b = _stream_step(w_ptr, N, K, stride_wn, pid, 1, TILES, K_STEPS, BLOCK_N, BLOCK_K, EVEN_K)
     if EARLY_W:
         wait_for_inputs(PDL)
-    rstd = 1.0
-    if PROLOGUE == 1 or PROLOGUE == 2:
-        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
-    if K_STEPS == 1:
-        x_row = _gemv_input(x_ptr, res_ptr, g_ptr, rk, rk < K, K, rstd, PROLOGUE, EVEN_K)
+    rstd, first = _stream_input(x_ptr, res_ptr, g_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for i in tl.static_range(STEPS):
         w = w_a
@@ -623,17 +668,62 @@ def _gemv_tiles_kernel(
             w_b = w_next
         else:
             w_a = w_next
-        if K_STEPS == 1:
-            x = x_row
-        else:
-            offs = (i % K_STEPS) * BLOCK_K + rk
-            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+        x = _step_input(first, x_ptr, res_ptr, g_ptr, K, rstd, i, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
         acc = _gemv_product(acc, w, x, False, W_INT8, FP8_BITS)
         if i % K_STEPS == K_STEPS - 1:
             rn = (pid * TILES + i // K_STEPS) * BLOCK_N + tl.arange(0, BLOCK_N)
             _epilogue(tl.sum(acc, axis=1)[None, :], tl.arange(0, 1), rn, 1, N, out_ptr, N, w_scale_ptr, w_scale_ptr,
                       bias_ptr, False, HAS_BIAS, ROUND)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+
+
+@triton.jit
+def _rope_tiles(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
+                pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh,
+                block_size, k_scale, v_scale, QD, KD, DV, HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr,
+                FP8_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+                TILES: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr,
+                PROLOGUE: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr,
+                HEAD_D: tl.constexpr):
+    """`_gemv_tiles_kernel` with the rotary epilogue, one step ahead: tile t of program pid is the
+    plain rotary gemv's program pid * TILES + t, its two half tiles streamed side by side, then
+    rotated and stored (its k and v columns into the cache too) as that program would."""
+    pid = tl.program_id(0)
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    STEPS: tl.constexpr = TILES * K_STEPS
+    if not EARLY_W:
+        wait_for_inputs(PDL)
+    w_a, w_b = _rope_stream_step(w_ptr, N, K, stride_wn, pid, 0, QD + KD, HEAD_D, TILES, K_STEPS, HALF_N, BLOCK_K,
+                                 ROPE, EVEN_K)
+    if EARLY_W:
+        wait_for_inputs(PDL)
+    rstd, first = _stream_input(x_ptr, res_ptr, g_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+    acc_a = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
+    for i in tl.static_range(STEPS):
+        cur_a = w_a
+        cur_b = w_b
+        if i + 1 < STEPS:
+            w_a, w_b = _rope_stream_step(w_ptr, N, K, stride_wn, pid, i + 1, QD + KD, HEAD_D, TILES, K_STEPS, HALF_N,
+                                         BLOCK_K, ROPE, EVEN_K)
+        x = _step_input(first, x_ptr, res_ptr, g_ptr, K, rstd, i, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+        acc_a = _gemv_product(acc_a, cur_a, x, False, W_INT8, FP8_BITS)
+        acc_b = _gemv_product(acc_b, cur_b, x, False, W_INT8, FP8_BITS)
+        if i % K_STEPS == K_STEPS - 1:
+            unit = pid * TILES + i // K_STEPS
+            rn, rn_b, freqs = rope_rows(unit, QD + KD, HEAD_D, HALF_N, ROPE)
+            cos, sin, slot = rope_tables(unit, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D,
+                                         HALF_N)
+            vals_a = tl.sum(acc_a, axis=1) * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
+            vals_b = tl.sum(acc_b, axis=1) * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
+            if HAS_BIAS:
+                vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+                vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
+            rope_store(vals_a, vals_b, rn, rn_b, unit, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
+                       vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, HALF_N, KV_FP8,
+                       EXACT_ROUND)
+            acc_a = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
+            acc_b = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
 
 
 @triton.jit
@@ -761,7 +851,7 @@ def _rope_config(cfg: GemmConfig, rope: Rope, x_scale: torch.Tensor | None) -> G
         block_n //= 2
     if block_n < 2 or rope.head_dim % block_n:
         raise ValueError(f"a rope epilogue needs an even head_dim, got {rope.head_dim}")
-    return dataclasses.replace(cfg, block_n=block_n, split_k=1, tiles=1, depth=1)
+    return dataclasses.replace(cfg, block_n=block_n, split_k=1, depth=1)
 
 
 def _no_rope_args(x: torch.Tensor) -> tuple:
@@ -852,10 +942,13 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
             x2, wq, w_scale, bias_arg, out,
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)), N, K, wq.stride(0), pro.eps,
-            HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
-            FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-            K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth, EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"],
-            PROLOGUE=pro.kind, ROUND=common["ROUND"], num_warps=cfg.num_warps, num_stages=1, **pdl,
+            *(rope.args() if rope is not None else _no_rope_args(x2)), HAS_BIAS=bias is not None,
+            W_INT8=wq.dtype == torch.int8, FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth,
+            EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"], PROLOGUE=pro.kind, ROUND=common["ROUND"],
+            ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
+            EXACT_ROUND=rope is not None and rope.fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+            HEAD_D=rope.head_dim if rope is not None else 2, num_warps=cfg.num_warps, num_stages=1, **pdl,
         )
     elif cfg.kernel == "gemv":
         pro = prologue or Prologue(NO_PROLOGUE)

@@ -537,8 +537,8 @@ def test_scaled_linear_scaled_mm(M, has_bias, device, close):
 
 def test_a_config_of_several_tiles_takes_the_tiles_kernel(device, monkeypatch, close):
     """tiles > 1 launches `_gemv_tiles_kernel` over cdiv(N, rows x tiles) programs (the plain gemv
-    would give the same numbers, so the launch is what is checked); the rotary gemv and 8-bit
-    activations (W8A8) take the plain gemv whatever the config."""
+    would give the same numbers, so the launch is what is checked); 8-bit activations (W8A8) take
+    the plain gemv whatever the config, and the rotary gemv keeps its tiles, one step ahead."""
     grids = []
 
     class Spy:
@@ -557,7 +557,9 @@ def test_a_config_of_several_tiles_takes_the_tiles_kernel(device, monkeypatch, c
     wq, w_scale = Q.quantize_weight(w, "int8")
     scaled_linear(xq, x_scale, wq, w_scale, None, torch.float32, config=config, backend="triton")
     assert grids == [(4,)]
-    assert quant_gemm._rope_config(config, SimpleNamespace(head_dim=64), None).tiles == 1  # (all it reads)
+    deep = GemmConfig("gemv", 1, 4, 64, tiles=3, depth=2)
+    rope_config = quant_gemm._rope_config(deep, SimpleNamespace(head_dim=64), None)  # (all it reads)
+    assert (rope_config.tiles, rope_config.depth) == (3, 1)
 
 
 def test_gemm_config_checks():
