@@ -161,6 +161,9 @@ _GEMV_TILES = {
     (1, "vocab"): (16, 256, 4), (1, "wide"): (2, 2048, 4, 4, 1), (1, "long"): (4, 8192, 8, 2, 1),
     (1, "small"): (4, 2048, 4), (1, "narrow"): (4, 1024, 4),
 }
+# 8-bit activations (W8A8 at batch 1) take the plain gemv, not the tiles kernel: where a role's 8-bit tile
+# streams several tiles, they keep the plain tile it had before (session 29 timed weight-only rows only).
+_W8A8_GEMV_TILES = {"wide": (16, 512, 8), "long": (4, 2048, 8)}
 
 
 def parse_gemv_tiles(spec: str) -> dict:
@@ -221,6 +224,9 @@ def pick_config(M: int, N: int, K: int, x_dtype: torch.dtype, num_sms: int = 132
         tile = _GEMV_TILES.get((width, role + "+rope")) if rope else None
         block_n, block_k, num_warps, *stream = tile or _GEMV_TILES[(width, role)]
         tiles, depth = stream or (1, 1)
+        if eight_bit_a and tiles > 1:
+            block_n, block_k, num_warps = _W8A8_GEMV_TILES.get(role, (block_n, block_k, num_warps))
+            tiles, depth = 1, 1
         block_k = min(block_k, triton.next_power_of_2(K))
         split_k = 1
         programs = triton.cdiv(N, block_n)

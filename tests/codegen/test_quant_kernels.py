@@ -586,6 +586,10 @@ def test_pick_config_buckets():
     sms = 132
     big = quant_gemm.pick_config(1, 16384, 2048, torch.bfloat16, sms)
     assert big.kernel == "gemv" and big.split_k == 1 and (big.block_n, big.tiles) == (2, 4)
+    # 8-bit activations (W8A8) take the plain gemv, on the plain tile the role had
+    for a in (torch.int8, torch.float8_e4m3fn):
+        w8a8 = quant_gemm.pick_config(1, 16384, 2048, a, sms, a)
+        assert (w8a8.block_n, w8a8.block_k, w8a8.num_warps, w8a8.tiles) == (16, 512, 8, 1)
     float_down = quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.bfloat16)
     assert (float_down.block_n, float_down.block_k, float_down.num_warps) == (8, 2048, 8)
     assert quant_gemm.pick_config(1, 2048, 8192, torch.bfloat16, sms, torch.int8).block_n == 4
