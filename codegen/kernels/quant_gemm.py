@@ -450,6 +450,24 @@ def _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K: tl.constexpr, EVEN: tl.const
 
 
 @triton.jit
+def _rope_finish(acc_a, acc_b, sums_scale, rn, rn_b, freqs, unit, N, out_ptr, w_scale_ptr, bias_ptr, pos_ptr, cs_ptr,
+                 slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size, k_scale,
+                 v_scale, QD, KD, DV, HEAD_D: tl.constexpr, HALF_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 KV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr):
+    """The rotary gemv's epilogue for one unit of rows (`rope_rows`): its pair tiles' sums scaled
+    (sums_scale, then per channel) and biased, rotated, stored, and k and v written to the cache.
+    The tables are read only here, after the weight stream (see rope_tables)."""
+    cos, sin, slot = rope_tables(unit, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, HALF_N)
+    vals_a = tl.sum(acc_a, axis=1) * sums_scale * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
+    vals_b = tl.sum(acc_b, axis=1) * sums_scale * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
+    if HAS_BIAS:
+        vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
+    rope_store(vals_a, vals_b, rn, rn_b, unit, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
+               vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, HALF_N, KV_FP8, EXACT_ROUND)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, res_ptr, g_ptr, sum_ptr,
     N, K, stride_wn, k_per_split, plane, eps,
@@ -567,14 +585,9 @@ def _gemv_kernel(
                                 PER_WORD, TRAP)
                 tl.atomic_xchg(red_counter_ptr, 0, sem="relaxed")  # ready for the next launch
     else:  # (the launcher makes it one split, without x scales; the tables only now: see rope_tables)
-        cos, sin, slot = rope_tables(pid_n, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, ROWS)
-        vals_a = tl.sum(acc, axis=1) * sums_scale * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
-        vals_b = tl.sum(acc_b, axis=1) * sums_scale * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
-        if HAS_BIAS:
-            vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-            vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
-        rope_store(vals_a, vals_b, rn, rn_b, pid_n, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
-                   vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, ROWS, KV_FP8, EXACT_ROUND)
+        _rope_finish(acc, acc_b, sums_scale, rn, rn_b, freqs, pid_n, N, out_ptr, w_scale_ptr, bias_ptr, pos_ptr, cs_ptr,
+                     slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size, k_scale,
+                     v_scale, QD, KD, DV, HEAD_D, ROWS, HAS_BIAS, KV_FP8, EXACT_ROUND)
 
 
 @triton.jit
@@ -718,16 +731,9 @@ def _rope_tiles(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, su
         if i % K_STEPS == K_STEPS - 1:
             unit = pid * TILES + i // K_STEPS
             rn, rn_b, freqs = rope_rows(unit, QD + KD, HEAD_D, HALF_N, ROPE)
-            cos, sin, slot = rope_tables(unit, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D,
-                                         HALF_N)
-            vals_a = tl.sum(acc_a, axis=1) * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
-            vals_b = tl.sum(acc_b, axis=1) * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
-            if HAS_BIAS:
-                vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-                vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
-            rope_store(vals_a, vals_b, rn, rn_b, unit, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
-                       vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, HALF_N, KV_FP8,
-                       EXACT_ROUND)
+            _rope_finish(acc_a, acc_b, 1.0, rn, rn_b, freqs, unit, N, out_ptr, w_scale_ptr, bias_ptr, pos_ptr, cs_ptr,
+                         slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
+                         k_scale, v_scale, QD, KD, DV, HEAD_D, HALF_N, HAS_BIAS, KV_FP8, EXACT_ROUND)
             acc_a = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
             acc_b = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
 
