@@ -30,9 +30,6 @@
 #   gemv-tiles  several tiles a gemv program (quant_gemm._gemv_tiles_kernel, session 29): its kernel tests compiled
 #               on the GPU, then batch-1 decode in bf16, int8 and fp8 weight-only, each with today's tiles and with
 #               gate/up, down (and bf16's o) on tiles streamed several a program; three interleaved rounds
-#   rope-tiles  the 8-bit q/k/v gemv with its rotary epilogue on the tiles kernel (session 29, prepared, not timed):
-#               its kernel tests compiled on the GPU, the decode paths with every 8-bit q/k/v of the tiny model on it,
-#               then batch-1 int8 weight-only decode with and without it; three interleaved rounds
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
 #               shape and a TP=2 rank of 8B
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
@@ -155,15 +152,6 @@ section() {
                 --quantization int8_weight_only,fp8_weight_only --compare-gemv-tiles \
                 "${GEMV_TILES_ROWS:-wide=4x2048x8x4x2,long=2x8192x8x2,small=2x2048x4x2;int8_weight_only@8bit.wide=2x2048x4x4,8bit.long=4x8192x8x2;fp8_weight_only@8bit.wide=2x2048x4x4,8bit.long=4x8192x8x2}"
             grep -A16 "^device" "$OUT/gemv-tiles.txt" ;;
-        rope-tiles)
-            gpu_tests rope-tiles-kernels 200 tests/codegen/test_rope_gemv.py tests/codegen/test_quant_kernels.py -k \
-                "False-2 or False-3 or tiles"
-            KILN_GEMV_TILES="8bit.small+rope=2x64x4x3" run rope-tiles-paths 200 python benchmarks/check_decode_paths.py
-            grep -E "==|Error" "$OUT/rope-tiles-paths.txt"
-            run rope-tiles 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
-                --quantization int8_weight_only --compare-gemv-tiles \
-                "${ROPE_TILES_ROWS:-int8_weight_only@8bit.narrow+rope=2x2048x8x2;int8_weight_only@8bit.narrow+rope=4x2048x8x2}"
-            grep -A12 "^device" "$OUT/rope-tiles.txt" ;;
         wide-tiles)
             run wide-tiles 500 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-gemv-tiles "wide=8x1024x4;wide=8x1024x8;wide=8x2048x8"

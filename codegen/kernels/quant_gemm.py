@@ -148,7 +148,9 @@ SPLIT_K_BY_DEFAULT = False
 # tile of its own. Session 22 timed one: at TP=2's 3072 x 4096, 8 x 1024 x 8 took 12.85 us against
 # deep's 14.03 as chains of 8 (`benchmarks/qkv_gemv.py`, H100), but the whole TP=2 step with it and
 # with 4 x 1024 x 4 for TP=2's o (best in session 20's sweep) was no faster (3.402 against 3.374 ms/token,
-# `scale_out.py --compare-tiles`).
+# `scale_out.py --compare-tiles`). A "+rope" entry streams one tile a program: the tiles kernel with the
+# rotary epilogue lost (session 30, H200, the int8 1B step: 0.707 and 0.746 against 0.663 ms/token with
+# 8bit.narrow+rope 4x2048x8x2 and 2x2048x8x2), and is gone.
 _GEMV_TILES = {
     # 16-bit weights (float_linear)
     (2, "vocab"): (4, 1024, 4), (2, "wide"): (4, 1024, 4), (2, "long"): (8, 2048, 8),
@@ -185,6 +187,8 @@ def parse_gemv_tiles(spec: str) -> dict:
             values = ()
         if len(values) not in (3, 4, 5):
             raise ValueError(f"gemv tiles: {item!r} is not ROLE=ROWSxKxWARPS[xTILES[xDEPTH]]")
+        if role.endswith("+rope") and values[3:] not in ((), (1,), (1, 1)):
+            raise ValueError(f"gemv tiles: {item!r}: the rotary gemv streams one tile a program")
         tiles[(width, role)] = values if len(values) == 3 else (values + (1,))[:5]
     return tiles
 
@@ -627,29 +631,11 @@ def _step_input(first, x_ptr, res_ptr, g_ptr, K, rstd, i: tl.constexpr, PROLOGUE
 
 
 @triton.jit
-def _rope_stream_step(w_ptr, N, K, stride_wn, pid, step, QK, HEAD_D: tl.constexpr, TILES: tl.constexpr,
-                      K_STEPS: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
-                      EVEN_K: tl.constexpr):
-    """`_stream_step` of a program with the rotary epilogue: its tiles are `rope_rows`' units (the
-    plain gemv's programs), each two half tiles, the rotation pairs' first members and their
-    partners. QK: the q and k columns, which rotate."""
-    rows_a, rows_b, _ = rope_rows(pid * TILES + step // K_STEPS, QK, HEAD_D, HALF_N, ROPE)
-    offs = (step % K_STEPS) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs < K)[None, :]
-    w_a = _load(w_ptr + tl.minimum(rows_a, N - 1)[:, None].to(tl.int64) * stride_wn + offs[None, :], mask, EVEN_K)
-    w_b = _load(w_ptr + tl.minimum(rows_b, N - 1)[:, None].to(tl.int64) * stride_wn + offs[None, :], mask, EVEN_K)
-    return w_a, w_b
-
-
-@triton.jit
 def _gemv_tiles_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
-    pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
-    k_scale, v_scale, QD, KD, DV,
     HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, FP8_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, TILES: tl.constexpr, DEPTH: tl.constexpr,
     EVEN_K: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, ROUND: tl.constexpr,
-    ROPE: tl.constexpr, KV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr,
 ):
     """`_gemv_kernel`'s product for one row (float or 8-bit weight-only, a prologue, no split, no
     sum over ranks), each program streaming TILES consecutive tiles of BLOCK_N rows: a stream of
@@ -657,14 +643,7 @@ def _gemv_tiles_kernel(
     before step i's product, so a program's loads do not drain between its tiles as they do
     between programs. With one K step a tile (BLOCK_K >= K) the prologue's row is made once a
     program, not once a tile. Its norm is the reference's (statistics first, then the row rounded
-    as rms_norm rounds it), not NORM_AT_END's. ROPE: the rotary epilogue (`_rope_tiles`; the
-    arguments from pos_ptr to DV are the epilogue's, as `_gemv_kernel`'s)."""
-    if ROPE != 0:
-        _rope_tiles(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
-                    pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh,
-                    block_size, k_scale, v_scale, QD, KD, DV, HAS_BIAS, W_INT8, FP8_BITS, BLOCK_N, BLOCK_K, K_STEPS,
-                    TILES, EVEN_K, PDL, EARLY_W, PROLOGUE, ROPE, KV_FP8, EXACT_ROUND, HEAD_D)
-        return
+    as rms_norm rounds it), not NORM_AT_END's."""
     pid = tl.program_id(0)
     STEPS: tl.constexpr = TILES * K_STEPS
     if not EARLY_W:
@@ -694,48 +673,6 @@ def _gemv_tiles_kernel(
             _epilogue(tl.sum(acc, axis=1)[None, :], tl.arange(0, 1), rn, 1, N, out_ptr, N, w_scale_ptr, w_scale_ptr,
                       bias_ptr, False, HAS_BIAS, ROUND)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-
-
-@triton.jit
-def _rope_tiles(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
-                pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh,
-                block_size, k_scale, v_scale, QD, KD, DV, HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr,
-                FP8_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-                TILES: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr,
-                PROLOGUE: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr,
-                HEAD_D: tl.constexpr):
-    """`_gemv_tiles_kernel` with the rotary epilogue, one step ahead: tile t of program pid is the
-    plain rotary gemv's program pid * TILES + t, its two half tiles streamed side by side, then
-    rotated and stored (its k and v columns into the cache too) as that program would."""
-    pid = tl.program_id(0)
-    HALF_N: tl.constexpr = BLOCK_N // 2
-    STEPS: tl.constexpr = TILES * K_STEPS
-    if not EARLY_W:
-        wait_for_inputs(PDL)
-    w_a, w_b = _rope_stream_step(w_ptr, N, K, stride_wn, pid, 0, QD + KD, HEAD_D, TILES, K_STEPS, HALF_N, BLOCK_K,
-                                 ROPE, EVEN_K)
-    if EARLY_W:
-        wait_for_inputs(PDL)
-    rstd, first = _stream_input(x_ptr, res_ptr, g_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
-    acc_a = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
-    for i in tl.static_range(STEPS):
-        cur_a = w_a
-        cur_b = w_b
-        if i + 1 < STEPS:
-            w_a, w_b = _rope_stream_step(w_ptr, N, K, stride_wn, pid, i + 1, QD + KD, HEAD_D, TILES, K_STEPS, HALF_N,
-                                         BLOCK_K, ROPE, EVEN_K)
-        x = _step_input(first, x_ptr, res_ptr, g_ptr, K, rstd, i, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
-        acc_a = _gemv_product(acc_a, cur_a, x, False, W_INT8, FP8_BITS)
-        acc_b = _gemv_product(acc_b, cur_b, x, False, W_INT8, FP8_BITS)
-        if i % K_STEPS == K_STEPS - 1:
-            unit = pid * TILES + i // K_STEPS
-            rn, rn_b, freqs = rope_rows(unit, QD + KD, HEAD_D, HALF_N, ROPE)
-            _rope_finish(acc_a, acc_b, 1.0, rn, rn_b, freqs, unit, N, out_ptr, w_scale_ptr, bias_ptr, pos_ptr, cs_ptr,
-                         slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
-                         k_scale, v_scale, QD, KD, DV, HEAD_D, HALF_N, HAS_BIAS, KV_FP8, EXACT_ROUND)
-            acc_a = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
-            acc_b = tl.zeros((HALF_N, BLOCK_K), dtype=tl.float32)
 
 
 @triton.jit
@@ -853,7 +790,8 @@ class Rope:
 
 
 def _rope_config(cfg: GemmConfig, rope: Rope, x_scale: torch.Tensor | None) -> GemmConfig:
-    """The tiling with a rope epilogue: the gemv, one split (the epilogue needs whole sums), and
+    """The tiling with a rope epilogue: the plain gemv (one tile a program: the tiles kernel's
+    rotary form lost, codegen/NOTES.md, session 30), one split (the epilogue needs whole sums), and
     programs of whole pairs inside one head (BLOCK_N even, dividing head_dim)."""
     if cfg.kernel != "gemv" or x_scale is not None:
         raise ValueError(f"a rope epilogue needs the weight-only or float gemv, got {cfg}"
@@ -863,7 +801,7 @@ def _rope_config(cfg: GemmConfig, rope: Rope, x_scale: torch.Tensor | None) -> G
         block_n //= 2
     if block_n < 2 or rope.head_dim % block_n:
         raise ValueError(f"a rope epilogue needs an even head_dim, got {rope.head_dim}")
-    return dataclasses.replace(cfg, block_n=block_n, split_k=1, depth=1)
+    return dataclasses.replace(cfg, block_n=block_n, split_k=1, tiles=1, depth=1)
 
 
 def _no_rope_args(x: torch.Tensor) -> tuple:
@@ -948,19 +886,18 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
                   ROUND=TL_DTYPES[round_to] if round_to is not None else None, **pdl)
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
-    # several tiles a program (`_gemv_tiles_kernel`) for float rows; 8-bit activations (W8A8) take the plain gemv
+    # several tiles a program (`_gemv_tiles_kernel`) for float rows without a rotary epilogue (`_rope_config`
+    # makes those one tile); 8-bit activations (W8A8) take the plain gemv
     if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int:
         pro = prologue or Prologue(NO_PROLOGUE)
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
             x2, wq, w_scale, bias_arg, out,
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)), N, K, wq.stride(0), pro.eps,
-            *(rope.args() if rope is not None else _no_rope_args(x2)), HAS_BIAS=bias is not None,
+            HAS_BIAS=bias is not None,
             W_INT8=wq.dtype == torch.int8, FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn,
             BLOCK_N=cfg.block_n, BLOCK_K=block_k, K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth,
             EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"], PROLOGUE=pro.kind, ROUND=common["ROUND"],
-            ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
-            EXACT_ROUND=rope is not None and rope.fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
-            HEAD_D=rope.head_dim if rope is not None else 2, num_warps=cfg.num_warps, num_stages=1, **pdl,
+            num_warps=cfg.num_warps, num_stages=1, **pdl,
         )
     elif cfg.kernel == "gemv":
         pro = prologue or Prologue(NO_PROLOGUE)

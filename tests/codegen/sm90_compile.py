@@ -85,20 +85,17 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
 
 
 def compile_gemv_tiles(w_ty: str, prologue: int, tiles: int, tile: tuple[int, int, int], depth: int = 1,
-                       k_steps: int = 1, early_w: bool = True, fp8_bits: bool = False, rope: int = 0,
-                       cache_ty: str = "bf16") -> None:
+                       k_steps: int = 1, early_w: bool = True, fp8_bits: bool = False) -> None:
     """One `_gemv_tiles_kernel` variant (bf16 rows): the weight type, a prologue, the tiles a program
-    and the tile (rows, K step, warps), the steps loaded ahead, the K steps a tile, a rotary
-    epilogue (`rope_epilogue`'s NEOX or GPTJ) into a cache of `cache_ty`."""
+    and the tile (rows, K step, warps), the steps loaded ahead, the K steps a tile."""
     block_n, block_k, num_warps = tile
     consts = dict(HAS_BIAS=False, W_INT8=w_ty == "i8", FP8_BITS=fp8_bits, BLOCK_N=block_n, BLOCK_K=block_k,
                   K_STEPS=k_steps, TILES=tiles, DEPTH=depth, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue,
-                  ROUND=None, ROPE=rope, KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64)
+                  ROUND=None)
     fn = quant_gemm._gemv_tiles_kernel
-    pointers = {"w_ptr": w_ty, "w_scale_ptr": "fp32", "pos_ptr": "i64", "cs_ptr": "fp32", "slot_ptr": "i64",
-                "kc_ptr": cache_ty, "vc_ptr": cache_ty}
+    pointers = {"w_ptr": w_ty, "w_scale_ptr": "fp32"}
     sig = {name: "constexpr" if name in consts else f"*{pointers.get(name, 'bf16')}" if name.endswith("_ptr")
-           else "fp32" if name in ("eps", "k_scale", "v_scale") else "i32" for name in fn.arg_names}
+           else "fp32" if name == "eps" else "i32" for name in fn.arg_names}
     ptx = _compile(fn, sig, consts, num_warps=num_warps, num_stages=1)
     if early_w:  # the first step's weights are asked for before the wait
         assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "no weight load before the wait"
@@ -219,9 +216,6 @@ def variants() -> list[tuple]:
             ("gemv_tiles", "bf16", quant_gemm.ADD_RMS_NORM, 2, (4, 1024, 4), 2, 2),
             ("gemv_tiles", "fp8e4nv", quant_gemm.NO_PROLOGUE, 2, (4, 2048, 4), 2, 1, True, True),
             ("gemv_tiles", "bf16", quant_gemm.NO_PROLOGUE, 2, (2, 2048, 4), 1, 1, False)]
-    # ... with the rotary epilogue (the q/k/v gemv): NeoX and GPT-J, float and 8-bit weights, an fp8 cache
-    out += [("gemv_tiles", w, quant_gemm.ADD_RMS_NORM, 2, (2, 2048, 8), 1, 1, True, False, rope, cache)
-            for w in ("bf16", "i8") for rope in (quant_gemm.NEOX, quant_gemm.GPTJ) for cache in ("bf16", "fp8e4nv")]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]

@@ -537,8 +537,8 @@ def test_scaled_linear_scaled_mm(M, has_bias, device, close):
 
 def test_a_config_of_several_tiles_takes_the_tiles_kernel(device, monkeypatch, close):
     """tiles > 1 launches `_gemv_tiles_kernel` over cdiv(N, rows x tiles) programs (the plain gemv
-    would give the same numbers, so the launch is what is checked); 8-bit activations (W8A8) take
-    the plain gemv whatever the config, and the rotary gemv keeps its tiles, one step ahead."""
+    would give the same numbers, so the launch is what is checked); the rotary gemv and 8-bit
+    activations (W8A8) take the plain gemv whatever the config."""
     grids = []
 
     class Spy:
@@ -559,7 +559,7 @@ def test_a_config_of_several_tiles_takes_the_tiles_kernel(device, monkeypatch, c
     assert grids == [(4,)]
     deep = GemmConfig("gemv", 1, 4, 64, tiles=3, depth=2)
     rope_config = quant_gemm._rope_config(deep, SimpleNamespace(head_dim=64), None)  # (all it reads)
-    assert (rope_config.tiles, rope_config.depth) == (3, 1)
+    assert (rope_config.tiles, rope_config.depth) == (1, 1)
 
 
 def test_gemm_config_checks():
@@ -619,6 +619,8 @@ def test_parse_gemv_tiles_reads_roles_and_refuses_unknown_ones():
         quant_gemm.parse_gemv_tiles("small=4x1024")
     with pytest.raises(ValueError, match="ROWSxKxWARPS"):
         quant_gemm.parse_gemv_tiles("small=4x1024x4x2x1x1")
+    with pytest.raises(ValueError, match="one tile a program"):
+        quant_gemm.parse_gemv_tiles("8bit.narrow+rope=2x2048x8x2")
 
 
 def test_a_tile_entry_may_name_tiles_a_program(monkeypatch):

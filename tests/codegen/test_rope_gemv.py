@@ -65,20 +65,18 @@ CASES = [(4, 2, 16, "float", True, False, 4), (2, 1, 32, "float", False, True, 8
          (4, 1, 16, "fp8", False, False, 8)]
 
 
-@pytest.mark.parametrize("at_end, tiles", [(True, 1), (False, 1), (False, 3), (False, 2)])
+@pytest.mark.parametrize("at_end", [True, False])
 @pytest.mark.parametrize("style", [NEOX, GPTJ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, HKV, D, weights, has_residual, has_bias, block_n", CASES)
 def test_rope_gemv_is_the_norm_linear_then_rotary_and_cache_write(H, HKV, D, weights, has_residual, has_bias, block_n,
-                                                                   dtype, style, at_end, tiles, device, poisoned, close,
-                                                                   cast, monkeypatch):
+                                                                   dtype, style, at_end, device, poisoned, close, cast,
+                                                                   monkeypatch):
     """float32: against the reference op (output, sum and caches). bfloat16: against the kernel's
     arithmetic in float64 rounded where it rounds (the reference op rounds after every torch op,
     the interpreter truncates its casts: they part by more than bfloat16's bounds on some seeds);
     the cache's slot then holds exactly the output's k and v columns. Both ways of normalizing the
-    row (`quant_gemm.NORM_AT_END`), and several tiles a program (`_gemv_tiles_kernel`, which
-    normalizes first whatever NORM_AT_END says): three of two K steps, whose last program's tiles
-    run past N, and two of whole rows."""
+    row (`quant_gemm.NORM_AT_END`)."""
     monkeypatch.setattr(quant_gemm, "NORM_AT_END", at_end)
     K, N = 64, (H + 2 * HKV) * D
     x = torch.randn(1, K, device=device).to(dtype)
@@ -97,9 +95,7 @@ def test_rope_gemv_is_the_norm_linear_then_rotary_and_cache_write(H, HKV, D, wei
     before = [c.clone() for c in caches]
     rope = Rope(style, position, cs, torch.tensor([slot], device=device), *caches, H, HKV, D)
     out, summed = poisoned(quant_gemm.rope_gemv, x, residual, g, 1e-5, w, bias, rope,
-                           config=GemmConfig("gemv", 1, block_n, 64 if tiles == 2 else 32,
-                                             split_k=4 if tiles == 1 else 1, tiles=tiles),
-                           w_scale=w_scale)
+                           config=GemmConfig("gemv", 1, block_n, 32, split_k=4), w_scale=w_scale)
     ref_caches = [c.clone() for c in before]
     ref, ref_summed = reference(x, residual, g, [w], [bias] if has_bias else [], w_scale, position, cs,
                                 style == NEOX, slot, ref_caches, H, HKV, D)
