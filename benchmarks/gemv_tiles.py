@@ -19,10 +19,10 @@ import sys
 
 import torch
 
+from gemv_prologue import MATRICES
 from kernels import copy_bandwidth
 from qkv_gemv import graph_us
 
-MATRICES = {"gate_up": (16384, 2048), "down": (2048, 8192), "qkv": (3072, 2048), "o": (2048, 2048)}
 # tilings timed by default (rows x K step x warps x tiles [x depth]), per weight width
 TILINGS = {
     2: {"gate_up": ["4x2048x8x4x2", "4x2048x8x2", "2x2048x8x4", "4x2048x4x2"],

@@ -454,24 +454,6 @@ def _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K: tl.constexpr, EVEN: tl.const
 
 
 @triton.jit
-def _rope_finish(acc_a, acc_b, sums_scale, rn, rn_b, freqs, unit, N, out_ptr, w_scale_ptr, bias_ptr, pos_ptr, cs_ptr,
-                 slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size, k_scale,
-                 v_scale, QD, KD, DV, HEAD_D: tl.constexpr, HALF_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 KV_FP8: tl.constexpr, EXACT_ROUND: tl.constexpr):
-    """The rotary gemv's epilogue for one unit of rows (`rope_rows`): its pair tiles' sums scaled
-    (sums_scale, then per channel) and biased, rotated, stored, and k and v written to the cache.
-    The tables are read only here, after the weight stream (see rope_tables)."""
-    cos, sin, slot = rope_tables(unit, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, HALF_N)
-    vals_a = tl.sum(acc_a, axis=1) * sums_scale * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
-    vals_b = tl.sum(acc_b, axis=1) * sums_scale * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
-    if HAS_BIAS:
-        vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
-    rope_store(vals_a, vals_b, rn, rn_b, unit, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
-               vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, HALF_N, KV_FP8, EXACT_ROUND)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, out_ptr, part_ptr, res_ptr, g_ptr, sum_ptr,
     N, K, stride_wn, k_per_split, plane, eps,
@@ -589,9 +571,14 @@ def _gemv_kernel(
                                 PER_WORD, TRAP)
                 tl.atomic_xchg(red_counter_ptr, 0, sem="relaxed")  # ready for the next launch
     else:  # (the launcher makes it one split, without x scales; the tables only now: see rope_tables)
-        _rope_finish(acc, acc_b, sums_scale, rn, rn_b, freqs, pid_n, N, out_ptr, w_scale_ptr, bias_ptr, pos_ptr, cs_ptr,
-                     slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size, k_scale,
-                     v_scale, QD, KD, DV, HEAD_D, ROWS, HAS_BIAS, KV_FP8, EXACT_ROUND)
+        cos, sin, slot = rope_tables(pid_n, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, ROWS)
+        vals_a = tl.sum(acc, axis=1) * sums_scale * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
+        vals_b = tl.sum(acc_b, axis=1) * sums_scale * tl.load(w_scale_ptr + rn_b, mask=rn_b < N, other=0.0)
+        if HAS_BIAS:
+            vals_a += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+            vals_b += tl.load(bias_ptr + rn_b, mask=rn_b < N, other=0.0).to(tl.float32)
+        rope_store(vals_a, vals_b, rn, rn_b, pid_n, N, out_ptr, cos, sin, slot, kc_ptr, vc_ptr, kc_sb, kc_ss, kc_sh,
+                   vc_sb, vc_ss, vc_sh, block_size, k_scale, v_scale, QD, KD, HEAD_D, DV, ROWS, KV_FP8, EXACT_ROUND)
 
 
 @triton.jit
@@ -606,31 +593,6 @@ def _stream_step(w_ptr, N, K, stride_wn, pid, step, TILES: tl.constexpr, K_STEPS
 
 
 @triton.jit
-def _stream_input(x_ptr, res_ptr, g_ptr, sum_ptr, K, eps, pid, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr,
-                  K_STEPS: tl.constexpr, EVEN_K: tl.constexpr):
-    """(the norm's rstd or 1, the input row's first K step as the product reads it) of a
-    `_gemv_tiles_kernel` program: made once, after its wait. With a residual, program 0 also stores
-    the sum."""
-    rstd = 1.0
-    if PROLOGUE == 1 or PROLOGUE == 2:
-        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
-    rk = tl.arange(0, BLOCK_K)
-    return rstd, _gemv_input(x_ptr, res_ptr, g_ptr, rk, rk < K, K, rstd, PROLOGUE, EVEN_K)
-
-
-@triton.jit
-def _step_input(first, x_ptr, res_ptr, g_ptr, K, rstd, i: tl.constexpr, PROLOGUE: tl.constexpr,
-                BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, EVEN_K: tl.constexpr):
-    """Stream step i's input chunk: the row's first K step, kept, or a later one, made again."""
-    if i % K_STEPS == 0:
-        x = first
-    else:
-        offs = (i % K_STEPS) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
-    return x
-
-
-@triton.jit
 def _gemv_tiles_kernel(
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, res_ptr, g_ptr, sum_ptr, N, K, stride_wn, eps,
     HAS_BIAS: tl.constexpr, W_INT8: tl.constexpr, FP8_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -638,14 +600,15 @@ def _gemv_tiles_kernel(
     EVEN_K: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, ROUND: tl.constexpr,
 ):
     """`_gemv_kernel`'s product for one row (float or 8-bit weight-only, a prologue, no split, no
-    sum over ranks), each program streaming TILES consecutive tiles of BLOCK_N rows: a stream of
-    TILES * K_STEPS steps, unrolled, in which step i + DEPTH's weights (DEPTH 1 or 2) are loaded
-    before step i's product, so a program's loads do not drain between its tiles as they do
-    between programs. With one K step a tile (BLOCK_K >= K) the prologue's row is made once a
-    program, not once a tile. Its norm is the reference's (statistics first, then the row rounded
-    as rms_norm rounds it), not NORM_AT_END's."""
+    rope, no sum over ranks), each program streaming TILES consecutive tiles of BLOCK_N rows: a
+    stream of TILES * K_STEPS steps, unrolled, in which step i + DEPTH's weights (DEPTH 1 or 2)
+    are loaded before step i's product, so a program's loads do not drain between its tiles as
+    they do between programs. With one K step a tile (BLOCK_K >= K) the prologue's row is made
+    once a program, not once a tile. Its norm is the reference's (statistics first, then the
+    row rounded as rms_norm rounds it), not NORM_AT_END's."""
     pid = tl.program_id(0)
     STEPS: tl.constexpr = TILES * K_STEPS
+    rk = tl.arange(0, BLOCK_K)
     if not EARLY_W:
         wait_for_inputs(PDL)
     w_a = _stream_step(w_ptr, N, K, stride_wn, pid, 0, TILES, K_STEPS, BLOCK_N, BLOCK_K, EVEN_K)
@@ -654,7 +617,11 @@ def _gemv_tiles_kernel(
         w_b = _stream_step(w_ptr, N, K, stride_wn, pid, 1, TILES, K_STEPS, BLOCK_N, BLOCK_K, EVEN_K)
     if EARLY_W:
         wait_for_inputs(PDL)
-    rstd, first = _stream_input(x_ptr, res_ptr, g_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+    rstd = 1.0
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+    if K_STEPS == 1:
+        x_row = _gemv_input(x_ptr, res_ptr, g_ptr, rk, rk < K, K, rstd, PROLOGUE, EVEN_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for i in tl.static_range(STEPS):
         w = w_a
@@ -666,7 +633,11 @@ def _gemv_tiles_kernel(
             w_b = w_next
         else:
             w_a = w_next
-        x = _step_input(first, x_ptr, res_ptr, g_ptr, K, rstd, i, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+        if K_STEPS == 1:
+            x = x_row
+        else:
+            offs = (i % K_STEPS) * BLOCK_K + rk
+            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
         acc = _gemv_product(acc, w, x, False, W_INT8, FP8_BITS)
         if i % K_STEPS == K_STEPS - 1:
             rn = (pid * TILES + i // K_STEPS) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -893,11 +864,10 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
             x2, wq, w_scale, bias_arg, out,
             *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)), N, K, wq.stride(0), pro.eps,
-            HAS_BIAS=bias is not None,
-            W_INT8=wq.dtype == torch.int8, FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth,
-            EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"], PROLOGUE=pro.kind, ROUND=common["ROUND"],
-            num_warps=cfg.num_warps, num_stages=1, **pdl,
+            HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
+            FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+            K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth, EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"],
+            PROLOGUE=pro.kind, ROUND=common["ROUND"], num_warps=cfg.num_warps, num_stages=1, **pdl,
         )
     elif cfg.kernel == "gemv":
         pro = prologue or Prologue(NO_PROLOGUE)
