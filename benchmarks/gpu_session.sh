@@ -30,8 +30,6 @@
 #   gemv-tiles  several tiles a gemv program (quant_gemm._gemv_tiles_kernel, session 29): its kernel tests compiled
 #               on the GPU, then batch-1 decode in bf16, int8 and fp8 weight-only, each with today's tiles and with
 #               gate/up, down (and bf16's o) on tiles streamed several a program; three interleaved rounds
-#   persistent  the persistent chain's kernel tests compiled on the GPU, then benchmarks/persistent_chain.py: 16 layers'
-#               gemvs of the 1B as one persistent launch against the engine's 64 launches (session 31)
 #   qkv         benchmarks/qkv_gemv.py: the q/k/v gemv (norm prologue, rotary epilogue) over its tilings, on the 1B
 #               shape and a TP=2 rank of 8B
 #   tp2tiles    the gemv tilings swept on one tensor-parallel rank's shapes of Llama-3.1-8B (one GPU)
@@ -143,10 +141,6 @@ section() {
             run token-buffers 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 \
                 --compare-switches "token_buffers=1"
             grep -A9 "^device" "$OUT/token-buffers.txt" ;;
-        persistent)
-            gpu_tests persistent-tests 240 tests/codegen/test_persistent_chain.py
-            run persistent 300 python benchmarks/persistent_chain.py
-            cat "$OUT/persistent.txt" ;;
         prologue)
             run prologue 200 python benchmarks/gemv_prologue.py --tiles 8x1024x4,4x2048x8
             run prologue-qkv 200 python benchmarks/gemv_prologue.py --matrix qkv --tiles 4x1024x4
