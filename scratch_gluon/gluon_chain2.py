@@ -131,6 +131,25 @@ def _fill_ll(x_smem, src_ptr, epoch, GATED: gl.constexpr, K: gl.constexpr, I: gl
 
 
 @gluon.jit
+def _signal_own(count_ptr, stage, pid):
+    """This program has stored its rows of matrix `stage`: its own flag word (no count, nothing waited on)."""
+    gl.thread_barrier()  # every thread's stores issued before the flag's release
+    gl.atomic_xchg(count_ptr + 64 + pid, stage + 1, sem="release")
+
+
+@gluon.jit
+def _wait_all(count_ptr, stage, G: gl.constexpr, FL: gl.constexpr):
+    """Until every program's flag word says matrix stage - 1 is stored: acquire loads of all G words."""
+    f = count_ptr + 64 + gl.arange(0, G, layout=FL)
+    seen = gl.load(f, volatile=True)
+    while gl.min(seen, axis=None) < stage:
+        seen = gl.load(f, volatile=True)
+    # (relaxed reads, then a fence: an acquire for every thread's later loads)
+    gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    gl.thread_barrier()
+
+
+@gluon.jit
 def _boundary(x_fill, src_ptr, ll_src, count_ptr, stamps_ptr, stage, base, pid, max_spins, SYNC: gl.constexpr,
               GATED: gl.constexpr, K: gl.constexpr, I: gl.constexpr, BK: gl.constexpr, KB: gl.constexpr,
               XL: gl.constexpr, G: gl.constexpr, FL: gl.constexpr):
@@ -140,6 +159,11 @@ def _boundary(x_fill, src_ptr, ll_src, count_ptr, stamps_ptr, stage, base, pid, 
         _stamp(stamps_ptr, stage, 0, pid, G)
         _signal(count_ptr, stage, G, FL)
         _wait(count_ptr, stage + 1, pid, max_spins)
+        _stamp(stamps_ptr, stage, 1, pid, G)
+    if SYNC == 3:
+        _stamp(stamps_ptr, stage, 0, pid, G)
+        _signal_own(count_ptr, stage, pid)
+        _wait_all(count_ptr, stage + 1, G, FL)
         _stamp(stamps_ptr, stage, 1, pid, G)
     if SYNC == 2:
         _fill_ll(x_fill, ll_src, base + stage + 1, GATED, K, I, BK, KB, XL)
@@ -246,6 +270,8 @@ def _chain2_kernel(x_ptr, buf_ptr, count_ptr, qkv_desc, o_desc, gu_desc, down_de
         gl.atomic_xchg(count_ptr, 0, sem="relaxed")
         gl.atomic_xchg(count_ptr + 1, 0, sem="relaxed")
         gl.atomic_add(count_ptr + 2, 1, sem="relaxed")
+        f = gl.arange(0, G, layout=FL)
+        gl.atomic_xchg(count_ptr + 64 + f, gl.full([G], 0, gl.int32, FL), sem="relaxed")
         f = gl.arange(0, G, layout=FL)
         gl.atomic_xchg(count_ptr + 32 + f * 32, gl.full([G], 0, gl.int32, FL), sem="relaxed")
 

@@ -6,11 +6,11 @@ torch.manual_seed(0)
 def st(n, k): return (torch.randn(L, n, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
 ws = st(NQKV, H), st(H, H), st(2 * I, H), st(H, I)
 x = torch.randn(H, device="cuda").to(torch.bfloat16)
-kb, nb, warps = (int(v) for v in sys.argv[1].split("x"))
+kb, nb, warps, sync = (int(v) for v in sys.argv[1].split("x"))
 G = 128
 stamps = torch.zeros(4 * L * 2 * G, dtype=torch.int64, device="cuda")
 for _ in range(5):
-    gc.gluon_chain2(x, *ws, kb=kb, stages=nb, num_warps=warps, stamps=stamps)
+    gc.gluon_chain2(x, *ws, kb=kb, stages=nb, num_warps=warps, stamps=stamps, sync=sync)
 torch.cuda.synchronize()
 t = stamps.view(4 * L, 2, G).double().cpu() / 1000.0  # us
 S, W = t[:, 0, :], t[:, 1, :]
