@@ -857,25 +857,23 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
                   ROUND=TL_DTYPES[round_to] if round_to is not None else None, **pdl)
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
+    pro = prologue or Prologue(NO_PROLOGUE)  # (the gemvs' row arguments: the prologue's tensors or x2 in their place)
+    row_args = tuple(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed))
     # several tiles a program (`_gemv_tiles_kernel`) for float rows without a rotary epilogue (`_rope_config`
     # makes those one tile); 8-bit activations (W8A8) take the plain gemv
     if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int:
-        pro = prologue or Prologue(NO_PROLOGUE)
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
-            x2, wq, w_scale, bias_arg, out,
-            *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)), N, K, wq.stride(0), pro.eps,
+            x2, wq, w_scale, bias_arg, out, *row_args, N, K, wq.stride(0), pro.eps,
             HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
             K_STEPS=k_steps, TILES=cfg.tiles, DEPTH=cfg.depth, EVEN_K=K % block_k == 0, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, ROUND=common["ROUND"], num_warps=cfg.num_warps, num_stages=1, **pdl,
         )
     elif cfg.kernel == "gemv":
-        pro = prologue or Prologue(NO_PROLOGUE)
         norm_at_end = NORM_AT_END and pro.kind in (RMS_NORM, ADD_RMS_NORM) and split_k == 1
         cap = {"maxnreg": _ROPE_AT_END_MAXNREG} if norm_at_end and rope is not None and cfg.num_warps == 8 else {}
         _gemv_kernel[(grid_n, split_k)](
-            x2, wq, w_scale, x_scale_arg, bias_arg, out, part,
-            *(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed)),
+            x2, wq, w_scale, x_scale_arg, bias_arg, out, part, *row_args,
             N, K, wq.stride(0), k_per_split, M * N, pro.eps, *(rope.args() if rope is not None else _no_rope_args(x2)),
             *_reduce_args(reduce, x2, max_spins),
             ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
