@@ -845,6 +845,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     split_k = triton.cdiv(K, k_per_split)  # no empty split
     if cfg.kernel == "gemv":
         grid_n = triton.cdiv(N, cfg.block_n)
+        pro = prologue or Prologue(NO_PROLOGUE)  # (the gemvs' row arguments: the prologue's tensors or x2 in their place)
+        row_args = tuple(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed))
     else:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if split_k > 1:
@@ -857,8 +859,6 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
                   ROUND=TL_DTYPES[round_to] if round_to is not None else None, **pdl)
     x_scale_arg = x_scale if x_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
-    pro = prologue or Prologue(NO_PROLOGUE)  # (the gemvs' row arguments: the prologue's tensors or x2 in their place)
-    row_args = tuple(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed))
     # several tiles a program (`_gemv_tiles_kernel`) for float rows without a rotary epilogue (`_rope_config`
     # makes those one tile); 8-bit activations (W8A8) take the plain gemv
     if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int:
