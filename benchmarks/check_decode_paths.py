@@ -4,7 +4,7 @@ int8 weight-only quantization against its own eager graph; then, in bfloat16, th
 with `float_gemv` (Triton gemv for one-row linears) against the compiled path with cuBLAS at batch 1
 (bfloat16 sums in another order may flip a near-tie: the count is a report, the kernel tests are
 the check), and with rotary in the q/k/v gemv's epilogue against the rotary kernel apart (the same
-roundings, the gemv's sums tiled differently: the same tokens bar a near-tie); and async scheduling against steps in turn (float32: the
+roundings, the gemv's sums tiled differently: the same tokens bar a near-tie), and with the MLP as one launch (fuse_mlp) against its two gemvs (likewise); and async scheduling against steps in turn (float32: the
 same tokens).
 
     python benchmarks/check_decode_paths.py
@@ -12,6 +12,7 @@ same tokens).
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 from kiln import LLM, SamplingParams
@@ -47,6 +48,21 @@ def main() -> None:
         rotary_apart = [apart.generate(p, plain, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
         same = sum(a == b for a, b in zip(runs[1], rotary_apart))
         print(f"bf16 batch 1: fuse_linear_rope == rotary apart for {same}/{len(prompts)} prompts")
+        # the MLP as one launch handing float32 partial sums to the next q/k/v gemv (fuse_mlp) against
+        # the two gemvs: sums in another order (and atomics), so a near-tie may flip. Four layers: the
+        # pass fuses the MLPs that a next layer reads, and only two or more of them (the IR dump shows it)
+        deep = build_checkpoint(tmp + "/bf16-4", "LlamaForCausalLM", initializer_range=0.02, dtype="bfloat16",
+                                num_hidden_layers=4)
+        mlp_runs = []
+        for passes in (PIPELINE, [p for p in PIPELINE if p != "fuse_mlp"]):
+            llm = LLM(deep, dtype="bfloat16", enforce_eager=False,
+                      compilation_config={"passes": passes, "dump_ir": tmp + f"/ir{len(mlp_runs)}"})
+            mlp_runs.append([llm.generate(p, plain, use_tqdm=False)[0].outputs[0].token_ids for p in prompts])
+        fused = sum(open(os.path.join(folder, name)).read().count("kiln.add_rms_norm_mlp(")
+                    for folder, _, names in os.walk(tmp + "/ir0") for name in names if name.endswith("fuse_mlp.txt"))
+        same = sum(a == b for a, b in zip(*mlp_runs))
+        print(f"bf16 batch 1, 4 layers: fuse_mlp ({fused} MLPs fused over the graphs) == MLP apart for "
+              f"{same}/{len(prompts)} prompts")
         # async scheduling (step n+1 launched before step n's tokens are read; its input row filled
         # on the device) against steps in turn: the same tokens, one prompt at a time (the decode
         # graphs' batch-1 bucket) and all together (requests joining and finishing mid-run)

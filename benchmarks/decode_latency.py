@@ -62,7 +62,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
-from kiln.codegen.kernels import quant_gemm
+from kiln.codegen.kernels import fused_mlp, quant_gemm
 from kiln.runtime import cuda_graphs, model_runner
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
@@ -165,6 +165,8 @@ def main() -> None:
                         "or SCHEME@SET for a quantization scheme's (see above)")
     p.add_argument("--compare-rope-fusion", action="store_true",
                    help="add an async bf16 row without the fuse_linear_rope pass")
+    p.add_argument("--compare-mlp-fusion", action="store_true",
+                   help="add an async bf16 row without the fuse_mlp pass (gate/up and down as two gemvs)")
     p.add_argument("--compare-early-kv", action="store_true",
                    help="add an async bf16 row whose attention loads no key or value before its PDL wait")
     p.add_argument("--compare-norm-at-end", action="store_true",
@@ -213,6 +215,11 @@ def main() -> None:
 
         variants += [("async, rotary apart", {"async_scheduling": True,
                                               "passes": [p for p in PIPELINE if p != "fuse_linear_rope"]})]
+    if args.compare_mlp_fusion:
+        from kiln.passes import PIPELINE
+
+        variants += [("async, MLP apart", {"async_scheduling": True,
+                                           "passes": [p for p in PIPELINE if p != "fuse_mlp"]})]
     if args.compare_early_kv:
         variants += [("async, kv after the wait", {"async_scheduling": True, "early_kv": False})]
     if args.compare_norm_at_end:
@@ -234,7 +241,9 @@ def main() -> None:
         ("decode_max_splits", decode_kernels, "DECODE_MAX_SPLITS"),
         ("newest_row", decode_kernels, "NEWEST_ROW"), ("fp8_by_bits", quant_gemm, "FP8_BY_BITS"),
         ("norm_at_end", quant_gemm, "NORM_AT_END"), ("unpack_in_graph", cuda_graphs, "UNPACK_IN_GRAPH"),
-        ("readback_stream", model_runner, "READBACK_STREAM"), ("token_buffers", cuda_graphs, "TOKEN_BUFFERS"))}
+        ("readback_stream", model_runner, "READBACK_STREAM"), ("token_buffers", cuda_graphs, "TOKEN_BUFFERS"),
+        ("mlp_rows", fused_mlp, "ROWS"), ("mlp_tiles", fused_mlp, "TILES"), ("mlp_warps", fused_mlp, "NUM_WARPS"),
+        ("mlp_depth", fused_mlp, "DEPTH"))}
 
     def configure(kwargs: dict) -> dict:
         """Set a row's module switches and gemv tiles (the others' defaults); its LLM keyword arguments."""

@@ -167,15 +167,26 @@ def _norm_gemv_weight(x, residual, norm_weight, weights, w_scale) -> tuple[torch
     return _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1])
 
 
-def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale):
+def _gemv_row(x: torch.Tensor, partials: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """(the row a norm gemv reads, whether it is partial sums): add_rms_norm_mlp's partials in
+    place of its one-row output x when given (see ops.add_rms_norm_linear)."""
+    if partials is not None and x.numel() == x.shape[-1]:
+        return partials, True
+    return x, False
+
+
+def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials=None):
     """(linear(rms_norm(s)), s), s = x + residual or x: one gemv launch for a one-row step the
     gemv takes, else the norm kernel and then the linear."""
     weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
     if weight is not None:
         from kiln.codegen.kernels.quant_gemm import rms_norm_gemv
 
-        return rms_norm_gemv(x, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
-                             static_weight=static, w_scale=w_scale)
+        row, is_partial = _gemv_row(x, partials)
+        out, summed = rms_norm_gemv(row, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
+                                    static_weight=static, w_scale=w_scale, partials=is_partial)
+        return out.view(*x.shape[:-1], -1), summed.view_as(x) if summed is not None else None
+    x = ops._one_row_input(x, partials)
     from kiln.codegen.kernels import add_rms_norm, rms_norm
 
     if residual is None:
@@ -191,12 +202,13 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
 
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weights: list[torch.Tensor], biases: list[torch.Tensor],
-                        w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
+                        w_scale: torch.Tensor | None = None,
+                        partials: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials)
 
 
 def _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox,
-                      layer, num_heads, num_kv_heads, head_dim):
+                      layer, num_heads, num_kv_heads, head_dim, partials=None):
     """(the rotated q/k/v projection, x + residual or None): one gemv launch for a one-row step the
     gemv takes (the norm in its prologue; rotary and the cache write in its epilogue), else the
     norm + linear and then the rotary kernel, rotating the projection's q and k where they are."""
@@ -208,11 +220,13 @@ def _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, p
         k_cache, v_cache = ctx.kv_caches[layer]
         rope = Rope(NEOX if is_neox else GPTJ, positions, cos_sin_cache, ctx.attn.slot_mapping, k_cache, v_cache,
                     num_heads, num_kv_heads, head_dim, *ctx.kv_scale(layer))
-        return rope_gemv(x, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None, rope,
-                         static_weight=static, w_scale=w_scale)
+        row, is_partial = _gemv_row(x, partials)
+        out, summed = rope_gemv(row, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
+                                rope, static_weight=static, w_scale=w_scale, partials=is_partial)
+        return out.view(*x.shape[:-1], -1), summed.view_as(x) if summed is not None else None
     from kiln.codegen.kernels.rotary import rotary_in_place
 
-    out, summed = _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
+    out, summed = _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials)
     q, k, v = ops.qkv_heads(out, num_heads, num_kv_heads, head_dim)
     if ctx.kv_caches is None:
         rotary_in_place(q, k, positions, cos_sin_cache, is_neox)
@@ -233,9 +247,33 @@ def rms_norm_linear_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
 def add_rms_norm_linear_rope(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                              weights: list[torch.Tensor], biases: list[torch.Tensor], w_scale: torch.Tensor | None,
                              positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, layer: int,
-                             num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             num_heads: int, num_kv_heads: int, head_dim: int,
+                             partials: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache,
-                             is_neox, layer, num_heads, num_kv_heads, head_dim)
+                             is_neox, layer, num_heads, num_kv_heads, head_dim, partials)
+
+
+def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     weights: list[torch.Tensor], activation: str, down_t: torch.Tensor, slot: int,
+                     slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch for a one-row step that the gemv and `fused_mlp` take (`fused_mlp.mlp_gemv`: out
+    is left unwritten, the partial sums carry it); else add_rms_norm_linear, act_and_mul_linear
+    (cuBLAS reads down's transpose as it is), and for one row the partial sums made from out."""
+    from kiln.codegen.kernels import fused_mlp
+
+    weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, None)
+    H, I = down_t.shape[1], down_t.shape[0]
+    if (weight is not None and down_t.dtype == x.dtype and down_t.is_contiguous() and weight.shape == (2 * I, H)
+            and fused_mlp.takes(H, I) and activation in ("silu", "gelu", "gelu_tanh")):
+        acc, zero = fused_mlp.accumulators(slots, H, x.device).pair(slot)
+        summed = fused_mlp.mlp_gemv(x, residual, norm_weight, eps, weight, down_t, acc, zero, activation,
+                                    static_weight=static)
+        return torch.empty_like(x), summed.view_as(x), acc
+    from kiln.codegen.kernels.activation import act_and_mul_by_name
+
+    gated, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, [])
+    out = torch.nn.functional.linear(act_and_mul_by_name(gated, activation), down_t.t())
+    return out, summed, ops.mlp_partials(out, x)
 
 
 def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Tensor],
@@ -336,6 +374,7 @@ def register_cuda_kernels() -> bool:
         "kiln::linear_all_reduce": linear_all_reduce,
         "kiln::rms_norm_linear_rope": rms_norm_linear_rope,
         "kiln::add_rms_norm_linear_rope": add_rms_norm_linear_rope,
+        "kiln::add_rms_norm_mlp": add_rms_norm_mlp,
         "kiln::logits": logits,
     }
     for name, fn in impls.items():

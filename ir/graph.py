@@ -65,6 +65,24 @@ class Graph:
         with self.graph.inserting_after(node):
             return self.graph.call_function(operator.getitem, (node, index))
 
+    def constant(self, tensor: torch.Tensor, before: fx.Node, prefix: str = "_kiln_const") -> fx.Node:
+        """A get_attr node, just before `before`, for a tensor made by a pass (registered as a buffer of
+        the module under a fresh name)."""
+        gm = self.gm
+        name = f"{prefix}_{sum(1 for n in self.graph.nodes if n.op == 'get_attr')}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, tensor)
+        if hasattr(gm, "_param_name_to_source"):  # AOT autograd (under Inductor) wants a source per buffer
+            from torch._dynamo.source import ConstantSource
+
+            gm._param_name_to_source[name] = ConstantSource(f"kiln_{name}")
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(name)
+        fake_mode = self.fake_mode()
+        node.meta["example_value"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
+        return node
+
     def finish(self) -> "Graph":
         """Drop dead nodes, give new nodes their (fake) values, check and regenerate the module's
         code after edits."""

@@ -163,18 +163,28 @@ def _(x, norm_weight, eps, weights, biases, w_scale=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
+def _one_row_input(x: torch.Tensor, partials: torch.Tensor | None) -> torch.Tensor:
+    """x, or for one row with `partials` (add_rms_norm_mlp's) their sum rounded to x's dtype: the
+    form in which that op hands a one-row output on."""
+    if partials is None or x.numel() != x.shape[-1]:
+        return x
+    return partials.sum(0).to(x.dtype).view_as(x)
+
+
 @kiln_op("add_rms_norm_linear")
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weights: list[torch.Tensor], biases: list[torch.Tensor],
-                        w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        w_scale: torch.Tensor | None = None,
+                        partials: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """add_rms_norm whose normalized output only a linear reads, with that linear (as in
-    rms_norm_linear): returns (linear(rms_norm(x + residual)), x + residual)."""
-    summed = x + residual
+    rms_norm_linear): returns (linear(rms_norm(x + residual)), x + residual). partials: x is an
+    add_rms_norm_mlp's output, and for one row the op reads that op's partial sums in its place."""
+    summed = _one_row_input(x, partials) + residual
     return _fused_linear(_rms_norm(summed, norm_weight, eps), weights, biases, w_scale), summed
 
 
 @add_rms_norm_linear.register_fake
-def _(x, residual, norm_weight, eps, weights, biases, w_scale=None):
+def _(x, residual, norm_weight, eps, weights, biases, w_scale=None, partials=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))), torch.empty_like(x)
 
 
@@ -256,6 +266,46 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
 @act_and_mul_linear.register_fake
 def _(x, activation, weights, biases, w_scale=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+# The float32 rows of partial sums in which add_rms_norm_mlp hands on a one-row output
+# (codegen/kernels/fused_mlp.py: why two)
+MLP_PARTIALS = 2
+
+
+@kiln_op("add_rms_norm_mlp")
+def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     weights: list[torch.Tensor], activation: str, down_t: torch.Tensor, slot: int,
+                     slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated MLP with the add + RMSNorm before it, as one op (the fuse_mlp pass):
+    add_rms_norm_linear(x, residual, ..., weights) (gate/up, no bias), then
+    act_and_mul_linear(..., activation, [down_t.t()]) (down, given transposed: [I, H]). Returns
+    (out, x + residual, partials): partials are MLP_PARTIALS float32 rows [MLP_PARTIALS, H]; for
+    one row, their sum is out before its rounding, and the reader (an add_rms_norm_linear[_rope]
+    given them) reads them in out's place. On a GPU one row is one launch that adds into partial
+    sums (`fused_mlp.py`), where out is never written; `slot` of `slots` names this MLP's buffer of
+    them among the forward's fused MLPs."""
+    if activation not in _GATED:
+        raise ValueError(f"add_rms_norm_mlp: activation must be one of {sorted(_GATED)}, got {activation!r}")
+    gated, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, [])
+    out = F.linear(_GATED[activation](gated), down_t.t())
+    return out, summed, mlp_partials(out, x)
+
+
+def mlp_partials(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """add_rms_norm_mlp's partial sums when made from its output: for one row, out and zeros;
+    otherwise unread (left uninitialized)."""
+    if x.numel() != x.shape[-1]:
+        return torch.empty((MLP_PARTIALS, out.shape[-1]), dtype=torch.float32, device=x.device)
+    partials = torch.zeros((MLP_PARTIALS, out.shape[-1]), dtype=torch.float32, device=x.device)
+    partials[0] = out.reshape(-1).float()
+    return partials
+
+
+@add_rms_norm_mlp.register_fake
+def _(x, residual, norm_weight, eps, weights, activation, down_t, slot, slots):
+    return (x.new_empty((*x.shape[:-1], down_t.shape[1])), torch.empty_like(x),
+            x.new_empty((MLP_PARTIALS, down_t.shape[1]), dtype=torch.float32))
 
 
 # ---------------------------------------------------------------- rotary position embedding
@@ -545,16 +595,17 @@ def _(x, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, i
 def add_rms_norm_linear_rope(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                              weights: list[torch.Tensor], biases: list[torch.Tensor], w_scale: torch.Tensor | None,
                              positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool, layer: int,
-                             num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             num_heads: int, num_kv_heads: int, head_dim: int,
+                             partials: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """add_rms_norm_linear with the rotary and cache write of rms_norm_linear_rope: returns
-    (the rotated q/k/v projection, x + residual)."""
-    out, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale)
+    (the rotated q/k/v projection, x + residual). partials: as add_rms_norm_linear's."""
+    out, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials)
     return _rope_qkv(out, positions, cos_sin_cache, is_neox, layer, num_heads, num_kv_heads, head_dim), summed
 
 
 @add_rms_norm_linear_rope.register_fake
 def _(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox, layer, num_heads,
-      num_kv_heads, head_dim):
+      num_kv_heads, head_dim, partials=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights))), torch.empty_like(x)
 
 

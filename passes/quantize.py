@@ -87,20 +87,7 @@ class _Rewriter:
         return cached[key]
 
     def constant(self, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        gm = self.graph.gm
-        name = f"_kiln_quant_{sum(1 for n in self.graph.graph.nodes if n.op == 'get_attr')}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, tensor)
-        if hasattr(gm, "_param_name_to_source"):  # AOT autograd (under Inductor) wants a source per buffer
-            from torch._dynamo.source import ConstantSource
-
-            gm._param_name_to_source[name] = ConstantSource(f"kiln_{name}")
-        with self.graph.graph.inserting_before(before):
-            node = self.graph.graph.get_attr(name)
-        fake_mode = self.graph.fake_mode()
-        node.meta["example_value"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
-        return node
+        return self.graph.constant(tensor, before, "_kiln_quant")
 
     def linear(self, node: fx.Node, x: fx.Node, weights: list[fx.Node], biases: list) -> None:
         quant = self.weight(list(weights), activations_default=True)

@@ -8,6 +8,7 @@ import gc
 import itertools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -260,7 +261,10 @@ class LLMEngine:
         backend = options.get("backend", "eager" if eager else "inductor")
         dump_dir = options.get("dump_ir")
         pass_options = {"quantize": {"scheme": self.config.quantization,
-                                     "lm_head": bool(options.get("quantize_lm_head", False))}}
+                                     "lm_head": bool(options.get("quantize_lm_head", False))},
+                        # the MLP is one launch only where one-row linears run kiln's gemv; elsewhere the
+                        # fused op's one-row form would hand its output on as partial sums for nothing
+                        "fuse_mlp": {"one_launch": float_gemv}}
         compile_cache_dir({**self.hf_config.to_dict(), "kiln_quantization": pass_options}, self.dtype, passes,
                           str(self.device), __version__)
         counter = iter(range(1000))
@@ -692,6 +696,9 @@ class LLMEngine:
         failed = {req.parent.request_id for req in requests}
         for rid in failed:
             self.abort_request(rid)
+        fused_mlp = sys.modules.get("kiln.codegen.kernels.fused_mlp")
+        if fused_mlp is not None:  # a forward stopped between fused MLPs leaves partial sums to zero
+            fused_mlp.reset_all()
         raise RuntimeError(f"model step failed for requests {sorted(failed)}: {error}") from error
 
     # ------------------------------------------------------------ async scheduling

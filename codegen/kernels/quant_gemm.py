@@ -385,10 +385,16 @@ NO_REDUCE, REDUCE_LAST, REDUCE_SEND, REDUCE_GATHER = range(4)
 
 
 @triton.jit
-def _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE: tl.constexpr, EVEN: tl.constexpr):
+def _norm_source(x_ptr, res_ptr, offs, mask, K, PROLOGUE: tl.constexpr, EVEN: tl.constexpr, X_COPIES: tl.constexpr):
     """The row the norm reads at offs: x, or (ADD_RMS_NORM) x + residual rounded to x's dtype, as
-    add_rms_norm sums it."""
+    add_rms_norm sums it. X_COPIES > 0 (ADD_RMS_NORM only): x is that many float32 rows K apart
+    whose sum, rounded to the residual's dtype, is the row (`fused_mlp.mlp_gemv`'s output)."""
     s = _load(x_ptr + offs, mask, EVEN)
+    if X_COPIES > 0:
+        total = s.to(tl.float32)
+        for c in tl.static_range(1, X_COPIES):
+            total += _load(x_ptr + c * K + offs, mask, EVEN).to(tl.float32)
+        s = total.to(res_ptr.dtype.element_ty)
     if PROLOGUE == 2:
         s = (s.to(tl.float32) + _load(res_ptr + offs, mask, EVEN).to(tl.float32)).to(s.dtype)
     return s
@@ -396,7 +402,7 @@ def _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE: tl.constexpr, EVEN: tl.co
 
 @triton.jit
 def _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, program, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr,
-               K_CHUNKS: tl.constexpr, EVEN: tl.constexpr):
+               K_CHUNKS: tl.constexpr, EVEN: tl.constexpr, X_COPIES: tl.constexpr):
     """rsqrt(mean(s^2) + eps) over the whole row s; with a residual, the first program (`program`
     == 0) also stores s (the op's second output). Every program reads the row (from L2: a few KB);
     the chunks are unrolled so their loads are in flight together."""
@@ -405,7 +411,7 @@ def _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, program, PROLOGUE: tl.constexpr,
     for c in tl.static_range(K_CHUNKS):
         offs = c * BLOCK_K + rk
         mask = offs < K
-        s = _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE, EVEN)
+        s = _norm_source(x_ptr, res_ptr, offs, mask, K, PROLOGUE, EVEN, X_COPIES)
         if PROLOGUE == 2:
             tl.store(sum_ptr + offs, s, mask=mask & (rk * 0 + program == 0))
         sf = s.to(tl.float32)
@@ -414,14 +420,15 @@ def _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, program, PROLOGUE: tl.constexpr,
 
 
 @triton.jit
-def _gemv_input(x_ptr, res_ptr, g_ptr, offs, mask, K, rstd, PROLOGUE: tl.constexpr, EVEN: tl.constexpr):
+def _gemv_input(x_ptr, res_ptr, g_ptr, offs, mask, K, rstd, PROLOGUE: tl.constexpr, EVEN: tl.constexpr,
+                X_COPIES: tl.constexpr):
     """The activation chunk at offs, rounded as the ops it replaces round it: x; the RMSNorm of the
     row (statistics in float32, the scale by the norm weight in the row's dtype); or act(gate) * up
     of a row holding (gate, up), 2K wide (`act_and_mul`)."""
     if PROLOGUE == 0:
         x = _load(x_ptr + offs, mask, EVEN)
     elif PROLOGUE <= 2:
-        s = _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE, EVEN)
+        s = _norm_source(x_ptr, res_ptr, offs, mask, K, PROLOGUE, EVEN, X_COPIES)
         y = (s.to(tl.float32) * rstd).to(s.dtype)
         g = _load(g_ptr + offs, mask, EVEN)
         x = (g.to(tl.float32) * y.to(tl.float32)).to(s.dtype)
@@ -433,24 +440,25 @@ def _gemv_input(x_ptr, res_ptr, g_ptr, offs, mask, K, rstd, PROLOGUE: tl.constex
 
 
 @triton.jit
-def _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, mask, PROLOGUE: tl.constexpr, EVEN: tl.constexpr):
+def _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, mask, K, PROLOGUE: tl.constexpr, EVEN: tl.constexpr,
+                       X_COPIES: tl.constexpr):
     """(g * s in float32, the sum of s^2) at offs, s the row the norm reads (x, or x + residual
     rounded to x's dtype): NORM_AT_END's input, the row not yet scaled by its rstd. (The squares
     summed here, a scalar, rather than kept per column to the end: fewer registers through the
     stream.)"""
-    s = _norm_source(x_ptr, res_ptr, offs, mask, PROLOGUE, EVEN)
+    s = _norm_source(x_ptr, res_ptr, offs, mask, K, PROLOGUE, EVEN, X_COPIES)
     sf = s.to(tl.float32)
     return _load(g_ptr + offs, mask, EVEN).to(tl.float32) * sf, tl.sum(sf * sf, axis=0)
 
 
 @triton.jit
-def _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+def _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, X_COPIES: tl.constexpr):
     """x + residual rounded to x's dtype, stored to sum_ptr (add_rms_norm's second output): one
     program's pass over the row, apart from its product's loop (a masked store in that loop kept
     the sum live in every program: 20-40 more registers a thread)."""
     for k in range(0, K, BLOCK_K):
         offs = k + tl.arange(0, BLOCK_K)
-        tl.store(sum_ptr + offs, _norm_source(x_ptr, res_ptr, offs, offs < K, 2, EVEN), mask=offs < K)
+        tl.store(sum_ptr + offs, _norm_source(x_ptr, res_ptr, offs, offs < K, K, 2, EVEN, X_COPIES), mask=offs < K)
 
 
 @triton.jit
@@ -465,7 +473,7 @@ def _gemv_kernel(
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
     FP8_BITS: tl.constexpr, ROUND: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
     EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr, REDUCE: tl.constexpr, PER_WORD: tl.constexpr,
-    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr,
+    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr, X_COPIES: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
@@ -511,12 +519,13 @@ def _gemv_kernel(
     if NORM_AT_END:
         if PROLOGUE == 2:
             if pid_n == 0:
-                _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K, EVEN_K)
-        x, squares = _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, offs < K, PROLOGUE, EVEN_K)
+                _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K, EVEN_K, X_COPIES)
+        x, squares = _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, offs < K, K, PROLOGUE, EVEN_K, X_COPIES)
     else:
         if PROLOGUE == 1 or PROLOGUE == 2:
-            rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid_n + pid_k, PROLOGUE, BLOCK_K, K_CHUNKS, EVEN_K)
-        x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+            rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid_n + pid_k, PROLOGUE, BLOCK_K, K_CHUNKS, EVEN_K,
+                              X_COPIES)
+        x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K, X_COPIES)
     if ACC_INT:
         acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.int32)
     else:
@@ -532,10 +541,11 @@ def _gemv_kernel(
             w_ptrs_b += BLOCK_K
             w_b = _load(w_ptrs_b, (offs < K)[None, :], EVEN_K)
         if NORM_AT_END:
-            x, step_squares = _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, offs < K, PROLOGUE, EVEN_K)
+            x, step_squares = _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, offs < K, K, PROLOGUE, EVEN_K,
+                                                 X_COPIES)
             squares += step_squares
         else:
-            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K, X_COPIES)
         acc = _gemv_product(acc, w, x, ACC_INT, W_INT8, FP8_BITS)
         if ROPE != 0:
             acc_b = _gemv_product(acc_b, w_b, x, False, W_INT8, FP8_BITS)
@@ -619,9 +629,9 @@ def _gemv_tiles_kernel(
         wait_for_inputs(PDL)
     rstd = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
-        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K)
+        rstd = _norm_rstd(x_ptr, res_ptr, sum_ptr, K, eps, pid, PROLOGUE, BLOCK_K, K_STEPS, EVEN_K, 0)
     if K_STEPS == 1:
-        x_row = _gemv_input(x_ptr, res_ptr, g_ptr, rk, rk < K, K, rstd, PROLOGUE, EVEN_K)
+        x_row = _gemv_input(x_ptr, res_ptr, g_ptr, rk, rk < K, K, rstd, PROLOGUE, EVEN_K, 0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for i in tl.static_range(STEPS):
         w = w_a
@@ -637,7 +647,7 @@ def _gemv_tiles_kernel(
             x = x_row
         else:
             offs = (i % K_STEPS) * BLOCK_K + rk
-            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K)
+            x = _gemv_input(x_ptr, res_ptr, g_ptr, offs, offs < K, K, rstd, PROLOGUE, EVEN_K, 0)
         acc = _gemv_product(acc, w, x, False, W_INT8, FP8_BITS)
         if i % K_STEPS == K_STEPS - 1:
             rn = (pid * TILES + i // K_STEPS) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -724,6 +734,7 @@ class Prologue:
     eps: float = 0.0
     residual: torch.Tensor | None = None  # [1, K], unit last stride
     summed: torch.Tensor | None = None  # [1, K], written
+    copies: int = 0  # ADD_RMS_NORM: the row is the sum of this many float32 rows (`fused_mlp`), x2 the first
 
     @property
     def gated(self) -> bool:
@@ -861,7 +872,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     bias_arg = bias if bias is not None else w_scale
     # several tiles a program (`_gemv_tiles_kernel`) for float rows without a rotary epilogue (`_rope_config`
     # makes those one tile); 8-bit activations (W8A8) take the plain gemv
-    if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int:
+    if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int and not pro.copies:
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
             x2, wq, w_scale, bias_arg, out, *row_args, N, K, wq.stride(0), pro.eps,
             HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
@@ -882,7 +893,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             PER_WORD=4 // out.element_size(), TRAP=os.environ.get("TRITON_INTERPRET", "0") != "1",
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) and not norm_at_end else 1,
-            NORM_AT_END=norm_at_end, **cap,
+            NORM_AT_END=norm_at_end, X_COPIES=pro.copies, **cap,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn and not acc_int, **common,
         )
     else:
@@ -955,23 +966,26 @@ def _weight_scale(name: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Te
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                   w: torch.Tensor, bias: torch.Tensor | None = None, config: GemmConfig | None = None,
-                  static_weight: bool = True, w_scale: torch.Tensor | None = None,
+                  static_weight: bool = True, w_scale: torch.Tensor | None = None, partials: bool = False,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One row: (F.linear(rms_norm(s), w, bias), s or None), s = x + residual (or x without one),
     as `kiln::rms_norm_linear` / `add_rms_norm_linear` compute them, in one gemv launch that
     normalizes its input row itself. x, residual, norm_weight share one float dtype; w has it too,
-    or is 8-bit with its per-channel w_scale [N] (weight-only)."""
-    return _norm_gemv("rms_norm_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale)
+    or is 8-bit with its per-channel w_scale [N] (weight-only). partials (with a residual): x is
+    [C, K] float32 partial sums (`fused_mlp.mlp_gemv`'s), the row their sum rounded to the
+    residual's dtype."""
+    return _norm_gemv("rms_norm_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale,
+                      partials=partials)
 
 
 def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
               bias: torch.Tensor | None, rope: Rope, config: GemmConfig | None = None, static_weight: bool = True,
-              w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              w_scale: torch.Tensor | None = None, partials: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`rms_norm_gemv` whose output is a q/k/v projection of one token, [H*D | Hkv*D | Hkv*DV]:
     its q and k heads come out rotated and its k and v columns also go into the caches, as
     `kiln::rms_norm_linear_rope` / `add_rms_norm_linear_rope` compute them (`Rope` says how;
     `rope_epilogue.py`). One launch: the norm in its prologue, rotary and the cache write in its
-    epilogue. Full rotary only (the cos/sin table as wide as a head)."""
+    epilogue. Full rotary only (the cos/sin table as wide as a head). partials: as rms_norm_gemv's."""
     D, H, HKV = rope.head_dim, rope.num_heads, rope.num_kv_heads
     if rope.cos_sin_cache.shape[-1] != D or rope.style not in (NEOX, GPTJ):
         raise ValueError(f"rope_gemv: full rotary only (a cos/sin table {D} wide), NEOX or GPTJ; got a table "
@@ -979,22 +993,31 @@ def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     if w.shape[0] != (H + HKV) * D + HKV * rope.v_cache.shape[-1]:
         raise ValueError(f"rope_gemv: a weight of {w.shape[0]} rows for {H} q and {HKV} kv heads of {D}")
     rope = dataclasses.replace(rope, cos_sin_cache=rope.cos_sin_cache.contiguous())
-    return _norm_gemv("rope_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope)
+    return _norm_gemv("rope_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope,
+                      partials)
 
 
-def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope=None):
-    K = x.shape[-1]
-    if x.numel() != K:
+def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope=None,
+               partials=False):
+    K, dtype = x.shape[-1], norm_weight.dtype
+    copies = 0
+    if partials:  # (see rms_norm_gemv)
+        if residual is None or x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"{name}: partial rows must be contiguous float32 and come with a residual, got x of "
+                             f"{x.dtype} {tuple(x.shape)}, strides {x.stride()}" + (" without one" if residual is None else ""))
+        copies = x.numel() // K
+        x = x.view(copies, K)[:1]
+    elif x.numel() != K:
         raise ValueError(f"{name} takes one row, got x of shape {tuple(x.shape)}")
-    if x.dtype not in TL_DTYPES or any(t is not None and t.dtype != x.dtype for t in (residual, norm_weight)):
+    if dtype not in TL_DTYPES or (not partials and x.dtype != dtype) or (residual is not None and residual.dtype != dtype):
         raise TypeError(f"{name}: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
-                        f"{None if residual is None else residual.dtype} and {norm_weight.dtype}")
-    scale = _weight_scale(name, x, w, w_scale)
-    summed = torch.empty_like(x) if residual is not None else None
+                        f"{None if residual is None else residual.dtype} and {dtype}")
+    scale = _weight_scale(name, norm_weight, w, w_scale)
+    summed = torch.empty(x.shape, dtype=dtype, device=x.device) if residual is not None else None
     prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
                         _rows(residual) if residual is not None else None,
-                        summed.view(1, K) if summed is not None else None)
-    out = _linear(_rows(x), w, scale, None, bias, x.dtype, config, static_weight, prologue, rope=rope)
+                        summed.view(1, K) if summed is not None else None, copies)
+    out = _linear(_rows(x), w, scale, None, bias, dtype, config, static_weight, prologue, rope=rope)
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 
 

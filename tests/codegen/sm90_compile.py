@@ -45,16 +45,17 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
                  cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: int = 0,
-                 norm_at_end: bool = True) -> None:
+                 norm_at_end: bool = True, x_copies: int = 0) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
     NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type), the tile (rows, K step,
     warps), the sum over two ranks (quant_gemm's REDUCE_LAST, REDUCE_SEND or REDUCE_GATHER), a norm prologue's
-    statistics gathered in the product's loop (`quant_gemm.NORM_AT_END`, the default) or first."""
+    statistics gathered in the product's loop (`quant_gemm.NORM_AT_END`, the default) or first, the row as
+    float32 partial sums (x_copies > 0: `fused_mlp`'s output)."""
     block_n, block_k, num_warps = tile
     out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
-    sig = {"x_ptr": f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
+    sig = {"x_ptr": "*fp32" if x_copies else f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
            "bias_ptr": f"*{out_ty}", "out_ptr": f"*{out_ty}", "part_ptr": "*fp32", "res_ptr": f"*{x_ty}",
            "g_ptr": f"*{x_ty}", "sum_ptr": f"*{x_ty}", "N": "i32", "K": "i32", "stride_wn": "i32",
            "k_per_split": "i32", "plane": "i32", "eps": "fp32"}
@@ -69,7 +70,8 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                   FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
                   KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64, REDUCE=reduce,
                   PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True,
-                  NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM))
+                  NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM),
+                  X_COPIES=x_copies)
     sig.update(dict.fromkeys(consts, "constexpr"))
     at_end = consts["NORM_AT_END"]
     cap = quant_gemm._ROPE_AT_END_MAXNREG if at_end and rope and num_warps == 8 else None  # (as `_linear` caps it)
@@ -98,6 +100,22 @@ def compile_gemv_tiles(w_ty: str, prologue: int, tiles: int, tile: tuple[int, in
            else "fp32" if name == "eps" else "i32" for name in fn.arg_names}
     ptx = _compile(fn, sig, consts, num_warps=num_warps, num_stages=1)
     if early_w:  # the first step's weights are asked for before the wait
+        assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "no weight load before the wait"
+
+
+def compile_fused_mlp(ty: str, block: int, ks: int, early_w: bool = True) -> None:
+    """One `fused_mlp._mlp_gemv_kernel` variant at its default tiling: the model dtype, the step along
+    a row and the steps a row (the 1B's whole rows of 2048; the 8B's two steps of 2048)."""
+    from kiln.codegen.kernels import fused_mlp
+
+    consts = dict(R=fused_mlp.ROWS, BLOCK=block, KS=ks, TILES=fused_mlp.TILES, DEPTH=fused_mlp.DEPTH,
+                  COPIES=2, ACT=0, EARLY_W=early_w, PDL=True)
+    fn = fused_mlp._mlp_gemv_kernel
+    sig = {name: "constexpr" if name in consts else ("*fp32" if name in ("acc_ptr", "zero_ptr") else f"*{ty}")
+           if name.endswith("_ptr") else "fp32" if name == "eps" else "i32" for name in fn.arg_names}
+    ptx = _compile(fn, sig, consts, num_warps=fused_mlp.NUM_WARPS, num_stages=1)
+    assert "atom.global" in ptx or "red.global" in ptx, "the partial sums' atomics are lost"
+    if early_w:
         assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "no weight load before the wait"
 
 
@@ -209,6 +227,10 @@ def variants() -> list[tuple]:
     # q/k/v with rotary, the deep tile's gate_up and q/k/v
     out += [("bf16", "bf16", quant_gemm.ADD_RMS_NORM, True, False, False, None, rope, None, tile, 0, False)
             for rope, tile in ((quant_gemm.NEOX, (8, 1024, 8)), (0, (4, 2048, 8)), (quant_gemm.NEOX, (4, 2048, 8)))]
+    # the row as fused_mlp's float32 partial sums: the q/k/v gemv with rotary (both norm placements), gate_up
+    out += [("bf16", "bf16", quant_gemm.ADD_RMS_NORM, True, False, False, None, rope, None, tile, 0, at_end, 4)
+            for rope, tile, at_end in ((quant_gemm.NEOX, (8, 1024, 8), True), (quant_gemm.NEOX, (8, 1024, 8), False),
+                                       (0, (4, 1024, 4), True))]
     # several tiles a program (quant_gemm._gemv_tiles_kernel): every prologue, float and 8-bit weights, whole
     # rows and rows in steps, two steps ahead
     out += [("gemv_tiles", w, p, 4, (4, 2048, 8)) for w in ("bf16", "i8", "fp8e4nv") for p in range(6)]
@@ -216,6 +238,7 @@ def variants() -> list[tuple]:
             ("gemv_tiles", "bf16", quant_gemm.ADD_RMS_NORM, 2, (4, 1024, 4), 2, 2),
             ("gemv_tiles", "fp8e4nv", quant_gemm.NO_PROLOGUE, 2, (4, 2048, 4), 2, 1, True, True),
             ("gemv_tiles", "bf16", quant_gemm.NO_PROLOGUE, 2, (2, 2048, 4), 1, 1, False)]
+    out += [("fused_mlp", ty, block, ks) for ty in ("bf16", "fp16") for block, ks in ((2048, 1), (2048, 2), (64, 1))]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]
@@ -238,6 +261,8 @@ def main() -> int:
                 compile_decode_inputs()
             elif case[0] == "argmax":
                 compile_argmax(*case[1:])
+            elif case[0] == "fused_mlp":
+                compile_fused_mlp(*case[1:])
             elif case[0] == "gemv_tiles":
                 compile_gemv_tiles(*case[1:])
             else:

@@ -9,7 +9,7 @@ from torch import nn
 
 from kiln.frontend.loader import lay_out_adjacent
 from kiln.ir import ops
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, is_kiln_op
 from kiln.passes import PIPELINE, run_passes
 
 
@@ -297,3 +297,60 @@ def test_linear_all_reduce_fusion_takes_the_row_parallel_linears():
     graph = graphs[0]
     assert [n.args[1] for n in graph.calls("linear_all_reduce")] == ["", "silu"]
     assert count(graph, "all_reduce") == 2 and count(graph, "act_and_mul_linear") == 0 and count(graph, "linear") == 1
+
+
+class MlpBlock(nn.Module):
+    """Three Llama-style layers' halves: a residual add + RMSNorm read by a linear (standing in for
+    the attention's q/k/v), whose output goes through an add + RMSNorm into a gated MLP (HF-style
+    sibling gate/up, silu, down). The first two MLPs are read by the next layer's norm + linear, what
+    fuse_mlp looks for; the last feeds a final add_rms_norm, and stays."""
+
+    adjacent_weights = tuple((f"gate{i}", f"up{i}") for i in range(3))
+
+    def __init__(self, d=16, i=32):
+        super().__init__()
+        for n in range(3):
+            setattr(self, f"gate{n}", nn.Parameter(torch.randn(i, d) * 0.3))
+            setattr(self, f"up{n}", nn.Parameter(torch.randn(i, d) * 0.3))
+            setattr(self, f"down{n}", nn.Parameter(torch.randn(d, i) * 0.3))
+            setattr(self, f"attn{n}", nn.Parameter(torch.randn(d, d) * 0.3))
+        self.norms = nn.Parameter(torch.rand(7, d) + 0.5)
+
+    def forward(self, x, residual):
+        for n in range(3):
+            normed, residual = ops.add_rms_norm(x, residual, self.norms[2 * n], 1e-6)
+            x = ops.linear(normed, getattr(self, f"attn{n}"))
+            normed, residual = ops.add_rms_norm(x, residual, self.norms[2 * n + 1], 1e-6)
+            gate, up = ops.linear(normed, getattr(self, f"gate{n}")), ops.linear(normed, getattr(self, f"up{n}"))
+            x = ops.linear(F.silu(gate) * up, getattr(self, f"down{n}"))
+        return ops.add_rms_norm(x, residual, self.norms[6], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mlp_fusion_hands_partial_sums_to_the_next_norm_gemv(dtype):
+    """Compiled through the pipeline, MlpBlock gives the eager numbers at one row (where the fused
+    MLPs hand their outputs on as partial sums) and at several. In bfloat16 the first two MLPs
+    become add_rms_norm_mlp, each read by a norm + linear given its partials, with down transposed;
+    float32 weights, which the one-launch MLP does not take, stay as they are."""
+    torch._dynamo.reset()
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = MlpBlock().eval().to(dtype)
+    lay_out_adjacent(block)
+    compiled, graphs = compiled_with(block, PIPELINE)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        for rows in (3, 1, 5, 1):
+            x, r = torch.randn(rows, 16).to(dtype), torch.randn(rows, 16).to(dtype)
+            for a, b in zip(block(x, r), compiled(x, r)):
+                torch.testing.assert_close(b, a, **tol)
+    graph = graphs[0]
+    mlps = list(graph.calls("add_rms_norm_mlp"))
+    if dtype == torch.float32:
+        assert not mlps and count(graph, "act_and_mul_linear") == 3
+        return
+    assert [m.args[7:] for m in mlps] == [(0, 2), (1, 2)] and count(graph, "act_and_mul_linear") == 1
+    for m in mlps:
+        (partials,) = [u for u in m.users if u.args[1] == 2]
+        (reader,) = partials.users
+        assert is_kiln_op(reader, "add_rms_norm_linear") and reader.args[-1] is partials
+        assert tuple(graph.example_value(m.args[6]).shape) == (32, 16)  # down, transposed

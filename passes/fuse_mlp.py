@@ -1,0 +1,127 @@
+"""A gated MLP into one op with the add + RMSNorm before it, when the next layer's norm gemv reads
+its output: `add_rms_norm_linear` (gate/up) -> `act_and_mul_linear` (down) -> an
+`add_rms_norm_linear[_rope]` whose input is down's output becomes `add_rms_norm_mlp`, whose
+partial sums the reader is given as well.
+
+Same numbers everywhere (the op's reference is the two ops in a row, and the reader sums the
+partials of one row, which are then the output and zeros). What it buys is on the GPU: a batch-1
+step's MLP is one launch (`kernels/fused_mlp.py`), with no boundary between gate/up and down, and
+hands its output on as float32 partial sums that the next layer's q/k/v gemv reads in its prologue.
+Session 33, H100: chains of 16 Llama-3.2-1B layers (MLP and the q/k/v gemv), 41.6 against 43.3 us a
+layer (`benchmarks/mlp_chain.py`); the 1B step, 0.975-0.982 against 1.009-1.010 ms/token
+(`benchmarks/decode_latency.py --rounds 8 --compare-mlp-fusion`).
+
+Only 16-bit float weights of widths the one launch takes (`fused_mlp.takes`; the quantize pass,
+which runs before, leaves 8-bit ones in other ops), gate/up without bias, and only MLPs whose
+output one such reader reads (a model's last MLP feeds the
+final norm, and keeps its two ops). Down's weight becomes a transposed copy, a constant of the
+graph, cached on the parameter (the one-launch MLP streams down's columns as rows): a model's fused
+MLPs hold their down weights twice (about 0.5 GB more for Llama-3.2-1B). A forward must run at
+least two fused MLPs (each zeroes the partial sums of the one before it), or the pass leaves the
+graph alone. The engine runs it with one_launch=False, which changes nothing, where one-row
+linears do not run kiln's gemv (`float_gemv` off: no PDL, or asked). Runs last (after fuse_linear_rope, which makes the q/k/v
+reader).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from kiln.ir.graph import Graph, is_kiln_op
+
+NAME = "fuse_mlp"
+
+_READERS = ("add_rms_norm_linear", "add_rms_norm_linear_rope")
+# where a reader's optional arguments start: w_scale, then (after the rope's) partials
+_PARTIALS_AT = {"add_rms_norm_linear": 7, "add_rms_norm_linear_rope": 14}
+
+
+def _getitems(node: fx.Node) -> dict[int, fx.Node] | None:
+    """{index: getitem node} of a tuple-valued node, or None when something else reads it."""
+    items = {}
+    for user in node.users:
+        if user.target is not operator.getitem or user.args[1] in items:
+            return None
+        items[user.args[1]] = user
+    return items
+
+
+def _match(graph: Graph, down: fx.Node) -> tuple | None:
+    """(gate/up node, its getitems, the reader) for an act_and_mul_linear that ends a fusable MLP."""
+    from kiln.codegen.kernels.fused_mlp import takes
+
+    if down.kwargs or len(down.args) != 5:
+        return None
+    gated, activation, weights, biases, w_scale = down.args
+    if biases or w_scale is not None or len(weights) != 1 or not graph.is_parameter(weights[0]):
+        return None
+    # only what the one launch takes: elsewhere the op's one-row form would only add work (its
+    # partial sums made from the output, and summed again by the reader)
+    w = graph.example_value(weights[0])
+    if w.dtype not in (torch.bfloat16, torch.float16) or not takes(*w.shape):
+        return None
+    if not (isinstance(gated, fx.Node) and gated.target is operator.getitem and gated.args[1] == 0
+            and len(gated.users) == 1 and is_kiln_op(gated.args[0], "add_rms_norm_linear")):
+        return None
+    norm = gated.args[0]
+    items = _getitems(norm)
+    if items is None or norm.kwargs or len(norm.args) > 7 or norm.args[5] or (len(norm.args) == 7 and norm.args[6] is not None):
+        return None
+    readers = list(down.users)
+    if len(readers) != 1 or readers[0].kwargs or readers[0].args[0] is not down:
+        return None
+    reader = readers[0]
+    if not any(is_kiln_op(reader, name) for name in _READERS) or len(reader.args) > _PARTIALS_AT[_name(reader)]:
+        return None
+    return norm, items, reader
+
+
+def _name(node: fx.Node) -> str:
+    return next(name for name in _READERS if is_kiln_op(node, name))
+
+
+def _transposed(param: torch.nn.Parameter) -> torch.Tensor:
+    """param.T, contiguous: made once a parameter (every graph of the model shares it)."""
+    cached = param.__dict__.get("_kiln_transposed")
+    if cached is None or cached.shape != param.shape[::-1]:
+        cached = param.detach().t().contiguous()
+        param.__dict__["_kiln_transposed"] = cached
+    return cached
+
+
+def run(graph: Graph, one_launch: bool = True) -> Graph:
+    """one_launch=False (the engine's, where one-row linears do not run kiln's gemv) leaves the graph
+    as it is."""
+    if not one_launch:
+        return graph
+    g = graph.graph
+    # Last first: an MLP whose reader is a later fused MLP's norm would hand its partial sums to an op
+    # that does not read them, so it stays as it is.
+    matches, fused_norms = [], set()
+    for down in reversed(list(graph.calls("act_and_mul_linear"))):
+        m = _match(graph, down)
+        if m is not None and m[2] not in fused_norms:
+            matches.insert(0, (down, m))
+            fused_norms.add(m[0])
+    if len(matches) < 2:
+        return graph
+    for slot, (down, (norm, items, reader)) in enumerate(matches):
+        x, residual, norm_weight, eps, weights = norm.args[:5]
+        activation = down.args[1]
+        down_t = graph.constant(_transposed(graph.example_value(down.args[2][0])), norm, "_kiln_down_t")
+        with g.inserting_after(norm):
+            mlp = g.call_function(torch.ops.kiln.add_rms_norm_mlp.default,
+                                  (x, residual, norm_weight, eps, weights, activation, down_t, slot, len(matches)))
+        out, summed, partials = (graph.getitem(mlp, i) for i in range(3))
+        out.meta["example_value"] = down.meta.get("example_value")
+        if 1 in items:
+            summed.meta["example_value"] = items[1].meta.get("example_value")
+            items[1].replace_all_uses_with(summed)
+        down.replace_all_uses_with(out)
+        args = list(reader.args)
+        args += [None] * (_PARTIALS_AT[_name(reader)] - len(args))  # the defaults before partials (w_scale)
+        reader.args = (*args, partials)
+    return graph.finish()
