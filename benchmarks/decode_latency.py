@@ -167,6 +167,9 @@ def main() -> None:
                    help="add an async bf16 row without the fuse_linear_rope pass")
     p.add_argument("--compare-mlp-fusion", action="store_true",
                    help="add an async bf16 row without the fuse_mlp pass (gate/up and down as two gemvs)")
+    p.add_argument("--compare-mlp-8bit", action="store_true",
+                   help="for each --quantization scheme, add a row whose 8-bit MLPs are one launch too "
+                        "(fused_mlp.EIGHT_BIT, prepared and off until timed)")
     p.add_argument("--compare-early-kv", action="store_true",
                    help="add an async bf16 row whose attention loads no key or value before its PDL wait")
     p.add_argument("--compare-norm-at-end", action="store_true",
@@ -207,6 +210,9 @@ def main() -> None:
                      for here in (True, False)]
     variants += [(scheme, {"quantization": scheme})
                  for scheme in filter(None, args.quantization.split(","))]
+    if args.compare_mlp_8bit:
+        variants += [(f"{scheme}, MLP one launch", {"quantization": scheme, "mlp_8bit": True})
+                     for scheme in filter(None, args.quantization.split(","))]
     if args.compare_fp8_conversion:
         variants += [("fp8_weight_only, async, by bits", {"quantization": "fp8_weight_only", "async_scheduling": True,
                                                           "fp8_by_bits": True})]
@@ -243,7 +249,7 @@ def main() -> None:
         ("norm_at_end", quant_gemm, "NORM_AT_END"), ("unpack_in_graph", cuda_graphs, "UNPACK_IN_GRAPH"),
         ("readback_stream", model_runner, "READBACK_STREAM"), ("token_buffers", cuda_graphs, "TOKEN_BUFFERS"),
         ("mlp_rows", fused_mlp, "ROWS"), ("mlp_tiles", fused_mlp, "TILES"), ("mlp_warps", fused_mlp, "NUM_WARPS"),
-        ("mlp_depth", fused_mlp, "DEPTH"))}
+        ("mlp_depth", fused_mlp, "DEPTH"), ("mlp_8bit", fused_mlp, "EIGHT_BIT"))}
 
     def configure(kwargs: dict) -> dict:
         """Set a row's module switches and gemv tiles (the others' defaults); its LLM keyword arguments."""

@@ -62,6 +62,11 @@
 #               TP=2, and TP=2 with each set of switches, every run's greedy tokens against TP=1's
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
 #   tp-nccl-ll  TP=2 over NCCL's all-reduce with NCCL_PROTO=LL (its low-latency protocol)
+#   mlp         the one-launch MLP (fuse_mlp, session 33): its kernel tests compiled on the GPU, the MLP chains
+#               (benchmarks/mlp_chain.py), then batch-1 decode with it and without it, five interleaved rounds
+#   mlp-8bit    the one-launch MLP for 8-bit weight-only weights (fused_mlp.EIGHT_BIT, prepared in session 33,
+#               off): its kernel tests on the GPU, then batch-1 decode in int8 and fp8 weight-only, each with and
+#               without it, three interleaved rounds
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
 #   allreduce   benchmarks/all_reduce.py: the all-reduce alone, chained in a CUDA graph (2 GPUs)
 #   tp-profile  profile_decode.py --llama-8b --tensor-parallel-size 2: rank 0's kernels in a TP=2 step (2 GPUs)
@@ -105,6 +110,17 @@ section() {
             run decode 500 python benchmarks/decode_latency.py --no-hf --sync-scheduling --repeats 3 --rounds 3 \
                 --compare-rope-fusion --quantization fp8_weight_only --compare-fp8-conversion
             grep -A18 "^device" "$OUT/decode.txt" ;;
+        mlp)
+            gpu_tests mlp-kernels 200 tests/codegen/test_fused_mlp.py
+            (cd benchmarks && timeout 200 python mlp_chain.py) > "$OUT/mlp_chain.txt" 2>&1
+            tail -8 "$OUT/mlp_chain.txt"
+            run mlp 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 --compare-mlp-fusion
+            grep -A12 "^device" "$OUT/mlp.txt" ;;
+        mlp-8bit)
+            gpu_tests mlp-kernels 200 tests/codegen/test_fused_mlp.py
+            run mlp8 450 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
+                --quantization int8_weight_only,fp8_weight_only --compare-mlp-8bit
+            grep -A16 "^device" "$OUT/mlp8.txt" ;;
         quant)
             run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
                 --quantization int8_weight_only,fp8_weight_only

@@ -255,24 +255,36 @@ def add_rms_norm_linear_rope(x: torch.Tensor, residual: torch.Tensor, norm_weigh
 
 def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      weights: list[torch.Tensor], activation: str, down_t: torch.Tensor, slot: int,
-                     slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     slots: int, w_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+                     down: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch for a one-row step that the gemv and `fused_mlp` take (`fused_mlp.mlp_gemv`: out
     is left unwritten, the partial sums carry it); else add_rms_norm_linear, act_and_mul_linear
-    (cuBLAS reads down's transpose as it is), and for one row the partial sums made from out."""
+    (float: cuBLAS reads down's transpose as it is; 8-bit: the weight-only GEMM of down as it was),
+    and for one row the partial sums made from out."""
     from kiln.codegen.kernels import fused_mlp
 
-    weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, None)
+    weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
     H, I = down_t.shape[1], down_t.shape[0]
-    if (weight is not None and down_t.dtype == x.dtype and down_t.is_contiguous() and weight.shape == (2 * I, H)
-            and fused_mlp.takes(H, I) and activation in ("silu", "gelu", "gelu_tanh")):
+    if weight is None:
+        alike = False
+    elif w_scale is not None:  # 8-bit gate/up: down 8-bit as well, with its scales
+        alike = down_scale is not None and down_t.dtype == weight.dtype
+    else:
+        alike = down_scale is None and down_t.dtype == x.dtype
+    if (alike and down_t.is_contiguous() and weight.shape == (2 * I, H) and fused_mlp.takes(H, I)
+            and activation in fused_mlp.ACTIVATIONS):
         acc, zero = fused_mlp.accumulators(slots, H, x.device).pair(slot)
         summed = fused_mlp.mlp_gemv(x, residual, norm_weight, eps, weight, down_t, acc, zero, activation,
-                                    static_weight=static)
+                                    static_weight=static, gate_up_scale=w_scale, down_scale=down_scale)
         return torch.empty_like(x), summed.view_as(x), acc
     from kiln.codegen.kernels.activation import act_and_mul_by_name
 
-    gated, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, [])
-    out = torch.nn.functional.linear(act_and_mul_by_name(gated, activation), down_t.t())
+    gated, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, [], w_scale)
+    h = act_and_mul_by_name(gated, activation)
+    if down_scale is None:
+        out = torch.nn.functional.linear(h, down_t.t())
+    else:
+        out = _then_linear(h, [down if down is not None else down_t.t()], [], down_scale)
     return out, summed, ops.mlp_partials(out, x)
 
 

@@ -276,7 +276,8 @@ MLP_PARTIALS = 2
 @kiln_op("add_rms_norm_mlp")
 def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      weights: list[torch.Tensor], activation: str, down_t: torch.Tensor, slot: int,
-                     slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     slots: int, w_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+                     down: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A gated MLP with the add + RMSNorm before it, as one op (the fuse_mlp pass):
     add_rms_norm_linear(x, residual, ..., weights) (gate/up, no bias), then
     act_and_mul_linear(..., activation, [down_t.t()]) (down, given transposed: [I, H]). Returns
@@ -284,11 +285,16 @@ def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch
     one row, their sum is out before its rounding, and the reader (an add_rms_norm_linear[_rope]
     given them) reads them in out's place. On a GPU one row is one launch that adds into partial
     sums (`fused_mlp.py`), where out is never written; `slot` of `slots` names this MLP's buffer of
-    them among the forward's fused MLPs."""
+    them among the forward's fused MLPs. 8-bit weight-only (w_scale, down_scale: weights[0] and
+    down_t 8-bit, as the fused ops' w_scale): down is also given as it was, [H, I], for the GEMM
+    of several rows."""
     if activation not in _GATED:
         raise ValueError(f"add_rms_norm_mlp: activation must be one of {sorted(_GATED)}, got {activation!r}")
-    gated, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, [])
-    out = F.linear(_GATED[activation](gated), down_t.t())
+    gated, summed = add_rms_norm_linear(x, residual, norm_weight, eps, weights, [], w_scale)
+    if down_scale is None:
+        out = F.linear(_GATED[activation](gated), down_t.t())
+    else:
+        out = _fused_linear(_GATED[activation](gated), [down if down is not None else down_t.t()], [], down_scale)
     return out, summed, mlp_partials(out, x)
 
 
@@ -303,7 +309,8 @@ def mlp_partials(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @add_rms_norm_mlp.register_fake
-def _(x, residual, norm_weight, eps, weights, activation, down_t, slot, slots):
+def _(x, residual, norm_weight, eps, weights, activation, down_t, slot, slots, w_scale=None, down_scale=None,
+      down=None):
     return (x.new_empty((*x.shape[:-1], down_t.shape[1])), torch.empty_like(x),
             x.new_empty((MLP_PARTIALS, down_t.shape[1]), dtype=torch.float32))
 

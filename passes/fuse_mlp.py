@@ -11,9 +11,11 @@ Session 33, H100: chains of 16 Llama-3.2-1B layers (MLP and the q/k/v gemv), 41.
 layer (`benchmarks/mlp_chain.py`); the 1B step, 0.975-0.982 against 1.009-1.010 ms/token
 (`benchmarks/decode_latency.py --rounds 8 --compare-mlp-fusion`).
 
-Only 16-bit float weights of widths the one launch takes (`fused_mlp.takes`; the quantize pass,
-which runs before, leaves 8-bit ones in other ops), gate/up without bias, and only MLPs whose
-output one such reader reads (a model's last MLP feeds the
+Only 16-bit float weights of widths the one launch takes (`fused_mlp.takes`), or with eight_bit
+(prepared, off until timed: `fused_mlp.EIGHT_BIT`) weight-only 8-bit ones as the quantize pass,
+which runs before, leaves them (their scales go to the op, and down both transposed and as it
+was, for the GEMM of several rows); gate/up without bias; and only MLPs whose output one such
+reader reads (a model's last MLP feeds the
 final norm, and keeps its two ops). Down's weight becomes a transposed copy, a constant of the
 graph, cached on the parameter (the one-launch MLP streams down's columns as rows): a model's fused
 MLPs hold their down weights twice (about 0.5 GB more for Llama-3.2-1B). A forward must run at
@@ -31,6 +33,7 @@ import torch
 from torch import fx
 
 from kiln.ir.graph import Graph, is_kiln_op
+from kiln.passes.fuse_norm_linear import hoist_before
 
 NAME = "fuse_mlp"
 
@@ -49,42 +52,55 @@ def _getitems(node: fx.Node) -> dict[int, fx.Node] | None:
     return items
 
 
-def _match(graph: Graph, down: fx.Node) -> tuple | None:
-    """(gate/up node, its getitems, the reader) for an act_and_mul_linear that ends a fusable MLP."""
+def _weight(graph: Graph, node) -> torch.Tensor | None:
+    """A weight node's real tensor: a parameter (a graph input) or a constant a pass made (the
+    quantize pass's 8-bit weights), else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return getattr(graph.gm, node.target)
+    return graph.example_value(node) if graph.is_parameter(node) else None
+
+
+def _match(graph: Graph, down: fx.Node, eight_bit: bool) -> tuple | None:
+    """(gate/up node, its getitems, the reader, down's weight) for an act_and_mul_linear that ends a
+    fusable MLP."""
     from kiln.codegen.kernels.fused_mlp import takes
 
     if down.kwargs or len(down.args) != 5:
         return None
-    gated, activation, weights, biases, w_scale = down.args
-    if biases or w_scale is not None or len(weights) != 1 or not graph.is_parameter(weights[0]):
+    gated, activation, weights, biases, down_scale = down.args
+    w = _weight(graph, weights[0]) if len(weights) == 1 and not biases else None
+    if w is None:
         return None
     # only what the one launch takes: elsewhere the op's one-row form would only add work (its
     # partial sums made from the output, and summed again by the reader)
-    w = graph.example_value(weights[0])
-    if w.dtype not in (torch.bfloat16, torch.float16) or not takes(*w.shape):
+    kinds = (torch.bfloat16, torch.float16) if down_scale is None else (torch.int8, torch.float8_e4m3fn)
+    if w.dtype not in kinds or not takes(*w.shape) or (down_scale is not None and not eight_bit):
         return None
     if not (isinstance(gated, fx.Node) and gated.target is operator.getitem and gated.args[1] == 0
             and len(gated.users) == 1 and is_kiln_op(gated.args[0], "add_rms_norm_linear")):
         return None
     norm = gated.args[0]
     items = _getitems(norm)
-    if items is None or norm.kwargs or len(norm.args) > 7 or norm.args[5] or (len(norm.args) == 7 and norm.args[6] is not None):
+    if items is None or norm.kwargs or len(norm.args) > 7 or norm.args[5]:
         return None
+    gate_up_scale = norm.args[6] if len(norm.args) == 7 else None
+    if (gate_up_scale is None) != (down_scale is None):
+        return None  # (gate/up and down both float or both 8-bit)
     readers = list(down.users)
     if len(readers) != 1 or readers[0].kwargs or readers[0].args[0] is not down:
         return None
     reader = readers[0]
     if not any(is_kiln_op(reader, name) for name in _READERS) or len(reader.args) > _PARTIALS_AT[_name(reader)]:
         return None
-    return norm, items, reader
+    return norm, items, reader, w
 
 
 def _name(node: fx.Node) -> str:
     return next(name for name in _READERS if is_kiln_op(node, name))
 
 
-def _transposed(param: torch.nn.Parameter) -> torch.Tensor:
-    """param.T, contiguous: made once a parameter (every graph of the model shares it)."""
+def _transposed(param: torch.Tensor) -> torch.Tensor:
+    """param.T, contiguous: made once a weight (every graph of the model shares it)."""
     cached = param.__dict__.get("_kiln_transposed")
     if cached is None or cached.shape != param.shape[::-1]:
         cached = param.detach().t().contiguous()
@@ -92,29 +108,39 @@ def _transposed(param: torch.nn.Parameter) -> torch.Tensor:
     return cached
 
 
-def run(graph: Graph, one_launch: bool = True) -> Graph:
+def run(graph: Graph, one_launch: bool = True, eight_bit: bool | None = None) -> Graph:
     """one_launch=False (the engine's, where one-row linears do not run kiln's gemv) leaves the graph
-    as it is."""
+    as it is. eight_bit (default `fused_mlp.EIGHT_BIT`, off until timed): fuse weight-only 8-bit
+    MLPs too."""
+    from kiln.codegen.kernels.fused_mlp import EIGHT_BIT
+
     if not one_launch:
         return graph
+    eight_bit = EIGHT_BIT if eight_bit is None else eight_bit
     g = graph.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
     # Last first: an MLP whose reader is a later fused MLP's norm would hand its partial sums to an op
     # that does not read them, so it stays as it is.
     matches, fused_norms = [], set()
     for down in reversed(list(graph.calls("act_and_mul_linear"))):
-        m = _match(graph, down)
+        m = _match(graph, down, eight_bit)
         if m is not None and m[2] not in fused_norms:
             matches.insert(0, (down, m))
             fused_norms.add(m[0])
     if len(matches) < 2:
         return graph
-    for slot, (down, (norm, items, reader)) in enumerate(matches):
+    for slot, (down, (norm, items, reader, w)) in enumerate(matches):
         x, residual, norm_weight, eps, weights = norm.args[:5]
-        activation = down.args[1]
-        down_t = graph.constant(_transposed(graph.example_value(down.args[2][0])), norm, "_kiln_down_t")
+        _, activation, (down_w,), _, down_scale = down.args
+        down_t = graph.constant(_transposed(w), norm, "_kiln_down_t")
+        args = (x, residual, norm_weight, eps, weights, activation, down_t, slot, len(matches))
+        if down_scale is not None:  # 8-bit: the scales, and down as it was for the GEMM of several rows
+            # (the quantize pass puts 8-bit weights right before their linear: moved up to the norm)
+            if not hoist_before([down_w, down_scale], norm, order):
+                raise AssertionError("fuse_mlp: down's 8-bit weight is made by the forward")
+            args += (norm.args[6], down_scale, down_w)
         with g.inserting_after(norm):
-            mlp = g.call_function(torch.ops.kiln.add_rms_norm_mlp.default,
-                                  (x, residual, norm_weight, eps, weights, activation, down_t, slot, len(matches)))
+            mlp = g.call_function(torch.ops.kiln.add_rms_norm_mlp.default, args)
         out, summed, partials = (graph.getitem(mlp, i) for i in range(3))
         out.meta["example_value"] = down.meta.get("example_value")
         if 1 in items:

@@ -49,7 +49,7 @@ def linear_args(linear: fx.Node) -> tuple[list, list, fx.Node | None]:
     return [linear.args[1]], [bias] if bias is not None else [], None
 
 
-def _hoist_before(values, node: fx.Node, order: dict) -> bool:
+def hoist_before(values, node: fx.Node, order: dict) -> bool:
     """Whether every value is defined before `node`, once the constants among them (get_attr
     nodes, which read nothing: the quantize pass puts its 8-bit weights right before their
     linear) are moved up to just before it."""
@@ -84,7 +84,7 @@ def run(graph: Graph) -> Graph:
         weights, biases, w_scale = linear_args(linear)
         # the fused op takes the norm's place (the sum's readers may come before the linear), so
         # the linear's weights must exist by then (parameters are graph inputs: they do)
-        if not _hoist_before(weights + biases + [w_scale], norm, order):
+        if not hoist_before(weights + biases + [w_scale], norm, order):
             continue
         with g.inserting_after(norm):
             fused = g.call_function(torch.ops.kiln.add_rms_norm_linear.default,

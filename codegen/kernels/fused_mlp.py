@@ -29,18 +29,27 @@ bits, and so (rarely) their rounding to the model's dtype.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
+from kiln.codegen.kernels.quant_gemm import _int8_to_f32
+from kiln.ir.ops import MLP_PARTIALS
 
 # The launch's shape, measured on an H100 as chains of 16 layers with the q/k/v gemv that reads the
 # sums (`benchmarks/mlp_chain.py`, Llama-3.2-1B, session 33): 8 rows x 2 tiles a program, whole rows
 # a step, 8 warps, one step ahead, two rows of sums: 41.6 us a layer against the engine's 43.3
 # (gate/up gemv, then down gemv). Four rows of sums: 43.5; one: 42.7. Other shapes: RESULTS.
-ROWS, TILES, MAX_BLOCK, NUM_WARPS, DEPTH, COPIES = 8, 2, 2048, 8, 1, 2
+ROWS, TILES, MAX_BLOCK, NUM_WARPS, DEPTH = 8, 2, 2048, 8, 1
+COPIES = MLP_PARTIALS  # (the op's output holds them: ir/ops.py)
+# Prepared, not timed: 8-bit weight-only MLPs as one launch too (int8 or e4m3 rows, their per-channel
+# scales applied to the sums). Off until timed on a GPU (the fuse_mlp pass leaves 8-bit MLPs alone
+# without it): KILN_FUSED_MLP_8BIT=1, `bash benchmarks/gpu_session.sh mlp-8bit`.
+EIGHT_BIT = os.environ.get("KILN_FUSED_MLP_8BIT", "0") == "1"
 
 
 @triton.jit
@@ -63,14 +72,26 @@ def _mlp_step(wgu_ptr, wdt_ptr, pid, i, H, I, R: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def _mlp_gemv_kernel(x_ptr, res_ptr, g_ptr, sum_ptr, wgu_ptr, wdt_ptr, acc_ptr, zero_ptr, H, I, eps,
-                     R: tl.constexpr, BLOCK: tl.constexpr, KS: tl.constexpr, TILES: tl.constexpr,
-                     DEPTH: tl.constexpr, COPIES: tl.constexpr, ACT: tl.constexpr, EARLY_W: tl.constexpr,
-                     PDL: tl.constexpr):
+def _f32(w, W8: tl.constexpr):
+    """A weight tile in float32: float, int8 (by its bits, as the gemv converts it) or e4m3."""
+    if W8 == 1:
+        v = _int8_to_f32(w)
+    else:
+        v = w.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _mlp_gemv_kernel(x_ptr, res_ptr, g_ptr, sum_ptr, wgu_ptr, wdt_ptr, gus_ptr, ds_ptr, acc_ptr, zero_ptr, H, I,
+                     eps, R: tl.constexpr, BLOCK: tl.constexpr, KS: tl.constexpr, TILES: tl.constexpr,
+                     DEPTH: tl.constexpr, COPIES: tl.constexpr, ACT: tl.constexpr, W8: tl.constexpr,
+                     EARLY_W: tl.constexpr, PDL: tl.constexpr):
     """Program pid: intermediate rows pid * TILES * R + [0, TILES * R). x, res, g [H] (the norm
     weight); wgu [2I, H] (gate rows, then up rows), wdt [I, H] (down transposed); acc [COPIES, H]
     float32 += down's partial product (program pid into row pid % COPIES); zero [COPIES, H] float32
-    set to 0 and sum [H] to x + res by program 0. H = KS * BLOCK; I a multiple of TILES * R. The
+    set to 0 and sum [H] to x + res by program 0. W8 (1 int8, 2 e4m3; 0 float weights): the weights
+    are 8-bit with per-channel scales, gus [2I] gate/up's by row and ds [H] down's by output (each
+    program's partial sums scaled by it). H = KS * BLOCK; I a multiple of TILES * R. The
     program's weights are one stream of TILES * 2 * KS steps, unrolled, step i + DEPTH loaded
     before step i's product (the first DEPTH before the PDL wait with EARLY_W)."""
     pid = tl.program_id(0)
@@ -126,21 +147,33 @@ def _mlp_gemv_kernel(x_ptr, res_ptr, g_ptr, sum_ptr, wgu_ptr, wdt_ptr, acc_ptr, 
             if j == 0:
                 gate = tl.zeros((R,), tl.float32)
                 up = tl.zeros((R,), tl.float32)
-            gate += tl.sum(wa.to(tl.float32) * xs[None, :], axis=1)
-            up += tl.sum(wb.to(tl.float32) * xs[None, :], axis=1)
+            gate += tl.sum(_f32(wa, W8) * xs[None, :], axis=1)
+            up += tl.sum(_f32(wb, W8) * xs[None, :], axis=1)
             if j == KS - 1:
                 if i == KS - 1:
                     rstd = tl.rsqrt(squares / H + eps)
+                if W8 != 0:
+                    rows = (pid * TILES + i // (2 * KS)) * R + tl.arange(0, R)
+                    gate = gate * tl.load(gus_ptr + rows)
+                    up = up * tl.load(gus_ptr + I + rows)
                 # gate/up rounded to the model's dtype, as the reference's linear rounds them
                 h = act_and_mul((gate * rstd).to(dtype), (up * rstd).to(dtype), ACT).to(tl.float32)
         else:
-            part = tl.sum(wa.to(tl.float32) * h[:, None], axis=0)
+            part = tl.sum(_f32(wa, W8) * h[:, None], axis=0)
+            cols = (j - KS) * BLOCK + rk
             if KS == 1:  # whole rows: the program's tiles summed first, one add a column a program
                 down_sum += part
                 if i == STEPS - 1:
-                    tl.atomic_add(acc_ptr + (pid % COPIES) * H + rk, down_sum, sem="relaxed")
+                    if W8 != 0:
+                        down_sum = down_sum * tl.load(ds_ptr + cols)
+                    tl.atomic_add(acc_ptr + (pid % COPIES) * H + cols, down_sum, sem="relaxed")
             else:
-                tl.atomic_add(acc_ptr + (pid % COPIES) * H + (j - KS) * BLOCK + rk, part, sem="relaxed")
+                if W8 != 0:
+                    part = part * tl.load(ds_ptr + cols)
+                tl.atomic_add(acc_ptr + (pid % COPIES) * H + cols, part, sem="relaxed")
+
+
+_W8 = {torch.int8: 1, torch.float8_e4m3fn: 2}
 
 
 def block_for(hidden: int) -> int | None:
@@ -159,12 +192,14 @@ def takes(hidden: int, intermediate: int) -> bool:
 def mlp_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
              w_gate_up: torch.Tensor, w_down_t: torch.Tensor, acc: torch.Tensor, zero: torch.Tensor,
              activation: str = "silu", rows: int | None = None, tiles: int | None = None,
-             num_warps: int | None = None, depth: int | None = None, static_weight: bool = True) -> torch.Tensor:
+             num_warps: int | None = None, depth: int | None = None, static_weight: bool = True,
+             gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """acc += down(act(gate) * up) of rms_norm(x + residual) for one row, as float32 partial sums
     (their sum is the output, see the module's note); zero[:] = 0; returns x + residual.
-    x, residual, norm_weight [H] (one float dtype; the weights share it); w_gate_up [2I, H] (gate
-    rows, then up rows); w_down_t [I, H] (down's weight transposed); acc, zero [C, H] float32, acc
-    zero on entry. The tiling defaults to the module's (ROWS, TILES, NUM_WARPS, DEPTH, read per call
+    x, residual, norm_weight [H] (one float dtype; the weights share it, or are 8-bit with their
+    per-channel scales: gate_up_scale [2I], down_scale [H], as weight_only_linear's); w_gate_up [2I, H]
+    (gate rows, then up rows); w_down_t [I, H] (down's weight transposed); acc, zero [C, H] float32,
+    acc zero on entry. The tiling defaults to the module's (ROWS, TILES, NUM_WARPS, DEPTH, read per call
     so that a benchmark may set them). static_weight: the weights are parameters, not made by the
     forward (pdl.py)."""
     rows, tiles, num_warps, depth = rows or ROWS, tiles or TILES, num_warps or NUM_WARPS, depth or DEPTH
@@ -178,10 +213,16 @@ def mlp_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                          f"(a multiple of {rows * tiles}) do not fit the launch")
     if activation not in ACTIVATIONS:
         raise ValueError(f"mlp_gemv: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    dtypes = {t.dtype for t in (x, residual, norm_weight, w_gate_up, w_down_t)}
+    eight_bit = gate_up_scale is not None or down_scale is not None
+    dtypes = {t.dtype for t in (x, residual, norm_weight) + (() if eight_bit else (w_gate_up, w_down_t))}
     if len(dtypes) != 1 or norm_weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"mlp_gemv: x, residual, the norm weight and the weights must share a float dtype, got "
+        raise TypeError(f"mlp_gemv: x, residual, the norm weight and float weights must share a float dtype, got "
                         f"{sorted(str(d) for d in dtypes)}")
+    w8 = _W8.get(w_gate_up.dtype, 0) if eight_bit else 0
+    if eight_bit and (w8 == 0 or w_down_t.dtype != w_gate_up.dtype or gate_up_scale is None or down_scale is None
+                      or gate_up_scale.numel() != 2 * I or down_scale.numel() != H):
+        raise TypeError(f"mlp_gemv: 8-bit weights are int8 or float8_e4m3fn, both alike, with a scale for each of "
+                        f"gate/up's {2 * I} rows and down's {H} outputs; got {w_gate_up.dtype} and {w_down_t.dtype}")
     for name, t in (("acc", acc), ("zero", zero)):
         if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != H or not t.is_contiguous():
             raise ValueError(f"mlp_gemv: {name} must be contiguous float32 rows of {H}, got {t.dtype} {tuple(t.shape)}")
@@ -192,10 +233,12 @@ def mlp_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
     summed = torch.empty_like(residual)
     pdl = launch_args(x.device)
     early_w = static_weight and pdl["PDL"] and torch.cuda.is_current_stream_capturing()
+    gus = gate_up_scale.reshape(-1).float().contiguous() if eight_bit else acc
+    ds = down_scale.reshape(-1).float().contiguous() if eight_bit else acc
     _mlp_gemv_kernel[(I // (rows * tiles),)](
-        x, residual, norm_weight, summed, w_gate_up, w_down_t, acc, zero, H, I, float(eps), R=rows, BLOCK=block,
-        KS=H // block, TILES=tiles, DEPTH=depth, COPIES=acc.shape[0], ACT=ACTIVATIONS[activation], EARLY_W=early_w,
-        num_warps=num_warps, num_stages=1, **pdl)
+        x, residual, norm_weight, summed, w_gate_up, w_down_t, gus, ds, acc, zero, H, I, float(eps), R=rows,
+        BLOCK=block, KS=H // block, TILES=tiles, DEPTH=depth, COPIES=acc.shape[0], ACT=ACTIVATIONS[activation], W8=w8,
+        EARLY_W=early_w, num_warps=num_warps, num_stages=1, **pdl)
     return summed
 
 

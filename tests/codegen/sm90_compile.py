@@ -103,16 +103,19 @@ def compile_gemv_tiles(w_ty: str, prologue: int, tiles: int, tile: tuple[int, in
         assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), "no weight load before the wait"
 
 
-def compile_fused_mlp(ty: str, block: int, ks: int, early_w: bool = True) -> None:
+def compile_fused_mlp(ty: str, block: int, ks: int, w_ty: str | None = None, early_w: bool = True) -> None:
     """One `fused_mlp._mlp_gemv_kernel` variant at its default tiling: the model dtype, the step along
-    a row and the steps a row (the 1B's whole rows of 2048; the 8B's two steps of 2048)."""
+    a row and the steps a row (the 1B's whole rows of 2048; the 8B's two steps of 2048), 8-bit
+    weights ("i8", "fp8e4nv") or the model dtype's."""
     from kiln.codegen.kernels import fused_mlp
 
     consts = dict(R=fused_mlp.ROWS, BLOCK=block, KS=ks, TILES=fused_mlp.TILES, DEPTH=fused_mlp.DEPTH,
-                  COPIES=2, ACT=0, EARLY_W=early_w, PDL=True)
+                  COPIES=2, ACT=0, W8={None: 0, "i8": 1, "fp8e4nv": 2}[w_ty], EARLY_W=early_w, PDL=True)
     fn = fused_mlp._mlp_gemv_kernel
-    sig = {name: "constexpr" if name in consts else ("*fp32" if name in ("acc_ptr", "zero_ptr") else f"*{ty}")
-           if name.endswith("_ptr") else "fp32" if name == "eps" else "i32" for name in fn.arg_names}
+    pointers = {"acc_ptr": "fp32", "zero_ptr": "fp32", "gus_ptr": "fp32", "ds_ptr": "fp32",
+                "wgu_ptr": w_ty or ty, "wdt_ptr": w_ty or ty}
+    sig = {name: "constexpr" if name in consts else f"*{pointers.get(name, ty)}" if name.endswith("_ptr")
+           else "fp32" if name == "eps" else "i32" for name in fn.arg_names}
     ptx = _compile(fn, sig, consts, num_warps=fused_mlp.NUM_WARPS, num_stages=1)
     assert "atom.global" in ptx or "red.global" in ptx, "the partial sums' atomics are lost"
     if early_w:
@@ -239,6 +242,7 @@ def variants() -> list[tuple]:
             ("gemv_tiles", "fp8e4nv", quant_gemm.NO_PROLOGUE, 2, (4, 2048, 4), 2, 1, True, True),
             ("gemv_tiles", "bf16", quant_gemm.NO_PROLOGUE, 2, (2, 2048, 4), 1, 1, False)]
     out += [("fused_mlp", ty, block, ks) for ty in ("bf16", "fp16") for block, ks in ((2048, 1), (2048, 2), (64, 1))]
+    out += [("fused_mlp", "bf16", block, ks, w) for w in ("i8", "fp8e4nv") for block, ks in ((2048, 1), (2048, 2))]
     out += [("decode", c, splits, early) for c in ("bf16", "fp8e4nv") for splits in (1, 16) for early in (False, True)]
     out += [("decode", c, 16, True, True) for c in ("bf16", "fp8e4nv")]  # decode_attention.NEWEST_ROW on
     out += [("two_rank_all_reduce", ty) for ty in ("bf16", "fp32")]

@@ -36,22 +36,32 @@ def reference_mlp(x, residual, g, w_gate_up, w_down, activation, eps=1e-6):
     return h.double() @ w_down.double().t(), s.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"),
+                                         (torch.bfloat16, "fp8")])
 @pytest.mark.parametrize("H, I, rows, tiles, depth, activation", [
     (64, 64, 8, 2, 1, "silu"),  # the default tiling, whole rows a step
     (32, 96, 4, 3, 2, "gelu_tanh"),  # three row groups a program, two steps ahead
     (4096, 32, 8, 2, 1, "gelu"),  # rows in two steps of 2048
 ])
-def test_mlp_gemv(H, I, rows, tiles, depth, activation, dtype, device, poisoned, close):
+def test_mlp_gemv(H, I, rows, tiles, depth, activation, dtype, kind, device, poisoned, close):
     """The partial sums add up to down's product (into rows that already hold values, which they
-    must keep), the sum x + residual is the reference's, and the other buffer comes back zero."""
+    must keep), the sum x + residual is the reference's, and the other buffer comes back zero.
+    8-bit weights (kind) with per-channel scales, against the product of the dequantized ones."""
+    from kiln.ir.quant_ops import quantize_weight
+
     x, residual = (torch.randn(1, H, device=device).to(dtype) for _ in range(2))
     g, w_gate_up, w_down = mlp_weights(H, I, dtype, device)
+    scales = {}
+    if kind is not None:
+        (w_gate_up, gus), (w_down, ds) = quantize_weight(w_gate_up, kind), quantize_weight(w_down, kind)
+        scales = dict(gate_up_scale=gus, down_scale=ds)
     acc = torch.randn(2, H, device=device)
     before = acc.clone()
     zero = torch.full((2, H), float("nan"), device=device)
     summed = poisoned(fused_mlp.mlp_gemv, x, residual, g, 1e-6, w_gate_up, w_down.t().contiguous(), acc, zero,
-                      activation, rows=rows, tiles=tiles, depth=depth, num_warps=4)
+                      activation, rows=rows, tiles=tiles, depth=depth, num_warps=4, **scales)
+    if kind is not None:  # the dequantized weights, in float64
+        w_gate_up, w_down = w_gate_up.double() * gus.double()[:, None], w_down.double() * ds.double()[:, None]
     want, s = reference_mlp(x, residual, g, w_gate_up, w_down, activation)
     close((acc - before).sum(0), want.view(-1), dtype=dtype)
     assert torch.equal(summed, s)
@@ -71,6 +81,9 @@ def test_mlp_gemv_checks(device):
         fused_mlp.mlp_gemv(x, x, g, 1e-6, w_gate_up, w_down.t().contiguous(), acc, acc)
     with pytest.raises(TypeError, match="share a float dtype"):
         fused_mlp.mlp_gemv(x, x.bfloat16(), g, 1e-6, w_gate_up, w_down.t().contiguous(), acc, zero)
+    with pytest.raises(TypeError, match="8-bit weights"):
+        fused_mlp.mlp_gemv(x, x, g, 1e-6, w_gate_up, w_down.t().contiguous(), acc, zero,
+                           gate_up_scale=torch.ones(128), down_scale=torch.ones(32))  # float weights with scales
     with pytest.raises(ValueError, match="at least two slots"):
         fused_mlp.Accumulators(1, 32, device)
     assert fused_mlp.takes(2048, 8192) and fused_mlp.takes(4096, 14336) and not fused_mlp.takes(3000, 8192)
@@ -108,14 +121,23 @@ def test_norm_gemv_reads_partial_sums(rope, copies, device, poisoned, close):
         quant_gemm.rms_norm_gemv(partials, None, g, 1e-6, w, partials=True)
 
 
-def test_ops_hand_partials_on_across_layers(device, monkeypatch, close):
+@pytest.mark.parametrize("kind", [None, "int8"])
+def test_ops_hand_partials_on_across_layers(kind, device, monkeypatch, close):
     """triton_ops' add_rms_norm_mlp at one row (the one-launch MLP into an Accumulators slot) and the
     add_rms_norm_linear that reads its partial sums, three layers in a row, twice: the reference ops'
     numbers, and each slot zeroed again by the next layer's launch so that a second forward adds
-    into zeros. Then more than one row: the ops' unfused path."""
+    into zeros. Then more than one row: the ops' unfused path. Float or 8-bit (kind) MLP weights."""
+    from kiln.ir.quant_ops import quantize_weight
+
     monkeypatch.setattr(triton_ops, "_float_gemv", True)
     dtype, H, I, layers = torch.float16, 32, 64, 3  # (float16: three layers of bfloat16 roundings pile up)
     weights = [mlp_weights(H, I, dtype, device) for _ in range(layers)]
+    eight_bit = {}
+    if kind is not None:
+        for i, (g, w_gate_up, w_down) in enumerate(weights):
+            (wq_gu, gus), (wq_d, ds) = quantize_weight(w_gate_up, kind), quantize_weight(w_down, kind)
+            weights[i] = (g, wq_gu, wq_d)
+            eight_bit[i] = (gus, ds, wq_d)
     g_next = [(torch.rand(H, device=device) + 0.5).to(dtype) for _ in range(layers)]
     w_next = [(torch.randn(H, H, device=device) * H ** -0.5).to(dtype) for _ in range(layers)]
     fused_mlp.reset_all()
@@ -124,7 +146,7 @@ def test_ops_hand_partials_on_across_layers(device, monkeypatch, close):
         for i, (g, w_gate_up, w_down) in enumerate(weights):
             down_t = w_down.t().contiguous()
             out, residual, partials = impl.add_rms_norm_mlp(x, residual, g, 1e-6, [w_gate_up], "silu", down_t, i,
-                                                           layers)
+                                                           layers, *eight_bit.get(i, ()))
             x, residual = impl.add_rms_norm_linear(out, residual, g_next[i], 1e-6, [w_next[i]], [], None, partials)
         return x, residual
 

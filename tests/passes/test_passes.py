@@ -354,3 +354,38 @@ def test_mlp_fusion_hands_partial_sums_to_the_next_norm_gemv(dtype):
         (reader,) = partials.users
         assert is_kiln_op(reader, "add_rms_norm_linear") and reader.args[-1] is partials
         assert tuple(graph.example_value(m.args[6]).shape) == (32, 16)  # down, transposed
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+def test_mlp_fusion_takes_8bit_weight_only_mlps_when_asked(scheme):
+    """After the quantize pass, with eight_bit (off by default until timed), the first two MLPs become
+    add_rms_norm_mlp with their scales, down given both transposed (8-bit) and as it was; the numbers
+    are those of the same quantized graph without the fusion, at one row and at several."""
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = MlpBlock().eval().to(torch.bfloat16)
+    lay_out_adjacent(block)
+    inputs = [tuple(torch.randn(rows, 16).to(torch.bfloat16) for _ in range(2)) for rows in (3, 1, 1)]
+    results, graphs = {}, {}
+    for eight_bit in (False, True):
+        torch._dynamo.reset()
+        made = []
+
+        def backend(gm, example_inputs, eight_bit=eight_bit):
+            options = {"quantize": {"scheme": scheme}, "fuse_mlp": {"eight_bit": eight_bit}}
+            made.append(run_passes(Graph(gm, example_inputs), PIPELINE, options=options))
+            return made[-1].gm.forward
+
+        compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
+        with torch.no_grad():
+            results[eight_bit] = [compiled(x, r) for x, r in inputs]
+        graphs[eight_bit] = made[0]
+    for apart, fused in zip(results[False], results[True]):
+        for a, b in zip(apart, fused):
+            torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+    assert count(graphs[False], "add_rms_norm_mlp") == 0
+    mlps = list(graphs[True].calls("add_rms_norm_mlp"))
+    assert len(mlps) == 2 and count(graphs[True], "act_and_mul_linear") == 1
+    for m in mlps:
+        down_t, w_scale, down_scale, down = (graphs[True].example_value(a) for a in m.args[6:7] + m.args[9:12])
+        assert down_t.dtype in (torch.int8, torch.float8_e4m3fn) and tuple(down_t.shape) == (32, 16)
+        assert tuple(down.shape) == (16, 32) and w_scale.numel() == 64 and down_scale.numel() == 16
