@@ -18,7 +18,8 @@ was, for the GEMM of several rows); gate/up without bias; and only MLPs whose ou
 reader reads (a model's last MLP feeds the
 final norm, and keeps its two ops). Down's weight becomes a transposed copy, a constant of the
 graph, cached on the parameter (the one-launch MLP streams down's columns as rows): a model's fused
-MLPs hold their down weights twice (about 0.5 GB more for Llama-3.2-1B). A forward must run at
+MLPs hold their down weights twice (about 0.5 GB more for Llama-3.2-1B; the engine keeps
+`transposed_bytes` out of the KV cache's budget, sized before the model is traced). A forward must run at
 least two fused MLPs (each zeroes the partial sums of the one before it), or the pass leaves the
 graph alone. The engine runs it with one_launch=False, which changes nothing, where one-row
 linears do not run kiln's gemv (`float_gemv` off: no PDL, or asked). Runs last (after fuse_linear_rope, which makes the q/k/v
@@ -97,6 +98,24 @@ def _match(graph: Graph, down: fx.Node, eight_bit: bool) -> tuple | None:
 
 def _name(node: fx.Node) -> str:
     return next(name for name in _READERS if is_kiln_op(node, name))
+
+
+def transposed_bytes(model: torch.nn.Module, eight_bit: bool | None = None) -> int:
+    """At most the bytes of the transposed copies this pass makes for a model: each gated MLP's
+    (a module with gate_proj, up_proj and down_proj, as kiln's models name them) down weight of a
+    dtype and shape the one launch takes. What the engine keeps out of the KV cache's budget, which
+    is sized before the model is traced."""
+    from kiln.codegen.kernels.fused_mlp import EIGHT_BIT, takes
+
+    kinds = {torch.bfloat16, torch.float16} | ({torch.int8, torch.float8_e4m3fn} if (
+        EIGHT_BIT if eight_bit is None else eight_bit) else set())
+    total = 0
+    for module in model.modules():
+        down = getattr(getattr(module, "down_proj", None), "weight", None)
+        if (isinstance(down, torch.Tensor) and hasattr(module, "gate_proj") and hasattr(module, "up_proj")
+                and down.dim() == 2 and down.dtype in kinds and takes(*down.shape)):
+            total += down.numel() * down.element_size()
+    return total
 
 
 def _transposed(param: torch.Tensor) -> torch.Tensor:

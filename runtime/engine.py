@@ -368,7 +368,7 @@ class LLMEngine:
         encoder-decoder model gives up to half the budget to cross slots (one per running request)."""
         if self.device.type == "cuda" and self.config.kv_cache_memory is None:
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free) - self._compile_reserve()
         else:
             budget = self.config.kv_cache_memory or _DEFAULT_CPU_KV_CACHE_MEMORY
         num_cross_slots = 0
@@ -384,6 +384,22 @@ class LLMEngine:
         # never more than every sequence at full length needs (plus room for the prefix cache)
         useful = 2 * self.config.max_num_seqs * -(-self.max_model_len // block_size)
         return max(min(budget // per_block, useful), 0), num_cross_slots
+
+    def _compile_reserve(self) -> int:
+        """Bytes the compile will allocate for weights after the KV cache is sized: the fuse_mlp pass's
+        transposed copies of down weights, where it runs (compiled on a device whose one-row linears
+        run kiln's gemv: see `_compile`)."""
+        from kiln.codegen.kernels import pdl
+        from kiln.passes import PIPELINE
+
+        options = self.config.compilation_config or {}
+        float_gemv = options.get("float_gemv", options.get("pdl", True) and pdl.use_pdl(self.device))
+        if (self.config.enforce_eager or self.model_impl != "kiln" or "fuse_mlp" not in options.get("passes", PIPELINE)
+                or not float_gemv):
+            return 0
+        from kiln.passes.fuse_mlp import transposed_bytes
+
+        return transposed_bytes(self.model)
 
     def _feature_extractor(self, path: str):
         from transformers import WhisperFeatureExtractor

@@ -389,3 +389,21 @@ def test_mlp_fusion_takes_8bit_weight_only_mlps_when_asked(scheme):
         down_t, w_scale, down_scale, down = (graphs[True].example_value(a) for a in m.args[6:7] + m.args[9:12])
         assert down_t.dtype in (torch.int8, torch.float8_e4m3fn) and tuple(down_t.shape) == (32, 16)
         assert tuple(down.shape) == (16, 32) and w_scale.numel() == 64 and down_scale.numel() == 16
+
+
+def test_transposed_bytes_counts_the_down_weights_the_pass_copies():
+    """What the engine keeps out of the KV cache for the pass's transposed copies: each gated MLP's
+    down weight in a dtype and shape the one launch takes (bf16 here), nothing for float32 ones or
+    for modules that are not gated MLPs."""
+    from kiln.passes.fuse_mlp import transposed_bytes
+
+    class Mlp(nn.Module):
+        def __init__(self, d, i):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(d, i, bias=False), nn.Linear(d, i, bias=False)
+            self.down_proj = nn.Linear(i, d, bias=False)
+
+    model = nn.ModuleList([Mlp(16, 32), Mlp(16, 32), nn.Linear(16, 16), Mlp(16, 40)])  # 40 rows: not taken
+    assert transposed_bytes(model) == 0  # float32
+    model = model.to(torch.bfloat16)
+    assert transposed_bytes(model) == 2 * 16 * 32 * 2
