@@ -267,6 +267,8 @@ def accumulators(slots: int, hidden: int, device: torch.device) -> Accumulators:
     stream, and each leaves the invariant as it found it, so models of one shape can share them."""
     key = (slots, hidden, device)
     if key not in _accumulators:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # (they must outlive the graph)
+            raise RuntimeError("fused MLP partial sums made while a CUDA graph captures: run the forward once first")
         _accumulators[key] = Accumulators(slots, hidden, device)
     return _accumulators[key]
 
