@@ -388,14 +388,15 @@ class LLMEngine:
     def _compile_reserve(self) -> int:
         """Bytes the compile will allocate for weights after the KV cache is sized: the fuse_mlp pass's
         transposed copies of down weights, where it runs (compiled on a device whose one-row linears
-        run kiln's gemv: see `_compile`)."""
+        run kiln's gemv: see `_compile`; not under tensor parallelism, whose down projections are
+        row-parallel `linear_all_reduce`s the pass leaves alone)."""
         from kiln.codegen.kernels import pdl
         from kiln.passes import PIPELINE
 
         options = self.config.compilation_config or {}
         float_gemv = options.get("float_gemv", options.get("pdl", True) and pdl.use_pdl(self.device))
-        if (self.config.enforce_eager or self.model_impl != "kiln" or "fuse_mlp" not in options.get("passes", PIPELINE)
-                or not float_gemv):
+        if (self.config.enforce_eager or self.model_impl != "kiln" or self.tp is not None
+                or "fuse_mlp" not in options.get("passes", PIPELINE) or not float_gemv):
             return 0
         from kiln.passes.fuse_mlp import transposed_bytes
 
