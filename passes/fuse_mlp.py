@@ -11,19 +11,22 @@ Session 33, H100: chains of 16 Llama-3.2-1B layers (MLP and the q/k/v gemv), 41.
 layer (`benchmarks/mlp_chain.py`); the 1B step, 0.975-0.982 against 1.009-1.010 ms/token
 (`benchmarks/decode_latency.py --rounds 8 --compare-mlp-fusion`).
 
-Only 16-bit float weights of widths the one launch takes (`fused_mlp.takes`), or with eight_bit
-(prepared, off until timed: `fused_mlp.EIGHT_BIT`) weight-only 8-bit ones as the quantize pass,
-which runs before, leaves them (their scales go to the op, and down both transposed and as it
-was, for the GEMM of several rows); gate/up without bias; and only MLPs whose output one such
-reader reads (a model's last MLP feeds the
-final norm, and keeps its two ops). Down's weight becomes a transposed copy, a constant of the
-graph, cached on the parameter (the one-launch MLP streams down's columns as rows): a model's fused
-MLPs hold their down weights twice (about 0.5 GB more for Llama-3.2-1B; the engine keeps
-`transposed_bytes` out of the KV cache's budget, sized before the model is traced). A forward must run at
-least two fused MLPs (each zeroes the partial sums of the one before it), or the pass leaves the
-graph alone. The engine runs it with one_launch=False, which changes nothing, where one-row
-linears do not run kiln's gemv (`float_gemv` off: no PDL, or asked). Runs last (after fuse_linear_rope, which makes the q/k/v
-reader).
+What it takes:
+- gate/up without bias, in 16-bit floats of widths the one launch takes (`fused_mlp.takes`), or,
+  with eight_bit (prepared, off until timed: `fused_mlp.EIGHT_BIT`), 8-bit weight-only as the
+  quantize pass (which runs before) leaves them: their scales go to the op, and down both
+  transposed and as it was, for the GEMM of several rows;
+- only MLPs whose output one such reader reads: a model's last MLP feeds the final norm and keeps
+  its two ops;
+- at least two MLPs a forward (each launch zeroes the partial sums of the one before), or the pass
+  leaves the graph alone.
+
+Down's weight becomes a transposed copy, a graph constant cached on the parameter (the one launch
+streams down's columns as rows), so the fused MLPs hold their down weights twice: about 0.5 GB more
+for Llama-3.2-1B. The engine keeps `transposed_bytes` out of the KV cache's budget, which is sized
+before the model is traced, and runs the pass with one_launch=False, which changes nothing, where
+one-row linears do not run kiln's gemv (`float_gemv` off: no PDL, or asked). Runs last, after
+fuse_linear_rope, which makes the q/k/v reader.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from kiln.passes.fuse_norm_linear import hoist_before
 NAME = "fuse_mlp"
 
 _READERS = ("add_rms_norm_linear", "add_rms_norm_linear_rope")
-# where a reader's optional arguments start: w_scale, then (after the rope's) partials
+# the position of a reader's partials argument (its last: after w_scale, and the rotary's for the rope op)
 _PARTIALS_AT = {"add_rms_norm_linear": 7, "add_rms_norm_linear_rope": 14}
 
 
