@@ -169,10 +169,9 @@ def _norm_gemv_weight(x, residual, norm_weight, weights, w_scale) -> tuple[torch
 
 def _gemv_row(x: torch.Tensor, partials: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """(the row a norm gemv reads, whether it is partial sums): add_rms_norm_mlp's partials in
-    place of its one-row output x when given (see ops.add_rms_norm_linear)."""
-    if partials is not None and x.numel() == x.shape[-1]:
-        return partials, True
-    return x, False
+    place of its one-row output x when given (`ops.one_row_partials`)."""
+    partials = ops.one_row_partials(x, partials)
+    return (x, False) if partials is None else (partials, True)
 
 
 def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials=None):

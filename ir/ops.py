@@ -163,12 +163,16 @@ def _(x, norm_weight, eps, weights, biases, w_scale=None):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
-def _one_row_input(x: torch.Tensor, partials: torch.Tensor | None) -> torch.Tensor:
-    """x, or for one row with `partials` (add_rms_norm_mlp's) their sum rounded to x's dtype: the
+def one_row_partials(x: torch.Tensor, partials: torch.Tensor | None) -> torch.Tensor | None:
+    """The partial sums (add_rms_norm_mlp's) that stand for x, given with it: for one row only, the
     form in which that op hands a one-row output on."""
-    if partials is None or x.numel() != x.shape[-1]:
-        return x
-    return partials.sum(0).to(x.dtype).view_as(x)
+    return partials if partials is not None and x.numel() == x.shape[-1] else None
+
+
+def _one_row_input(x: torch.Tensor, partials: torch.Tensor | None) -> torch.Tensor:
+    """x, or the partial sums that stand for it (`one_row_partials`) summed and rounded to x's dtype."""
+    partials = one_row_partials(x, partials)
+    return x if partials is None else partials.sum(0).to(x.dtype).view_as(x)
 
 
 @kiln_op("add_rms_norm_linear")

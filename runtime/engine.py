@@ -251,9 +251,7 @@ class LLMEngine:
             register_cuda_kernels()
             # programmatic dependent launch of kiln's kernels (Hopper+; codegen/kernels/pdl.py)
             pdl.set_enabled(options.get("pdl", True))
-            # Batch-1 float linears through kiln's gemv where it chains with PDL: on an H100 1.397
-            # ms/token against cuBLAS's 1.502 (without PDL the gemv was the slower, 1.555).
-            float_gemv = bool(options.get("float_gemv", pdl.use_pdl(self.device)))
+            float_gemv = self._float_gemv(options)
             set_float_gemv(float_gemv)
         passes = list(options.get("passes", PIPELINE))
         if quantized and "quantize" not in passes:
@@ -385,18 +383,24 @@ class LLMEngine:
         useful = 2 * self.config.max_num_seqs * -(-self.max_model_len // block_size)
         return max(min(budget // per_block, useful), 0), num_cross_slots
 
+    def _float_gemv(self, options: dict) -> bool:
+        """Whether one-row float linears run kiln's gemv on this CUDA device (compilation_config's
+        `float_gemv`): by default where its kernels chain with PDL (`pdl`, on unless asked off): on
+        an H100 1.397 ms/token against cuBLAS's 1.502 (without PDL the gemv was the slower, 1.555)."""
+        from kiln.codegen.kernels import pdl
+
+        return bool(options.get("float_gemv", options.get("pdl", True) and pdl.use_pdl(self.device)))
+
     def _compile_reserve(self) -> int:
         """Bytes the compile will allocate for weights after the KV cache is sized: the fuse_mlp pass's
         transposed copies of down weights, where it runs (compiled on a device whose one-row linears
         run kiln's gemv: see `_compile`; not under tensor parallelism, whose down projections are
         row-parallel `linear_all_reduce`s the pass leaves alone)."""
-        from kiln.codegen.kernels import pdl
         from kiln.passes import PIPELINE
 
         options = self.config.compilation_config or {}
-        float_gemv = options.get("float_gemv", options.get("pdl", True) and pdl.use_pdl(self.device))
         if (self.config.enforce_eager or self.model_impl != "kiln" or self.tp is not None
-                or "fuse_mlp" not in options.get("passes", PIPELINE) or not float_gemv):
+                or "fuse_mlp" not in options.get("passes", PIPELINE) or not self._float_gemv(options)):
             return 0
         from kiln.passes.fuse_mlp import transposed_bytes
 

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from kiln.codegen.kernels.activation import ACTIVATIONS, act_and_mul
 from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
-from kiln.codegen.kernels.quant_gemm import _int8_to_f32
+from kiln.codegen.kernels.quant_gemm import _dequant
 from kiln.ir.ops import MLP_PARTIALS
 
 # The launch's shape, measured on an H100 as chains of 16 layers with the q/k/v gemv that reads the
@@ -69,16 +69,6 @@ def _mlp_step(wgu_ptr, wdt_ptr, pid, i, H, I, R: tl.constexpr, BLOCK: tl.constex
         a = tl.load(wdt_ptr + rows[:, None].to(tl.int64) * H + cols[None, :])
         b = a
     return a, b
-
-
-@triton.jit
-def _f32(w, W8: tl.constexpr):
-    """A weight tile in float32: float, int8 (by its bits, as the gemv converts it) or e4m3."""
-    if W8 == 1:
-        v = _int8_to_f32(w)
-    else:
-        v = w.to(tl.float32)
-    return v
 
 
 @triton.jit
@@ -147,8 +137,8 @@ def _mlp_gemv_kernel(x_ptr, res_ptr, g_ptr, sum_ptr, wgu_ptr, wdt_ptr, gus_ptr, 
             if j == 0:
                 gate = tl.zeros((R,), tl.float32)
                 up = tl.zeros((R,), tl.float32)
-            gate += tl.sum(_f32(wa, W8) * xs[None, :], axis=1)
-            up += tl.sum(_f32(wb, W8) * xs[None, :], axis=1)
+            gate += tl.sum(_dequant(wa, tl.float32, W8 == 1) * xs[None, :], axis=1)
+            up += tl.sum(_dequant(wb, tl.float32, W8 == 1) * xs[None, :], axis=1)
             if j == KS - 1:
                 if i == KS - 1:
                     rstd = tl.rsqrt(squares / H + eps)
@@ -159,7 +149,7 @@ def _mlp_gemv_kernel(x_ptr, res_ptr, g_ptr, sum_ptr, wgu_ptr, wdt_ptr, gus_ptr, 
                 # gate/up rounded to the model's dtype, as the reference's linear rounds them
                 h = act_and_mul((gate * rstd).to(dtype), (up * rstd).to(dtype), ACT).to(tl.float32)
         else:
-            part = tl.sum(_f32(wa, W8) * h[:, None], axis=0)
+            part = tl.sum(_dequant(wa, tl.float32, W8 == 1) * h[:, None], axis=0)
             cols = (j - KS) * BLOCK + rk
             if KS == 1:  # whole rows: the program's tiles summed first, one add a column a program
                 down_sum += part
