@@ -4,7 +4,8 @@ int8 weight-only quantization against its own eager graph; then, in bfloat16, th
 with `float_gemv` (Triton gemv for one-row linears) against the compiled path with cuBLAS at batch 1
 (bfloat16 sums in another order may flip a near-tie: the count is a report, the kernel tests are
 the check), and with rotary in the q/k/v gemv's epilogue against the rotary kernel apart (the same
-roundings, the gemv's sums tiled differently: the same tokens bar a near-tie), and with the MLP as one launch (fuse_mlp) against its two gemvs (likewise); and async scheduling against steps in turn (float32: the
+roundings, the gemv's sums tiled differently: the same tokens bar a near-tie), and with the MLP as one launch (fuse_mlp) against its two gemvs (likewise), and with the embedding
+gathered by the first gemv (fuse_embedding) against the embedding apart (the same bits); and async scheduling against steps in turn (float32: the
 same tokens).
 
     python benchmarks/check_decode_paths.py
@@ -62,6 +63,16 @@ def main() -> None:
                     for folder, _, names in os.walk(tmp + "/ir0") for name in names if name.endswith("fuse_mlp.txt"))
         same = sum(a == b for a, b in zip(*mlp_runs))
         print(f"bf16 batch 1, 4 layers: fuse_mlp ({fused} MLPs fused over the graphs) == MLP apart for "
+              f"{same}/{len(prompts)} prompts")
+        # the embedding gathered by the first q/k/v gemv (fuse_embedding) against the embedding kernel
+        # apart: the same row, the same gemv; the same bits, so the same tokens
+        llm = LLM(deep, dtype="bfloat16", enforce_eager=False,
+                  compilation_config={"passes": [p for p in PIPELINE if p != "fuse_embedding"]})
+        embedding_apart = [llm.generate(p, plain, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        fused = sum(open(os.path.join(folder, name)).read().count("kiln.embedding_rms_norm_linear_rope(")
+                    for folder, _, names in os.walk(tmp + "/ir0") for name in names if name.endswith("fuse_mlp.txt"))
+        same = sum(a == b for a, b in zip(mlp_runs[0], embedding_apart))
+        print(f"bf16 batch 1, 4 layers: fuse_embedding ({fused} over the graphs) == embedding apart for "
               f"{same}/{len(prompts)} prompts")
         # async scheduling (step n+1 launched before step n's tokens are read; its input row filled
         # on the device) against steps in turn: the same tokens, one prompt at a time (the decode

@@ -28,8 +28,10 @@ write as a kernel of their own instead of in the q/k/v gemv's epilogue); `--comp
 async bf16 row whose decode attention loads every key and value after its PDL wait
 (`decode_attention.EARLY_KV` off); `--compare-norm-at-end` an async bf16 row whose
 norm gemvs read the row for its statistics before their product (`quant_gemm.NORM_AT_END` off);
+`--compare-mlp-fusion` / `--compare-embedding-fusion` an async bf16 row without the fuse_mlp /
+fuse_embedding pass;
 `--compare-switches "decode_block_n=64;newest_row=0;decode_max_splits=4"` an async
-bf16 row per ';'-separated set of module switches (the names of the `switches` table in main(),
+bf16 row per ';'-separated set of module switches (a SCHEME@ prefix: a quantized row) (the names of the `switches` table in main(),
 integer values), e.g. the decode attention's key tile (`decode_attention.DECODE_BLOCK_N`: 64 and 32
 lost to the default 128 on an H100 in session 25), this step's token read as a masked tile
 (`decode_attention.NEWEST_ROW` 0) or the splits' cap (`decode_attention.DECODE_MAX_SPLITS`);
@@ -63,6 +65,7 @@ from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
 from kiln.codegen.kernels import fused_mlp, quant_gemm
+from kiln.passes import fuse_mlp
 from kiln.runtime import cuda_graphs, model_runner
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
@@ -103,6 +106,9 @@ def bytes_read_per_token(llm: LLM) -> int:
     def add(t: torch.Tensor) -> None:
         tensors[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
 
+    def as_table(node, user) -> bool:  # (the table of an embedding op, fused or not: its second argument)
+        return str(user.target).startswith("kiln.embedding") and user.args[1] is node
+
     if hasattr(engine.runner.logits, "kiln_backend"):
         graphs += engine.runner.logits.kiln_backend.graphs
     else:
@@ -112,7 +118,7 @@ def bytes_read_per_token(llm: LLM) -> int:
         for node in graph.graph.nodes:
             if node.op == "get_attr":
                 add(getattr(graph.gm, node.target))
-            elif graph.is_parameter(node) and any(not str(u.target).startswith("kiln.embedding") for u in node.users):
+            elif graph.is_parameter(node) and any(not as_table(node, u) for u in node.users):
                 add(graph.example_value(node))
     return sum(tensors.values())
 
@@ -165,11 +171,13 @@ def main() -> None:
                         "or SCHEME@SET for a quantization scheme's (see above)")
     p.add_argument("--compare-rope-fusion", action="store_true",
                    help="add an async bf16 row without the fuse_linear_rope pass")
+    p.add_argument("--compare-embedding-fusion", action="store_true",
+                   help="add an async bf16 row without the fuse_embedding pass (the embedding a launch of its own)")
     p.add_argument("--compare-mlp-fusion", action="store_true",
                    help="add an async bf16 row without the fuse_mlp pass (gate/up and down as two gemvs)")
     p.add_argument("--compare-mlp-8bit", action="store_true",
                    help="for each --quantization scheme, add a row whose 8-bit MLPs are one launch too "
-                        "(fused_mlp.EIGHT_BIT, prepared and off until timed)")
+                        "(fused_mlp.EIGHT_BIT, off: it lost in session 34)")
     p.add_argument("--compare-early-kv", action="store_true",
                    help="add an async bf16 row whose attention loads no key or value before its PDL wait")
     p.add_argument("--compare-norm-at-end", action="store_true",
@@ -177,7 +185,8 @@ def main() -> None:
                         "(quant_gemm.NORM_AT_END off)")
     p.add_argument("--compare-switches", default="",
                    help="';'-separated sets of NAME=INT module switches (decode_block_n, newest_row, "
-                        "decode_max_splits, ...): an async bf16 row each")
+                        "decode_max_splits, ...): an async bf16 row each, or a quantized one with a SCHEME@ "
+                        "prefix (int8_weight_only@mlp_8bit=1,mlp_rows=4)")
     p.add_argument("--bracket", action="store_true",
                    help="run the default bf16 row again after the others: an order effect between rows shows as a "
                         "difference between its two figures")
@@ -226,13 +235,20 @@ def main() -> None:
 
         variants += [("async, MLP apart", {"async_scheduling": True,
                                            "passes": [p for p in PIPELINE if p != "fuse_mlp"]})]
+    if args.compare_embedding_fusion:
+        from kiln.passes import PIPELINE
+
+        variants += [("async, embedding apart", {"async_scheduling": True,
+                                                 "passes": [p for p in PIPELINE if p != "fuse_embedding"]})]
     if args.compare_early_kv:
         variants += [("async, kv after the wait", {"async_scheduling": True, "early_kv": False})]
     if args.compare_norm_at_end:
         variants += [("async, norm statistics first", {"async_scheduling": True, "norm_at_end": False})]
     for spec in filter(None, args.compare_switches.split(";")):
-        variants += [(f"async, {spec}", {"async_scheduling": True,
-                                         **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}})]
+        scheme, _, spec = spec.rpartition("@")
+        variants += [(f"{scheme or 'async'}, {spec}", {"async_scheduling": True,
+                                                     **({"quantization": scheme} if scheme else {}),
+                                                     **{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}})]
     for spec in filter(None, args.compare_gemv_tiles.split(";")):
         scheme, _, tiles = spec.rpartition("@")
         variants += [(f"{scheme or 'async'}, tiles {tiles}", {"async_scheduling": True, "gemv_tiles": gemv_tiles(tiles),
@@ -249,7 +265,8 @@ def main() -> None:
         ("norm_at_end", quant_gemm, "NORM_AT_END"), ("unpack_in_graph", cuda_graphs, "UNPACK_IN_GRAPH"),
         ("readback_stream", model_runner, "READBACK_STREAM"), ("token_buffers", cuda_graphs, "TOKEN_BUFFERS"),
         ("mlp_rows", fused_mlp, "ROWS"), ("mlp_tiles", fused_mlp, "TILES"), ("mlp_warps", fused_mlp, "NUM_WARPS"),
-        ("mlp_depth", fused_mlp, "DEPTH"), ("mlp_8bit", fused_mlp, "EIGHT_BIT"))}
+        ("mlp_depth", fused_mlp, "DEPTH"), ("mlp_8bit", fused_mlp, "EIGHT_BIT"),
+        ("mlp_final_norm", fuse_mlp, "FINAL_NORM"))}
 
     def configure(kwargs: dict) -> dict:
         """Set a row's module switches and gemv tiles (the others' defaults); its LLM keyword arguments."""

@@ -65,8 +65,12 @@
 #   mlp         the one-launch MLP (fuse_mlp, session 33): its kernel tests compiled on the GPU, the MLP chains
 #               (benchmarks/mlp_chain.py), then batch-1 decode with it and without it, five interleaved rounds
 #   mlp-8bit    the one-launch MLP for 8-bit weight-only weights (fused_mlp.EIGHT_BIT, prepared in session 33,
-#               off): its kernel tests on the GPU, then batch-1 decode in int8 and fp8 weight-only, each with and
-#               without it, three interleaved rounds
+#               off: it lost in session 34): its kernel tests on the GPU, then batch-1 decode in int8 and fp8
+#               weight-only, each with and without it, three interleaved rounds
+#   fusions     the launches folded into their neighbours in session 34: the kernel tests of the one-launch MLP,
+#               the norm gemvs (the embedding's row gathered) and the norm (partial sums read) on the GPU, then
+#               batch-1 decode with everything, without fuse_embedding and with the last MLP apart
+#               (fuse_mlp.FINAL_NORM off), ten interleaved rounds
 #   pdl         the PDL chain, attention and fp8-cache kernel tests compiled on the GPU (the early kv loads)
 #   allreduce   benchmarks/all_reduce.py: the all-reduce alone, chained in a CUDA graph (2 GPUs)
 #   tp-profile  profile_decode.py --llama-8b --tensor-parallel-size 2: rank 0's kernels in a TP=2 step (2 GPUs)
@@ -116,6 +120,12 @@ section() {
             tail -8 "$OUT/mlp_chain.txt"
             run mlp 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 --compare-mlp-fusion
             grep -A12 "^device" "$OUT/mlp.txt" ;;
+        fusions)
+            gpu_tests fusion-kernels 200 tests/codegen/test_fused_mlp.py tests/codegen/test_rope_gemv.py \
+                tests/codegen/test_norm.py
+            run fusions 450 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 10 \
+                --compare-embedding-fusion --compare-switches "mlp_final_norm=0"
+            grep -A10 "^device" "$OUT/fusions.txt" ;;
         mlp-8bit)
             gpu_tests mlp-kernels 200 tests/codegen/test_fused_mlp.py
             run mlp8 450 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \

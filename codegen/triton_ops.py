@@ -174,17 +174,41 @@ def _gemv_row(x: torch.Tensor, partials: torch.Tensor | None) -> tuple[torch.Ten
     return (x, False) if partials is None else (partials, True)
 
 
-def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials=None):
-    """(linear(rms_norm(s)), s), s = x + residual or x: one gemv launch for a one-row step the
-    gemv takes, else the norm kernel and then the linear."""
-    weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
+def _gathers_one_row(table: torch.Tensor, index: torch.Tensor) -> bool:
+    """Whether a norm gemv may gather its row table[index] itself: one index into a contiguous table."""
+    return index.numel() == 1 and table.dim() == 2 and table.is_contiguous()
+
+
+def _gemv_weight_for(x, residual, norm_weight, weights, w_scale, index) -> tuple[torch.Tensor | None, bool]:
+    """_norm_gemv_weight of a norm + linear's row: x, or with index the row x[index] of a table."""
+    if index is None:
+        return _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
+    if not _gathers_one_row(x, index):
+        return None, False
+    return _norm_gemv_weight(x[:1], residual, norm_weight, weights, w_scale)
+
+
+def _row_shape(x: torch.Tensor, index: torch.Tensor | None) -> tuple[int, ...]:
+    """The leading shape of a norm + linear's outputs: x's, or the gathered rows' (index's)."""
+    return tuple(x.shape[:-1]) if index is None else tuple(index.shape)
+
+
+def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials=None, index=None):
+    """(linear(rms_norm(s)), s), s = x + residual or x, or with index (x an embedding table, no
+    residual) the rows x[index]: one gemv launch for a one-row step the gemv takes (gathering its
+    row itself), else the norm kernel and then the linear (after the embedding's gather)."""
+    weight, static = _gemv_weight_for(x, residual, norm_weight, weights, w_scale, index)
+    if weight is None and index is not None:  # the gather first
+        hidden = torch.nn.functional.embedding(index, x)
+        return _norm_linear(hidden, None, norm_weight, eps, weights, biases, w_scale)[0], hidden
     if weight is not None:
         from kiln.codegen.kernels.quant_gemm import rms_norm_gemv
 
-        row, is_partial = _gemv_row(x, partials)
+        row, is_partial = _gemv_row(x, partials) if index is None else (x, False)
         out, summed = rms_norm_gemv(row, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
-                                    static_weight=static, w_scale=w_scale, partials=is_partial)
-        return out.view(*x.shape[:-1], -1), summed.view_as(x) if summed is not None else None
+                                    static_weight=static, w_scale=w_scale, partials=is_partial, index=index)
+        shape = _row_shape(x, index)
+        return out.view(*shape, -1), summed.view(*shape, -1) if summed is not None else None
     x = ops._one_row_input(x, partials)
     from kiln.codegen.kernels import add_rms_norm, rms_norm
 
@@ -192,6 +216,15 @@ def _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partia
         return _then_linear(rms_norm(x, norm_weight, eps), weights, biases, w_scale), None
     normed, summed = add_rms_norm(x, residual, norm_weight, eps)
     return _then_linear(normed, weights, biases, w_scale), summed
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 partials: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm kernel, reading a one-row x from add_rms_norm_mlp's partial sums when given (a
+    model's final norm after its last MLP)."""
+    from kiln.codegen import kernels
+
+    return kernels.add_rms_norm(x, residual, weight, eps, ops.one_row_partials(x, partials))
 
 
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
@@ -207,25 +240,27 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
 
 
 def _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox,
-                      layer, num_heads, num_kv_heads, head_dim, partials=None):
-    """(the rotated q/k/v projection, x + residual or None): one gemv launch for a one-row step the
-    gemv takes (the norm in its prologue; rotary and the cache write in its epilogue), else the
-    norm + linear and then the rotary kernel, rotating the projection's q and k where they are."""
+                      layer, num_heads, num_kv_heads, head_dim, partials=None, index=None):
+    """(the rotated q/k/v projection, x + residual or None, or with index x[index] as _norm_linear's):
+    one gemv launch for a one-row step the gemv takes (the norm in its prologue; rotary and the cache
+    write in its epilogue), else the norm + linear and then the rotary kernel, rotating the
+    projection's q and k where they are."""
     ctx = get_forward_context()
-    weight, static = _norm_gemv_weight(x, residual, norm_weight, weights, w_scale)
+    weight, static = _gemv_weight_for(x, residual, norm_weight, weights, w_scale, index)
     if weight is not None and ctx.kv_caches is not None and cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0:
         from kiln.codegen.kernels.quant_gemm import GPTJ, NEOX, Rope, rope_gemv
 
         k_cache, v_cache = ctx.kv_caches[layer]
         rope = Rope(NEOX if is_neox else GPTJ, positions, cos_sin_cache, ctx.attn.slot_mapping, k_cache, v_cache,
                     num_heads, num_kv_heads, head_dim, *ctx.kv_scale(layer))
-        row, is_partial = _gemv_row(x, partials)
+        row, is_partial = _gemv_row(x, partials) if index is None else (x, False)
         out, summed = rope_gemv(row, residual, norm_weight, eps, weight, ops._adjacent(biases) if biases else None,
-                                rope, static_weight=static, w_scale=w_scale, partials=is_partial)
-        return out.view(*x.shape[:-1], -1), summed.view_as(x) if summed is not None else None
+                                rope, static_weight=static, w_scale=w_scale, partials=is_partial, index=index)
+        shape = _row_shape(x, index)
+        return out.view(*shape, -1), summed.view(*shape, -1) if summed is not None else None
     from kiln.codegen.kernels.rotary import rotary_in_place
 
-    out, summed = _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials)
+    out, summed = _norm_linear(x, residual, norm_weight, eps, weights, biases, w_scale, partials, index)
     q, k, v = ops.qkv_heads(out, num_heads, num_kv_heads, head_dim)
     if ctx.kv_caches is None:
         rotary_in_place(q, k, positions, cos_sin_cache, is_neox)
@@ -250,6 +285,21 @@ def add_rms_norm_linear_rope(x: torch.Tensor, residual: torch.Tensor, norm_weigh
                              partials: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _norm_linear_rope(x, residual, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache,
                              is_neox, layer, num_heads, num_kv_heads, head_dim, partials)
+
+
+def embedding_rms_norm_linear(input_ids: torch.Tensor, embed_weight: torch.Tensor, norm_weight: torch.Tensor,
+                              eps: float, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                              w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_linear(embed_weight, None, norm_weight, eps, weights, biases, w_scale, index=input_ids)
+
+
+def embedding_rms_norm_linear_rope(input_ids: torch.Tensor, embed_weight: torch.Tensor, norm_weight: torch.Tensor,
+                                   eps: float, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                                   w_scale: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                                   is_neox: bool, layer: int, num_heads: int, num_kv_heads: int,
+                                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_linear_rope(embed_weight, None, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache,
+                             is_neox, layer, num_heads, num_kv_heads, head_dim, index=input_ids)
 
 
 def add_rms_norm_mlp(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -365,7 +415,7 @@ def register_cuda_kernels() -> bool:
         return False
     impls = {
         "kiln::rms_norm": kernels.rms_norm,
-        "kiln::add_rms_norm": kernels.add_rms_norm,
+        "kiln::add_rms_norm": add_rms_norm,
         "kiln::silu_and_mul": kernels.silu_and_mul,
         "kiln::gelu_and_mul": kernels.gelu_and_mul,
         "kiln::rotary": kernels.rotary,
@@ -385,6 +435,8 @@ def register_cuda_kernels() -> bool:
         "kiln::linear_all_reduce": linear_all_reduce,
         "kiln::rms_norm_linear_rope": rms_norm_linear_rope,
         "kiln::add_rms_norm_linear_rope": add_rms_norm_linear_rope,
+        "kiln::embedding_rms_norm_linear": embedding_rms_norm_linear,
+        "kiln::embedding_rms_norm_linear_rope": embedding_rms_norm_linear_rope,
         "kiln::add_rms_norm_mlp": add_rms_norm_mlp,
         "kiln::logits": logits,
     }

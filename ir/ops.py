@@ -125,15 +125,17 @@ def _(x, weight, eps):
 
 @kiln_op("add_rms_norm")
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add then RMSNorm: returns (rms_norm(x + residual), x + residual), both [..., E]."""
-    summed = x + residual
+    """Residual add then RMSNorm: returns (rms_norm(x + residual), x + residual), both [..., E].
+    partials: as add_rms_norm_linear's (a model's final norm after a fused MLP)."""
+    summed = _one_row_input(x, partials) + residual
     return _rms_norm(summed, weight, eps), summed
 
 
 @add_rms_norm.register_fake
-def _(x, residual, weight, eps):
+def _(x, residual, weight, eps, partials=None):
     return torch.empty_like(x), torch.empty_like(x)
 
 
@@ -600,6 +602,43 @@ def rms_norm_linear_rope(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
 def _(x, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox, layer, num_heads,
       num_kv_heads, head_dim):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+@kiln_op("embedding_rms_norm_linear")
+def embedding_rms_norm_linear(input_ids: torch.Tensor, embed_weight: torch.Tensor, norm_weight: torch.Tensor,
+                              eps: float, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                              w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model's first norm + linear with the embedding that feeds it (the fuse_embedding pass):
+    returns (rms_norm_linear(embedding(input_ids)), embedding(input_ids)). On a GPU a one-token step is
+    one gemv that gathers its own row from the table, and the embedding is no launch of its own."""
+    hidden = embedding(input_ids, embed_weight)
+    return rms_norm_linear(hidden, norm_weight, eps, weights, biases, w_scale), hidden
+
+
+@embedding_rms_norm_linear.register_fake
+def _(input_ids, embed_weight, norm_weight, eps, weights, biases, w_scale=None):
+    return (embed_weight.new_empty((*input_ids.shape, sum(w.shape[0] for w in weights))),
+            embed_weight.new_empty((*input_ids.shape, embed_weight.shape[1])))
+
+
+@kiln_op("embedding_rms_norm_linear_rope")
+def embedding_rms_norm_linear_rope(input_ids: torch.Tensor, embed_weight: torch.Tensor, norm_weight: torch.Tensor,
+                                   eps: float, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                                   w_scale: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                                   is_neox: bool, layer: int, num_heads: int, num_kv_heads: int,
+                                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """embedding_rms_norm_linear whose linear is the first layer's q/k/v, with the rotary and cache
+    write of rms_norm_linear_rope: (the rotated q/k/v projection, embedding(input_ids))."""
+    hidden = embedding(input_ids, embed_weight)
+    return rms_norm_linear_rope(hidden, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox,
+                                layer, num_heads, num_kv_heads, head_dim), hidden
+
+
+@embedding_rms_norm_linear_rope.register_fake
+def _(input_ids, embed_weight, norm_weight, eps, weights, biases, w_scale, positions, cos_sin_cache, is_neox, layer,
+      num_heads, num_kv_heads, head_dim):
+    return (embed_weight.new_empty((*input_ids.shape, sum(w.shape[0] for w in weights))),
+            embed_weight.new_empty((*input_ids.shape, embed_weight.shape[1])))
 
 
 @kiln_op("add_rms_norm_linear_rope")

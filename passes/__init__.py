@@ -23,6 +23,7 @@ PIPELINE = [
     "fuse_linear_all_reduce",  # a row-parallel linear + its all_reduce -> one op (a 2-GPU gemv may sum its row)
     "fuse_rotary_cache_write",  # rotary feeding attention -> rotary_kv_write + attention(kv_written=True)
     "fuse_linear_rope",  # norm + q/k/v linear feeding rotary_kv_write -> one op (a batch-1 gemv rotates its outputs)
+    "fuse_embedding",  # the token embedding read by the first norm + linear -> one op (the batch-1 gemv gathers its row)
     "fuse_mlp",  # norm + gate/up + down read by the next norm gemv -> one op (a batch-1 MLP is one launch)
 ]
 

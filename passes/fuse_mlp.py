@@ -1,7 +1,7 @@
-"""A gated MLP into one op with the add + RMSNorm before it, when the next layer's norm gemv reads
-its output: `add_rms_norm_linear` (gate/up) -> `act_and_mul_linear` (down) -> an
-`add_rms_norm_linear[_rope]` whose input is down's output becomes `add_rms_norm_mlp`, whose
-partial sums the reader is given as well.
+"""A gated MLP into one op with the add + RMSNorm before it, when the next layer's norm gemv (or
+the model's final norm) reads its output: `add_rms_norm_linear` (gate/up) -> `act_and_mul_linear`
+(down) -> an `add_rms_norm_linear[_rope]` or `add_rms_norm` whose input is down's output becomes
+`add_rms_norm_mlp`, whose partial sums the reader is given as well.
 
 Same numbers everywhere (the op's reference is the two ops in a row, and the reader sums the
 partials of one row, which are then the output and zeros). What it buys is on the GPU: a batch-1
@@ -13,11 +13,11 @@ layer (`benchmarks/mlp_chain.py`); the 1B step, 0.975-0.982 against 1.009-1.010 
 
 What it takes:
 - gate/up without bias, in 16-bit floats of widths the one launch takes (`fused_mlp.takes`), or,
-  with eight_bit (prepared, off until timed: `fused_mlp.EIGHT_BIT`), 8-bit weight-only as the
+  with eight_bit (off: it lost when timed, `fused_mlp.EIGHT_BIT`), 8-bit weight-only as the
   quantize pass (which runs before) leaves them: their scales go to the op, and down both
   transposed and as it was, for the GEMM of several rows;
-- only MLPs whose output one such reader reads: a model's last MLP feeds the final norm and keeps
-  its two ops;
+- only MLPs whose output one such reader reads (a model's last MLP: its final norm, an
+  `add_rms_norm`, whose one program reads the partial sums as cheaply as a row);
 - at least two MLPs a forward (each launch zeroes the partial sums of the one before), or the pass
   leaves the graph alone.
 
@@ -41,9 +41,12 @@ from kiln.passes.fuse_norm_linear import hoist_before
 
 NAME = "fuse_mlp"
 
-_READERS = ("add_rms_norm_linear", "add_rms_norm_linear_rope")
+_READERS = ("add_rms_norm_linear", "add_rms_norm_linear_rope", "add_rms_norm")
+# The final norm as a reader (a model's last MLP fused too): on by default since session 34; off
+# only to time it (`benchmarks/decode_latency.py --compare-switches mlp_final_norm=0`).
+FINAL_NORM = True
 # the position of a reader's partials argument (its last: after w_scale, and the rotary's for the rope op)
-_PARTIALS_AT = {"add_rms_norm_linear": 7, "add_rms_norm_linear_rope": 14}
+_PARTIALS_AT = {"add_rms_norm_linear": 7, "add_rms_norm_linear_rope": 14, "add_rms_norm": 4}
 
 
 def _getitems(node: fx.Node) -> dict[int, fx.Node] | None:
@@ -96,6 +99,8 @@ def _match(graph: Graph, down: fx.Node, eight_bit: bool) -> tuple | None:
     reader = readers[0]
     if not any(is_kiln_op(reader, name) for name in _READERS) or len(reader.args) > _PARTIALS_AT[_name(reader)]:
         return None
+    if _name(reader) == "add_rms_norm" and not FINAL_NORM:
+        return None
     return norm, items, reader, w
 
 
@@ -132,7 +137,7 @@ def _transposed(param: torch.Tensor) -> torch.Tensor:
 
 def run(graph: Graph, one_launch: bool = True, eight_bit: bool | None = None) -> Graph:
     """one_launch=False (the engine's, where one-row linears do not run kiln's gemv) leaves the graph
-    as it is. eight_bit (default `fused_mlp.EIGHT_BIT`, off until timed): fuse weight-only 8-bit
+    as it is. eight_bit (default `fused_mlp.EIGHT_BIT`, off: it lost when timed): fuse weight-only 8-bit
     MLPs too."""
     from kiln.codegen.kernels.fused_mlp import EIGHT_BIT
 

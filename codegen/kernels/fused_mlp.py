@@ -46,9 +46,12 @@ from kiln.ir.ops import MLP_PARTIALS
 # (gate/up gemv, then down gemv). Four rows of sums: 43.5; one: 42.7. Other shapes: RESULTS.
 ROWS, TILES, MAX_BLOCK, NUM_WARPS, DEPTH = 8, 2, 2048, 8, 1
 COPIES = MLP_PARTIALS  # (the op's output holds them: ir/ops.py)
-# Prepared, not timed: 8-bit weight-only MLPs as one launch too (int8 or e4m3 rows, their per-channel
-# scales applied to the sums). Off until timed on a GPU (the fuse_mlp pass leaves 8-bit MLPs alone
-# without it): KILN_FUSED_MLP_8BIT=1, `bash benchmarks/gpu_session.sh mlp-8bit`.
+# 8-bit weight-only MLPs as one launch too (int8 or e4m3 rows, their per-channel scales applied to the
+# sums): off, since it lost on an H100 (session 34: the 1B step 1.226 / 1.208 ms/token in int8 / fp8
+# against 0.742 / 0.768 with the two gemvs; this kernel spans 56 us a layer for 50 MB of weights, where
+# the 16-bit one streams 100 MB in about 36; 4 rows x 4 tiles, two steps ahead or 16 warps were worse,
+# so not register spills; the cause is not found). The fuse_mlp pass leaves 8-bit MLPs alone without
+# it: KILN_FUSED_MLP_8BIT=1, `bash benchmarks/gpu_session.sh mlp-8bit`.
 EIGHT_BIT = os.environ.get("KILN_FUSED_MLP_8BIT", "0") == "1"
 
 

@@ -109,7 +109,7 @@ def _row_quant_kernel(
     if NUM_CHUNKS == 1:  # the row stays in registers: one read
         mask = cols < E
         if MODE == 1:
-            x = _norm_input(x_row, res_row, sum_row, cols, mask, HAS_RESIDUAL)
+            x = _norm_input(x_row, res_row, sum_row, cols, mask, E, HAS_RESIDUAL, 0)
             xf = x.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / E + eps)
             w = tl.load(w_ptr + cols, mask=mask, other=0.0)
@@ -125,7 +125,7 @@ def _row_quant_kernel(
         if MODE == 1:
             if HAS_RESIDUAL:
                 src_row = sum_row  # the later passes read x + residual back (same offsets, same threads)
-            rstd = _chunked_rstd(x_row, res_row, sum_row, cols, E, eps, HAS_RESIDUAL, BLOCK, NUM_CHUNKS)
+            rstd = _chunked_rstd(x_row, res_row, sum_row, cols, E, eps, HAS_RESIDUAL, BLOCK, NUM_CHUNKS, 0)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols

@@ -452,13 +452,16 @@ def _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, mask, K, PROLOGUE: tl.conste
 
 
 @triton.jit
-def _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, X_COPIES: tl.constexpr):
-    """x + residual rounded to x's dtype, stored to sum_ptr (add_rms_norm's second output): one
+def _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, X_COPIES: tl.constexpr,
+               PROLOGUE: tl.constexpr):
+    """The row the norm reads, stored to sum_ptr: x + residual rounded to x's dtype (ADD_RMS_NORM:
+    add_rms_norm's second output), or x (RMS_NORM: a row gathered from a table, X_INDEX). One
     program's pass over the row, apart from its product's loop (a masked store in that loop kept
     the sum live in every program: 20-40 more registers a thread)."""
     for k in range(0, K, BLOCK_K):
         offs = k + tl.arange(0, BLOCK_K)
-        tl.store(sum_ptr + offs, _norm_source(x_ptr, res_ptr, offs, offs < K, K, 2, EVEN, X_COPIES), mask=offs < K)
+        tl.store(sum_ptr + offs, _norm_source(x_ptr, res_ptr, offs, offs < K, K, PROLOGUE, EVEN, X_COPIES),
+                 mask=offs < K)
 
 
 @triton.jit
@@ -473,14 +476,16 @@ def _gemv_kernel(
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
     FP8_BITS: tl.constexpr, ROUND: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
     EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr, REDUCE: tl.constexpr, PER_WORD: tl.constexpr,
-    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr, X_COPIES: tl.constexpr,
+    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr, X_COPIES: tl.constexpr, X_INDEX: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
     up): act(gate) * up), see the constants above; with NORM_AT_END (one split) the norm's
     statistics are gathered in the product's loop and its scale applied to the sums (see the
-    switch). ROPE (NEOX, GPTJ): out is a q/k/v projection whose q and k heads are rotated and
-    whose k and v go into the cache (`rope_epilogue.py`; the arguments from pos_ptr to DV are its,
+    switch). X_INDEX (RMS_NORM only, where no residual is read): x is a table of rows K long and
+    res_ptr points at the index of the row to read (an embedding's token id, read after the PDL
+    wait), which the first program also stores to sum_ptr (the embedding's output). ROPE (NEOX,
+    GPTJ): out is a q/k/v projection whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the arguments from pos_ptr to DV are its,
     unused otherwise). REDUCE: out is this rank's partial
     row of a sum over two ranks (the arguments from red_counter_ptr on are its): REDUCE_LAST, the
     last program to finish completes it with the peer's (`ll_exchange_row`); REDUCE_SEND, each
@@ -515,11 +520,15 @@ def _gemv_kernel(
         w_b = _load(w_ptrs_b, (offs < K)[None, :], EVEN_K)
     if EARLY_W:
         wait_for_inputs(PDL)
+    if X_INDEX:
+        x_ptr += tl.load(res_ptr).to(tl.int64) * K
+        if pid_n + pid_k == 0:
+            _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K, EVEN_K, X_COPIES, 1)
     rstd = 1.0
     if NORM_AT_END:
         if PROLOGUE == 2:
             if pid_n == 0:
-                _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K, EVEN_K, X_COPIES)
+                _store_sum(x_ptr, res_ptr, sum_ptr, K, BLOCK_K, EVEN_K, X_COPIES, 2)
         x, squares = _norm_input_at_end(x_ptr, res_ptr, g_ptr, offs, offs < K, K, PROLOGUE, EVEN_K, X_COPIES)
     else:
         if PROLOGUE == 1 or PROLOGUE == 2:
@@ -735,6 +744,7 @@ class Prologue:
     residual: torch.Tensor | None = None  # [1, K], unit last stride
     summed: torch.Tensor | None = None  # [1, K], written
     copies: int = 0  # ADD_RMS_NORM: the row is the sum of this many float32 rows (`fused_mlp`), x2 the first
+    index: torch.Tensor | None = None  # RMS_NORM: [1] int, x2's row of a table (the gathered row stored to summed)
 
     @property
     def gated(self) -> bool:
@@ -857,7 +867,8 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     if cfg.kernel == "gemv":
         grid_n = triton.cdiv(N, cfg.block_n)
         pro = prologue or Prologue(NO_PROLOGUE)  # (the gemvs' row arguments: the prologue's tensors or x2 in their place)
-        row_args = tuple(t if t is not None else x2 for t in (pro.residual, pro.weight, pro.summed))
+        row_args = tuple(t if t is not None else x2 for t in (
+            pro.residual if pro.index is None else pro.index, pro.weight, pro.summed))
     else:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if split_k > 1:
@@ -872,7 +883,9 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
     bias_arg = bias if bias is not None else w_scale
     # several tiles a program (`_gemv_tiles_kernel`) for float rows without a rotary epilogue (`_rope_config`
     # makes those one tile); 8-bit activations (W8A8) take the plain gemv
-    if cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int and not pro.copies:
+    # (rows given as partial sums or gathered from a table: the plain gemv's too)
+    if (cfg.kernel == "gemv" and cfg.tiles > 1 and x_scale is None and not acc_int and not pro.copies
+            and pro.index is None):
         _gemv_tiles_kernel[(triton.cdiv(N, cfg.block_n * cfg.tiles),)](
             x2, wq, w_scale, bias_arg, out, *row_args, N, K, wq.stride(0), pro.eps,
             HAS_BIAS=bias is not None, W_INT8=wq.dtype == torch.int8,
@@ -893,7 +906,7 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
             PER_WORD=4 // out.element_size(), TRAP=os.environ.get("TRITON_INTERPRET", "0") != "1",
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) and not norm_at_end else 1,
-            NORM_AT_END=norm_at_end, X_COPIES=pro.copies, **cap,
+            NORM_AT_END=norm_at_end, X_COPIES=pro.copies, X_INDEX=pro.index is not None, **cap,
             FP8_BITS=FP8_BY_BITS and wq.dtype == torch.float8_e4m3fn and not acc_int, **common,
         )
     else:
@@ -967,25 +980,28 @@ def _weight_scale(name: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Te
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                   w: torch.Tensor, bias: torch.Tensor | None = None, config: GemmConfig | None = None,
                   static_weight: bool = True, w_scale: torch.Tensor | None = None, partials: bool = False,
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One row: (F.linear(rms_norm(s), w, bias), s or None), s = x + residual (or x without one),
     as `kiln::rms_norm_linear` / `add_rms_norm_linear` compute them, in one gemv launch that
     normalizes its input row itself. x, residual, norm_weight share one float dtype; w has it too,
     or is 8-bit with its per-channel w_scale [N] (weight-only). partials (with a residual): x is
     [C, K] float32 partial sums (`fused_mlp.mlp_gemv`'s), the row their sum rounded to the
-    residual's dtype."""
+    residual's dtype. index (without a residual): x is a contiguous table [V, K] and the row is x[index]
+    (index [1] int, read on the device: an embedding's token id), returned as s: (F.linear(rms_norm(x[index]),
+    w, bias), x[index]) as `kiln::embedding_rms_norm_linear` computes them."""
     return _norm_gemv("rms_norm_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale,
-                      partials=partials)
+                      partials=partials, index=index)
 
 
 def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
               bias: torch.Tensor | None, rope: Rope, config: GemmConfig | None = None, static_weight: bool = True,
-              w_scale: torch.Tensor | None = None, partials: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+              w_scale: torch.Tensor | None = None, partials: bool = False,
+              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`rms_norm_gemv` whose output is a q/k/v projection of one token, [H*D | Hkv*D | Hkv*DV]:
     its q and k heads come out rotated and its k and v columns also go into the caches, as
     `kiln::rms_norm_linear_rope` / `add_rms_norm_linear_rope` compute them (`Rope` says how;
     `rope_epilogue.py`). One launch: the norm in its prologue, rotary and the cache write in its
-    epilogue. Full rotary only (the cos/sin table as wide as a head). partials: as rms_norm_gemv's."""
+    epilogue. Full rotary only (the cos/sin table as wide as a head). partials, index: as rms_norm_gemv's."""
     D, H, HKV = rope.head_dim, rope.num_heads, rope.num_kv_heads
     if rope.cos_sin_cache.shape[-1] != D or rope.style not in (NEOX, GPTJ):
         raise ValueError(f"rope_gemv: full rotary only (a cos/sin table {D} wide), NEOX or GPTJ; got a table "
@@ -994,14 +1010,20 @@ def rope_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
         raise ValueError(f"rope_gemv: a weight of {w.shape[0]} rows for {H} q and {HKV} kv heads of {D}")
     rope = dataclasses.replace(rope, cos_sin_cache=rope.cos_sin_cache.contiguous())
     return _norm_gemv("rope_gemv", x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope,
-                      partials)
+                      partials=partials, index=index)
 
 
 def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weight, w_scale, rope=None,
-               partials=False):
+               partials=False, index=None):
     K, dtype = x.shape[-1], norm_weight.dtype
     copies = 0
-    if partials:  # (see rms_norm_gemv)
+    if index is not None:  # (see rms_norm_gemv) x2 is the table's first row, the kernel's base for x[index]
+        if (residual is not None or partials or x.dim() != 2 or not x.is_contiguous() or index.numel() != 1
+                or index.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"{name}: a row gathered by index needs a contiguous table [V, K], one int index and no "
+                             f"residual or partials; got x {tuple(x.shape)}, index {index.dtype} {tuple(index.shape)}")
+        x = x[:1]
+    elif partials:  # (see rms_norm_gemv)
         if residual is None or x.dtype != torch.float32 or not x.is_contiguous():
             raise ValueError(f"{name}: partial rows must be contiguous float32 and come with a residual, got x of "
                              f"{x.dtype} {tuple(x.shape)}, strides {x.stride()}" + (" without one" if residual is None else ""))
@@ -1013,10 +1035,11 @@ def _norm_gemv(name, x, residual, norm_weight, eps, w, bias, config, static_weig
         raise TypeError(f"{name}: x, residual and norm_weight must share a float dtype, got {x.dtype}, "
                         f"{None if residual is None else residual.dtype} and {dtype}")
     scale = _weight_scale(name, norm_weight, w, w_scale)
-    summed = torch.empty(x.shape, dtype=dtype, device=x.device) if residual is not None else None
+    summed = torch.empty(x.shape, dtype=dtype, device=x.device) if residual is not None or index is not None else None
     prologue = Prologue(ADD_RMS_NORM if residual is not None else RMS_NORM, norm_weight.contiguous(), float(eps),
                         _rows(residual) if residual is not None else None,
-                        summed.view(1, K) if summed is not None else None, copies)
+                        summed.view(1, K) if summed is not None else None, copies,
+                        index.reshape(1) if index is not None else None)
     out = _linear(_rows(x), w, scale, None, bias, dtype, config, static_weight, prologue, rope=rope)
     return out.reshape(*x.shape[:-1], w.shape[0]), summed
 

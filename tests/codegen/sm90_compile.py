@@ -45,14 +45,15 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
                  cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: int = 0,
-                 norm_at_end: bool = True, x_copies: int = 0) -> None:
+                 norm_at_end: bool = True, x_copies: int = 0, x_index: bool = False) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
     NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type), the tile (rows, K step,
     warps), the sum over two ranks (quant_gemm's REDUCE_LAST, REDUCE_SEND or REDUCE_GATHER), a norm prologue's
     statistics gathered in the product's loop (`quant_gemm.NORM_AT_END`, the default) or first, the row as
-    float32 partial sums (x_copies > 0: `fused_mlp`'s output)."""
+    float32 partial sums (x_copies > 0: `fused_mlp`'s output), the row gathered from a table by an index
+    (x_index: an embedding's)."""
     block_n, block_k, num_warps = tile
     out_ty = "fp32" if round_to else "bf16" if x_ty == "i8" else x_ty
     sig = {"x_ptr": "*fp32" if x_copies else f"*{x_ty}", "w_ptr": f"*{w_ty}", "w_scale_ptr": "*fp32", "x_scale_ptr": "*fp32",
@@ -71,7 +72,9 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                   KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64, REDUCE=reduce,
                   PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True,
                   NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM),
-                  X_COPIES=x_copies)
+                  X_COPIES=x_copies, X_INDEX=x_index)
+    if x_index:  # the residual's pointer carries the row's index
+        sig["res_ptr"] = "*i64"
     sig.update(dict.fromkeys(consts, "constexpr"))
     at_end = consts["NORM_AT_END"]
     cap = quant_gemm._ROPE_AT_END_MAXNREG if at_end and rope and num_warps == 8 else None  # (as `_linear` caps it)
@@ -234,6 +237,12 @@ def variants() -> list[tuple]:
     out += [("bf16", "bf16", quant_gemm.ADD_RMS_NORM, True, False, False, None, rope, None, tile, 0, at_end, 4)
             for rope, tile, at_end in ((quant_gemm.NEOX, (8, 1024, 8), True), (quant_gemm.NEOX, (8, 1024, 8), False),
                                        (0, (4, 1024, 4), True))]
+    # the row gathered from the embedding table: the first layer's q/k/v gemv with rotary (both norm placements,
+    # float and 8-bit weights), a gate_up-like one without
+    out += [("bf16", w, quant_gemm.RMS_NORM, True, False, False, None, rope, None, tile, 0, at_end, 0, True)
+            for w, rope, tile, at_end in (("bf16", quant_gemm.NEOX, (8, 1024, 8), True),
+                                          ("bf16", quant_gemm.NEOX, (8, 1024, 8), False),
+                                          ("i8", quant_gemm.NEOX, (8, 1024, 8), True), ("bf16", 0, (4, 1024, 4), True))]
     # several tiles a program (quant_gemm._gemv_tiles_kernel): every prologue, float and 8-bit weights, whole
     # rows and rows in steps, two steps ahead
     out += [("gemv_tiles", w, p, 4, (4, 2048, 8)) for w in ("bf16", "i8", "fp8e4nv") for p in range(6)]

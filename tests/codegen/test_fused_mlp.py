@@ -121,10 +121,31 @@ def test_norm_gemv_reads_partial_sums(rope, copies, device, poisoned, close):
         quant_gemm.rms_norm_gemv(partials, None, g, 1e-6, w, partials=True)
 
 
+@pytest.mark.parametrize("copies, E", [(1, 64), (2, 64), (2, 40)])
+def test_add_rms_norm_reads_partial_sums(copies, E, device, poisoned):
+    """The norm kernel given float32 partial rows for its one row: the bits it gives for their sum
+    rounded to the residual's dtype (a model's final norm after its last fused MLP)."""
+    from kiln.codegen import kernels
+
+    dtype = torch.bfloat16
+    partials = torch.randn(copies, E, device=device)
+    row = kernel_cast(partials.sum(0, keepdim=True), dtype)
+    residual = torch.randn(1, E, device=device).to(dtype)
+    g = (torch.rand(E, device=device) + 0.5).to(dtype)
+    want = kernels.add_rms_norm(row, residual, g, 1e-6)
+    unread = torch.full_like(row, float("nan"))  # x itself is not read
+    got = poisoned(kernels.add_rms_norm, unread, residual, g, 1e-6, partials)
+    for a, b in zip(want, got):
+        assert torch.equal(b, a)
+    with pytest.raises(ValueError, match="one row"):
+        kernels.add_rms_norm(torch.zeros(2, E, device=device, dtype=dtype), residual.expand(2, E), g, 1e-6, partials)
+
+
 @pytest.mark.parametrize("kind", [None, "int8"])
 def test_ops_hand_partials_on_across_layers(kind, device, monkeypatch, close):
     """triton_ops' add_rms_norm_mlp at one row (the one-launch MLP into an Accumulators slot) and the
-    add_rms_norm_linear that reads its partial sums, three layers in a row, twice: the reference ops'
+    add_rms_norm_linear that reads its partial sums (the last layer's: a final add_rms_norm), three
+    layers in a row, twice: the reference ops'
     numbers, and each slot zeroed again by the next layer's launch so that a second forward adds
     into zeros. Then more than one row: the ops' unfused path. Float or 8-bit (kind) MLP weights."""
     from kiln.ir.quant_ops import quantize_weight
@@ -147,8 +168,9 @@ def test_ops_hand_partials_on_across_layers(kind, device, monkeypatch, close):
             down_t = w_down.t().contiguous()
             out, residual, partials = impl.add_rms_norm_mlp(x, residual, g, 1e-6, [w_gate_up], "silu", down_t, i,
                                                            layers, *eight_bit.get(i, ()))
+            if i == layers - 1:  # the model's final norm reads the last MLP's
+                return impl.add_rms_norm(out, residual, g_next[i], 1e-6, partials)
             x, residual = impl.add_rms_norm_linear(out, residual, g_next[i], 1e-6, [w_next[i]], [], None, partials)
-        return x, residual
 
     for rows in (1, 1, 3):
         x, residual = (torch.randn(rows, H, device=device).to(dtype) for _ in range(2))

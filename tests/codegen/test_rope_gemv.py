@@ -216,3 +216,68 @@ def test_the_ops_cuda_implementations_take_the_gemv_for_one_row(device, close, c
     finally:
         quant_gemm.rope_gemv = real
         triton_ops.set_float_gemv(False)
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_the_embedding_ops_gather_their_row_in_the_gemv(kind, device):
+    """triton_ops' embedding_rms_norm_linear[_rope]: one token id goes to the gemv with its row
+    gathered from the table by the kernel (spied: the table and the index handed on), several to the
+    embedding and then the norm + linear; either way the bits of the gathered rows given to
+    rms_norm_linear[_rope] (output, caches), and those rows as the second output."""
+    H, HKV, D, K, V = 4, 2, 16, 64, 50
+    dtype = torch.float32 if kind == "int8" else torch.bfloat16
+    table = torch.randn(V, K, device=device).to(dtype)
+    g = (torch.rand(K, device=device) + 0.5).to(dtype)
+    w = (torch.randn((H + 2 * HKV) * D, K, device=device) * 0.125).to(dtype)
+    weights, w_scale = ([w[:H * D], w[H * D:]], None) if kind == "bf16" else ([Q.quantize_weight(w, "int8")[0]],
+                                                                              Q.quantize_weight(w, "int8")[1])
+    cs = cos_sin_cache(D, device)
+    indexed, real = [], quant_gemm._norm_gemv
+
+    def spy(*args, **kwargs):
+        if kwargs.get("index") is not None:
+            indexed.append((args[1].data_ptr() == table.data_ptr(), kwargs["index"].numel()))
+        return real(*args, **kwargs)
+
+    def run(rows, ids, fused):
+        positions = torch.randint(0, MAX_POS, (rows,), device=device, generator=torch.Generator(device).manual_seed(1))
+        md = AttentionMetadata(torch.arange(rows, device=device) + 2, torch.zeros(rows, 1, dtype=torch.long),
+                               [1] * rows, [1] * rows, BLOCK_SIZE)
+        caches = [tuple(torch.zeros(NUM_BLOCKS, BLOCK_SIZE, HKV, D, device=device).to(dtype) for _ in range(2))]
+        with set_forward_context(ForwardContext(md, caches)):
+            if fused:
+                out, hidden = triton_ops.embedding_rms_norm_linear_rope(ids, table, g, 1e-5, weights, [], w_scale,
+                                                                        positions, cs, True, 0, H, HKV, D)
+                plain, plain_hidden = triton_ops.embedding_rms_norm_linear(ids, table, g, 1e-5, weights, [], w_scale)
+                assert torch.equal(plain_hidden, hidden)
+            else:
+                hidden = table[ids]
+                out = triton_ops.rms_norm_linear_rope(hidden, g, 1e-5, weights, [], w_scale, positions, cs, True, 0,
+                                                      H, HKV, D)
+                plain = triton_ops.rms_norm_linear(hidden, g, 1e-5, weights, [], w_scale)
+        return out, hidden, plain, *caches[0]
+
+    try:
+        quant_gemm._norm_gemv = spy
+        triton_ops.set_float_gemv(True)
+        for rows in (1, 3):
+            ids = torch.randint(0, V, (rows,), device=device)
+            got, want = run(rows, ids, True), run(rows, ids, False)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+        assert indexed == [(True, 1), (True, 1)]  # (the one-token steps' rope and plain ops)
+    finally:
+        quant_gemm._norm_gemv = real
+        triton_ops.set_float_gemv(False)
+
+
+def test_norm_gemv_refuses_a_gather_it_cannot_do(device):
+    table, g = torch.randn(10, 32, device=device), torch.rand(32, device=device)
+    w = torch.randn(8, 32, device=device)
+    ws = torch.ones(8, device=device)
+    wq = w.to(torch.int8)
+    with pytest.raises(ValueError, match="one int index"):
+        quant_gemm.rms_norm_gemv(table, None, g, 1e-5, wq, w_scale=ws, index=torch.tensor([1, 2], device=device))
+    with pytest.raises(ValueError, match="one int index"):
+        quant_gemm.rms_norm_gemv(table, torch.randn(1, 32, device=device), g, 1e-5, wq, w_scale=ws,
+                                 index=torch.tensor([1], device=device))

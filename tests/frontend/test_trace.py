@@ -47,11 +47,13 @@ def test_compiled_and_eager_give_the_same_tokens(arch, checkpoints, tmp_path):
     if supported_architectures()[arch].module == "llama":  # (Falcon's q/k/v are one projection, its MLP GELU)
         # q/k/v and gate/up each merged into one linear, and that fused with the norm before it;
         # rotary and the cache write fused into the q/k/v one (not Qwen3's: it normalizes q and
-        # k per head before rotary); SwiGLU's activation fused into the down projection
+        # k per head before rotary); SwiGLU's activation fused into the down projection; the first
+        # layer's norm + q/k/v gathering its row from the embedding table itself
         assert "kiln.merged_linear" in (tmp_path / graphs[0] / "01-merge_linears.txt").read_text()
         assert "kiln.merged_linear(" not in final and "kiln.silu_and_mul(" not in final
         rope = "_rope" if arch != "Qwen3ForCausalLM" else ""
-        assert f"kiln.rms_norm_linear{rope}(" in final and f"kiln.add_rms_norm_linear{rope}(" in final
+        assert f"kiln.embedding_rms_norm_linear{rope}(" in final and f"kiln.add_rms_norm_linear{rope}(" in final
+        assert "kiln.embedding(" not in final
         assert ("kiln.rotary_kv_write(" in final) == (not rope)
         assert "kiln.act_and_mul_linear(" in final
 

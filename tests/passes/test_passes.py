@@ -302,8 +302,8 @@ def test_linear_all_reduce_fusion_takes_the_row_parallel_linears():
 class MlpBlock(nn.Module):
     """Three Llama-style layers' halves: a residual add + RMSNorm read by a linear (standing in for
     the attention's q/k/v), whose output goes through an add + RMSNorm into a gated MLP (HF-style
-    sibling gate/up, silu, down). The first two MLPs are read by the next layer's norm + linear, what
-    fuse_mlp looks for; the last feeds a final add_rms_norm, and stays."""
+    sibling gate/up, silu, down). The first two MLPs are read by the next layer's norm + linear, the
+    last by a final add_rms_norm: the readers fuse_mlp looks for."""
 
     adjacent_weights = tuple((f"gate{i}", f"up{i}") for i in range(3))
 
@@ -329,9 +329,9 @@ class MlpBlock(nn.Module):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mlp_fusion_hands_partial_sums_to_the_next_norm_gemv(dtype):
     """Compiled through the pipeline, MlpBlock gives the eager numbers at one row (where the fused
-    MLPs hand their outputs on as partial sums) and at several. In bfloat16 the first two MLPs
-    become add_rms_norm_mlp, each read by a norm + linear given its partials, with down transposed;
-    float32 weights, which the one-launch MLP does not take, stay as they are."""
+    MLPs hand their outputs on as partial sums) and at several. In bfloat16 the three MLPs become
+    add_rms_norm_mlp, each read by a norm + linear (the last by the final norm) given its partials,
+    with down transposed; float32 weights, which the one-launch MLP does not take, stay as they are."""
     torch._dynamo.reset()
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
     block = MlpBlock().eval().to(dtype)
@@ -348,17 +348,17 @@ def test_mlp_fusion_hands_partial_sums_to_the_next_norm_gemv(dtype):
     if dtype == torch.float32:
         assert not mlps and count(graph, "act_and_mul_linear") == 3
         return
-    assert [m.args[7:] for m in mlps] == [(0, 2), (1, 2)] and count(graph, "act_and_mul_linear") == 1
-    for m in mlps:
+    assert [m.args[7:] for m in mlps] == [(0, 3), (1, 3), (2, 3)] and count(graph, "act_and_mul_linear") == 0
+    for m, reader_op in zip(mlps, ["add_rms_norm_linear"] * 2 + ["add_rms_norm"]):
         (partials,) = [u for u in m.users if u.args[1] == 2]
         (reader,) = partials.users
-        assert is_kiln_op(reader, "add_rms_norm_linear") and reader.args[-1] is partials
+        assert is_kiln_op(reader, reader_op) and reader.args[-1] is partials
         assert tuple(graph.example_value(m.args[6]).shape) == (32, 16)  # down, transposed
 
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
 def test_mlp_fusion_takes_8bit_weight_only_mlps_when_asked(scheme):
-    """After the quantize pass, with eight_bit (off by default until timed), the first two MLPs become
+    """After the quantize pass, with eight_bit (off by default until timed), the three MLPs become
     add_rms_norm_mlp with their scales, down given both transposed (8-bit) and as it was; the numbers
     are those of the same quantized graph without the fusion, at one row and at several."""
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
@@ -384,7 +384,7 @@ def test_mlp_fusion_takes_8bit_weight_only_mlps_when_asked(scheme):
             torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
     assert count(graphs[False], "add_rms_norm_mlp") == 0
     mlps = list(graphs[True].calls("add_rms_norm_mlp"))
-    assert len(mlps) == 2 and count(graphs[True], "act_and_mul_linear") == 1
+    assert len(mlps) == 3 and count(graphs[True], "act_and_mul_linear") == 0
     for m in mlps:
         down_t, w_scale, down_scale, down = (graphs[True].example_value(a) for a in m.args[6:7] + m.args[9:12])
         assert down_t.dtype in (torch.int8, torch.float8_e4m3fn) and tuple(down_t.shape) == (32, 16)
@@ -407,3 +407,42 @@ def test_transposed_bytes_counts_the_down_weights_the_pass_copies():
     assert transposed_bytes(model) == 0  # float32
     model = model.to(torch.bfloat16)
     assert transposed_bytes(model) == 2 * 16 * 32 * 2
+
+
+class EmbedBlock(nn.Module):
+    """A model's start: the token embedding, read by the first norm + linear (standing in for the
+    q/k/v projection) and by the residual add after it."""
+
+    def __init__(self, vocab=40, d=16):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, d))
+        self.norms = nn.Parameter(torch.rand(2, d) + 0.5)
+        self.w = nn.Parameter(torch.randn(24, d) * 0.3)
+
+    def forward(self, ids):
+        hidden = ops.embedding(ids, self.table)
+        y = ops.linear(ops.rms_norm(hidden, self.norms[0], 1e-6), self.w)
+        return ops.add_rms_norm(y[:, :16], hidden, self.norms[1], 1e-6)
+
+
+def test_embedding_fusion_gathers_the_first_norm_linears_row():
+    """Through the pipeline, the embedding and the norm + linear that reads it become one
+    embedding_rms_norm_linear, whose second output the residual add reads; the eager numbers at one
+    token and at several. Without the pass the embedding stays."""
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    block = EmbedBlock().eval()
+    for names, fused in ((PIPELINE, 1), ([p for p in PIPELINE if p != "fuse_embedding"], 0)):
+        torch._dynamo.reset()
+        compiled, graphs = compiled_with(block, names)
+        with torch.no_grad():
+            for rows in (1, 4, 1):
+                ids = torch.randint(0, 40, (rows,))
+                for a, b in zip(block(ids), compiled(ids)):
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        graph = graphs[0]
+        assert count(graph, "embedding_rms_norm_linear") == fused and count(graph, "embedding") == 1 - fused
+        assert count(graph, "rms_norm_linear") == 1 - fused
+        if fused:
+            (op,) = graph.calls("embedding_rms_norm_linear")
+            (hidden,) = [u for u in op.users if u.args[1] == 1]
+            assert [is_kiln_op(u, "add_rms_norm") for u in hidden.users] == [True]
