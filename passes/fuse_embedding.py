@@ -11,8 +11,8 @@ step's first gemv gathers its own row from the table (`quant_gemm`'s X_INDEX), s
 is no launch of its own: one launch boundary less a step, at its start, where the gather was an
 aten kernel that the first gemv could not overlap through PDL. Runs after fuse_linear_rope, which
 makes the rotary form. A model that scales its embeddings (Gemma) or normalizes them otherwise
-has ops between the two, and is left alone; so are vocab-parallel embeddings (tensor
-parallelism), which are other ops.
+has ops between the two, and is left alone; so is a vocab-parallel embedding (tensor
+parallelism: `models/parallel.py`), whose rows reach the norm through a mask and an all-reduce.
 """
 
 from __future__ import annotations
