@@ -67,6 +67,9 @@
 #   mlp-8bit    the one-launch MLP for 8-bit weight-only weights (fused_mlp.EIGHT_BIT, prepared in session 33,
 #               off: it lost in session 34): its kernel tests on the GPU, then batch-1 decode in int8 and fp8
 #               weight-only, each with and without it, three interleaved rounds
+#   verdict     issue 8's step and cold start in one call (H100): batch-1 decode alone, ten interleaved rounds
+#               (`decode_latency.py --rounds 10`), then the cold start given 250 s (on a freshly started machine
+#               one took over 110 s); the 1000-request run is `throughput`, a call of its own
 #   fusions     the launches folded into their neighbours in session 34: the kernel tests of the one-launch MLP,
 #               the norm gemvs (the embedding's row gathered) and the norm (partial sums read) on the GPU, then
 #               batch-1 decode with everything, without fuse_embedding and with the last MLP apart
@@ -120,6 +123,11 @@ section() {
             tail -8 "$OUT/mlp_chain.txt"
             run mlp 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 5 --compare-mlp-fusion
             grep -A12 "^device" "$OUT/mlp.txt" ;;
+        verdict)
+            run verdict-decode 250 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 10
+            grep -A6 "^device" "$OUT/verdict-decode.txt"
+            run verdict-coldstart 250 python benchmarks/cold_start.py
+            tail -4 "$OUT/verdict-coldstart.txt" ;;
         fusions)
             gpu_tests fusion-kernels 200 tests/codegen/test_fused_mlp.py tests/codegen/test_rope_gemv.py \
                 tests/codegen/test_norm.py
