@@ -65,7 +65,7 @@ from transformers import AutoModelForCausalLM
 
 from kiln import LLM, SamplingParams
 from kiln.codegen.kernels import fused_mlp, quant_gemm
-from kiln.passes import fuse_mlp
+from kiln.passes import PIPELINE, fuse_mlp
 from kiln.runtime import cuda_graphs, model_runner
 from kiln.runtime.demo import build_checkpoint, train_tokenizer
 
@@ -225,21 +225,13 @@ def main() -> None:
     if args.compare_fp8_conversion:
         variants += [("fp8_weight_only, async, by bits", {"quantization": "fp8_weight_only", "async_scheduling": True,
                                                           "fp8_by_bits": True})]
-    if args.compare_rope_fusion:
-        from kiln.passes import PIPELINE
-
-        variants += [("async, rotary apart", {"async_scheduling": True,
-                                              "passes": [p for p in PIPELINE if p != "fuse_linear_rope"]})]
-    if args.compare_mlp_fusion:
-        from kiln.passes import PIPELINE
-
-        variants += [("async, MLP apart", {"async_scheduling": True,
-                                           "passes": [p for p in PIPELINE if p != "fuse_mlp"]})]
-    if args.compare_embedding_fusion:
-        from kiln.passes import PIPELINE
-
-        variants += [("async, embedding apart", {"async_scheduling": True,
-                                                 "passes": [p for p in PIPELINE if p != "fuse_embedding"]})]
+    # the rows without one fusion pass: (asked, the pass, what stays apart)
+    for asked, dropped, apart in ((args.compare_rope_fusion, "fuse_linear_rope", "rotary"),
+                                  (args.compare_mlp_fusion, "fuse_mlp", "MLP"),
+                                  (args.compare_embedding_fusion, "fuse_embedding", "embedding")):
+        if asked:
+            variants += [(f"async, {apart} apart", {"async_scheduling": True,
+                                                    "passes": [p for p in PIPELINE if p != dropped]})]
     if args.compare_early_kv:
         variants += [("async, kv after the wait", {"async_scheduling": True, "early_kv": False})]
     if args.compare_norm_at_end:
