@@ -37,7 +37,9 @@
 #               the host's phases
 #   throughput  1000 requests against HF generate (issue 8)
 #   host        profile_decode.py --host-only: the host's turn of a batch-1 step by phase (bf16, int8)
-#   coldstart   cold_start.py: a fresh process to its first token, without and with the cache
+#   coldstart   cold_start.py --bytecode-cache: a fresh process to its first token, without and with the compile cache,
+#               then the same two with a Python bytecode cache (the lent machines set PYTHONDONTWRITEBYTECODE and
+#               ship no .pyc: without one, every start compiles ~4500 modules, about 11 s)
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs, float32 (2 GPUs;
 #               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols. The
 #               fused all-reduce's check is tp-fused's: float32 rows take cuBLAS, not the gemv, so only bf16 runs
@@ -68,8 +70,8 @@
 #               off: it lost in session 34): its kernel tests on the GPU, then batch-1 decode in int8 and fp8
 #               weight-only, each with and without it, three interleaved rounds
 #   verdict     issue 8's step and cold start in one call (H100): batch-1 decode alone, ten interleaved rounds
-#               (`decode_latency.py --rounds 10`), then the cold start given 250 s (on a freshly started machine
-#               one took over 110 s); the 1000-request run is `throughput`, a call of its own
+#               (`decode_latency.py --rounds 10`), then the cold start's four starts given 320 s (session 35: 270 s
+#               on a freshly started machine); the 1000-request run is `throughput`, a call of its own
 #   fusions     the launches folded into their neighbours in session 34: the kernel tests of the one-launch MLP,
 #               the norm gemvs (the embedding's row gathered) and the norm (partial sums read) on the GPU, then
 #               batch-1 decode with everything, without fuse_embedding and with the last MLP apart
@@ -126,8 +128,8 @@ section() {
         verdict)
             run verdict-decode 250 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 10
             grep -A6 "^device" "$OUT/verdict-decode.txt"
-            run verdict-coldstart 250 python benchmarks/cold_start.py
-            tail -4 "$OUT/verdict-coldstart.txt" ;;
+            run verdict-coldstart 320 python benchmarks/cold_start.py --bytecode-cache
+            tail -6 "$OUT/verdict-coldstart.txt" ;;
         fusions)
             gpu_tests fusion-kernels 200 tests/codegen/test_fused_mlp.py tests/codegen/test_rope_gemv.py \
                 tests/codegen/test_norm.py
@@ -209,7 +211,7 @@ section() {
             grep -A16 "host phases" "$OUT/host.txt" | tail -17
             grep -A16 "host phases" "$OUT/host_int8.txt" | tail -17 ;;
         coldstart)
-            run coldstart 500 python benchmarks/cold_start.py
+            run coldstart 560 python benchmarks/cold_start.py --bytecode-cache
             tail -8 "$OUT/coldstart.txt" ;;
         tp-check)  # (the decode graphs gather the logits inside since session 19)
             KILN_TWO_RANK_PROTOCOL=flags run tp-check 300 python benchmarks/check_tensor_parallel.py --compiled \

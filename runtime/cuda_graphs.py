@@ -25,7 +25,9 @@ on a CPU.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -33,6 +35,8 @@ import torch
 from kiln.ir import AttentionMetadata, ForwardContext, set_forward_context
 from kiln.runtime.model_runner import fill_in, wait_for_readback
 from kiln.runtime.sampler import greedy_tokens
+
+logger = logging.getLogger(__name__)
 
 # The staging buffer: FIELDS entries a row (ids, positions, slots, seq_lens, cross slots, src), META
 # entries (the block tables' width, the token buffer the replay's argmax writes, then room), then
@@ -161,12 +165,14 @@ class DecodeGraphs:
                 self.graphs[b].record()
             return
         for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            start = time.perf_counter()
             with set_forward_context(self._context(b)):
                 for _ in range(2):  # warm up: compile for this size, let the allocator settle
                     hidden = self.forward(self.input_ids[:b], self.positions[:b])
                     if self.logits is not None:
                         greedy_tokens(self.logits(hidden))
                 torch.cuda.synchronize()
+                warmed = time.perf_counter()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
                     if self.unpack_in_graph:
@@ -182,6 +188,8 @@ class DecodeGraphs:
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[b] = graph
+            logger.debug("kiln: decode graph for %d rows: warm-up runs %.2f s, capture %.2f s", b, warmed - start,
+                         time.perf_counter() - warmed)
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]

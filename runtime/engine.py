@@ -57,6 +57,25 @@ def freeze_gc_heap() -> None:
 _gc_unfreeze_at_exit = False
 
 
+_bytecode_noted = False  # (the note is logged once a process)
+
+
+def uncached_bytecode_note(dont_write_bytecode: bool | None = None, module_file: str | None = None) -> str | None:
+    """Why a start may be slow before kiln does anything: Python neither reads nor writes bytecode
+    for torch (PYTHONDONTWRITEBYTECODE set and none shipped, as in images built that way), so every
+    process compiles the ~4500 modules torch, transformers and torch.compile import: about 11 s of a
+    start on the lent H100 machines (benchmarks/RESULTS.md, the cold start)."""
+    import importlib.util
+
+    dont_write_bytecode = sys.flags.dont_write_bytecode if dont_write_bytecode is None else dont_write_bytecode
+    module_file = module_file or torch.__file__
+    if not dont_write_bytecode or os.path.exists(importlib.util.cache_from_source(module_file)):
+        return None
+    return ("Python writes no bytecode here (PYTHONDONTWRITEBYTECODE) and torch has none cached, so each start "
+            "compiles every module it imports (seconds); compile site-packages once (python -m compileall) "
+            "or point PYTHONPYCACHEPREFIX at a writable folder with PYTHONDONTWRITEBYTECODE unset")
+
+
 class PreparedPrompt(dict):
     """A prompt `prepare_prompts` has tokenized and validated ({"prompt", "prompt_token_ids",
     "token_type_ids"?, "encoder_input"?}): add_pooling_request takes it without checking it again.
@@ -90,6 +109,10 @@ class LLMEngine:
         """`tp`: a tensor-parallel worker's side of the group (runtime/tensor_parallel.py); an engine
         made by the user is rank 0, and starts the workers itself when config.tensor_parallel_size > 1."""
         self.config = config
+        global _bytecode_noted
+        if not _bytecode_noted and (note := uncached_bytecode_note()) is not None:
+            logger.warning("kiln: %s", note)
+            _bytecode_noted = True
         self._frozen_at: int | None = None  # graphs_compiled() at the last freeze_gc_heap, once called
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None

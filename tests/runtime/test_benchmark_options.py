@@ -52,3 +52,19 @@ def test_gpu_session_tiles_and_rows_parse():
     assert not [r for r in known if "," in r], "a row name with a comma cannot be asked for"
     asked = [r for arg in _session_arguments("--rows") for r in arg.split(",")]
     assert not [r for r in asked if r not in known]
+
+
+def test_cold_start_import_report_sums_packages_and_names_the_first_chain():
+    cold_start = _load("cold_start")
+    # `python -X importtime`: children before their parent, one indent (two spaces) deeper
+    lines = ["import time: self [us] | cumulative | imported package",
+             "import time:       300 |        300 |     sympy.core",
+             "import time:       200 |        500 |   sympy",
+             "import time:       100 |        600 | torch.fx",
+             "import time:      1000 |       1000 | torch",
+             "import time:        50 |         50 | sympy.polys",
+             "unrelated stderr line"]
+    report = cold_start.import_report(lines).splitlines()
+    assert report[0] == "imports: 5 modules, 0.00 s in their own code"
+    assert report[1].split()[3:5] == ["torch", "first"]  # 1100 us, more than sympy's 550
+    assert report[2].endswith("sympy.core <- sympy <- torch.fx")
