@@ -67,8 +67,9 @@
 #   mlp         the one-launch MLP (fuse_mlp, session 33): its kernel tests compiled on the GPU, the MLP chains
 #               (benchmarks/mlp_chain.py), then batch-1 decode with it and without it, five interleaved rounds
 #   mlp-8bit    the one-launch MLP for 8-bit weight-only weights (fused_mlp.EIGHT_BIT, prepared in session 33,
-#               off: it lost in session 34): its kernel tests on the GPU, then batch-1 decode in int8 and fp8
-#               weight-only, each with and without it, three interleaved rounds
+#               off: it lost in sessions 34 and 35): its kernel tests on the GPU, then batch-1 decode in int8 and
+#               fp8 weight-only, each with and without it at its best tiling of session 35 (4 rows x 2 tiles,
+#               4 warps), three interleaved rounds
 #   verdict     issue 8's step and cold start in one call (H100): batch-1 decode alone, ten interleaved rounds
 #               (`decode_latency.py --rounds 10`), then the cold start's four starts given 320 s (session 35: 270 s
 #               on a freshly started machine); the 1000-request run is `throughput`, a call of its own
@@ -139,7 +140,8 @@ section() {
         mlp-8bit)
             gpu_tests mlp-kernels 200 tests/codegen/test_fused_mlp.py
             run mlp8 450 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \
-                --quantization int8_weight_only,fp8_weight_only --compare-mlp-8bit
+                --quantization int8_weight_only,fp8_weight_only --compare-switches \
+                "int8_weight_only@mlp_8bit=1,mlp_warps=4,mlp_rows=4;fp8_weight_only@mlp_8bit=1,mlp_warps=4,mlp_rows=4"
             grep -A16 "^device" "$OUT/mlp8.txt" ;;
         quant)
             run quant 400 python benchmarks/decode_latency.py --no-hf --repeats 3 --rounds 3 \

@@ -47,11 +47,16 @@ from kiln.ir.ops import MLP_PARTIALS
 ROWS, TILES, MAX_BLOCK, NUM_WARPS, DEPTH = 8, 2, 2048, 8, 1
 COPIES = MLP_PARTIALS  # (the op's output holds them: ir/ops.py)
 # 8-bit weight-only MLPs as one launch too (int8 or e4m3 rows, their per-channel scales applied to the
-# sums): off, since it lost on an H100 (session 34: the 1B step 1.226 / 1.208 ms/token in int8 / fp8
-# against 0.742 / 0.768 with the two gemvs; this kernel spans 56 us a layer for 50 MB of weights, where
-# the 16-bit one streams 100 MB in about 36; 4 rows x 4 tiles, two steps ahead or 16 warps were worse,
-# so not register spills; the cause is not found). The fuse_mlp pass leaves 8-bit MLPs alone without
-# it: KILN_FUSED_MLP_8BIT=1, `bash benchmarks/gpu_session.sh mlp-8bit`.
+# sums): off, since it loses on an H100. Session 34, at this module's tiling: the 1B step 1.226 / 1.208
+# ms/token in int8 / fp8 against 0.742 / 0.768 with the two gemvs. Session 35 found most of that: at 8
+# warps an 8-bit [8, 2048] tile (16 bytes a thread) lies over 2 x 4 warps, so down's sum over a program's
+# rows crosses warps through shared memory (30 barriers against bf16's 16; bf16's 8 x 2048 lies over
+# 1 x 8 warps, each thread holding all 8 rows). At 4 warps the rows stay in a thread: 8 rows x 2 tiles
+# 0.889 (int8), 0.786 (fp8); 4 rows x 2 tiles 0.789 / 0.775 against 0.741 / 0.763. Fewer rows a
+# program (2, or 4 x 1 tile) lose again: more programs, each adding a whole row of sums with atomics.
+# What is left is likely the work a weight byte costs (int8: sign extension, add, subtract, multiply-add;
+# bf16 does one multiply-add a 2 bytes). The fuse_mlp pass leaves 8-bit MLPs alone without it:
+# KILN_FUSED_MLP_8BIT=1, `bash benchmarks/gpu_session.sh mlp-8bit`.
 EIGHT_BIT = os.environ.get("KILN_FUSED_MLP_8BIT", "0") == "1"
 
 
