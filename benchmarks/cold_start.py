@@ -160,15 +160,14 @@ def main() -> None:
             dtype = "bfloat16"
             path = build_checkpoint(os.path.join(tmp, "model"), "LlamaForCausalLM", dtype=dtype,
                                     tokenizer=train_tokenizer(), vocab_size=128256, **LLAMA_1B)
-        starts = [("no compile cache", {**os.environ, "KILN_CACHE_DIR": os.path.join(tmp, "cache")}),
-                  ("compile cache warm", {**os.environ, "KILN_CACHE_DIR": os.path.join(tmp, "cache")})]
+        env = {**os.environ, "KILN_CACHE_DIR": os.path.join(tmp, "cache")}
+        starts = [("no compile cache", env), ("compile cache warm", env)]
         if args.bytecode_cache:  # the same two starts again, with their own compile cache and a bytecode cache
             env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
             env.update(KILN_CACHE_DIR=os.path.join(tmp, "cache2"), PYTHONPYCACHEPREFIX=os.path.join(tmp, "pycache"))
             starts += [("no compile cache, bytecode cache", env), ("compile and bytecode caches warm", env)]
-        rows = []
+        rows, importtime = [], ["-X", "importtime"] if args.imports else []
         for label, env in starts:
-            importtime = ["-X", "importtime"] if args.imports else []
             out = subprocess.run([sys.executable, *importtime, "-c", PROBE, path, str(time.time()),
                                   json.dumps({"dtype": dtype}), str(args.new_tokens), "1" if verbose else "0"],
                                  env=env, capture_output=True, text=True, timeout=900)

@@ -63,8 +63,8 @@ _bytecode_noted = False  # (the note is logged once a process)
 def uncached_bytecode_note(dont_write_bytecode: bool | None = None, module_file: str | None = None) -> str | None:
     """Why a start may be slow before kiln does anything: Python neither reads nor writes bytecode
     for torch (PYTHONDONTWRITEBYTECODE set and none shipped, as in images built that way), so every
-    process compiles the ~4500 modules torch, transformers and torch.compile import: about 11 s of a
-    start on the lent H100 machines (benchmarks/RESULTS.md, the cold start)."""
+    process compiles the ~4500 modules torch, transformers and torch.compile import: 11-13 s of a
+    warm start on the lent H100 machines (benchmarks/RESULTS.md, the cold start)."""
     import importlib.util
 
     dont_write_bytecode = sys.flags.dont_write_bytecode if dont_write_bytecode is None else dont_write_bytecode
