@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -57,9 +58,6 @@ def freeze_gc_heap() -> None:
 _gc_unfreeze_at_exit = False
 
 
-_bytecode_noted = False  # (the note is logged once a process)
-
-
 def uncached_bytecode_note(dont_write_bytecode: bool | None = None, module_file: str | None = None) -> str | None:
     """Why a start may be slow before kiln does anything: Python neither reads nor writes bytecode
     for torch (PYTHONDONTWRITEBYTECODE set and none shipped, as in images built that way), so every
@@ -74,6 +72,13 @@ def uncached_bytecode_note(dont_write_bytecode: bool | None = None, module_file:
     return ("Python writes no bytecode here (PYTHONDONTWRITEBYTECODE) and torch has none cached, so each start "
             "compiles every module it imports (seconds); compile site-packages once (python -m compileall) "
             "or point PYTHONPYCACHEPREFIX at a writable folder with PYTHONDONTWRITEBYTECODE unset")
+
+
+@functools.cache
+def _log_uncached_bytecode() -> None:
+    """`uncached_bytecode_note`, logged once a process."""
+    if (note := uncached_bytecode_note()) is not None:
+        logger.warning("kiln: %s", note)
 
 
 class PreparedPrompt(dict):
@@ -109,10 +114,7 @@ class LLMEngine:
         """`tp`: a tensor-parallel worker's side of the group (runtime/tensor_parallel.py); an engine
         made by the user is rank 0, and starts the workers itself when config.tensor_parallel_size > 1."""
         self.config = config
-        global _bytecode_noted
-        if not _bytecode_noted and (note := uncached_bytecode_note()) is not None:
-            logger.warning("kiln: %s", note)
-            _bytecode_noted = True
+        _log_uncached_bytecode()
         self._frozen_at: int | None = None  # graphs_compiled() at the last freeze_gc_heap, once called
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
