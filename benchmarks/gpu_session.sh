@@ -60,6 +60,8 @@
 #   tp-rounds   scale_out.py --skip-dp --rounds 3: TP=1 and TP=2, three times, interleaved (the speedup read through
 #               the run-to-run spread; TP_ROUNDS_ENV="A=0,B=0;C=1" adds a TP=2 run per set of environment switches,
 #               TP_ROUNDS=2 fewer rounds: each run is about 45 s, and a call has 590)
+#   tp-bound    tp-rounds with TP_ROUNDS=2 and TP=2 without any all-reduce (KILN_TIMING_SKIP_ALL_REDUCE=1, timing
+#               only: wrong sums): what the exchanges cost the step, the most any all-reduce work could gain
 #   tp-bisect   scale_out.py --skip-dp --compare-env "KILN_UNPACK_IN_GRAPH=0;KILN_DECODE_MAX_SPLITS=32" (TP_BISECT=...): TP=1,
 #               TP=2, and TP=2 with each set of switches, every run's greedy tokens against TP=1's
 #   tp-flags    scale_out.py --skip-dp --flags-all-reduce: TP=1, TP=2, TP=2 with the two-rank kernel's "flags" protocol
@@ -251,6 +253,10 @@ section() {
             run tp-rounds 590 python benchmarks/scale_out.py --skip-dp --rounds "${TP_ROUNDS:-3}" \
                 ${TP_ROUNDS_ENV:+--compare-env "$TP_ROUNDS_ENV"} $CKPT_8B
             tail -14 "$OUT/tp-rounds.txt" ;;
+        tp-bound)
+            run tp-bound 590 python benchmarks/scale_out.py --skip-dp --rounds 2 \
+                --compare-env "KILN_TIMING_SKIP_ALL_REDUCE=1" $CKPT_8B
+            tail -10 "$OUT/tp-bound.txt" ;;
         tp-bisect)  # (TP_BISECT: the env switch sets, ';'-separated)
             run tp-bisect 590 python benchmarks/scale_out.py --skip-dp \
                 --compare-env "${TP_BISECT:-KILN_UNPACK_IN_GRAPH=0;KILN_DECODE_MAX_SPLITS=32}" $CKPT_8B

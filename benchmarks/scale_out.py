@@ -30,7 +30,8 @@ other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+r
 q/k/v gemv of 8B's shapes on its own tile), `--compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1"` one
 per ';'-separated set of environment switches (here the decode attention's key tile, and this step's
 token read as one row instead of a masked tile), its greedy tokens compared with TP=1's as well as
-TP=2's. `--bracket` runs the default TP=2
+TP=2's; `--compare-env KILN_TIMING_SKIP_ALL_REDUCE=1` times TP=2 without its all-reduces (wrong sums:
+the most any all-reduce work could give back). `--bracket` runs the default TP=2
 configuration again after the variants, so a drift along the call (the variants always run after the
 default) shows as two default rows that differ. `--rounds N` runs TP=1 and the TP=2 configurations N times, interleaved
 (TP=1, default, variants, TP=1, default, variants, ...), and reports each one's median: one call once gave the same

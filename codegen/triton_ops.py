@@ -27,6 +27,7 @@ the larger buckets hold cuBLAS.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import weakref
 
@@ -359,7 +360,8 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
 #   ms/token with it against 3.609 and 3.635 with "" (session 23, two calls of `benchmarks/scale_out.py
 #   --fused-all-reduce send`): the values cross NVLink while the gemv's last programs run.
 # - "gather": each gemv program sends its values to the peer and keeps them as tagged words, and the last
-#   program of each 1024-element chunk sums both ranks' words of it: no receiving launch. Not timed yet.
+#   program of each 1024-element chunk sums both ranks' words of it: no receiving launch. Slower: 3.691
+#   against 3.465 ms/token with "send" (session 24): a chunk's last program waits for its chunk's words.
 # - "last": one gemv whose last program sums the row with the peer's. Slower: 3.728 against 3.457 ms/token
 #   with "" (session 22): every program of the gemv pays a gpu-scope release before its count, so the
 #   last one sees the row, and the gemv's 512-1024 programs stay resident that much longer.
@@ -368,6 +370,16 @@ _fused_env = os.environ.get("KILN_FUSED_ALL_REDUCE", "send")
 FUSED_ALL_REDUCE = {"0": "", "1": "last"}.get(_fused_env, _fused_env)
 if FUSED_ALL_REDUCE not in ("", "last", "send", "gather"):
     raise ValueError(f"KILN_FUSED_ALL_REDUCE must be send, gather, last or 0, got {FUSED_ALL_REDUCE!r}")
+
+# Timing only: KILN_TIMING_SKIP_ALL_REDUCE=1 makes every linear_all_reduce this rank's linear alone, with
+# no exchange at all, so the sums are wrong. It measures what the all-reduces cost a tensor-parallel decode
+# step, as a bound on what any all-reduce work could gain: on two H200s the 8B TP=2 step took 2.696
+# ms/token without them against 2.740 with them, 1.69x and 1.66x TP=1 (session 36; `scale_out.py
+# --compare-env KILN_TIMING_SKIP_ALL_REDUCE=1`). The engine warns when it is set.
+TIMING_SKIP_ALL_REDUCE = os.environ.get("KILN_TIMING_SKIP_ALL_REDUCE", "0") == "1"
+if TIMING_SKIP_ALL_REDUCE:
+    logging.getLogger("kiln").warning("KILN_TIMING_SKIP_ALL_REDUCE=1: tensor-parallel linears skip their "
+                                      "all-reduce; outputs are wrong (for timing only)")
 
 
 def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tensor], biases: list[torch.Tensor],
@@ -378,6 +390,9 @@ def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tens
     run it), then all_reduce."""
     from kiln.ir import parallel
 
+    if TIMING_SKIP_ALL_REDUCE:
+        return act_and_mul_linear(x, activation, weights, biases, w_scale) if activation else \
+            _then_linear(x, weights, biases, w_scale)
     small, group = parallel.get_small_all_reduce(), parallel.get_tensor_parallel_group()
     if FUSED_ALL_REDUCE and group is not None and group.size() == 2 and hasattr(small, "takes_row"):
         weight, static = _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1] * (2 if activation else 1))

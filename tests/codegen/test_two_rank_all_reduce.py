@@ -257,6 +257,34 @@ def test_linear_all_reduce_takes_the_fused_gemv_only_where_it_can(fused, rows, p
     assert calls == [takes]
 
 
+def test_the_timing_switch_leaves_the_all_reduce_out(device, tmp_path, monkeypatch):
+    """KILN_TIMING_SKIP_ALL_REDUCE=1 (timing only): linear_all_reduce is this rank's linear alone,
+    with neither the fused gemv's exchange nor the all_reduce, so a step's time shows what the
+    exchanges cost it."""
+    from kiln.codegen import triton_ops
+    from kiln.codegen.kernels import quant_gemm
+    from kiln.ir import ops
+    from kiln.ir.parallel import tensor_parallel_group
+
+    class TwoRanks:
+        def size(self):
+            return 2
+
+    monkeypatch.setattr(triton_ops, "TIMING_SKIP_ALL_REDUCE", True)
+    monkeypatch.setattr(triton_ops, "FUSED_ALL_REDUCE", "send")
+    monkeypatch.setattr(quant_gemm, "reduced_gemv", lambda *a, **k: pytest.fail("exchanged"))
+    monkeypatch.setattr(ops, "all_reduce", lambda y: pytest.fail("all-reduced"))
+    buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll")
+    x = torch.randn(1, 32, device=device)
+    w = torch.randn(8, 16, device=device)
+    with tensor_parallel_group(TwoRanks(), buffers):
+        gated = triton_ops.linear_all_reduce(x, "silu", [w], [])
+        plain = triton_ops.linear_all_reduce(x[:, :16], "", [w], [])
+    gate, up = x.chunk(2, -1)
+    torch.testing.assert_close(gated, torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w))
+    torch.testing.assert_close(plain, torch.nn.functional.linear(x[:, :16], w))
+
+
 def test_a_receive_only_call_needs_ll_buffers(tmp_path):
     buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "flags")
     with pytest.raises(ValueError, match="receive-only call needs the \"ll\" protocol"):
