@@ -42,16 +42,12 @@
 #               ship no .pyc: without one, every start compiles ~4500 modules, about 11 s)
 #   tp-check    check_tensor_parallel.py --compiled: TP=2's tokens against TP=1's with graphs, float32 (2 GPUs;
 #               the all-reduces through kiln's two-rank kernel, the default at two ranks; both its protocols. The
-#               fused all-reduce's check is tp-fused's: float32 rows take cuBLAS, not the gemv, so only bf16 runs
+#               sending gemv's check is tp-send's: float32 rows take cuBLAS, not the gemv, so only bf16 runs
 #               reach it, and those are compared with the unfused TP=2 run, whose bits they must give)
 #   tp          scale_out.py --skip-dp --nccl-all-reduce (2 GPUs: TP=2 against TP=1, and TP=2 over NCCL's all-reduce)
-#   tp-fused    scale_out.py --skip-dp --fused-all-reduce last: TP=1, TP=2, TP=2 with the row-parallel gemvs' last
-#               programs summing their rows with the peer's (KILN_FUSED_ALL_REDUCE=last)
-#   tp-send     scale_out.py --skip-dp --fused-all-reduce 0: TP=1, TP=2 (each row-parallel gemv program sending its
+#   tp-send     scale_out.py --skip-dp --unfused-all-reduce: TP=1, TP=2 (each row-parallel gemv program sending its
 #               values to the peer, a receive-only all-reduce after it: the default), TP=2 with the gemv, then the
 #               all-reduce kernel
-#   tp-gather   scale_out.py --skip-dp --fused-all-reduce gather: TP=1, TP=2, TP=2 with the row-parallel gemvs' chunk
-#               leaders summing the row (no receiving launch)
 #   tp-norm     scale_out.py --skip-dp --compare-norm-at-end: TP=1, TP=2, TP=2 with the norm's statistics read first
 #   tp-tiles    scale_out.py --skip-dp --compare-tiles: TP=1, TP=2, TP=2 with the q/k/v gemv's tile of qkv_gemv.py
 #   tp-kv-tile  scale_out.py --skip-dp --compare-env "KILN_DECODE_BLOCK_N=32;KILN_NEWEST_ROW=1" --rounds 2: TP=2 with the
@@ -229,15 +225,9 @@ section() {
         tp)
             run tp 580 python benchmarks/scale_out.py --skip-dp --nccl-all-reduce $CKPT_8B
             tail -9 "$OUT/tp.txt" ;;
-        tp-fused)
-            run tp-fused 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce last $CKPT_8B
-            tail -9 "$OUT/tp-fused.txt" ;;
         tp-send)
-            run tp-send 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce 0 $CKPT_8B
+            run tp-send 590 python benchmarks/scale_out.py --skip-dp --unfused-all-reduce $CKPT_8B
             tail -9 "$OUT/tp-send.txt" ;;
-        tp-gather)
-            run tp-gather 590 python benchmarks/scale_out.py --skip-dp --fused-all-reduce gather $CKPT_8B
-            tail -9 "$OUT/tp-gather.txt" ;;
         tp-norm)
             run tp-norm 590 python benchmarks/scale_out.py --skip-dp --compare-norm-at-end $CKPT_8B
             tail -9 "$OUT/tp-norm.txt" ;;

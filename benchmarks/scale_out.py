@@ -19,11 +19,9 @@ TP=2's decode-step all-reduces go through kiln's two-rank kernel by default
 (codegen/kernels/two_rank_all_reduce.py); `--nccl-all-reduce` adds a TP=2 run with
 KILN_TWO_RANK_ALL_REDUCE=0 (NCCL's), `--flags-all-reduce` one with KILN_TWO_RANK_PROTOCOL=flags
 (the kernel's other protocol), `--one-shot-all-reduce` one with KILN_ONE_SHOT_ALL_REDUCE=1 (torch's
-symmetric-memory kernel), `--fused-all-reduce MODE` one with KILN_FUSED_ALL_REDUCE=MODE
-("send", the default: each gemv program sends its values to the peer as it stores them, and a
-receive-only all-reduce kernel sums; "gather": each gemv program sends its values and keeps them,
-and the last program of each chunk of the row sums that chunk; "last": each row-parallel gemv's
-last program sums the row with the peer's; "0": the gemv, then the all-reduce kernel),
+symmetric-memory kernel), `--unfused-all-reduce` one with KILN_FUSED_ALL_REDUCE=0 (the row-parallel
+gemv, then the all-reduce kernel, where by default each gemv program sends its values to the peer as
+it stores them and a receive-only all-reduce kernel sums),
 `--compare-norm-at-end` one whose norm gemvs read the row for its
 statistics before their product (KILN_NORM_AT_END=0), `--compare-tiles SPEC` one whose gemvs take
 other tilings (KILN_GEMV_TILES=SPEC, `quant_gemm.parse_gemv_tiles`, e.g. "deep+rope=8x1024x8": the
@@ -39,7 +37,7 @@ default configuration 3.273 and, three processes later, 3.511 ms/token. Each con
 also gives the GPUs' SM clock range, hottest temperature and most power while its decode was timed.
 
     python benchmarks/scale_out.py [--small] [--skip-dp | --skip-tp] [--no-async-scheduling] [--nccl-all-reduce]
-                                   [--flags-all-reduce] [--one-shot-all-reduce] [--fused-all-reduce MODE]
+                                   [--flags-all-reduce] [--one-shot-all-reduce] [--unfused-all-reduce]
                                    [--compare-norm-at-end] [--compare-tiles SPEC]
                                    [--compare-env SPECS]
                                    [--bracket] [--rounds N] [--checkpoint DIR]
@@ -92,8 +90,7 @@ VARIANTS = {"tp2-nccl": ("nccl_all_reduce", "KILN_TWO_RANK_ALL_REDUCE", "0", "NC
             "tp2-flags": ("flags_all_reduce", "KILN_TWO_RANK_PROTOCOL", "flags", "two-rank all-reduce, flags protocol"),
             "tp2-one-shot": ("one_shot_all_reduce", "KILN_ONE_SHOT_ALL_REDUCE", "1", "one-shot all-reduce"),
             "tp2-tiles": ("compare_tiles", "KILN_GEMV_TILES", None, "gemv tiles"),
-            "tp2-fused": ("fused_all_reduce", "KILN_FUSED_ALL_REDUCE", None,
-                          "fused all-reduce mode"),
+            "tp2-unfused": ("unfused_all_reduce", "KILN_FUSED_ALL_REDUCE", "0", "gemv, then the all-reduce kernel"),
             "tp2-norm-first": ("compare_norm_at_end", "KILN_NORM_AT_END", "0", "norm statistics first")}
 
 
@@ -166,9 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-tiles", default="", help="add a TP=2 run with KILN_GEMV_TILES set to this")
     p.add_argument("--compare-norm-at-end", action="store_true",
                    help="add a TP=2 run with KILN_NORM_AT_END=0 (the norm gemvs read the row for its statistics first)")
-    p.add_argument("--fused-all-reduce", default="", choices=["", "0", "last", "send", "gather"],
-                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE set to this (how the row-parallel gemv's row is "
-                        "summed with the peer's: send, the default; gather; last; 0, the all-reduce kernel after it)")
+    p.add_argument("--unfused-all-reduce", action="store_true",
+                   help="add a TP=2 run with KILN_FUSED_ALL_REDUCE=0 (the row-parallel gemv, then the all-reduce kernel)")
     p.add_argument("--compare-env", default="",
                    help="';'-separated sets of NAME=VALUE environment switches (e.g. KILN_UNPACK_IN_GRAPH=0): a TP=2 "
                         "run each, its greedy tokens compared with TP=1's")

@@ -353,29 +353,21 @@ def act_and_mul_linear(x: torch.Tensor, activation: str, weights: list[torch.Ten
     return _then_linear(act_and_mul_by_name(x, activation), weights, biases, w_scale)
 
 
-# How a one-row linear_all_reduce at two ranks runs (`quant_gemm.reduced_gemv`'s exchange), or "" for the
-# gemv, then the all-reduce kernel:
-# - "send" (the default): each gemv program sends its values to the peer as it stores them, and a
-#   receive-only all-reduce launch sums. On two H100s the Llama-3.1-8B TP=2 step took 3.424 and 3.420
-#   ms/token with it against 3.609 and 3.635 with "" (session 23, two calls of `benchmarks/scale_out.py
-#   --fused-all-reduce send`): the values cross NVLink while the gemv's last programs run.
-# - "gather": each gemv program sends its values to the peer and keeps them as tagged words, and the last
-#   program of each 1024-element chunk sums both ranks' words of it: no receiving launch. Slower: 3.691
-#   against 3.465 ms/token with "send" (session 24): a chunk's last program waits for its chunk's words.
-# - "last": one gemv whose last program sums the row with the peer's. Slower: 3.728 against 3.457 ms/token
-#   with "" (session 22): every program of the gemv pays a gpu-scope release before its count, so the
-#   last one sees the row, and the gemv's 512-1024 programs stay resident that much longer.
-# KILN_FUSED_ALL_REDUCE sets it for a process ("0" is "", "1" is "last", as they were before "send").
-_fused_env = os.environ.get("KILN_FUSED_ALL_REDUCE", "send")
-FUSED_ALL_REDUCE = {"0": "", "1": "last"}.get(_fused_env, _fused_env)
-if FUSED_ALL_REDUCE not in ("", "last", "send", "gather"):
-    raise ValueError(f"KILN_FUSED_ALL_REDUCE must be send, gather, last or 0, got {FUSED_ALL_REDUCE!r}")
+# Whether a one-row linear_all_reduce at two ranks runs as `quant_gemm.reduced_gemv` (on by default): each
+# gemv program sends its values to the peer as it stores them, and a receive-only all-reduce launch sums.
+# On two H100s the Llama-3.1-8B TP=2 step took 3.424 and 3.420 ms/token with it against 3.609 and 3.635
+# with the gemv, then the all-reduce kernel (session 23, two calls of `benchmarks/scale_out.py`): the
+# values cross NVLink while the gemv's last programs run. KILN_FUSED_ALL_REDUCE=0 turns it off.
+_fused_env = os.environ.get("KILN_FUSED_ALL_REDUCE", "1")
+if _fused_env not in ("0", "1", "send"):  # ("send" was its name beside "last" and "gather", removed in session 36)
+    raise ValueError(f"KILN_FUSED_ALL_REDUCE must be 1 or 0, got {_fused_env!r}")
+FUSED_ALL_REDUCE = _fused_env != "0"
 
 # Timing only: KILN_TIMING_SKIP_ALL_REDUCE=1 makes every linear_all_reduce this rank's linear alone, with
 # no exchange at all, so the sums are wrong. It measures what the all-reduces cost a tensor-parallel decode
-# step, as a bound on what any all-reduce work could gain: on two H200s the 8B TP=2 step took 2.696
-# ms/token without them against 2.740 with them, 1.69x and 1.66x TP=1 (session 36; `scale_out.py
-# --compare-env KILN_TIMING_SKIP_ALL_REDUCE=1`). The engine warns when it is set.
+# step, as a bound on what any all-reduce work could gain. The 8B TP=2 step without them ran at 1.69x TP=1
+# on two H200s and 1.73x on two H100s, against 1.65x with them on both (session 36: `gpu_session.sh
+# tp-bound`, i.e. `scale_out.py --compare-env KILN_TIMING_SKIP_ALL_REDUCE=1`). A warning is logged when set.
 TIMING_SKIP_ALL_REDUCE = os.environ.get("KILN_TIMING_SKIP_ALL_REDUCE", "0") == "1"
 if TIMING_SKIP_ALL_REDUCE:
     logging.getLogger("kiln").warning("KILN_TIMING_SKIP_ALL_REDUCE=1: tensor-parallel linears skip their "
@@ -385,9 +377,9 @@ if TIMING_SKIP_ALL_REDUCE:
 def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tensor], biases: list[torch.Tensor],
                       w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """For a one-row step the gemv takes at two ranks whose all-reduces go through the two-rank
-    kernel's "ll" buffers, with FUSED_ALL_REDUCE set: the gemv summing its row with the peer's as
-    that names (`quant_gemm.reduced_gemv`); else the linear (as act_and_mul_linear / merged_linear
-    run it), then all_reduce."""
+    kernel's "ll" buffers, with FUSED_ALL_REDUCE on: the gemv sending its row to the peer, then the
+    receiving launch (`quant_gemm.reduced_gemv`); else the linear (as act_and_mul_linear /
+    merged_linear run it), then all_reduce."""
     from kiln.ir import parallel
 
     if TIMING_SKIP_ALL_REDUCE:
@@ -400,7 +392,7 @@ def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tens
             from kiln.codegen.kernels.quant_gemm import reduced_gemv
 
             return reduced_gemv(x, weight, small, activation or None, ops._adjacent(biases) if biases else None,
-                                w_scale, static_weight=static, exchange=FUSED_ALL_REDUCE)
+                                w_scale, static_weight=static)
     if activation:
         return ops.all_reduce(act_and_mul_linear(x, activation, weights, biases, w_scale))
     return ops.all_reduce(_then_linear(x, weights, biases, w_scale))

@@ -11,7 +11,7 @@ is the two ops in a row). What it is for is on two GPUs: a batch-1 step's gemv p
 their values to the peer rank as they store them, and the all-reduce launch after the gemv only
 receives and sums (`kernels/quant_gemm.py`, `reduced_gemv`), so the row crosses NVLink while the
 gemv still runs: the Llama-3.1-8B TP=2 step 5-6% faster on two H100s (codegen/NOTES.md, session
-23). `triton_ops.FUSED_ALL_REDUCE` says how the op runs there, and the other ways it can. Runs
+23). `triton_ops.FUSED_ALL_REDUCE` turns that off (the gemv, then the all-reduce kernel). Runs
 after fuse_activation_linear (which makes the gated form) and quantize (the weight-only one).
 """
 

@@ -27,12 +27,9 @@ Two kernels, picked per call by `pick_config` from M (the tokens of the step):
   row (`act_and_mul_gemv`). Each program reads the whole activation row anyway,
   so the norm's statistics cost a few KB of L2 reads per program instead of a launch of their own.
   And it may finish its output row: rotate a q/k/v projection and write k and v to the cache
-  (`rope_gemv`, `rope_epilogue.py`), or sum it with the peer rank's at two ranks (`reduced_gemv`:
-  the last program to count, after a barrier and an acq_rel count as decode attention's merge
-  does, exchanges the row through the two-rank all-reduce's buffers; or each program sends its
-  values to the peer as it stores them, for a receiving all-reduce launch after it (the default,
-  see `triton_ops.FUSED_ALL_REDUCE`); or each program sends and keeps its values, and each chunk's
-  last program sums the chunk).
+  (`rope_gemv`, `rope_epilogue.py`), or send it to the peer rank at two ranks (`reduced_gemv`:
+  each program sends its values as it stores them, for a receiving all-reduce launch after it, see
+  `triton_ops.FUSED_ALL_REDUCE`).
 - "dot" (everything else): a tiled tl.dot GEMM with float32 (int32) accumulation, grouped
   program order for L2 reuse at large M, BLOCK_M = 16 and a narrow BLOCK_N with split-K for
   small M (decode batches: still weight-bandwidth bound), 128 x 128 tiles for prefill.
@@ -63,13 +60,10 @@ from kiln.codegen.kernels.pdl import launch_args, wait_for_inputs
 from kiln.codegen.kernels.rope_epilogue import GPTJ, NEOX, NO_ROPE, rope_rows, rope_store, rope_tables
 from kiln.codegen.kernels.quant import TL_DTYPES
 from kiln.codegen.kernels.two_rank_all_reduce import (
-    BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, TwoRankAllReduce, ll_exchange_row, ll_gather_chunk, ll_send,
-    two_rank_all_reduce,
+    BLOCK as _ALL_REDUCE_BLOCK, MAX_SPINS, TwoRankAllReduce, ll_send, two_rank_all_reduce,
 )
 
 _QUANT_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
-# the chunks of a row summed over two ranks (`reduced_gemv`): the all-reduce kernel's programs', whose epochs they share
-ROW_CHUNK = tl.constexpr(_ALL_REDUCE_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -294,11 +288,11 @@ def _dequant(w, DTYPE: tl.constexpr, W_INT8: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_values(acc, rm, rn, M, N, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr,
-                     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
-    """acc [BM, BN] -> (acc * x_scale[m]) * w_scale[n] (+ bias[n]) in out's dtype; ROUND (a dtype,
-    or None): rounded to it first (the logits: the model dtype's product, stored as float32,
-    without a cast kernel after)."""
+def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
+              HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
+    """acc [BM, BN] -> (acc * x_scale[m]) * w_scale[n] (+ bias[n]) in out's dtype, stored; returns
+    them. ROUND (a dtype, or None): rounded to it first (the logits: the model dtype's product,
+    stored as float32, without a cast kernel after)."""
     out = acc.to(tl.float32)
     if HAS_X_SCALE:
         out = out * tl.load(x_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
@@ -307,15 +301,7 @@ def _epilogue_values(acc, rm, rn, M, N, out_ptr, w_scale_ptr, x_scale_ptr, bias_
         out = out + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if ROUND is not None:
         out = out.to(ROUND)
-    return out.to(out_ptr.dtype.element_ty)
-
-
-@triton.jit
-def _epilogue(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, x_scale_ptr, bias_ptr,
-              HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr):
-    """`_epilogue_values`, stored; returns them."""
-    out = _epilogue_values(acc, rm, rn, M, N, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
-                           ROUND)
+    out = out.to(out_ptr.dtype.element_ty)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out, mask=mask)
     return out
@@ -380,8 +366,6 @@ def _load(ptrs, mask, EVEN: tl.constexpr):
 # What the gemv does to its input row before the product (`Prologue.kind`, the PROLOGUE constexpr);
 # the gated ones in `activation.ACTIVATIONS`' order, from SILU_AND_MUL on
 NO_PROLOGUE, RMS_NORM, ADD_RMS_NORM, SILU_AND_MUL, GELU_AND_MUL, GELU_TANH_AND_MUL = range(6)
-# How the gemv takes part in summing its row over two ranks (the REDUCE constexpr; `reduced_gemv`'s exchange)
-NO_REDUCE, REDUCE_LAST, REDUCE_SEND, REDUCE_GATHER = range(4)
 
 
 @triton.jit
@@ -470,13 +454,13 @@ def _gemv_kernel(
     N, K, stride_wn, k_per_split, plane, eps,
     pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, cs_stride, kc_sb, kc_ss, kc_sh, vc_sb, vc_ss, vc_sh, block_size,
     k_scale, v_scale, QD, KD, DV,
-    red_counter_ptr, recv_addr, peer_recv_addr, own_ptr, epochs_ptr, slot_stride, max_spins,
+    peer_recv_addr, epochs_ptr, slot_stride,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_INT: tl.constexpr, W_INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr, EARLY_W: tl.constexpr, PROLOGUE: tl.constexpr, K_CHUNKS: tl.constexpr,
     FP8_BITS: tl.constexpr, ROUND: tl.constexpr, ROPE: tl.constexpr, KV_FP8: tl.constexpr,
-    EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr, REDUCE: tl.constexpr, PER_WORD: tl.constexpr,
-    TRAP: tl.constexpr, NORM_AT_END: tl.constexpr, X_COPIES: tl.constexpr, X_INDEX: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, HEAD_D: tl.constexpr, SEND: tl.constexpr, PER_WORD: tl.constexpr,
+    NORM_AT_END: tl.constexpr, X_COPIES: tl.constexpr, X_INDEX: tl.constexpr,
 ):
     """out = x @ w.T for one row x, scaled per channel. PROLOGUE: the row is first normalized
     (RMS_NORM; ADD_RMS_NORM, which also stores x + residual to sum_ptr) or gated (x holds (gate,
@@ -486,14 +470,9 @@ def _gemv_kernel(
     res_ptr points at the index of the row to read (an embedding's token id, read after the PDL
     wait), which the first program also stores to sum_ptr (the embedding's output). ROPE (NEOX,
     GPTJ): out is a q/k/v projection whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the arguments from pos_ptr to DV are its,
-    unused otherwise). REDUCE: out is this rank's partial
-    row of a sum over two ranks (the arguments from red_counter_ptr on are its): REDUCE_LAST, the
-    last program to finish completes it with the peer's (`ll_exchange_row`); REDUCE_SEND, each
-    program sends its values to the peer as it stores them (`ll_send`), for a receiving all-reduce
-    launch after it; REDUCE_GATHER, each program sends its values to the peer and keeps them as
-    words in `own`, storing nothing to out, and the last program of each chunk of the row (the
-    highest of its programs: launched last) gathers both ranks' words of the chunk into out
-    (`ll_gather_chunk`)."""
+    unused otherwise). SEND: out is this rank's partial row of a sum over two ranks, and each
+    program sends its values to the peer as it stores them (`ll_send`; the arguments from
+    peer_recv_addr on are its), for a receiving all-reduce launch after it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # with ROPE, two tiles of BLOCK_N / 2 rows, a rotation pair's members (rope_epilogue.rope_rows)
@@ -566,29 +545,14 @@ def _gemv_kernel(
         if NORM_AT_END:  # (only then: an int32 total must stay exact for the split-K workspace)
             total = total * sums_scale
         rm = tl.arange(0, 1)
-        if REDUCE == 2:  # REDUCE_SEND (one split: the launcher makes it so)
+        if SEND:  # (one split: the launcher makes it so)
             vals = _epilogue(total, rm, rn, 1, N, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE, HAS_BIAS,
                              ROUND)
-            ll_send(tl.reshape(vals, (BLOCK_N,)), pid_n * BLOCK_N, N, peer_recv_addr, own_ptr, epochs_ptr, slot_stride,
-                    BLOCK_N, PER_WORD, False)
-        elif REDUCE == 3:  # REDUCE_GATHER (one split): no store to out, which only the gathering program writes
-            vals = _epilogue_values(total, rm, rn, 1, N, out_ptr, w_scale_ptr, x_scale_ptr, bias_ptr, HAS_X_SCALE,
-                                    HAS_BIAS, ROUND)
-            ll_send(tl.reshape(vals, (BLOCK_N,)), pid_n * BLOCK_N, N, peer_recv_addr, own_ptr, epochs_ptr, slot_stride,
-                    BLOCK_N, PER_WORD, True)
-            chunk = pid_n // (ROW_CHUNK // BLOCK_N)
-            if pid_n == tl.minimum((chunk + 1) * (ROW_CHUNK // BLOCK_N), tl.num_programs(0)) - 1:
-                ll_gather_chunk(out_ptr, N, chunk, recv_addr, own_ptr, epochs_ptr, slot_stride, max_spins, PER_WORD,
-                                TRAP)
+            ll_send(tl.reshape(vals, (BLOCK_N,)), pid_n * BLOCK_N, N, peer_recv_addr, epochs_ptr, slot_stride,
+                    BLOCK_N, PER_WORD)
         else:
             _finish(total, rm, rn, 1, N, pid_k, out_ptr, N, w_scale_ptr, x_scale_ptr, bias_ptr, part_ptr, plane,
                     HAS_X_SCALE, HAS_BIAS, SPLIT_K, ROUND)
-        if REDUCE == 1:  # REDUCE_LAST (one split: the launcher makes it so) the last program to store sums the row
-            tl.debug_barrier()  # every thread's stores, then one thread's count (as decode attention's merge)
-            if tl.atomic_add(red_counter_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-                ll_exchange_row(out_ptr, N, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins, ROW_CHUNK,
-                                PER_WORD, TRAP)
-                tl.atomic_xchg(red_counter_ptr, 0, sem="relaxed")  # ready for the next launch
     else:  # (the launcher makes it one split, without x scales; the tables only now: see rope_tables)
         cos, sin, slot = rope_tables(pid_n, freqs, out_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, QD + KD, HEAD_D, ROWS)
         vals_a = tl.sum(acc, axis=1) * sums_scale * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
@@ -801,27 +765,24 @@ def _no_rope_args(x: torch.Tensor) -> tuple:
     return (x, x, x, x, x) + (0,) * 8 + (1.0, 1.0) + (0, 0, 1)
 
 
-def _reduce_args(buffers: TwoRankAllReduce | None, x: torch.Tensor, max_spins: int) -> tuple:
-    """The all-reduce arguments of a gemv (`reduced_gemv`), or placeholders it never reads."""
+def _send_args(buffers: TwoRankAllReduce | None, x: torch.Tensor) -> tuple:
+    """The arguments of a gemv that sends its row to the peer (`reduced_gemv`), or placeholders it never reads."""
     if buffers is None:
-        return (x, 0, 0, x, x, 0, 0)
-    return (buffers.counter, buffers.recv.data_ptr(), buffers.peer_recv.data_ptr(), buffers.own, buffers.epochs,
-            buffers.recv.stride(0), max_spins)
+        return (0, x, 0)
+    return (buffers.peer_recv.data_ptr(), buffers.epochs, buffers.recv.stride(0))
 
 
 def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
             bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None,
             static_weight: bool = True, prologue: Prologue | None = None,
-            round_to: torch.dtype | None = None, rope: Rope | None = None, reduce: TwoRankAllReduce | None = None,
-            max_spins: int = MAX_SPINS, reduce_mode: int = REDUCE_LAST) -> torch.Tensor:
+            round_to: torch.dtype | None = None, rope: Rope | None = None,
+            send_to: TwoRankAllReduce | None = None) -> torch.Tensor:
     """x2 [M, K] (unit last stride) x wq [N, K] -> [M, N] in out_dtype, with the scales and bias
     (rounded to `round_to` first, when given).
     static_weight: wq lives outside any graph being captured (a parameter or load-time constant),
     not made by a kernel of the forward (see early_w below). prologue: what the gemv does to x2
-    first (a gated one reads x2 [1, 2K]). reduce (a `TwoRankAllReduce`): the output is summed
-    with the peer rank's by the gemv's last program (reduce_mode REDUCE_LAST) or by each chunk's
-    last program (REDUCE_GATHER), or each program sends its values to the peer and the output
-    stays this rank's partial row (REDUCE_SEND); see `reduced_gemv`."""
+    first (a gated one reads x2 [1, 2K]). send_to (a `TwoRankAllReduce`): each program also sends
+    its values to the peer rank, and the output stays this rank's partial row; see `reduced_gemv`."""
     M, N, K = x2.shape[0], wq.shape[0], wq.shape[1]
     if x2.shape[1] != (2 * K if prologue is not None and prologue.gated else K):
         raise ValueError(f"input of shape {tuple(x2.shape)} for a weight of shape {tuple(wq.shape)}")
@@ -851,12 +812,12 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         raise ValueError(f"the gemv kernel takes one row, got M={M} (config {cfg})")
     if prologue is not None and cfg.kernel != "gemv":
         raise ValueError(f"a prologue needs the gemv kernel, got {cfg}")
-    if reduce is not None:
-        if cfg.kernel != "gemv" or rope is not None or not reduce.takes_row(N, out_dtype, x2.device):
+    if send_to is not None:
+        if cfg.kernel != "gemv" or rope is not None or not send_to.takes_row(N, out_dtype, x2.device):
             raise ValueError(f"a summed row needs the gemv without a rope epilogue and a row the buffers take, got "
                              f"{cfg}, {N} {out_dtype} values on {x2.device}" + (" with rope" if rope else ""))
         cfg = dataclasses.replace(cfg, split_k=1, tiles=1, depth=1)
-        if reduce_mode >= REDUCE_SEND and (cfg.block_n % (4 // out.element_size()) or _ALL_REDUCE_BLOCK % cfg.block_n):
+        if cfg.block_n % (4 // out.element_size()) or _ALL_REDUCE_BLOCK % cfg.block_n:
             raise ValueError(f"a gemv that sends its rows needs tiles of whole words in one chunk, got {cfg}")
     acc_int = x2.dtype == torch.int8 and wq.dtype == torch.int8
     block_k = cfg.block_k
@@ -899,11 +860,10 @@ def _linear(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, x_scale: 
         _gemv_kernel[(grid_n, split_k)](
             x2, wq, w_scale, x_scale_arg, bias_arg, out, part, *row_args,
             N, K, wq.stride(0), k_per_split, M * N, pro.eps, *(rope.args() if rope is not None else _no_rope_args(x2)),
-            *_reduce_args(reduce, x2, max_spins),
+            *_send_args(send_to, x2),
             ROPE=rope.style if rope is not None else NO_ROPE, KV_FP8=rope is not None and rope.fp8,
             EXACT_ROUND=rope is not None and rope.fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
-            HEAD_D=rope.head_dim if rope is not None else 2, REDUCE=reduce_mode if reduce is not None else NO_REDUCE,
-            PER_WORD=4 // out.element_size(), TRAP=os.environ.get("TRITON_INTERPRET", "0") != "1",
+            HEAD_D=rope.head_dim if rope is not None else 2, SEND=send_to is not None, PER_WORD=4 // out.element_size(),
             ACC_INT=acc_int, BLOCK_N=cfg.block_n, BLOCK_K=block_k, EARLY_W=early_w and pdl["PDL"],
             PROLOGUE=pro.kind, K_CHUNKS=k_steps if pro.kind in (RMS_NORM, ADD_RMS_NORM) and not norm_at_end else 1,
             NORM_AT_END=norm_at_end, X_COPIES=pro.copies, X_INDEX=pro.index is not None, **cap,
@@ -1069,43 +1029,27 @@ def act_and_mul_gemv(x: torch.Tensor, activation: str, w: torch.Tensor, bias: to
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-_EXCHANGES = {"last": REDUCE_LAST, "send": REDUCE_SEND, "gather": REDUCE_GATHER}
-
-
 def reduced_gemv(x: torch.Tensor, w: torch.Tensor, buffers: TwoRankAllReduce, activation: str | None = None,
                  bias: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, static_weight: bool = True,
-                 max_spins: int = MAX_SPINS, exchange: str = "last") -> torch.Tensor:
+                 max_spins: int = MAX_SPINS) -> torch.Tensor:
     """One row on each of two ranks: F.linear(x, w, bias), or with `activation` of act(gate) * up
     (x holding (gate, up), as `act_and_mul_gemv`), summed with the peer rank's, which calls this at
     the same point: a row-parallel linear and its all-reduce, as `kiln::linear_all_reduce` computes
-    them, through `buffers` (a `TwoRankAllReduce` of the "ll" protocol). `exchange`:
+    them, through `buffers` (a `TwoRankAllReduce` of the "ll" protocol). The gemv's programs each send
+    their values to the peer as they store them (`ll_send`: tagged words, no fence, no count), and a
+    receive-only all-reduce launch after it sums them with this rank's row: the values cross NVLink
+    while the gemv's last programs run, instead of after the launch boundary. The same bits as the
+    gemv and then the all-reduce kernel: each rank's row rounded to x's dtype, then the two summed in
+    float32. w in x's float dtype, or 8-bit with its per-channel w_scale (weight-only).
 
-    - "last": one gemv launch whose last program to finish exchanges the row with the peer's
-      (`two_rank_all_reduce.ll_exchange_row`), so the all-reduce is no launch of its own; every
-      program pays a release and a count for it.
-    - "send": the gemv's programs each send their values to the peer as they store them
-      (`ll_send`: tagged words, no fence, no count), and a receive-only all-reduce launch after it
-      sums them with this rank's row: the values cross NVLink while the gemv's last programs run,
-      instead of after the launch boundary.
-    - "gather": the programs send their values to the peer and keep them as tagged words here too,
-      and the last program of each chunk of the row gathers both ranks' words of the chunk into the
-      output (`ll_gather_chunk`): as "send", without the receiving launch or its wait for the whole
-      gemv, and without "last"'s fence and count (the words carry their epoch, so no program waits
-      for another's stores; a chunk's last program, launched after the others, waits for their
-      words, and none of them waits for anything).
-
-    Each way gives the same bits as the gemv and then the all-reduce kernel: each rank's row is rounded
-    to x's dtype, then the two are summed in float32. w in x's float dtype, or 8-bit with its
-    per-channel w_scale (weight-only)."""
+    (Two other ways were timed on two H100s and removed: the gemv's last program exchanging the row
+    after a count, 3.728 against 3.457 ms/token, since every program then paid a release fence; and
+    each chunk's last program gathering the chunk's words, 3.691 against 3.465: codegen/NOTES.md,
+    sessions 22-24.)"""
     prologue = _gated_row("reduced_gemv", x, activation, optional=True)
-    if exchange not in _EXCHANGES:
-        raise ValueError(f"reduced_gemv: exchange must be one of {sorted(_EXCHANGES)}, got {exchange!r}")
     scale = _weight_scale("reduced_gemv", x, w, w_scale)
-    mode = _EXCHANGES[exchange]
-    out = _linear(_rows(x), w, scale, None, bias, x.dtype, None, static_weight, prologue, reduce=buffers,
-                  max_spins=max_spins, reduce_mode=mode)
-    if mode == REDUCE_SEND:
-        out = two_rank_all_reduce(out, buffers, max_spins, send=False)
+    out = _linear(_rows(x), w, scale, None, bias, x.dtype, None, static_weight, prologue, send_to=buffers)
+    out = two_rank_all_reduce(out, buffers, max_spins, send=False)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

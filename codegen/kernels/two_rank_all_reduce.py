@@ -25,9 +25,8 @@ of 4096 bf16 elements took 4.15 us with "ll", 4.95 with "flags" and 9.33 through
 
 In "ll", the kernel that makes x may do the sending itself (`ll_send`, the row-parallel gemv's
 programs as they finish their values: `quant_gemm.reduced_gemv`): the all-reduce launch after it
-then only receives (`two_rank_all_reduce(x, buffers, send=False)`), or the gemv's programs also
-keep their words here and the last program of each chunk sums it (`ll_gather_chunk`). Either way
-the words and the epochs are the kernel's, so those calls and the kernel's take turns in any order.
+then only receives (`two_rank_all_reduce(x, buffers, send=False)`). The words and the epochs are
+the kernel's, so those calls and the kernel's take turns in any order.
 
 `epoch` counts this program's calls (a per-program counter in local memory, bumped at the end):
 both ranks make the same calls in the same order, as they do NCCL's. Two slots are enough: a rank
@@ -175,16 +174,13 @@ def _two_rank_ll_kernel(x_ptr, out_ptr, recv_addr, peer_recv_addr, epochs_ptr, n
 
 
 @triton.jit
-def ll_send(vals, first, n, peer_recv_addr, own_ptr, epochs_ptr, slot_stride, COUNT: tl.constexpr,
-            PER_WORD: tl.constexpr, KEEP: tl.constexpr):
+def ll_send(vals, first, n, peer_recv_addr, epochs_ptr, slot_stride, COUNT: tl.constexpr, PER_WORD: tl.constexpr):
     """Send the values x[first:first + COUNT] of a row x of n (`vals`, in x's dtype) to the peer rank
     as `_two_rank_ll_kernel`'s program for their chunk would: words tagged with that chunk's next
-    epoch, into its slot of the peer's buffer; KEEP: into the same slot of this rank's `own` words
-    too (`ll_gather_chunk` reads them). COUNT divides BLOCK and first is a multiple of it (the values
-    lie in one chunk). For a kernel whose programs each make a few values of x (the gemv's
-    `REDUCE_SEND` and `REDUCE_GATHER`): each sends its own as it makes them, with no fence and no
-    count, and whoever sums them (the all-reduce after the kernel, receiving only:
-    `two_rank_all_reduce(x, buffers, send=False)`; or `ll_gather_chunk`) waits for that epoch's
+    epoch, into its slot of the peer's buffer. COUNT divides BLOCK and first is a multiple of it (the
+    values lie in one chunk). For a kernel whose programs each make a few values of x (the gemv's
+    SEND): each sends its own as it makes them, with no fence and no count, and the all-reduce after
+    the kernel, receiving only (`two_rank_all_reduce(x, buffers, send=False)`), waits for that epoch's
     words. The epochs it does not bump: the summing call does."""
     peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(tl.uint64))
     WORDS: tl.constexpr = COUNT // PER_WORD
@@ -193,82 +189,6 @@ def ll_send(vals, first, n, peer_recv_addr, own_ptr, epochs_ptr, slot_stride, CO
     tagged = _ll_words(vals, epoch, PER_WORD, WORDS)
     mask = words < (n + PER_WORD - 1) // PER_WORD
     tl.store(peer_recv_ptr + (epoch & 1) * slot_stride + words, tagged, mask=mask)
-    if KEEP:
-        tl.store(own_ptr + (epoch & 1) * slot_stride + words, tagged, mask=mask)
-
-
-@triton.jit
-def ll_gather_chunk(out_ptr, n, c, recv_addr, own_ptr, epochs_ptr, slot_stride, max_spins, PER_WORD: tl.constexpr,
-                    TRAP: tl.constexpr):
-    """Chunk c of out (BLOCK elements of a row of n) = this rank's values + the peer's, both as
-    `ll_send(..., KEEP=True)` sent them: this rank's words from `own`, the peer's from the receive
-    buffer, each polled until it carries the chunk's next epoch (no fence: a word that shows its
-    epoch holds its data), summed in float32; then the chunk's epoch bumped, as the all-reduce
-    kernel's program c bumps it. A peer that never arrives: as `ll_exchange_row`."""
-    recv_ptr = recv_addr.to(tl.pointer_type(tl.uint64))
-    WORDS: tl.constexpr = CHUNK // PER_WORD
-    words = c * WORDS + tl.arange(0, WORDS)
-    word_mask = words < (n + PER_WORD - 1) // PER_WORD
-    epoch = tl.load(epochs_ptr + c) + 1
-    slot = (epoch & 1) * slot_stride
-    mine, mine_arrived = _ll_receive(own_ptr + slot + words, word_mask, epoch, max_spins)
-    theirs, arrived = _ll_receive(recv_ptr + slot + words, word_mask, epoch, max_spins)
-    total = (_ll_values(mine, out_ptr.dtype.element_ty, PER_WORD, CHUNK).to(tl.float32)
-             + _ll_values(theirs, out_ptr.dtype.element_ty, PER_WORD, CHUNK).to(tl.float32))
-    _store_sum(out_ptr, c * CHUNK + tl.arange(0, CHUNK), n, total, arrived & mine_arrived, epochs_ptr, c, epoch, TRAP)
-
-
-@triton.jit
-def _trap(anything):
-    """Kill the kernel (PTX `trap`): the launch fails, as a device-side assert's does, without the
-    debug build that a kernel's asserts need."""
-    tl.inline_asm_elementwise("trap;", "=r,r", [anything], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def ll_exchange_row(out_ptr, n, recv_addr, peer_recv_addr, epochs_ptr, slot_stride, max_spins,
-                    BLOCK: tl.constexpr, PER_WORD: tl.constexpr, TRAP: tl.constexpr):
-    """out[:n] += the peer rank's out[:n], by one program of a kernel that wrote out (and has made
-    its programs' stores visible to this one: the caller's last program to finish, after an acq_rel
-    count): the "ll" protocol of `_two_rank_ll_kernel`, chunk c of BLOCK elements moved as that
-    kernel's program c moves it, with its epoch counter, so these calls and that kernel's share the
-    buffers and take turns in any order (both ranks make the same calls). Every chunk is sent before
-    any is awaited. A peer that never arrives: on a GPU (TRAP) the launch fails; under the
-    interpreter the device assert does (with debug on), and out is left NaN."""
-    recv_ptr = recv_addr.to(tl.pointer_type(tl.uint64))
-    peer_recv_ptr = peer_recv_addr.to(tl.pointer_type(tl.uint64))
-    WORDS: tl.constexpr = BLOCK // PER_WORD
-    chunks = (n + BLOCK - 1) // BLOCK
-    n_words = (n + PER_WORD - 1) // PER_WORD
-    for c in range(0, chunks):
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        words = c * WORDS + tl.arange(0, WORDS)
-        epoch = tl.load(epochs_ptr + c) + 1
-        mine = tl.load(out_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
-        tl.store(peer_recv_ptr + (epoch & 1) * slot_stride + words, _ll_words(mine, epoch, PER_WORD, WORDS),
-                 mask=words < n_words)
-    for c in range(0, chunks):
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        words = c * WORDS + tl.arange(0, WORDS)
-        epoch = tl.load(epochs_ptr + c) + 1
-        got, arrived = _ll_receive(recv_ptr + (epoch & 1) * slot_stride + words, words < n_words, epoch, max_spins)
-        mine = tl.load(out_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
-        total = mine.to(tl.float32) + _ll_values(got, out_ptr.dtype.element_ty, PER_WORD, BLOCK).to(tl.float32)
-        _store_sum(out_ptr, offs, n, total, arrived, epochs_ptr, c, epoch, TRAP)
-
-
-@triton.jit
-def _store_sum(out_ptr, offs, n, total, arrived, epochs_ptr, c, epoch, TRAP: tl.constexpr):
-    """A summed chunk's end, for a kernel that sums chunks in its own programs: out[offs] = total,
-    or NaN with the launch failed (on a GPU (TRAP) its trap; under the interpreter the device assert,
-    with debug on) if the peer's words never arrived; then chunk c's epoch bumped."""
-    if arrived == 0:
-        if TRAP:
-            _trap(arrived)
-        tl.device_assert(arrived != 0, "two_rank_all_reduce: the peer rank never arrived (its process died?)")
-        total = total + float("nan")
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=offs < n)
-    tl.store(epochs_ptr + c, epoch)
 
 
 # "ll" (data and epoch in every word) or "flags" (data, then a flag per program behind a
@@ -312,12 +232,6 @@ class TwoRankAllReduce:
             self.recv, self.peer_recv = (r[:size].view(dtype).view(2, capacity) for r in (region, peer_region))
         self.flags, self.peer_flags = (r[data:data + 4 * programs].view(torch.int32) for r in (region, peer_region))
         self.epochs = torch.zeros(programs, dtype=torch.int32, device=region.device)
-        # the arrivals of a gemv whose last program exchanges its row (`quant_gemm.reduced_gemv`):
-        # zero between launches (that program puts it back)
-        self.counter = torch.zeros(1, dtype=torch.int32, device=region.device)
-        # this rank's own values as "ll" words, in the receive buffer's layout: where a gemv's programs
-        # leave them for the programs that gather the row (`ll_gather_chunk`); local memory, never the peer's
-        self.own = torch.zeros((2, capacity), dtype=torch.int64, device=region.device) if protocol == "ll" else None
 
     @property
     def capacity(self) -> int:
@@ -327,8 +241,8 @@ class TwoRankAllReduce:
         return x.device == self.recv.device and x.dtype == self.dtype and x.numel() <= self.capacity
 
     def takes_row(self, n: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether a kernel's last program can sum a row of n `dtype` values on `device` with the peer's
-        (`ll_exchange_row`): the "ll" protocol's buffers only."""
+        """Whether a kernel's programs can send a row of n `dtype` values on `device` to the peer as
+        they make it (`ll_send`): the "ll" protocol's buffers only."""
         return self.protocol == "ll" and device == self.recv.device and dtype == self.dtype and n <= self.capacity
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

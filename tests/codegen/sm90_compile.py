@@ -44,13 +44,13 @@ _TL_TYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bool = False,
                  fp8_bits: bool = False, round_to: str | None = None, rope: int = 0,
-                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), reduce: int = 0,
+                 cache_ty: str | None = None, tile: tuple[int, int, int] = (8, 1024, 8), send: bool = False,
                  norm_at_end: bool = True, x_copies: int = 0, x_index: bool = False) -> None:
     """One `_gemv_kernel` variant: x and w element types as Triton spells them ("bf16", "i8",
     "fp8e4nv"), a prologue (quant_gemm's constants), the early weight load, fp8 read by its bits,
     a float32 output rounded to `round_to` first (the logits), a rope epilogue (`rope_epilogue`'s
     NEOX or GPTJ) into a cache of `cache_ty` (default: the output's type), the tile (rows, K step,
-    warps), the sum over two ranks (quant_gemm's REDUCE_LAST, REDUCE_SEND or REDUCE_GATHER), a norm prologue's
+    warps), each program sending its values to the peer rank (`quant_gemm.reduced_gemv`), a norm prologue's
     statistics gathered in the product's loop (`quant_gemm.NORM_AT_END`, the default) or first, the row as
     float32 partial sums (x_copies > 0: `fused_mlp`'s output), the row gathered from a table by an index
     (x_index: an embedding's)."""
@@ -64,13 +64,12 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
                 "vc_ptr": f"*{cache_ty or out_ty}"})
     sig.update(dict.fromkeys(("cs_stride", "kc_sb", "kc_ss", "kc_sh", "vc_sb", "vc_ss", "vc_sh", "block_size"), "i32"))
     sig.update({"k_scale": "fp32", "v_scale": "fp32", "QD": "i32", "KD": "i32", "DV": "i32"})
-    sig.update({"red_counter_ptr": "*i32", "recv_addr": "i64", "peer_recv_addr": "i64", "own_ptr": "*i64",
-                "epochs_ptr": "*i32", "slot_stride": "i32", "max_spins": "i32"})
+    sig.update({"peer_recv_addr": "i64", "epochs_ptr": "*i32", "slot_stride": "i32"})
     consts = dict(HAS_X_SCALE=acc_int, HAS_BIAS=True, ACC_INT=acc_int, W_INT8=w_ty == "i8", BLOCK_N=block_n, BLOCK_K=block_k,
                   SPLIT_K=1, EVEN_K=True, PDL=True, EARLY_W=early_w, PROLOGUE=prologue, K_CHUNKS=2,
                   FP8_BITS=fp8_bits, ROUND=_TL_TYPES[round_to] if round_to else None, ROPE=rope,
-                  KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64, REDUCE=reduce,
-                  PER_WORD=4 // (4 if out_ty == "fp32" else 2), TRAP=True,
+                  KV_FP8=cache_ty == "fp8e4nv", EXACT_ROUND=False, HEAD_D=64, SEND=bool(send),
+                  PER_WORD=4 // (4 if out_ty == "fp32" else 2),
                   NORM_AT_END=norm_at_end and prologue in (quant_gemm.RMS_NORM, quant_gemm.ADD_RMS_NORM),
                   X_COPIES=x_copies, X_INDEX=x_index)
     if x_index:  # the residual's pointer carries the row's index
@@ -79,11 +78,7 @@ def compile_gemv(x_ty: str, w_ty: str, prologue: int, early_w: bool, acc_int: bo
     at_end = consts["NORM_AT_END"]
     cap = quant_gemm._ROPE_AT_END_MAXNREG if at_end and rope and num_warps == 8 else None  # (as `_linear` caps it)
     ptx = _compile(quant_gemm._gemv_kernel, sig, consts, num_warps=num_warps, num_stages=3, maxnreg=cap)
-    if reduce == quant_gemm.REDUCE_LAST:  # the last program's exchange: its count, its polls re-read, and the trap
-        assert "acq_rel.add" in ptx and "ld.volatile.global" in ptx and "trap;" in ptx, "the exchange is lost"
-    if reduce == quant_gemm.REDUCE_GATHER:  # the last program's polls re-read, and the trap; still no fence or count
-        assert "ld.volatile.global" in ptx and "trap;" in ptx, "the gather is lost"
-    if reduce in (quant_gemm.REDUCE_SEND, quant_gemm.REDUCE_GATHER):  # each program's words: no fence, no count
+    if send:  # each program's words: no fence, no count
         assert "st.global.v2.b64" in ptx or "st.global.b64" in ptx, "the words to the peer are lost"
         assert "acq_rel" not in ptx and "fence" not in ptx, "a program that sends its row waits for nothing"
 
@@ -223,10 +218,9 @@ def variants() -> list[tuple]:
     out += [("bf16", "bf16", p, True, False, False, None, rope, None, (4, 2048, 8))
             for p, rope in ((quant_gemm.NO_PROLOGUE, 0), (quant_gemm.SILU_AND_MUL, 0),
                             (quant_gemm.ADD_RMS_NORM, 0), (quant_gemm.ADD_RMS_NORM, quant_gemm.NEOX))]
-    # the row-parallel gemv whose last program sums the row with the peer rank's (quant_gemm.reduced_gemv): o, down
+    # the row-parallel gemv whose programs send their values to the peer rank (quant_gemm.reduced_gemv): o, down
     # with SwiGLU (the 1B and the deep tiles), 8-bit weights
-    out += [("bf16", w, p, True, False, False, None, 0, None, tile, mode)
-            for mode in (quant_gemm.REDUCE_LAST, quant_gemm.REDUCE_SEND, quant_gemm.REDUCE_GATHER)
+    out += [("bf16", w, p, True, False, False, None, 0, None, tile, True)
             for w, p, tile in (("bf16", quant_gemm.NO_PROLOGUE, (8, 2048, 8)), ("bf16", quant_gemm.SILU_AND_MUL, (4, 2048, 8)),
                                ("i8", quant_gemm.SILU_AND_MUL, (4, 2048, 8)))]
     # the norm prologues with their statistics in a pass of their own (quant_gemm.NORM_AT_END off): the 1B's

@@ -101,8 +101,8 @@ def test_two_ranks_sum_their_inputs_call_after_call(dtype, protocol, start, devi
             assert flags.tolist() == want
 
 
-# A gemv that sums its row with the peer's (`quant_gemm.reduced_gemv`: its last program does, or each
-# program sends its values and a receiving launch sums), between calls of the kernel: (kind, N, K) per call; "silu": x holds (gate, up); "int8": 8-bit weights; "kernel":
+# A gemv that sums its row with the peer's (`quant_gemm.reduced_gemv`: each program sends its values and
+# a receiving launch sums), between calls of the kernel: (kind, N, K) per call; "silu": x holds (gate, up); "int8": 8-bit weights; "kernel":
 # two_rank_all_reduce of N elements (the two share the buffers' epochs).
 GEMV_CALLS = [("float", 3000, 64), ("kernel", 1500, 0), ("silu", 2048, 32), ("float", 5120, 32), ("int8", 700, 64),
               ("kernel", 5000, 0), ("float", 1, 16)]
@@ -113,14 +113,13 @@ sys.path.insert(0, sys.argv[1])
 from test_two_rank_all_reduce import GEMV_CALLS, buffers_of, gemv_call
 rank, path, dtype, out = int(sys.argv[2]), sys.argv[3], getattr(torch, sys.argv[4]), sys.argv[5]
 buffers = buffers_of(path, rank, dtype, "ll")
-torch.save([gemv_call(rank, i, dtype, buffers, sys.argv[6]) for i in range(len(GEMV_CALLS))], out)
+torch.save([gemv_call(rank, i, dtype, buffers) for i in range(len(GEMV_CALLS))], out)
 """
 
 
-def gemv_call(rank: int, call: int, dtype: torch.dtype, buffers: TwoRankAllReduce | None,
-              exchange: str = "last") -> torch.Tensor:
+def gemv_call(rank: int, call: int, dtype: torch.dtype, buffers: TwoRankAllReduce | None) -> torch.Tensor:
     """Call `call` of GEMV_CALLS on rank `rank`'s inputs: summed with the peer's through `buffers`
-    (`reduced_gemv`'s `exchange`), or (None) this rank's partial alone, by the same gemv without it."""
+    (`reduced_gemv`), or (None) this rank's partial alone, by the same gemv without it."""
     from kiln.codegen.kernels import quant_gemm
     from kiln.ir import quant_ops as Q
 
@@ -135,52 +134,42 @@ def gemv_call(rank: int, call: int, dtype: torch.dtype, buffers: TwoRankAllReduc
         w, w_scale = Q.quantize_weight(w.float(), "int8")
     activation = "silu" if kind == "silu" else None
     if buffers is not None:
-        return quant_gemm.reduced_gemv(x, w, buffers, activation, w_scale=w_scale, exchange=exchange)
+        return quant_gemm.reduced_gemv(x, w, buffers, activation, w_scale=w_scale)
     if w_scale is not None:
         return quant_gemm.weight_only_linear(x, w, w_scale, None)
     return quant_gemm.act_and_mul_gemv(x, "silu", w) if activation else quant_gemm.float_linear(x, w)
 
 
-@pytest.mark.parametrize("dtype, exchange", [(torch.bfloat16, "last"), (torch.float32, "last"),
-                                             (torch.bfloat16, "send"), (torch.float32, "send"),
-                                             (torch.bfloat16, "gather"), (torch.float32, "gather")])
-def test_a_gemv_sums_its_row_with_the_peers(dtype, exchange, device, cast, tmp_path):
-    """reduced_gemv: each rank's gemv (plain, gated, 8-bit) summed with the peer's, by its last program
-    ("last"), by a receiving launch after programs that each sent their values ("send"), or by the
-    last program gathering the words every program sent and kept ("gather"), in calls
-    mixed with the all-reduce kernel's over the same buffers: the float32 sum of the two ranks'
-    partial rows (each as the gemv alone rounds it) rounded once, the same bits on both."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_gemv_sums_its_row_with_the_peers(dtype, device, cast, tmp_path):
+    """reduced_gemv: each rank's gemv (plain, gated, 8-bit) summed with the peer's by a receiving
+    launch after programs that each sent their values, in calls mixed with the all-reduce kernel's
+    over the same buffers: the float32 sum of the two ranks' partial rows (each as the gemv alone
+    rounds it) rounded once, the same bits on both."""
     if device.type != "cpu":
         pytest.skip("compiled, it needs two GPUs: benchmarks/check_tensor_parallel.py")
     path = _zeroed(tmp_path)
-    outs = run_ranks(RANK_GEMV, path, dtype, tmp_path, exchange)
+    outs = run_ranks(RANK_GEMV, path, dtype, tmp_path)
     for i, (kind, n, _) in enumerate(GEMV_CALLS):
         want = cast(gemv_call(0, i, dtype, None).float() + gemv_call(1, i, dtype, None).float(), dtype)
         assert torch.equal(outs[0][i].view(torch.uint8), outs[1][i].view(torch.uint8)), f"call {i}: ranks differ"
         torch.testing.assert_close(outs[0][i], want, rtol=0, atol=0, msg=f"call {i} ({kind}, {n})")
-    counter = buffers_of(str(path), 0, dtype, "ll").counter
-    assert counter.item() == 0  # (each gemv's last program put it back)
 
 
-@pytest.mark.parametrize("exchange", ["last", "gather"])
-def test_a_gemv_alone_fails_its_sum_instead_of_hanging(exchange, device, tmp_path, monkeypatch):
-    """The peer never comes: after max_spins polls the gemv fails (a device assert under the
-    interpreter; on a GPU its trap) and leaves NaN in its row, never a half sum."""
+def test_a_gemv_alone_fails_its_sum_instead_of_hanging(device, tmp_path, monkeypatch):
+    """The peer never comes: after max_spins polls the receiving launch fails (its device assert,
+    kept on a GPU by the kernel's debug flag) instead of spinning forever."""
     if device.type != "cpu":
-        pytest.skip("run on CPU (on a GPU the trap leaves the process's CUDA context unusable)")
+        pytest.skip("run on CPU (on a GPU the assert leaves the process's CUDA context unusable)")
     from triton.runtime import interpreter
 
     from kiln.codegen.kernels import quant_gemm
 
     builder = interpreter.interpreter_builder
-    buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll")
-    x, w = torch.ones(1, 16), torch.ones(8, 16)
-    out = quant_gemm.reduced_gemv(x, w, buffers, max_spins=10, exchange=exchange)  # (debug off: no assert)
-    assert out.isnan().all()
     monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
     with pytest.raises(Exception, match="peer rank never arrived"):
-        quant_gemm.reduced_gemv(x, w, buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll"), max_spins=10,
-                                exchange=exchange)
+        quant_gemm.reduced_gemv(torch.ones(1, 16), torch.ones(8, 16),
+                                buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll"), max_spins=10)
 
 
 @pytest.mark.parametrize("protocol", ["flags", "ll"])
@@ -224,16 +213,14 @@ def test_inputs_it_cannot_take_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("fused, rows, protocol, takes", [
-    ("last", 1, "ll", "reduced_gemv last"), ("send", 1, "ll", "reduced_gemv send"),
-    ("gather", 1, "ll", "reduced_gemv gather"), ("", 1, "ll", "all_reduce"),
-    ("last", 3, "ll", "all_reduce"), ("send", 1, "flags", "all_reduce"),
+    (True, 1, "ll", "reduced_gemv"), (False, 1, "ll", "all_reduce"), (True, 3, "ll", "all_reduce"),
+    (True, 1, "flags", "all_reduce"),
 ])
 def test_linear_all_reduce_takes_the_fused_gemv_only_where_it_can(fused, rows, protocol, takes, device, tmp_path,
                                                                    monkeypatch):
-    """triton_ops.linear_all_reduce, the op's CUDA implementation: with KILN_FUSED_ALL_REDUCE set, a
-    one-row step at two ranks whose small all-reduce has "ll" buffers is one reduced_gemv, with the
-    exchange it names; off, several rows, or "flags" buffers: the linear (the gemv at one row), then
-    all_reduce."""
+    """triton_ops.linear_all_reduce, the op's CUDA implementation: with FUSED_ALL_REDUCE on, a
+    one-row step at two ranks whose small all-reduce has "ll" buffers is one reduced_gemv; off,
+    several rows, or "flags" buffers: the linear (the gemv at one row), then all_reduce."""
     from kiln.codegen import triton_ops
     from kiln.codegen.kernels import quant_gemm
     from kiln.ir import ops
@@ -246,7 +233,7 @@ def test_linear_all_reduce_takes_the_fused_gemv_only_where_it_can(fused, rows, p
     calls = []
     monkeypatch.setattr(triton_ops, "FUSED_ALL_REDUCE", fused)
     monkeypatch.setattr(quant_gemm, "reduced_gemv",
-                        lambda x, w, *a, exchange, **k: calls.append(f"reduced_gemv {exchange}") or x[..., :1])
+                        lambda x, w, *a, **k: calls.append("reduced_gemv") or x[..., :1])
     monkeypatch.setattr(ops, "all_reduce", lambda y: calls.append("all_reduce") or y)
     monkeypatch.setattr(triton_ops, "_float_gemv", True)
     buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.bfloat16, protocol)
@@ -271,7 +258,7 @@ def test_the_timing_switch_leaves_the_all_reduce_out(device, tmp_path, monkeypat
             return 2
 
     monkeypatch.setattr(triton_ops, "TIMING_SKIP_ALL_REDUCE", True)
-    monkeypatch.setattr(triton_ops, "FUSED_ALL_REDUCE", "send")
+    monkeypatch.setattr(triton_ops, "FUSED_ALL_REDUCE", True)
     monkeypatch.setattr(quant_gemm, "reduced_gemv", lambda *a, **k: pytest.fail("exchanged"))
     monkeypatch.setattr(ops, "all_reduce", lambda y: pytest.fail("all-reduced"))
     buffers = buffers_of(str(_zeroed(tmp_path)), 0, torch.float32, "ll")

@@ -22,8 +22,8 @@ def test_scale_out_variants_have_their_options():
     missing = [option for option, *_ in scale_out.VARIANTS.values() if not hasattr(args, option)]
     assert not missing, f"VARIANTS names options the parser lacks: {missing}"
     # and a variant asked for reaches its switch
-    args = scale_out.build_parser().parse_args(["--fused-all-reduce", "last", "--compare-norm-at-end"])
-    assert scale_out.variant_switch("tp2-fused", args) == ("KILN_FUSED_ALL_REDUCE", "last", "fused all-reduce mode last")
+    args = scale_out.build_parser().parse_args(["--compare-tiles", "deep=4x2048x8", "--compare-norm-at-end"])
+    assert scale_out.variant_switch("tp2-tiles", args) == ("KILN_GEMV_TILES", "deep=4x2048x8", "gemv tiles deep=4x2048x8")
     assert scale_out.variant_switch("tp2-norm-first", args)[:2] == ("KILN_NORM_AT_END", "0")
 
 
