@@ -382,20 +382,18 @@ def linear_all_reduce(x: torch.Tensor, activation: str, weights: list[torch.Tens
     merged_linear run it), then all_reduce."""
     from kiln.ir import parallel
 
-    if TIMING_SKIP_ALL_REDUCE:
-        return act_and_mul_linear(x, activation, weights, biases, w_scale) if activation else \
-            _then_linear(x, weights, biases, w_scale)
     small, group = parallel.get_small_all_reduce(), parallel.get_tensor_parallel_group()
-    if FUSED_ALL_REDUCE and group is not None and group.size() == 2 and hasattr(small, "takes_row"):
+    if (FUSED_ALL_REDUCE and not TIMING_SKIP_ALL_REDUCE and group is not None and group.size() == 2
+            and hasattr(small, "takes_row")):
         weight, static = _fused_gemv_weight(x, weights, w_scale, weights[0].shape[1] * (2 if activation else 1))
         if weight is not None and small.takes_row(weight.shape[0], x.dtype, x.device):
             from kiln.codegen.kernels.quant_gemm import reduced_gemv
 
             return reduced_gemv(x, weight, small, activation or None, ops._adjacent(biases) if biases else None,
                                 w_scale, static_weight=static)
-    if activation:
-        return ops.all_reduce(act_and_mul_linear(x, activation, weights, biases, w_scale))
-    return ops.all_reduce(_then_linear(x, weights, biases, w_scale))
+    partial = (act_and_mul_linear(x, activation, weights, biases, w_scale) if activation
+               else _then_linear(x, weights, biases, w_scale))
+    return partial if TIMING_SKIP_ALL_REDUCE else ops.all_reduce(partial)
 
 
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:

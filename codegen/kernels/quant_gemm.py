@@ -469,8 +469,8 @@ def _gemv_kernel(
     switch). X_INDEX (RMS_NORM only, where no residual is read): x is a table of rows K long and
     res_ptr points at the index of the row to read (an embedding's token id, read after the PDL
     wait), which the first program also stores to sum_ptr (the embedding's output). ROPE (NEOX,
-    GPTJ): out is a q/k/v projection whose q and k heads are rotated and whose k and v go into the cache (`rope_epilogue.py`; the arguments from pos_ptr to DV are its,
-    unused otherwise). SEND: out is this rank's partial row of a sum over two ranks, and each
+    GPTJ): out is a q/k/v projection whose q and k heads are rotated and whose k and v go into the
+    cache (`rope_epilogue.py`; the arguments from pos_ptr to DV are its, unused otherwise). SEND: out is this rank's partial row of a sum over two ranks, and each
     program sends its values to the peer as it stores them (`ll_send`; the arguments from
     peer_recv_addr on are its), for a receiving all-reduce launch after it."""
     pid_n = tl.program_id(0)
